@@ -1,0 +1,53 @@
+# MoE-DiffuSeq. `make quickstart` and `make test` work on a fresh machine: each installs
+# what it needs into .venv first (torch==2.13.0, the CPU build these machines carry).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_DATASETS_OFFLINE ?= 1
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install quickstart test test-fast lint data bench bench-attention bench-moe bench-sampling clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# Train the quickstart model on the embedded corpus (the Python standard library), then
+# generate from the best checkpoint for a few test-split sources.
+quickstart: install
+	$(VENV)/bin/moe-diffuseq fit --config lightning_configs/quickstart.yaml
+	$(VENV)/bin/moe-diffuseq generate --ckpt runs/quickstart/checkpoints/last.ckpt \
+		--input data/code/test.jsonl --limit 8 --output runs/quickstart/samples.jsonl
+	@echo "checkpoint: runs/quickstart/checkpoints/last.ckpt  samples: runs/quickstart/samples.jsonl"
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check moe_diffuseq data_modules tests bench
+
+data: install
+	$(VENV)/bin/moe-diffuseq prepare-data code
+
+bench: bench-attention bench-moe
+
+bench-attention: install
+	$(PY) -m bench.attention
+
+bench-moe: install
+	$(PY) -m bench.moe
+
+bench-sampling: install
+	$(PY) -m bench.sampling
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache

@@ -1,0 +1,66 @@
+"""Sparse self-attention: one mask definition (``mask.py``), several kernels.
+
+``sparse_attention(q, k, v, *, window, dilation=1, global_mask=None, key_padding_mask=None,
+backend="dense")`` with q, k, v of shape (batch, heads, length, head_dim) and the masks of
+shape (batch, length), bool, True on global tokens / padding keys.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .banded import banded_attention
+from .dense import dense_attention
+from .flex import flex_available, flex_sparse_attention
+from .mask import sparse_mask
+from .xformers_backend import xformers_attention, xformers_available
+
+BACKENDS = ("auto", "dense", "banded", "flex", "xformers")
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """The concrete backend that ``auto`` stands for on this device, dtype and grad mode."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    if q.device.type == "cuda":
+        if xformers_available() and q.dtype in (torch.float16, torch.bfloat16):
+            return "xformers"
+        return "flex" if flex_available() else "banded"
+    # On CPU: banded trains and is linear in memory; flex has no CPU backward.
+    return "banded"
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int,
+    dilation: int = 1,
+    global_mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    backend: str = "dense",
+    block_size: int = 64,
+) -> torch.Tensor:
+    """Longformer-style attention (sliding window, dilation, global tokens). Returns (B, H, L, D)."""
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k, v must be (B, H, L, D) of one shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    for name, mask in (("global_mask", global_mask), ("key_padding_mask", key_padding_mask)):
+        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (q.shape[0], q.shape[2])):
+            raise ValueError(f"{name} must be a bool tensor of shape (batch, length)={(q.shape[0], q.shape[2])}, got {mask.dtype} {tuple(mask.shape)}")
+    if window < 1 or dilation < 1:
+        raise ValueError(f"window={window} and dilation={dilation} must both be >= 1")
+    kwargs = dict(window=window, dilation=dilation, global_mask=global_mask, key_padding_mask=key_padding_mask)
+    name = resolve_backend(backend, q)
+    if name == "dense":
+        return dense_attention(q, k, v, **kwargs)
+    if name == "banded":
+        return banded_attention(q, k, v, block_size=block_size, **kwargs)
+    if name == "flex":
+        return flex_sparse_attention(q, k, v, **kwargs)
+    return xformers_attention(q, k, v, **kwargs)
+
+
+__all__ = ["BACKENDS", "resolve_backend", "sparse_attention", "sparse_mask"]

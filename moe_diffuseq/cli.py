@@ -1,0 +1,200 @@
+"""The ``moe-diffuseq`` command.
+
+``fit | validate | test | predict`` are LightningCLI verbs (configs in lightning_configs/);
+``generate``, ``evaluate`` and ``prepare-data`` are our own, with their own ``--help``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
+OWN_VERBS = {
+    "generate": "sample targets for sources from a checkpoint (jsonl or text lines in, jsonl out)",
+    "prepare-data": "build a corpus (code: the Python standard library) and its splits",
+}
+USAGE = """usage: moe-diffuseq VERB [options]    (python -m moe_diffuseq VERB ...)
+
+MoE-DiffuSeq: long-document seq2seq text diffusion.
+
+verbs:
+  fit           train a model            (moe-diffuseq fit --config lightning_configs/quickstart.yaml)
+  validate      run the validation loop  (LightningCLI; --help for its options)
+  test          run the test loop
+  predict       run the predict loop
+{own}
+Each verb has --help.
+"""
+
+
+def _lightning_cli(args: list[str]):
+    import jsonargparse
+    from lightning.pytorch.cli import LightningCLI
+
+    import data_modules  # noqa: F401  (the CLI is where model and data meet; registers subclasses)
+    from moe_diffuseq import MoEDiffuSeq
+
+    # Attribute docstrings of the config dataclasses become --help text.
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    import lightning.pytorch as pl
+
+    return LightningCLI(
+        MoEDiffuSeq,
+        pl.LightningDataModule,
+        subclass_mode_model=False,
+        subclass_mode_data=True,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_env": False},
+        auto_configure_optimizers=False,
+        seed_everything_default=0,
+    )
+
+
+def _read_sources(path: str | None, key: str) -> tuple[list[str], list[dict]]:
+    """Sources from a jsonl file (column ``key``), a text file, or stdin (one per line)."""
+    if path in (None, "-"):
+        lines = [line.rstrip("\n") for line in sys.stdin]
+        return lines, [{} for _ in lines]
+    file = Path(path)
+    if not file.exists():
+        raise SystemExit(f"error: --input {path}: no such file")
+    rows = []
+    with file.open(encoding="utf-8", errors="strict") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            if file.suffix == ".jsonl":
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise SystemExit(f"error: {path}, line {number}: not JSON ({err})") from err
+                if key not in row:
+                    raise SystemExit(f"error: {path}, line {number}: no {key!r} key (has {sorted(row)})")
+                rows.append(row)
+            else:
+                rows.append({key: line.rstrip("\n")})
+    return [str(r[key]) for r in rows], rows
+
+
+def generate(
+    ckpt: str,
+    input: str | None = None,
+    output: str | None = None,
+    src_key: str = "src",
+    sampler: str | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    num_candidates: int | None = None,
+    clamp: bool | None = None,
+    batch_size: int | None = None,
+    limit: int | None = None,
+    device: str = "cpu",
+    preview: int = 3,
+) -> None:
+    """Generate targets for sources with a trained checkpoint.
+
+    Args:
+        ckpt: Checkpoint file (self-contained: the tokenizer is inside).
+        input: jsonl with a source column, a text file with one source per line, or - (stdin).
+        output: jsonl to write (one row per source); stdout when omitted.
+        src_key: Source column of a jsonl input.
+        sampler: ancestral, ddim or dpm_solver++ (default: the checkpoint's setting).
+        steps: Sampling steps (default: the checkpoint's setting).
+        seed: Seed of the first candidate.
+        num_candidates: Candidates per source, chosen by MBR when more than one.
+        clamp: Snap predicted x0 to the nearest word embedding.
+        batch_size: Sources sampled together.
+        limit: Only the first ``limit`` sources.
+        device: torch device to sample on.
+        preview: With --output, how many samples to also print.
+    """
+    from moe_diffuseq.checkpoint import load_checkpoint
+
+    model = load_checkpoint(ckpt, map_location=device)
+    sources, rows = _read_sources(input, src_key)
+    if limit is not None:
+        sources, rows = sources[:limit], rows[:limit]
+    cfg = model.sampling_config
+    start = time.perf_counter()
+    results = model.generate_candidates(
+        sources, steps=steps, sampler=sampler, seed=seed, num_candidates=num_candidates,
+        clamp=clamp, batch_size=batch_size, progress=True,
+    )
+    seconds = time.perf_counter() - start
+    out = open(output, "w", encoding="utf-8") if output else sys.stdout
+    try:
+        for source, row, (candidates, pick) in zip(sources, rows, results, strict=True):
+            record = {
+                "source": source,
+                "sample": candidates[pick],
+                "candidates": candidates,
+                "seed": seed,
+                "sampler": sampler or cfg.sampler,
+                "steps": steps or cfg.steps,
+                "seconds": seconds / max(1, len(sources)),
+            }
+            if "trg" in row:
+                record["reference"] = row["trg"]
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    finally:
+        if output:
+            out.close()
+    if output:
+        for source, (candidates, pick) in list(zip(sources, results, strict=True))[:preview]:
+            print(f"--- source ---\n{_clip(source)}\n--- sample ---\n{_clip(candidates[pick])}\n")
+        print(f"wrote {len(sources)} samples to {output} ({seconds:.1f} s, {seconds / max(1, len(sources)):.2f} s/document)")
+
+
+def _clip(text: str, lines: int = 12) -> str:
+    parts = text.splitlines()
+    return "\n".join(parts[:lines] + ([f"... ({len(parts) - lines} more lines)"] if len(parts) > lines else []))
+
+
+def prepare_data(task: str = "code", data_dir: str = "data") -> None:
+    """Build a corpus's train/validation/test jsonl files.
+
+    Args:
+        task: Corpus to build: code (the Python standard library).
+        data_dir: Output folder; files go to data_dir/<task>/.
+    """
+    from data_modules.corpora import BUILDERS
+
+    if task not in BUILDERS:
+        raise SystemExit(f"error: unknown task {task!r}; expected one of {sorted(BUILDERS)}")
+    counts = BUILDERS[task](Path(data_dir) / task)
+    print(json.dumps({"task": task, "dir": str(Path(data_dir) / task), "rows": counts}))
+
+
+def _own_verb(verb: str, args: list[str]) -> None:
+    from jsonargparse import auto_cli
+
+    function = {"generate": generate, "prepare-data": prepare_data}[verb]
+    positional = []
+    if verb == "prepare-data" and args and not args[0].startswith("-"):
+        positional = ["--task", args[0]]
+        args = args[1:]
+    auto_cli(function, args=positional + args, as_positional=False)
+
+
+def main(args: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if args is None else args)
+    if not args or args[0] in ("-h", "--help"):
+        own = "".join(f"  {verb:<13} {text}\n" for verb, text in OWN_VERBS.items())
+        print(USAGE.format(own=own))
+        return
+    verb = args[0]
+    if verb in OWN_VERBS:
+        _own_verb(verb, args[1:])
+    elif verb in LIGHTNING_VERBS:
+        from .config import ConfigError
+
+        try:
+            _lightning_cli(args)
+        except ConfigError as err:  # a bad value in a config or on the command line
+            raise SystemExit(f"error: {err}") from None
+    else:
+        raise SystemExit(f"error: unknown verb {verb!r}; run moe-diffuseq --help")

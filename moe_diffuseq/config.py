@@ -1,0 +1,157 @@
+"""Nested settings of the model. Each field's docstring becomes its ``--help`` text.
+
+All are frozen dataclasses of plain types, validated in ``__post_init__`` so that a bad
+value fails at parse time with the key that holds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, TypeVar
+
+AttentionBackend = Literal["auto", "dense", "banded", "flex", "xformers"]
+SamplerName = Literal["ancestral", "ddim", "dpm_solver++"]
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A setting with a bad value; the message starts with its key."""
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Longformer-style sparse self-attention (METHOD.md section 3)."""
+
+    window: int = 256
+    """Local window: query i sees key j when |i - j| <= window // 2 (times ``dilation``)."""
+    dilation: int = 1
+    """Dilation of the local window: only every ``dilation``-th key inside it is seen."""
+    num_global: int = 0
+    """Number of leading source tokens made global, besides [CLS] and the source [SEP]."""
+    backend: AttentionBackend = "auto"
+    """Kernel: dense (reference), banded (CPU), flex, xformers (CUDA) or auto (best available)."""
+    block_size: int = 64
+    """Query block size of the banded backend."""
+
+    def __post_init__(self) -> None:
+        _check(self.window >= 1, "attention.window", self.window, "must be >= 1")
+        _check(self.dilation >= 1, "attention.dilation", self.dilation, "must be >= 1")
+        _check(self.num_global >= 0, "attention.num_global", self.num_global, "must be >= 0")
+        _check(self.block_size >= 1, "attention.block_size", self.block_size, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts feed-forward (METHOD.md section 4)."""
+
+    num_experts: int = 8
+    """Experts per MoE layer; 1 with top_k 1 is a dense feed-forward."""
+    top_k: int = 2
+    """Experts each token is routed to."""
+    expert_hidden: int = 512
+    """Hidden width of each expert's MLP."""
+    capacity_factor: float | None = None
+    """None: dropless. Else each expert takes at most capacity_factor * tokens * top_k / experts slots."""
+    jitter: float = 0.0
+    """Multiplicative uniform noise on router inputs during training (0 disables)."""
+    load_balance_coef: float = 0.01
+    """Weight of the load-balance loss E * sum_e f_e P_e."""
+    z_loss_coef: float = 1e-3
+    """Weight of the router z-loss mean(logsumexp(logits)^2)."""
+    moe_layers: list[int] | None = None
+    """Indices of the blocks that use MoE; None means every block. Others use a dense FFN."""
+    dispatch: Literal["sorted", "looped"] = "sorted"
+    """Expert dispatch: sorted (grouped contiguous matmuls) or looped (the reference)."""
+    shared_expert: bool = False
+    """Add one shared expert that every token uses (DeepSeek-style)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_experts >= 1, "moe.num_experts", self.num_experts, "must be >= 1")
+        _check(
+            1 <= self.top_k <= self.num_experts,
+            "moe.top_k",
+            self.top_k,
+            f"must be in [1, num_experts={self.num_experts}]",
+        )
+        _check(self.expert_hidden >= 1, "moe.expert_hidden", self.expert_hidden, "must be >= 1")
+        _check(
+            self.capacity_factor is None or self.capacity_factor > 0,
+            "moe.capacity_factor",
+            self.capacity_factor,
+            "must be None or > 0",
+        )
+        _check(self.jitter >= 0, "moe.jitter", self.jitter, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Forward process and training loss (METHOD.md section 5)."""
+
+    steps: int = 2000
+    """Number of diffusion steps T."""
+    schedule: Literal["sqrt", "cosine", "linear"] = "sqrt"
+    """Noise schedule alpha_bar(t)."""
+    soft_absorbing: bool = True
+    """Use DiffuSeq-v2's learned soft absorbing state m; False gives plain DiffuSeq."""
+    denoise_rate: float = 0.5
+    """gamma: a target token is replaced by m with probability gamma * sqrt(1 - alpha_bar_t)."""
+    mask_reg_coef: float = 0.01
+    """Weight of the regulariser ||m||_2 on the absorbing state."""
+    loss_on: Literal["all", "target"] = "all"
+    """Positions scored by the mse and rounding losses: all (DiffuSeq parity) or target only."""
+    timestep_sampler: Literal["uniform", "loss_aware"] = "uniform"
+    """How training timesteps are drawn; loss_aware uses the second-moment resampler."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 2, "diffusion.steps", self.steps, "must be >= 2")
+        _check(0.0 <= self.denoise_rate <= 1.0, "diffusion.denoise_rate", self.denoise_rate, "must be in [0, 1]")
+        _check(self.mask_reg_coef >= 0, "diffusion.mask_reg_coef", self.mask_reg_coef, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Defaults of ``generate`` and of validation-time samples (METHOD.md section 6)."""
+
+    sampler: SamplerName = "dpm_solver++"
+    """Sampler: ancestral (all T steps, the reference), ddim or dpm_solver++."""
+    steps: int = 20
+    """Sampling steps for ddim and dpm_solver++ (ancestral always uses T)."""
+    spacing: Literal["time_uniform", "logsnr"] = "time_uniform"
+    """How the sampling timesteps are spread over [0, T)."""
+    clamp: bool = False
+    """Snap each predicted x0 to its nearest word embedding."""
+    num_candidates: int = 1
+    """Seeds per source; more than 1 picks one by MBR with sentence-BLEU."""
+    batch_size: int = 16
+    """Sources sampled together."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "sampling.steps", self.steps, "must be >= 1")
+        _check(self.num_candidates >= 1, "sampling.num_candidates", self.num_candidates, "must be >= 1")
+        _check(self.batch_size >= 1, "sampling.batch_size", self.batch_size, "must be >= 1")
+
+
+def coerce(cls: type[T], value: T | dict[str, Any] | None, key: str) -> T:
+    """Accept a config object, a plain dict (as stored in a checkpoint) or None (defaults)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"{key}: unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**value)
+    raise TypeError(f"{key}: expected {cls.__name__} or dict, got {type(value).__name__}")
+
+
+def to_plain(config: Any) -> dict[str, Any]:
+    """A config as a dict of plain types, for hyperparameters and checkpoints."""
+    return asdict(config)

@@ -1,0 +1,174 @@
+"""The x0-predicting network (METHOD.md section 2), readable top to bottom.
+
+    tokens/z_t (B, L, E) -> up-projection (B, L, H) + positions + timestep embedding
+    -> N x [sparse self-attention -> residual + norm -> MoE FFN -> residual + norm]
+    -> down-projection (B, L, E) = x0_hat
+
+The word embedding (width E = embed_dim) is tied to the rounding head ``lm_head``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import sparse_attention
+from .config import AttentionConfig, MoEConfig
+from .moe import DenseFeedForward, MoEFeedForward, RouterStats
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer steps t (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class SparseSelfAttention(nn.Module):
+    """Multi-head self-attention through ``sparse_attention`` (window, dilation, globals)."""
+
+    def __init__(self, hidden: int, heads: int, config: AttentionConfig, dropout: float) -> None:
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"hidden_size={hidden} is not divisible by num_heads={heads}")
+        self.heads = heads
+        self.config = config
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, global_mask: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        batch, length, hidden = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
+        y = sparse_attention(
+            q, k, v,  # (B, heads, L, head_dim)
+            window=self.config.window,
+            dilation=self.config.dilation,
+            global_mask=global_mask,
+            key_padding_mask=padding_mask,
+            backend=self.config.backend,
+            block_size=self.config.block_size,
+        )
+        return self.dropout(self.out(y.transpose(1, 2).reshape(batch, length, hidden)))
+
+
+class Block(nn.Module):
+    """Post-norm transformer block (BERT-style, as DiffuSeq): attention, then (MoE) FFN."""
+
+    def __init__(self, hidden: int, heads: int, attention: AttentionConfig, ffn: nn.Module, dropout: float) -> None:
+        super().__init__()
+        self.attn = SparseSelfAttention(hidden, heads, attention, dropout)
+        self.norm1 = nn.LayerNorm(hidden)
+        self.ffn = ffn
+        self.norm2 = nn.LayerNorm(hidden)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, global_mask, padding_mask) -> tuple[torch.Tensor, RouterStats | None]:
+        x = self.norm1(x + self.attn(x, global_mask, padding_mask))
+        y, stats = self.ffn(x, padding_mask)
+        return self.norm2(x + self.dropout(y)), stats
+
+
+class Denoiser(nn.Module):
+    """Predicts the clean embedding sequence x0 from z_t and t."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_length: int,
+        embed_dim: int = 128,
+        hidden_size: int = 256,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        dropout: float = 0.1,
+        attention: AttentionConfig | None = None,
+        moe: MoEConfig | None = None,
+        soft_absorbing: bool = True,
+    ) -> None:
+        super().__init__()
+        attention = attention or AttentionConfig()
+        moe = moe or MoEConfig()
+        self.max_length = max_length
+        self.word_embedding = nn.Embedding(vocab_size, embed_dim)
+        self.lm_head = nn.Linear(embed_dim, vocab_size, bias=False)
+        self.lm_head.weight = self.word_embedding.weight  # tied: rounding reads the same table
+        self.up = nn.Sequential(nn.Linear(embed_dim, hidden_size), nn.Tanh(), nn.Linear(hidden_size, hidden_size))
+        self.time_mlp = nn.Sequential(
+            nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, hidden_size)
+        )
+        self.position = nn.Embedding(max_length, hidden_size)
+        self.input_norm = nn.LayerNorm(hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        moe_layers = set(range(num_layers) if moe.moe_layers is None else moe.moe_layers)
+        bad = sorted(i for i in moe_layers if not 0 <= i < num_layers)
+        if bad:
+            raise ValueError(f"moe.moe_layers has {bad}, outside [0, num_layers={num_layers})")
+        self.blocks = nn.ModuleList(
+            Block(hidden_size, num_heads, attention, self._ffn(hidden_size, moe, i in moe_layers), dropout)
+            for i in range(num_layers)
+        )
+        self.down = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, embed_dim))
+        self.embed_dim = embed_dim
+        self.num_global = attention.num_global
+        # The soft absorbing state m (DiffuSeq-v2), learned; a fixed zero vector without it.
+        if soft_absorbing:
+            self.absorbing_state = nn.Parameter(torch.randn(embed_dim) / math.sqrt(embed_dim))
+        else:
+            self.register_buffer("absorbing_state", torch.zeros(embed_dim))
+
+    @staticmethod
+    def _ffn(hidden: int, moe: MoEConfig, routed: bool) -> nn.Module:
+        if not routed:
+            return DenseFeedForward(hidden, moe.expert_hidden * moe.top_k)
+        return MoEFeedForward(
+            hidden,
+            moe.expert_hidden,
+            moe.num_experts,
+            moe.top_k,
+            capacity_factor=moe.capacity_factor,
+            jitter=moe.jitter,
+            dispatch=moe.dispatch,
+            shared_expert=moe.shared_expert,
+        )
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Word embeddings (B, L, E)."""
+        return self.word_embedding(input_ids)
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Rounding head: (B, L, E) -> (B, L, V)."""
+        return self.lm_head(z)
+
+    def global_tokens(self, global_mask: torch.Tensor, target_mask: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """Structural globals plus the first ``num_global`` source tokens (positions 1..n)."""
+        if self.num_global == 0:
+            return global_mask
+        pos = torch.arange(global_mask.shape[1], device=global_mask.device)
+        leading = (pos >= 1) & (pos <= self.num_global)
+        return global_mask | (leading[None] & ~target_mask & ~padding_mask)
+
+    def forward(
+        self,
+        z_t: torch.Tensor,
+        t: torch.Tensor,
+        global_mask: torch.Tensor,
+        padding_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, list[RouterStats]]:
+        """z_t: (B, L, E); t: (B,). Returns x0_hat (B, L, E) and one RouterStats per MoE layer."""
+        length = z_t.shape[1]
+        if length > self.max_length:
+            raise ValueError(f"sequence of {length} positions exceeds the model's max_length={self.max_length}")
+        pos = torch.arange(length, device=z_t.device)
+        h = self.up(z_t) + self.position(pos)[None] + self.time_mlp(timestep_embedding(t, self.embed_dim))[:, None]
+        h = self.dropout(self.input_norm(h))  # (B, L, H)
+        stats: list[RouterStats] = []
+        for block in self.blocks:
+            h, layer_stats = block(h, global_mask, padding_mask)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        return self.down(h), stats

@@ -1,0 +1,85 @@
+"""The training objective (METHOD.md section 5): mse + rounding NLL + tT, per example."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..batch import Seq2SeqBatch
+from ..moe import RouterStats
+from .forward_process import forward_process, noised_start
+from .schedule import NoiseSchedule
+
+
+@dataclass
+class DiffusionLossTerms:
+    """Per-example loss terms (B,) and what the denoiser predicted."""
+
+    mse: torch.Tensor
+    rounding: torch.Tensor
+    t_T: torch.Tensor
+    x0_hat: torch.Tensor  # (B, L, E)
+    router_stats: list[RouterStats]
+    scored: torch.Tensor  # (B, L) bool: positions the mse / rounding losses average over
+
+    @property
+    def per_example(self) -> torch.Tensor:
+        return self.mse + self.rounding + self.t_T
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the positions in mask (B, L) of values (B, L), per example -> (B,)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def diffusion_loss_terms(
+    denoiser,
+    schedule: NoiseSchedule,
+    batch: Seq2SeqBatch,
+    t: torch.Tensor,
+    *,
+    denoise_rate: float,
+    loss_on: str = "all",
+    generator: torch.Generator | None = None,
+) -> DiffusionLossTerms:
+    """Noise the batch at steps t (B,), denoise it, and score the x0 prediction."""
+    target_mask = batch.input_mask
+    emb = denoiser.embed(batch.input_ids)  # (B, L, E)
+    noise = torch.randn(emb.shape, device=emb.device, dtype=emb.dtype, generator=generator)
+    z0 = noised_start(emb, schedule, noise)
+    m = denoiser.absorbing_state
+    z_t, _ = forward_process(z0, t, target_mask, m, schedule, denoise_rate, generator=generator)
+    global_mask = denoiser.global_tokens(batch.global_mask, target_mask, batch.padding_mask)
+    x0_hat, stats = denoiser(z_t, t, global_mask, batch.padding_mask)
+
+    scored = ~batch.padding_mask
+    if loss_on == "target":
+        scored = scored & target_mask
+    elif loss_on != "all":
+        raise ValueError(f"diffusion.loss_on={loss_on!r}: expected all or target")
+    # At t = 0 DiffuSeq scores against the un-noised embedding (its t0 loss).
+    target = torch.where((t == 0)[:, None, None], emb, z0)
+    mse = _masked_mean((x0_hat - target).square().mean(-1), scored)
+    # Rounding NLL on the scored positions only: the (N, V) logits are the largest tensor.
+    nll = torch.zeros(scored.shape, dtype=z0.dtype, device=z0.device)
+    nll = nll.masked_scatter(
+        scored, F.cross_entropy(denoiser.logits(z0[scored]), batch.input_ids[scored], reduction="none")
+    )
+    rounding = _masked_mean(nll, scored)
+    last = torch.full_like(t, schedule.steps - 1)
+    # Mean of q(z_T | z0) minus the prior's mean m: sqrt(ab_T) * (z0 - m) (m = 0 in DiffuSeq).
+    t_T = _masked_mean((schedule.at("alpha_bar", last, z0).sqrt() * (z0 - m)).square().mean(-1), scored)
+    return DiffusionLossTerms(mse=mse, rounding=rounding, t_T=t_T, x0_hat=x0_hat, router_stats=stats, scored=scored)
+
+
+def router_losses(stats: list[RouterStats]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load-balance and z-loss, averaged over the MoE layers (zeros without MoE layers)."""
+    if not stats:
+        zero = torch.zeros(())
+        return zero, zero
+    balance = torch.stack([s.load_balancing_loss for s in stats]).mean()
+    z_loss = torch.stack([s.z_loss for s in stats]).mean()
+    return balance, z_loss

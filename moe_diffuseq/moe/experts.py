@@ -1,0 +1,84 @@
+"""Expert MLPs and the ways to dispatch tokens to them.
+
+All experts' weights live in stacked tensors (E, ...) so that every dispatch reads the
+same parameters: ``looped`` is the plain reference, ``sorted`` groups the routed slots by
+expert and runs one contiguous matmul per expert (``torch._grouped_mm`` where it helps).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Experts(nn.Module):
+    """E two-layer GELU MLPs d_model -> d_hidden -> d_model, weights stacked."""
+
+    def __init__(self, num_experts: int, d_model: int, d_hidden: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, d_hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, d_model))
+        # Same init as nn.Linear (kaiming uniform with a=sqrt(5)) per expert.
+        for w, fan_in in ((self.w1, d_model), (self.w2, d_hidden)):
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(w, -bound, bound)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Run expert e on x: (n, d_model)."""
+        return F.gelu(x @ self.w1[e] + self.b1[e]) @ self.w2[e] + self.b2[e]
+
+
+def looped_dispatch(
+    experts: Experts, x: torch.Tensor, slot_token: torch.Tensor, slot_expert: torch.Tensor, slot_weight: torch.Tensor
+) -> torch.Tensor:
+    """Reference: for each expert, pick its slots with a boolean mask, run, scatter back.
+
+    x: (N, d). Each routed slot s sends token slot_token[s] to expert slot_expert[s] with
+    weight slot_weight[s]; a token's output is the weighted sum over its slots.
+    """
+    out = torch.zeros_like(x)
+    for e in range(experts.num_experts):
+        chosen = slot_expert == e
+        if not bool(chosen.any()):
+            continue
+        token = slot_token[chosen]
+        y = experts.expert(e, x[token]) * slot_weight[chosen, None].to(x.dtype)
+        out = out.index_add(0, token, y)
+    return out
+
+
+def _use_grouped_mm(x: torch.Tensor) -> bool:
+    # Measured on CPU: no faster than the loop over contiguous slices (DESIGN.md), and its
+    # backward rejects stride-0 gradients; on CUDA (bf16) it is the fast path.
+    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+
+
+def sorted_dispatch(
+    experts: Experts, x: torch.Tensor, slot_token: torch.Tensor, slot_expert: torch.Tensor, slot_weight: torch.Tensor
+) -> torch.Tensor:
+    """Sort-based dispatch: group the slots by expert, then one contiguous matmul per expert."""
+    order = torch.argsort(slot_expert, stable=True)
+    token_sorted = slot_token[order]
+    grouped = x.index_select(0, token_sorted)  # (S, d): tokens sorted by expert
+    counts = torch.bincount(slot_expert, minlength=experts.num_experts)
+    if _use_grouped_mm(x):
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        size = grouped.shape[0]
+        hidden = torch._grouped_mm(grouped, experts.w1.to(x.dtype), offs=offsets)
+        hidden = F.gelu(hidden + experts.b1.to(x.dtype).repeat_interleave(counts, 0, output_size=size))
+        y = torch._grouped_mm(hidden, experts.w2.to(x.dtype), offs=offsets)
+        y = y + experts.b2.to(x.dtype).repeat_interleave(counts, 0, output_size=size)
+    else:
+        pieces = [experts.expert(e, chunk) for e, chunk in enumerate(grouped.split(counts.tolist())) if chunk.shape[0]]
+        y = torch.cat(pieces) if pieces else grouped
+    y = y * slot_weight[order, None].to(y.dtype)
+    return torch.zeros_like(x).index_add(0, token_sorted, y)
+
+
+DISPATCH = {"looped": looped_dispatch, "sorted": sorted_dispatch}

@@ -1,0 +1,131 @@
+"""Every backend against an independent float64 brute-force softmax, forward and backward."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from moe_diffuseq.attention import resolve_backend, sparse_attention, sparse_mask
+
+
+def brute_force(q, k, v, window, dilation, global_mask, key_padding_mask):
+    """Loop over (b, i, j) to build the mask from the definition, then a plain softmax."""
+    batch, heads, length, dim = q.shape
+    half = window // 2
+    allowed = torch.zeros(batch, length, length, dtype=torch.bool)
+    for b, i, j in itertools.product(range(batch), range(length), range(length)):
+        rel = j - i
+        local = abs(rel) <= dilation * half and rel % dilation == 0
+        glob = global_mask is not None and bool(global_mask[b, i] or global_mask[b, j])
+        padded = key_padding_mask is not None and bool(key_padding_mask[b, j])
+        allowed[b, i, j] = (local or glob) and not padded
+    scores = (q @ k.transpose(-1, -2)) / dim**0.5
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no key outputs zeros
+    return weights @ v, allowed
+
+
+def make_inputs(batch, heads, length, dim, globals_, padded, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, length, dim, generator=gen, dtype=torch.float64) for _ in range(3))
+    if globals_ == "none":
+        glob = None
+    elif globals_ == "all":
+        glob = torch.ones(batch, length, dtype=torch.bool)
+    else:
+        glob = torch.rand(batch, length, generator=gen) < 0.15
+        glob[:, 0] = True
+    pad = None
+    if padded:
+        pad = torch.zeros(batch, length, dtype=torch.bool)
+        pad[-1, length - max(1, length // 3) :] = True
+    return q, k, v, glob, pad
+
+
+GRID = [
+    # (length, window, dilation, globals, padded, block)
+    (13, 1, 1, "none", False, 4),
+    (13, 3, 1, "random", True, 4),
+    (21, 5, 2, "random", True, 8),
+    (21, 7, 3, "none", True, 8),
+    (17, 64, 1, "random", False, 4),  # window larger than the sequence
+    (19, 4, 1, "all", True, 5),
+    (33, 8, 3, "random", False, 16),
+    (30, 6, 2, "none", False, 7),  # length not a multiple of the block
+]
+
+
+def test_mask_matches_definition():
+    q, k, v, glob, pad = make_inputs(2, 1, 15, 4, "random", True, 0)
+    _, allowed = brute_force(q, k, v, 5, 2, glob, pad)
+    assert torch.equal(sparse_mask(15, window=5, dilation=2, global_mask=glob, key_padding_mask=pad, batch=2), allowed)
+
+
+@pytest.mark.parametrize("backend", ["dense", "banded"])
+@pytest.mark.parametrize("length,window,dilation,globals_,padded,block", GRID)
+def test_backend_matches_brute_force(backend, length, window, dilation, globals_, padded, block):
+    q, k, v, glob, pad = make_inputs(2, 3, length, 8, globals_, padded, seed=length + window)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    ref, _ = brute_force(q, k, v, window, dilation, glob, pad)
+    out = sparse_attention(
+        q, k, v, window=window, dilation=dilation, global_mask=glob, key_padding_mask=pad, backend=backend, block_size=block
+    )
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    upstream = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad((ref * upstream).sum(), (q, k, v))
+    grads_out = torch.autograd.grad((out * upstream).sum(), (q, k, v))
+    for name, a, b in zip("qkv", grads_out, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("length,window,dilation,globals_,padded,block", GRID[1:4])
+def test_flex_forward_matches_brute_force_on_cpu(length, window, dilation, globals_, padded, block):
+    from moe_diffuseq.attention.flex import flex_sparse_attention
+
+    q, k, v, glob, pad = make_inputs(2, 2, length, 8, globals_, padded, seed=3)
+    ref, _ = brute_force(q, k, v, window, dilation, glob, pad)
+    with torch.no_grad():
+        out = flex_sparse_attention(
+            q.float(), k.float(), v.float(), window=window, dilation=dilation, global_mask=glob,
+            key_padding_mask=pad, compile=False,
+        )
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_refuses_backward_on_cpu_with_clear_error():
+    q, k, v, glob, pad = make_inputs(1, 1, 8, 4, "none", False, 0)
+    q = q.float().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="no backward on CPU"):
+        sparse_attention(q, k.float(), v.float(), window=3, backend="flex")
+
+
+def test_auto_picks_banded_on_cpu():
+    assert resolve_backend("auto", torch.zeros(1, 1, 4, 2)) == "banded"
+
+
+def test_bad_arguments_name_the_argument():
+    q = torch.zeros(1, 1, 4, 2)
+    with pytest.raises(ValueError, match="global_mask"):
+        sparse_attention(q, q, q, window=3, global_mask=torch.zeros(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="not one of"):
+        sparse_attention(q, q, q, window=3, backend="nope")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["flex", "xformers"])
+def test_cuda_backends_match_dense_in_bf16(backend):
+    if backend == "xformers":
+        pytest.importorskip("xformers")
+    q, k, v, glob, _ = make_inputs(2, 4, 300, 64, "random", False, 0)
+    q, k, v = (t.cuda().bfloat16().requires_grad_(True) for t in (q, k, v))
+    glob = glob.cuda()
+    ref = sparse_attention(q, k, v, window=32, global_mask=glob, backend="dense")
+    out = sparse_attention(q, k, v, window=32, global_mask=glob, backend=backend)
+    torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
+    g_ref = torch.autograd.grad(ref.float().sum(), (q, k, v))
+    g_out = torch.autograd.grad(out.float().sum(), (q, k, v))
+    for a, b in zip(g_out, g_ref, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)

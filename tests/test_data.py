@@ -1,0 +1,121 @@
+"""Batch layout, the code corpus builder, the tokenizer and the data module on real files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from data_modules import Seq2SeqDataModule, load_tokenizer
+from data_modules.corpora.code import build_code_corpus, split_of, stdlib_root
+from data_modules.datamodule import BadRowError
+from moe_diffuseq.batch import (
+    SPECIAL_TOKENS,
+    SpecialIds,
+    collate_pairs,
+    decode_targets,
+    encode_pairs,
+)
+
+
+def test_tokenizer_has_specials_first(small_tokenizer):
+    assert [small_tokenizer.id_to_token(i) for i in range(5)] == list(SPECIAL_TOKENS)
+    text = "def f(x):\n    return x  # é"
+    assert small_tokenizer.decode(small_tokenizer.encode(text).ids) == text
+
+
+def test_budgets_are_separate_and_layout_is_cls_src_sep_trg_sep_pad(small_tokenizer):
+    special = SpecialIds.from_tokenizer(small_tokenizer)
+    pairs = encode_pairs(small_tokenizer, ["a " * 50, "b"], ["c " * 50, "d"], max_src_len=5, max_trg_len=7)
+    assert [len(p.src_ids) for p in pairs] == [5, 1] and [len(p.trg_ids) for p in pairs] == [7, 1]
+    assert pairs[0].src_truncated > 0 and pairs[0].trg_truncated > 0
+    batch = collate_pairs(pairs, special, max_trg_len=7, example_ids=["x:1", "x:2"])
+    assert batch.input_ids.shape == (2, 1 + 5 + 1 + 8)
+    row = batch.input_ids[1].tolist()
+    assert row[0] == special.cls and row[2] == special.sep and row[4] == special.sep
+    assert batch.input_mask[1].tolist() == [False] * 3 + [True] * 8 + [False] * 4
+    assert batch.padding_mask[1].tolist() == [False] * 11 + [True] * 4
+    assert batch.global_mask[1].nonzero().flatten().tolist() == [0, 2]  # [CLS] and the source [SEP]
+    assert decode_targets(small_tokenizer, batch.input_ids, batch, special)[1] == "d"
+
+
+def test_code_corpus_pairs(tmp_path):
+    counts = build_code_corpus(tmp_path, root=stdlib_root() / "json")
+    rows = [json.loads(line) for s in counts for line in (tmp_path / f"{s}.jsonl").read_text().splitlines()]
+    assert sum(counts.values()) == len(rows) > 10
+    modules = [r for r in rows if r["kind"] == "module"]
+    functions = [r for r in rows if r["kind"] == "function"]
+    assert {r["module"] for r in modules} >= {"json", "json.decoder", "json.encoder"}
+    skeleton = next(r for r in modules if r["module"] == "json.decoder")
+    assert "class JSONDecoder" in skeleton["src"] and "..." in skeleton["src"]
+    assert "def raw_decode" in skeleton["src"] and "end = _w(s, end).end()" in skeleton["trg"]
+    fn = next(r for r in functions if r["src"].startswith("def raw_decode"))
+    assert fn["trg"].startswith("def raw_decode") and fn["src"].rstrip().endswith("...")
+    for r in rows:
+        assert split_of(r["module"]) == next(s for s in counts if r in [json.loads(x) for x in (tmp_path / f"{s}.jsonl").read_text().splitlines()])
+
+
+def test_split_is_deterministic_and_excludes_tests():
+    assert split_of("json.decoder") == split_of("json.decoder")
+    from data_modules.corpora.code import module_files
+
+    names = [n for n, _ in module_files(stdlib_root())]
+    assert not any(n.startswith(("test.", "idlelib")) or ".test_" in n for n in names)
+
+
+def _dm(small_corpus, small_tokenizer_file, **kw):
+    args = dict(
+        train_path=str(small_corpus / "train.jsonl"), val_path=str(small_corpus / "validation.jsonl"),
+        tokenizer_path=str(small_tokenizer_file), max_src_len=32, max_trg_len=24, batch_size=4,
+        data_dir=str(small_corpus / "work"),
+    )
+    args.update(kw)
+    return Seq2SeqDataModule(**args)
+
+
+def test_map_style_and_streaming_give_the_same_validation_batches(small_corpus, small_tokenizer_file):
+    batches = []
+    for streaming in (False, True):
+        dm = _dm(small_corpus, small_tokenizer_file, streaming=streaming)
+        dm.setup("validate")
+        batches.append(list(dm.val_dataloader()))
+    assert len(batches[0]) == len(batches[1]) == 4
+    for a, b in zip(*batches, strict=True):
+        assert torch.equal(a.input_ids, b.input_ids) and a.example_ids == b.example_ids
+
+
+def test_tokenizer_is_trained_from_the_training_split_when_missing(small_corpus, tmp_path):
+    dm = Seq2SeqDataModule(
+        train_path=str(small_corpus / "train.jsonl"), data_dir=str(tmp_path), vocab_size=300, max_src_len=8, max_trg_len=8
+    )
+    dm.prepare_data()
+    tok = load_tokenizer(tmp_path / "custom" / "tokenizer-300.json")
+    assert tok.get_vocab_size() == 300
+
+
+def test_missing_column_names_the_file_and_key(small_corpus, small_tokenizer_file, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"source": "a", "trg": "b"}) + "\n")
+    dm = _dm(small_corpus, small_tokenizer_file, val_path=str(path))
+    with pytest.raises(KeyError, match=r"bad.jsonl.*missing column.*'src'"):
+        dm.setup("validate")
+
+
+def test_bad_rows_raise_with_line_or_are_skipped(small_corpus, small_tokenizer_file, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [{"src": "a", "trg": "b"}, {"src": "a", "trg": "  "}, {"src": "c", "trg": "d"}]))
+    with pytest.raises(BadRowError, match=r"rows.jsonl, row 2: empty target"):
+        _dm(small_corpus, small_tokenizer_file, val_path=str(path)).setup("validate")
+    dm = _dm(small_corpus, small_tokenizer_file, val_path=str(path), on_bad_row="skip")
+    dm.setup("validate")
+    assert len(dm.datasets["validation"]) == 2
+
+
+def test_unreadable_file_is_named(small_corpus, small_tokenizer_file, tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_bytes(b'{"src": "a", "trg": \n')
+    with pytest.raises(ValueError, match="broken.jsonl"):
+        _dm(small_corpus, small_tokenizer_file, val_path=str(path)).setup("validate")
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        _dm(small_corpus, small_tokenizer_file, val_path=str(tmp_path / "nope.jsonl")).setup("validate")

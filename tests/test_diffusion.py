@@ -1,0 +1,166 @@
+"""Schedule, forward process with the soft absorbing state, timestep samplers, samplers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_diffuseq.diffusion import (
+    LossSecondMomentSampler,
+    NoiseSchedule,
+    SamplingProblem,
+    absorb,
+    forward_process,
+    run_sampler,
+    timesteps,
+)
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return NoiseSchedule("sqrt", 2000)
+
+
+def test_sqrt_schedule_matches_formula(schedule):
+    # alpha_bar_t = prod (1 - beta) telescopes to (1 - sqrt((t+1)/T + 1e-4)) / (1 - sqrt(1e-4)).
+    for t in (0, 10, 999, 1998):
+        expected = (1 - ((t + 1) / 2000 + 1e-4) ** 0.5) / (1 - 1e-4**0.5)
+        assert schedule.alpha_bar[t].item() == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert torch.all(schedule.alpha_bar[1:] < schedule.alpha_bar[:-1])
+    assert 0 < schedule.alpha_bar[-1] < 1e-6  # the last beta is capped at 0.999
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear"])
+def test_other_schedules_decrease(name):
+    s = NoiseSchedule(name, 100)
+    assert torch.all(s.alpha_bar[1:] < s.alpha_bar[:-1]) and 0 < s.alpha_bar[-1] < s.alpha_bar[0] <= 1
+
+
+def _toy(batch=64, length=40, dim=16):
+    gen = torch.Generator().manual_seed(0)
+    z0 = torch.randn(batch, length, dim, generator=gen)
+    target = torch.zeros(batch, length, dtype=torch.bool)
+    target[:, length // 2 :] = True
+    m = torch.randn(dim, generator=gen)
+    return z0, target, m
+
+
+def test_t0_is_near_x0_and_source_is_always_clean(schedule):
+    z0, target, m = _toy()
+    t = torch.zeros(z0.shape[0], dtype=torch.long)
+    z_t, replaced = forward_process(z0, t, target, m, schedule, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(z_t[~target], z0[~target])
+    kept = target & ~replaced
+    assert (z_t[kept] - z0[kept]).abs().mean() < 0.15  # sqrt(1 - ab_0) ~ 0.12
+    for step in (500, 1999):
+        t = torch.full((z0.shape[0],), step)
+        z_t, _ = forward_process(z0, t, target, m, schedule, 0.5, torch.Generator().manual_seed(2))
+        assert torch.equal(z_t[~target], z0[~target])
+
+
+def test_tT_is_m_plus_standard_noise(schedule):
+    z0, target, m = _toy(batch=256)
+    t = torch.full((z0.shape[0],), 1999)
+    z_t, _ = forward_process(z0, t, target, m, schedule, 0.5, torch.Generator().manual_seed(3))
+    noise = z_t[target] - m  # (N, D)
+    assert noise.mean(0).abs().max() < 0.05
+    assert (noise.std(0) - 1).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("step", [10, 500, 1500, 1999])
+def test_replacement_rate_matches_gamma_sqrt_one_minus_alpha_bar(schedule, step):
+    z0, target, m = _toy(batch=400)
+    t = torch.full((z0.shape[0],), step)
+    uniform = torch.rand(z0.shape[:2], generator=torch.Generator().manual_seed(step))
+    start, replaced = absorb(z0, t, target, m, schedule, 0.5, uniform)
+    expected = 0.5 * (1 - schedule.alpha_bar[step]).sqrt().item()
+    rate = replaced[target].float().mean().item()
+    assert rate == pytest.approx(expected, abs=0.01)
+    assert not replaced[~target].any()
+    assert torch.equal(start[replaced], m.expand(int(replaced.sum()), -1))
+
+
+def test_without_absorbing_state_it_is_plain_diffuseq(schedule):
+    z0, target, _ = _toy()
+    zeros = torch.zeros(z0.shape[-1])
+    t = torch.full((z0.shape[0],), 700)
+    gen = torch.Generator().manual_seed(5)
+    z_t, replaced = forward_process(z0, t, target, zeros, schedule, 0.0, gen)
+    gen = torch.Generator().manual_seed(5)
+    torch.rand(z0.shape[:2], generator=gen)
+    noise = torch.randn(z0.shape, generator=gen)
+    ab = schedule.alpha_bar[700].float()
+    expected = torch.where(target[..., None], ab.sqrt() * z0 + (1 - ab).sqrt() * noise, z0)
+    torch.testing.assert_close(z_t, expected)
+    assert not replaced.any()
+
+
+def _gaussian_problem(schedule, mu=0.7, sd=0.3, anchor_count=0):
+    """x0 ~ N(mu, sd^2): the exact denoiser and the exact probability-flow endpoint."""
+
+    def denoise(z, t):
+        ab = schedule.alpha_bar[t].to(z.dtype).view(-1, 1, 1)
+        return mu + (ab.sqrt() * sd**2 / (ab * sd**2 + 1 - ab)) * (z - ab.sqrt() * mu)
+
+    shape = (2, 6, 3)
+    anchor_mask = torch.zeros(shape[:2], dtype=torch.bool)
+    anchor_mask[:, :anchor_count] = True
+    anchor = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    problem = SamplingProblem(anchor, anchor_mask, torch.zeros(3, dtype=torch.float64))
+    return denoise, problem
+
+
+def test_dpm_solver_converges_to_exact_ode_solution():
+    # Cosine: its integer grid is fine near t = T, so the solver's error can go to zero (the
+    # sqrt schedule's first step from T-1 is a large log-SNR jump at any step count).
+    schedule = NoiseSchedule("cosine", 2000)
+    denoise, problem = _gaussian_problem(schedule)
+    y_T = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(0)).double()
+    mu, sd = 0.7, 0.3
+    ab_T, ab_0 = schedule.alpha_bar[-1], schedule.alpha_bar[0]
+    # Along the probability-flow ODE, (x_t - alpha_t mu) / sqrt(alpha_t^2 sd^2 + sigma_t^2) is constant.
+    x_0 = ab_0.sqrt() * mu + (ab_0 * sd**2 + 1 - ab_0).sqrt() * (y_T - ab_T.sqrt() * mu) / (ab_T * sd**2 + 1 - ab_T).sqrt()
+    exact = denoise(x_0, torch.zeros(2, dtype=torch.long))
+    errors = []
+    for steps in (50, 200, 1000):
+        out = run_sampler("dpm_solver++", denoise, problem, schedule, steps, "time_uniform", torch.Generator().manual_seed(0))
+        errors.append((out - exact).abs().max().item())
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 5e-4
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim", "dpm_solver++"])
+def test_anchored_positions_never_change(sampler):
+    schedule = NoiseSchedule("sqrt", 50)
+    denoise, problem = _gaussian_problem(schedule, anchor_count=2)
+    seen = []
+
+    def spy(z, t):
+        seen.append(z[:, :2].clone())
+        return denoise(z, t)
+
+    out = run_sampler(sampler, spy, problem, schedule, 10, "time_uniform", torch.Generator().manual_seed(0))
+    for z in seen:
+        torch.testing.assert_close(z, problem.anchor[:, :2])
+    torch.testing.assert_close(out[:, :2], problem.anchor[:, :2])
+
+
+def test_timesteps_are_decreasing_and_end_at_zero():
+    schedule = NoiseSchedule("sqrt", 2000)
+    for spacing in ("time_uniform", "logsnr"):
+        grid = timesteps(schedule, 20, spacing)
+        assert grid[0] == 1999 and grid[-1] == 0 and len(grid) <= 21
+        assert all(a > b for a, b in zip(grid, grid[1:], strict=False))
+
+
+def test_loss_aware_sampler_prefers_high_loss_steps():
+    sampler = LossSecondMomentSampler(4, history=2, uniform_prob=0.0)
+    assert torch.allclose(sampler.probabilities(), torch.full((4,), 0.25, dtype=torch.float64))
+    for _ in range(2):
+        sampler.update(torch.tensor([0, 1, 2, 3]), torch.tensor([1.0, 1.0, 1.0, 5.0]))
+    probs = sampler.probabilities()
+    assert probs[3] == pytest.approx(5 / 8)
+    t, w = sampler.sample(1000, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert (t == 3).float().mean() > 0.5
+    torch.testing.assert_close(w[t == 3][0], torch.tensor(1 / (4 * 5 / 8), dtype=torch.float32))
+    assert "loss_history" in sampler.state_dict()

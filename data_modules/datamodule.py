@@ -143,8 +143,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         streaming: Stream the files instead of loading them into memory.
         shuffle_buffer: Buffer size of the streaming shuffle.
         tokenizer_path: A tokenizer.json to use; None trains one on the training split
-            and caches it as ``data_dir/<corpus or 'custom'>/tokenizer-<vocab_size>.json``.
-        vocab_size: Vocabulary size when training the tokenizer.
+            and caches it as ``data_dir/<corpus or 'custom'>/tokenizer-<tokenizer_vocab_size>.json``.
+        tokenizer_vocab_size: Vocabulary size when training a tokenizer (a given tokenizer_path keeps its own).
         tokenizer_train_rows: Training rows the tokenizer is trained on (None: all).
         on_bad_row: "raise" names the file and row of a bad row; "skip" counts and logs them.
         seed: Seed of the shuffling.
@@ -166,7 +166,7 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         streaming: bool = False,
         shuffle_buffer: int = 1000,
         tokenizer_path: str | None = None,
-        vocab_size: int = 8192,
+        tokenizer_vocab_size: int = 8192,
         tokenizer_train_rows: int | None = 20000,
         on_bad_row: Literal["raise", "skip"] = "raise",
         seed: int = 0,
@@ -189,7 +189,7 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             "validation": val_path or (str(corpus_dir / "validation.jsonl") if corpus else None),
             "test": test_path or (str(corpus_dir / "test.jsonl") if corpus else None),
         }
-        self.tokenizer_file = Path(tokenizer_path) if tokenizer_path else corpus_dir / f"tokenizer-{vocab_size}.json"
+        self.tokenizer_file = Path(tokenizer_path) if tokenizer_path else corpus_dir / f"tokenizer-{tokenizer_vocab_size}.json"
         self.max_src_len = max_src_len
         self.max_trg_len = max_trg_len
         self.tokenizer = None
@@ -223,7 +223,7 @@ class Seq2SeqDataModule(pl.LightningDataModule):
                     if isinstance(value, str) and value:
                         yield value
 
-        tokenizer = train_tokenizer(texts(), hp.vocab_size)
+        tokenizer = train_tokenizer(texts(), hp.tokenizer_vocab_size)
         self.tokenizer_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.tokenizer_file.with_suffix(".tmp")
         tokenizer.save(str(tmp))

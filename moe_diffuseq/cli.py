@@ -14,6 +14,7 @@ from pathlib import Path
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 OWN_VERBS = {
     "generate": "sample targets for sources from a checkpoint (jsonl or text lines in, jsonl out)",
+    "evaluate": "generate for a jsonl of (src, trg) pairs and score: ROUGE, BLEU, dist-n, self-BLEU",
     "prepare-data": "build a corpus (code: the Python standard library) and its splits",
 }
 USAGE = """usage: moe-diffuseq VERB [options]    (python -m moe_diffuseq VERB ...)
@@ -154,6 +155,74 @@ def _clip(text: str, lines: int = 12) -> str:
     return "\n".join(parts[:lines] + ([f"... ({len(parts) - lines} more lines)"] if len(parts) > lines else []))
 
 
+def evaluate(
+    ckpt: str,
+    data: str,
+    sampler: str | None = None,
+    steps: int | None = None,
+    seeds: int = 1,
+    src_key: str = "src",
+    trg_key: str = "trg",
+    limit: int | None = None,
+    batch_size: int | None = None,
+    out: str | None = None,
+    device: str = "cpu",
+) -> dict:
+    """Generate for every source of a jsonl file and score against its targets.
+
+    Writes a JSON and a Markdown report (default: beside the checkpoint, named after the
+    sampler and steps) and prints the Markdown.
+
+    Args:
+        ckpt: Checkpoint file.
+        data: jsonl with source and target columns.
+        sampler: ancestral, ddim or dpm_solver++ (default: the checkpoint's).
+        steps: Sampling steps (default: the checkpoint's).
+        seeds: Samples per source (seeds 0..seeds-1); the first is scored, and with more
+            than one, self-BLEU across them measures diversity.
+        src_key: Source column.
+        trg_key: Target column.
+        limit: Only the first ``limit`` rows.
+        batch_size: Sources sampled together.
+        out: Report path without suffix (.json and .md are written).
+        device: torch device.
+    """
+    from moe_diffuseq.checkpoint import load_checkpoint
+    from moe_diffuseq.evaluation import markdown_report, score_generations
+
+    model = load_checkpoint(ckpt, map_location=device)
+    sources, rows = _read_sources(data, src_key)
+    if limit is not None:
+        sources, rows = sources[:limit], rows[:limit]
+    missing = [i + 1 for i, r in enumerate(rows) if trg_key not in r]
+    if missing:
+        raise SystemExit(f"error: {data}: rows {missing[:5]} have no {trg_key!r} key")
+    references = [str(r[trg_key]) for r in rows]
+    cfg = model.sampling_config
+    sampler, steps = sampler or cfg.sampler, steps or cfg.steps
+    start = time.perf_counter()
+    per_seed = [
+        model.generate(sources, sampler=sampler, steps=steps, seed=seed, num_candidates=1,
+                       batch_size=batch_size, progress=True)
+        for seed in range(seeds)
+    ]
+    seconds = time.perf_counter() - start
+    candidates = [list(c) for c in zip(*per_seed, strict=True)]
+    scores = score_generations(per_seed[0], references, candidates if seeds > 1 else None)
+    scores["seconds_per_document"] = seconds / max(1, len(sources) * seeds)
+    settings = {"checkpoint": ckpt, "data": data, "documents": len(sources), "sampler": sampler,
+                "steps": steps, "seeds": seeds}
+    base = Path(out) if out else Path(ckpt).with_name(f"eval-{Path(data).stem}-{sampler}-{steps}")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    report = {"settings": settings, "scores": scores}
+    base.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown = markdown_report(f"Evaluation of {Path(ckpt).name}", settings, scores)
+    base.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {base.with_suffix('.json')} and {base.with_suffix('.md')}")
+    return report
+
+
 def prepare_data(task: str = "code", data_dir: str = "data") -> None:
     """Build a corpus's train/validation/test jsonl files.
 
@@ -172,7 +241,7 @@ def prepare_data(task: str = "code", data_dir: str = "data") -> None:
 def _own_verb(verb: str, args: list[str]) -> None:
     from jsonargparse import auto_cli
 
-    function = {"generate": generate, "prepare-data": prepare_data}[verb]
+    function = {"generate": generate, "evaluate": evaluate, "prepare-data": prepare_data}[verb]
     positional = []
     if verb == "prepare-data" and args and not args[0].startswith("-"):
         positional = ["--task", args[0]]

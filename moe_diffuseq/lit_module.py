@@ -110,6 +110,8 @@ class MoEDiffuSeq(pl.LightningModule):
         self.ema: Denoiser | None = None
         self._nonfinite_in_a_row = 0
         self._val_sums: dict[str, torch.Tensor] = {}
+        self._test_texts: list[tuple[list[str], list[str]]] = []
+        self.last_expert_load: torch.Tensor | None = None
         if self._sizes_known():
             self._build()
 
@@ -231,6 +233,8 @@ class MoEDiffuSeq(pl.LightningModule):
     def _log_router(self, stats, batch_size: int) -> None:
         if not stats:
             return
+        # (layers, experts) load of the last step, for ExpertLoadMonitor's heatmap.
+        self.last_expert_load = torch.stack([s.expert_fraction.detach() for s in stats]).cpu()
         metrics = {}
         for layer, s in enumerate(stats):
             for e, frac in enumerate(s.expert_fraction.tolist()):
@@ -263,7 +267,16 @@ class MoEDiffuSeq(pl.LightningModule):
         self._evaluate_step(batch, batch_idx, "val")
 
     def test_step(self, batch: Seq2SeqBatch, batch_idx: int) -> None:
+        """Loss and token accuracy as in validation, plus generation with the default
+        sampler, scored at the end of the epoch (ROUGE, BLEU, dist-n, length ratio)."""
         self._evaluate_step(batch, batch_idx, "test")
+        cfg = self.sampling_config
+        ids = self.sample_ids(batch, sampler=cfg.sampler, steps=cfg.steps, seed=batch_idx, clamp=cfg.clamp, spacing=cfg.spacing)
+        special = self._special()
+        self._test_texts.append(
+            (decode_targets(self.tokenizer, ids.cpu(), batch, special),
+             decode_targets(self.tokenizer, batch.input_ids.cpu(), batch, special))
+        )
 
     def _evaluate_step(self, batch: Seq2SeqBatch, batch_idx: int, prefix: str) -> None:
         # A fixed generator per batch: validation numbers are comparable across epochs.
@@ -298,7 +311,35 @@ class MoEDiffuSeq(pl.LightningModule):
         self._log_accuracy("val")
 
     def on_test_epoch_end(self) -> None:
+        from .evaluation import score_generations
+
         self._log_accuracy("test")
+        texts, self._test_texts = self._test_texts, []
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, texts)
+            texts = [pair for part in gathered for pair in part]
+        hyps = [h for pair in texts for h in pair[0]]
+        refs = [r for pair in texts for r in pair[1]]
+        if hyps:
+            scores = score_generations(hyps, refs)
+            self.log_dict({f"test/{k}": float(v) for k, v in scores.items()}, rank_zero_only=True)
+
+    def predict_step(self, batch: Seq2SeqBatch, batch_idx: int) -> list[dict[str, Any]]:
+        """Sample the target region of each row with the default sampler (seed = batch index)."""
+        from .callbacks import decode_sources
+
+        cfg = self.sampling_config
+        ids = self.sample_ids(batch, sampler=cfg.sampler, steps=cfg.steps, seed=batch_idx, clamp=cfg.clamp, spacing=cfg.spacing)
+        special = self._special()
+        samples = decode_targets(self.tokenizer, ids.cpu(), batch, special)
+        references = decode_targets(self.tokenizer, batch.input_ids.cpu(), batch, special)
+        sources = decode_sources(self.tokenizer, batch, special)
+        ids_ = batch.example_ids or [""] * len(samples)
+        return [
+            {"id": i, "source": s, "sample": g, "reference": r, "sampler": cfg.sampler, "steps": cfg.steps}
+            for i, s, g, r in zip(ids_, sources, samples, references, strict=True)
+        ]
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self):
@@ -347,11 +388,28 @@ class MoEDiffuSeq(pl.LightningModule):
             raise RuntimeError("no tokenizer attached: load a checkpoint or call set_tokenizer()")
         return SpecialIds.from_tokenizer(self.tokenizer)
 
-    def encode(self, sources: list[str]) -> Seq2SeqBatch:
-        """Collate sources for sampling, with an empty target region to fill."""
+    def encode(self, sources: list[str], templates: list[str] | None = None) -> tuple[Seq2SeqBatch, torch.Tensor | None]:
+        """Collate sources for sampling. Returns the batch and, with templates, the (B, L)
+        mask of target positions whose tokens are given.
+
+        A template is target text in which each ``[MASK]`` token marks one position to fill;
+        its other tokens stay fixed, and every position after it is free (so the model still
+        chooses where the output ends).
+        """
         hp = self.hparams
-        pairs = encode_pairs(self.tokenizer, sources, None, hp.max_src_len, hp.max_trg_len)
-        return collate_pairs(pairs, self._special(), hp.max_trg_len)
+        special = self._special()
+        pairs = encode_pairs(self.tokenizer, sources, templates, hp.max_src_len, hp.max_trg_len)
+        batch = collate_pairs(pairs, special, hp.max_trg_len)
+        if templates is None:
+            return batch, None
+        fixed = torch.zeros_like(batch.input_mask)
+        for row, pair in enumerate(pairs):
+            start = len(pair.src_ids) + 2
+            tokens = torch.tensor(pair.trg_ids, dtype=torch.long)
+            fixed[row, start : start + len(tokens)] = tokens != special.mask
+        # Positions after the template are free: reset them (collation put [SEP] [PAD]* there).
+        batch.input_ids = torch.where(batch.input_mask & ~fixed, torch.full_like(batch.input_ids, special.pad), batch.input_ids)
+        return batch, fixed
 
     @torch.no_grad()
     def sample_ids(
@@ -407,22 +465,28 @@ class MoEDiffuSeq(pl.LightningModule):
         clamp: bool | None = None,
         batch_size: int | None = None,
         progress: bool = False,
+        templates: list[str] | None = None,
     ) -> list[str]:
         """Generate one target per source. Defaults come from the ``sampling`` settings.
 
         With ``num_candidates`` > 1, each source is sampled with seeds seed, seed+1, ... and
         the candidate with the highest mean sentence-BLEU against the others is returned.
+        With ``templates`` (one per source), given target tokens stay fixed and only the
+        ``[MASK]`` positions and the positions after the template are sampled (infilling).
         """
         return [c[i] for c, i in self.generate_candidates(
             sources, steps=steps, sampler=sampler, seed=seed, num_candidates=num_candidates,
-            clamp=clamp, batch_size=batch_size, progress=progress,
+            clamp=clamp, batch_size=batch_size, progress=progress, templates=templates,
         )]
 
     def generate_candidates(self, sources: list[str], **overrides) -> list[tuple[list[str], int]]:
         """Per source: all candidates and the index MBR picks."""
-        cfg = replace(self.sampling_config, **{k: v for k, v in overrides.items() if v is not None and k != "seed" and k != "progress"})
-        seed = overrides.get("seed") or 0
-        progress = bool(overrides.get("progress"))
+        seed = overrides.pop("seed", None) or 0
+        progress = bool(overrides.pop("progress", False))
+        templates = overrides.pop("templates", None)
+        if templates is not None and len(templates) != len(sources):
+            raise ValueError(f"{len(templates)} templates for {len(sources)} sources")
+        cfg = replace(self.sampling_config, **{k: v for k, v in overrides.items() if v is not None})
         special = self._special()
         results: list[tuple[list[str], int]] = []
         chunks = range(0, len(sources), cfg.batch_size)
@@ -432,17 +496,31 @@ class MoEDiffuSeq(pl.LightningModule):
             chunks = tqdm(chunks, desc="documents", unit="batch")
         for start in chunks:
             chunk = [str(s) for s in sources[start : start + cfg.batch_size]]
-            batch = self.encode(chunk)
+            chunk_templates = None if templates is None else templates[start : start + cfg.batch_size]
+            batch, fixed = self.encode(chunk, chunk_templates)
             per_seed = []
             for c in range(cfg.num_candidates):
                 ids = self.sample_ids(
-                    batch, sampler=cfg.sampler, steps=cfg.steps, seed=seed + c, clamp=cfg.clamp, spacing=cfg.spacing
+                    batch, sampler=cfg.sampler, steps=cfg.steps, seed=seed + c, clamp=cfg.clamp,
+                    spacing=cfg.spacing, fixed_mask=fixed,
                 )
                 per_seed.append(decode_targets(self.tokenizer, ids.cpu(), batch, special))
             for row in range(len(chunk)):
                 candidates = [texts[row] for texts in per_seed]
                 results.append((candidates, mbr_select(candidates)))
         return results
+
+
+def take_rows(batch: Seq2SeqBatch, n: int) -> Seq2SeqBatch:
+    """The first n rows of a batch."""
+    return Seq2SeqBatch(
+        input_ids=batch.input_ids[:n],
+        input_mask=batch.input_mask[:n],
+        padding_mask=batch.padding_mask[:n],
+        global_mask=batch.global_mask[:n],
+        src_len=batch.src_len[:n],
+        example_ids=batch.example_ids[:n],
+    )
 
 
 def _to(batch: Seq2SeqBatch, device: torch.device) -> Seq2SeqBatch:

@@ -87,7 +87,7 @@ def test_map_style_and_streaming_give_the_same_validation_batches(small_corpus, 
 
 def test_tokenizer_is_trained_from_the_training_split_when_missing(small_corpus, tmp_path):
     dm = Seq2SeqDataModule(
-        train_path=str(small_corpus / "train.jsonl"), data_dir=str(tmp_path), vocab_size=300, max_src_len=8, max_trg_len=8
+        train_path=str(small_corpus / "train.jsonl"), data_dir=str(tmp_path), tokenizer_vocab_size=300, max_src_len=8, max_trg_len=8
     )
     dm.prepare_data()
     tok = load_tokenizer(tmp_path / "custom" / "tokenizer-300.json")

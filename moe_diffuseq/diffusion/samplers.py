@@ -32,22 +32,32 @@ class SamplingProblem:
 
 
 def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "time_uniform") -> list[int]:
-    """Decreasing integer steps from T-1 to 0, at most ``steps`` of them, no repeats."""
+    """``steps`` distinct integer steps, decreasing from T-1 to 0."""
     last = schedule.steps - 1
     steps = max(1, min(steps, schedule.steps))
     if steps == 1:
         return [0]
     if spacing == "time_uniform":
-        grid = torch.linspace(last, 0, steps, dtype=torch.float64).round().long()
-    elif spacing == "logsnr":
-        lam = schedule.log_snr(torch.arange(schedule.steps))
-        targets = torch.linspace(float(lam[last]), float(lam[0]), steps, dtype=torch.float64)
-        # lambda decreases with t: the nearest step to each target lambda
-        grid = (lam[None, :] - targets[:, None]).abs().argmin(dim=1)
-    else:
+        return _unique_decreasing(torch.linspace(last, 0, steps, dtype=torch.float64).round().long().tolist())
+    if spacing != "logsnr":
         raise ValueError(f"sampling.spacing={spacing!r}: expected time_uniform or logsnr")
+    lam = schedule.log_snr(torch.arange(schedule.steps))
+    # Uniform in log-SNR, rounded to the nearest integer step. Near t = T one integer step
+    # spans a wide log-SNR range and neighbours collapse; densify until `steps` remain.
+    for n in range(steps, 8 * schedule.steps):
+        targets = torch.linspace(float(lam[last]), float(lam[0]), n, dtype=torch.float64)
+        grid = _unique_decreasing((lam[None, :] - targets[:, None]).abs().argmin(dim=1).tolist())
+        if len(grid) >= steps:
+            break
+    if len(grid) > steps:  # keep both ends and an even spread of the rest
+        keep = torch.linspace(0, len(grid) - 1, steps).round().long().tolist()
+        grid = [grid[i] for i in keep]
+    return grid
+
+
+def _unique_decreasing(grid: list[int]) -> list[int]:
     out: list[int] = []
-    for t in grid.tolist():
+    for t in grid:
         if not out or t < out[-1]:
             out.append(int(t))
     if out[-1] != 0:

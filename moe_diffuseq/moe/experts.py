@@ -33,6 +33,18 @@ class Experts(nn.Module):
         """Run expert e on x: (n, d_model)."""
         return F.gelu(x @ self.w1[e] + self.b1[e]) @ self.w2[e] + self.b2[e]
 
+    def run_groups(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Run expert e on groups[e] for every e, with fused bias matmuls.
+
+        The stacked weights are unbound once: indexing w1[e] per expert would make autograd
+        allocate and fill a full (E, ...) zero gradient for every expert in the backward.
+        """
+        w1, b1, w2, b2 = (p.unbind(0) for p in (self.w1, self.b1, self.w2, self.b2))
+        return [
+            torch.addmm(b2[e], F.gelu(torch.addmm(b1[e], x, w1[e])), w2[e]) if x.shape[0] else x
+            for e, x in enumerate(groups)
+        ]
+
 
 def looped_dispatch(
     experts: Experts, x: torch.Tensor, slot_token: torch.Tensor, slot_expert: torch.Tensor, slot_weight: torch.Tensor
@@ -75,8 +87,7 @@ def sorted_dispatch(
         y = torch._grouped_mm(hidden, experts.w2.to(x.dtype), offs=offsets)
         y = y + experts.b2.to(x.dtype).repeat_interleave(counts, 0, output_size=size)
     else:
-        pieces = [experts.expert(e, chunk) for e, chunk in enumerate(grouped.split(counts.tolist())) if chunk.shape[0]]
-        y = torch.cat(pieces) if pieces else grouped
+        y = torch.cat(experts.run_groups(list(grouped.split(counts.tolist()))))
     y = y * slot_weight[order, None].to(y.dtype)
     return torch.zeros_like(x).index_add(0, token_sorted, y)
 

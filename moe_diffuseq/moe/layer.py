@@ -87,19 +87,15 @@ class MoEFeedForward(nn.Module):
         routing = self.router(tokens)
         index, weight = routing.expert_index, routing.expert_weight
         n_tokens = tokens.shape[0]
-        keep = torch.ones_like(index, dtype=torch.bool)
+        slot_token = torch.arange(n_tokens, device=x.device).repeat_interleave(self.top_k)
+        slot_expert, slot_weight = index.reshape(-1), weight.reshape(-1)
+        keep = None
         if self.capacity_factor is not None and n_tokens > 0:
             capacity = math.ceil(self.capacity_factor * n_tokens * self.top_k / self.num_experts)
             keep = capacity_keep(index, self.num_experts, capacity)
-        slot_token = torch.arange(n_tokens, device=x.device).repeat_interleave(self.top_k)
-        keep_flat = keep.reshape(-1)
-        out = DISPATCH[self.dispatch](
-            self.experts,
-            tokens,
-            slot_token[keep_flat],
-            index.reshape(-1)[keep_flat],
-            weight.reshape(-1)[keep_flat],
-        )
+            kept = keep.reshape(-1)
+            slot_token, slot_expert, slot_weight = slot_token[kept], slot_expert[kept], slot_weight[kept]
+        out = DISPATCH[self.dispatch](self.experts, tokens, slot_token, slot_expert, slot_weight)
         if self.shared is not None:
             out = out + self.shared(tokens)[0]
 
@@ -110,7 +106,7 @@ class MoEFeedForward(nn.Module):
             load_balancing_loss=load_balancing_loss(routing.probs, index, self.num_experts),
             z_loss=router_z_loss(routing.logits),
             expert_fraction=counts / max(1, index.numel()),
-            dropped_fraction=(~keep).float().mean() if keep.numel() else counts.new_zeros(()),
+            dropped_fraction=(~keep).float().mean() if keep is not None else counts.new_zeros(()),
             entropy=router_entropy(routing.probs),
         )
         return out.reshape(shape), stats

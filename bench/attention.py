@@ -19,10 +19,12 @@ import torch
 from moe_diffuseq.attention import sparse_attention
 
 from .common import (
+    current_rss_mb,
     machine_info,
     measure_in_subprocess,
     peak_rss_mb,
     print_table,
+    reset_peak_rss,
     time_call,
     write_json,
 )
@@ -54,7 +56,8 @@ def run_once(backend: str, length: int, backward: bool = True) -> None:
 def memory_child(backend: str, length: int) -> None:
     """Entry point of the per-figure process: prints {"peak_mb": ...} as JSON."""
     inputs(length)  # allocate the inputs' pages once, so they count as the baseline
-    before = peak_rss_mb()
+    reset_peak_rss()
+    before = current_rss_mb()
     run_once(backend, length, backward=backend != "flex")
     print(json.dumps({"peak_mb": peak_rss_mb() - before}))
 

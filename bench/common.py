@@ -44,8 +44,34 @@ def time_call(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> fl
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB (Linux ru_maxrss is in KB)."""
+    """Peak resident memory of this process in MB: VmHWM from /proc (reset by
+    ``reset_peak_rss``). Not ru_maxrss: Linux carries that over from the parent across
+    fork and exec, so a child of a big process would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so the next peak is this phase's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
 
 
 def measure_in_subprocess(module: str, args: list[str], timeout: int = 900) -> dict:

@@ -12,7 +12,15 @@ import time
 
 import torch
 
-from .common import machine_info, measure_in_subprocess, peak_rss_mb, print_table, write_json
+from .common import (
+    current_rss_mb,
+    machine_info,
+    measure_in_subprocess,
+    peak_rss_mb,
+    print_table,
+    reset_peak_rss,
+    write_json,
+)
 
 WIDTH = {"embed_dim": 64, "hidden_size": 128, "num_layers": 2, "num_heads": 4}  # quickstart.yaml
 
@@ -38,7 +46,8 @@ def one_step(backend: str, src_len: int, trg_len: int, window: int, vocab: int =
         global_mask=(ids == 1) | (ids == 2), src_len=torch.tensor([src_len]),
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    before = peak_rss_mb()
+    reset_peak_rss()
+    before = current_rss_mb()
     start = time.perf_counter()
     t, w = model.timestep_sampler.sample(1, torch.device("cpu"))
     loss, _, _ = model._loss(model.denoiser, batch, t, w)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections import Counter
@@ -31,6 +33,50 @@ def _builder_for(path: str) -> str:
     if suffix not in _FORMATS:
         raise ValueError(f"{path}: unknown file type {suffix!r}; expected one of {sorted(_FORMATS)}")
     return _FORMATS[suffix]
+
+
+def scan_jsonl(path: str, policy: str, cache_dir: Path) -> tuple[str, Counter[str]]:
+    """Check every line of a jsonl file: UTF-8, JSON, an object. Errors name the line.
+
+    With policy "skip", bad lines are dropped into a cleaned copy under cache_dir (the
+    returned path) and counted per reason; with "raise", the first bad line is an error.
+    """
+    bad: Counter[str] = Counter()
+    good_lines: list[bytes] = []
+    rows = 0
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            if not raw.strip():
+                continue
+            reason = None
+            try:
+                value = json.loads(raw.decode("utf-8"))
+                if not isinstance(value, dict):
+                    reason = "not a JSON object"
+            except UnicodeDecodeError as err:
+                reason = f"not UTF-8 (byte {err.start})"
+            except json.JSONDecodeError as err:
+                reason = f"not JSON ({err.msg})"
+            if reason is None:
+                rows += 1
+                good_lines.append(raw if raw.endswith(b"\n") else raw + b"\n")
+                continue
+            if policy == "raise":
+                raise BadRowError(f"{path}, line {number}: {reason} (set on_bad_row: skip to skip such lines)")
+            bad[reason.split(" (")[0]] += 1
+    if rows == 0:
+        raise ValueError(f"{path}: no rows (the file is empty or every line is bad)")
+    if not bad:
+        return path, bad
+    log.warning("%s: skipped lines %s", path, dict(bad))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha1(f"{Path(path).resolve()}:{os.path.getmtime(path)}".encode()).hexdigest()[:12]
+    cleaned = cache_dir / f"{Path(path).stem}.{digest}.clean.jsonl"
+    if not cleaned.exists():
+        tmp = cleaned.with_suffix(".tmp")
+        tmp.write_bytes(b"".join(good_lines))
+        os.replace(tmp, cleaned)
+    return str(cleaned), bad
 
 
 def load_rows(path: str, streaming: bool, cache_dir: str | None):
@@ -67,10 +113,14 @@ class RowFilter:
         src = row.get(self.src_key, "") if self.src_key else ""
         trg = row.get(self.trg_key)
         reason = None
-        if not isinstance(src, str) or not isinstance(trg, str):
+        if src is None or trg is None:
+            reason = "missing src/trg value"
+        elif not isinstance(src, str) or not isinstance(trg, str):
             reason = "non-string src/trg"
         elif not trg.strip():
             reason = "empty target"
+        elif self.src_key and not src.strip():
+            reason = "empty source"
         if reason is None:
             return src, trg
         if self.policy == "raise":
@@ -147,6 +197,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         tokenizer_vocab_size: Vocabulary size when training a tokenizer (a given tokenizer_path keeps its own).
         tokenizer_train_rows: Training rows the tokenizer is trained on (None: all).
         on_bad_row: "raise" names the file and row of a bad row; "skip" counts and logs them.
+        on_too_long: A pair longer than a budget is truncated (and counted), skipped (and
+            counted) or an error naming the example.
         seed: Seed of the shuffling.
     """
 
@@ -169,6 +221,7 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         tokenizer_vocab_size: int = 8192,
         tokenizer_train_rows: int | None = 20000,
         on_bad_row: Literal["raise", "skip"] = "raise",
+        on_too_long: Literal["truncate", "skip", "raise"] = "truncate",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -181,6 +234,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
                 raise ValueError(f"data.{key}={value}: must be >= 1")
         if on_bad_row not in ("raise", "skip"):
             raise ValueError(f"data.on_bad_row={on_bad_row!r}: expected raise or skip")
+        if on_too_long not in ("truncate", "skip", "raise"):
+            raise ValueError(f"data.on_too_long={on_too_long!r}: expected truncate, skip or raise")
         self.save_hyperparameters()
         corpus_dir = Path(data_dir) / (corpus or "custom")
         self.corpus_dir = corpus_dir
@@ -194,7 +249,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         self.max_trg_len = max_trg_len
         self.tokenizer = None
         self.datasets: dict[str, Dataset] = {}
-        self.truncated: Counter[str] = Counter()
+        self.skipped: Counter[str] = Counter()  # rows/lines left out, per reason
+        self.truncated: Counter[str] = Counter()  # examples cut or dropped by the budgets
 
     # --------------------------------------------------------------- preparation
     def prepare_data(self) -> None:
@@ -250,16 +306,52 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
             seed = hp.seed if split == "train" else None
             return StreamingPairs(load_rows(path, True, cache), row_filter, path, rank, world, seed, hp.shuffle_buffer)
-        return PairDataset(load_rows(path, False, cache), row_filter, path)
+        readable = path
+        if path.endswith(".jsonl") and Path(path).is_file():
+            readable, bad_lines = scan_jsonl(path, hp.on_bad_row, Path(cache) / "clean")
+            self.skipped.update(bad_lines)
+        dataset = PairDataset(load_rows(readable, False, cache), row_filter, path)
+        self.skipped.update(row_filter.skipped)
+        return dataset
 
     # --------------------------------------------------------------- loading
     def collate(self, items: list[tuple[str, str, str]]) -> Seq2SeqBatch:
         ids, sources, targets = zip(*items, strict=True)
         pairs = encode_pairs(self.tokenizer, sources, targets, self.max_src_len, self.max_trg_len)
-        for pair in pairs:
-            self.truncated["source"] += pair.src_truncated > 0
-            self.truncated["target"] += pair.trg_truncated > 0
-        return collate_pairs(pairs, SpecialIds.from_tokenizer(self.tokenizer), self.max_trg_len, ids)
+        policy = self.hparams.on_too_long
+        keep = []
+        for example, pair in zip(ids, pairs, strict=True):
+            cut = pair.src_truncated > 0 or pair.trg_truncated > 0
+            if cut and policy == "raise":
+                raise BadRowError(
+                    f"{example}: longer than the budget (source +{pair.src_truncated}, target "
+                    f"+{pair.trg_truncated} tokens over max_src_len={self.max_src_len}, max_trg_len={self.max_trg_len})"
+                )
+            keep.append(not (cut and policy == "skip"))
+        if not any(keep):
+            keep[0] = True  # never an empty batch: keep one, truncated
+        batch = collate_pairs(
+            [p for p, k in zip(pairs, keep, strict=True) if k],
+            SpecialIds.from_tokenizer(self.tokenizer),
+            self.max_trg_len,
+            [i for i, k in zip(ids, keep, strict=True) if k],
+        )
+        batch.src_truncated = torch.tensor([p.src_truncated > 0 for p in pairs]).sum().view(1)
+        batch.trg_truncated = torch.tensor([p.trg_truncated > 0 for p in pairs]).sum().view(1)
+        batch.dropped = torch.tensor([not k for k in keep]).sum().view(1)
+        return batch
+
+    def on_after_batch_transfer(self, batch: Seq2SeqBatch, dataloader_idx: int) -> Seq2SeqBatch:
+        # Runs in the main process (collation may run in workers), so the counts add up here.
+        if self.trainer is not None and self.trainer.training:
+            self.truncated["source truncated"] += int(batch.src_truncated.sum())
+            self.truncated["target truncated"] += int(batch.trg_truncated.sum())
+            self.truncated["too long, skipped"] += int(batch.dropped.sum())
+        return batch
+
+    def report(self) -> dict[str, int]:
+        """Counts of rows skipped (per reason) and of examples cut by the budgets."""
+        return {**{f"skipped: {k}": v for k, v in self.skipped.items()}, **{k: v for k, v in self.truncated.items() if v}}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:

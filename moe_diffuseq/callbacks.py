@@ -138,3 +138,50 @@ def expert_load_figure(load):
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     return fig
+
+
+class DataReport(pl.Callback):
+    """At the end of each training epoch, log what the data module left out or cut: rows
+    skipped per reason (``on_bad_row: skip``) and examples truncated or dropped by the
+    length budgets. Works with any data module that has a ``report() -> dict`` method."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        report = getattr(trainer.datamodule, "report", None) if trainer.datamodule is not None else None
+        if report is None:
+            return
+        counts = report()
+        if counts:
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(f"data report after epoch {trainer.current_epoch}: {counts}")
+            for key, value in counts.items():
+                name = "data/" + key.replace(": ", "/").replace(" ", "_").replace(",", "")
+                pl_module.log(name, float(value), rank_zero_only=True)
+
+
+class GlobalBatchSize(pl.Callback):
+    """Make the global batch size the one knob: gradient accumulation is derived as
+    global_batch_size / (per-device batch size x devices x nodes).
+
+    Args:
+        global_batch_size: Examples per optimizer step over all devices and nodes.
+    """
+
+    def __init__(self, global_batch_size: int) -> None:
+        if global_batch_size < 1:
+            raise ValueError(f"global_batch_size={global_batch_size}: must be >= 1")
+        self.global_batch_size = global_batch_size
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        per_device = getattr(trainer.datamodule, "hparams", {}).get("batch_size") if trainer.datamodule else None
+        if per_device is None:
+            raise ValueError("GlobalBatchSize needs a data module with a batch_size setting")
+        per_step = per_device * trainer.world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} is not a multiple of data.batch_size={per_device} "
+                f"x world size {trainer.world_size} (devices x nodes)"
+            )
+        trainer.accumulate_grad_batches = self.global_batch_size // per_step

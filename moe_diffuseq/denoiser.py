@@ -136,6 +136,15 @@ class Denoiser(nn.Module):
             shared_expert=moe.shared_expert,
         )
 
+    def run(self, fn, *args, **kwargs):
+        """Call ``fn(self, *args, **kwargs)`` as one forward pass of this module.
+
+        Code that reads the embedding, the rounding head or the absorbing state outside
+        ``forward`` (the loss, the samplers) goes through here: under FSDP2 this method is
+        registered as a forward method, so the root's parameters are gathered for it.
+        """
+        return fn(self, *args, **kwargs)
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Word embeddings (B, L, E)."""
         return self.word_embedding(input_ids)

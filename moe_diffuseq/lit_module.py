@@ -178,22 +178,38 @@ class MoEDiffuSeq(pl.LightningModule):
             if not self._sizes_known():
                 raise RuntimeError("vocab_size, max_src_len and max_trg_len are unknown: give them or a data module")
             self._build()
+        mesh = self.device_mesh  # set by ModelParallelStrategy (FSDP2); None otherwise
+        if mesh is not None and not getattr(self, "_sharded", False):
+            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+            dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+            # The transformer block is the unit of sharding; the EMA copy is sharded alike
+            # so that its update is shard-by-shard.
+            for net in (self.denoiser, self.ema):
+                if net is None:
+                    continue
+                for block in net.blocks:
+                    fully_shard(block, mesh=dp_mesh)
+                fully_shard(net, mesh=dp_mesh, reshard_after_forward=False)
+                register_fsdp_forward_method(net, "run")
+            self._sharded = True
 
     # ----------------------------------------------------------------- training
-    def _loss(self, denoiser: Denoiser, batch: Seq2SeqBatch, t: torch.Tensor, weights: torch.Tensor, generator=None):
+    def _loss(self, denoiser: Denoiser, batch: Seq2SeqBatch, t: torch.Tensor, weights: torch.Tensor, generator=None, predict_tokens: bool = False):
         cfg = self.diffusion_config
-        terms = diffusion_loss_terms(
-            denoiser,
+        terms = denoiser.run(
+            diffusion_loss_terms,
             self.schedule,
             batch,
             t,
             denoise_rate=cfg.denoise_rate if cfg.soft_absorbing else 0.0,
             loss_on=cfg.loss_on,
             generator=generator,
+            predict_tokens=predict_tokens,
         )
         balance, z_loss = router_losses(terms.router_stats)
         balance, z_loss = balance.to(self.device), z_loss.to(self.device)
-        mask_reg = denoiser.absorbing_state.norm() if cfg.soft_absorbing else torch.zeros((), device=self.device)
+        mask_reg = terms.mask_norm if cfg.soft_absorbing else torch.zeros((), device=self.device)
         loss = (
             (weights * terms.per_example).mean()
             + self.moe_config.load_balance_coef * balance
@@ -213,7 +229,11 @@ class MoEDiffuSeq(pl.LightningModule):
     def training_step(self, batch: Seq2SeqBatch, batch_idx: int):
         t, weights = self.timestep_sampler.sample(len(batch), self.device)
         loss, parts, terms = self._loss(self.denoiser, batch, t, weights)
-        if not torch.isfinite(loss):
+        bad = not bool(torch.isfinite(loss))
+        if self._trainer is not None:
+            # Every rank must skip together: one rank skipping its backward would hang DDP.
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
             self._nonfinite_in_a_row += 1
             ids = batch.example_ids[:8]
             log.warning("non-finite loss %s at step %d (examples %s); step skipped", loss.item(), self.global_step, ids)
@@ -283,13 +303,13 @@ class MoEDiffuSeq(pl.LightningModule):
         generator = torch.Generator(device=self.device).manual_seed(1234 + batch_idx)
         t = torch.randint(0, self.schedule.steps, (len(batch),), device=self.device, generator=generator)
         weights = torch.ones(len(batch), device=self.device)
-        loss, parts, terms = self._loss(self.sampling_network, batch, t, weights, generator)
+        loss, parts, terms = self._loss(self.sampling_network, batch, t, weights, generator, predict_tokens=True)
         bs = len(batch)
         self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
         self.log_dict({f"{prefix}/{k}": v for k, v in parts.items()}, batch_size=bs, sync_dist=True)
         # Token accuracy of the rounded x0 prediction on target tokens (mean over t), beside
         # the accuracy of always predicting the most frequent target token.
-        predicted = self.sampling_network.logits(terms.x0_hat).argmax(-1)
+        predicted = terms.predicted_ids
         scored = batch.input_mask & ~batch.padding_mask
         correct = ((predicted == batch.input_ids) & scored).sum()
         counts = torch.bincount(batch.input_ids[scored], minlength=self.hparams.vocab_size)
@@ -436,22 +456,26 @@ class MoEDiffuSeq(pl.LightningModule):
         anchor_mask = ~batch.input_mask | batch.padding_mask
         if fixed_mask is not None:
             anchor_mask = anchor_mask | fixed_mask.to(self.device)
-        global_mask = net.global_tokens(batch.global_mask, batch.input_mask, batch.padding_mask)
-        table = net.word_embedding.weight
-
-        def denoise(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x0, _ = net(z_t, t, global_mask, batch.padding_mask)
-            if clamp:  # snap to the nearest word embedding (DiffuSeq's clamping trick)
-                x0 = table[torch.cdist(x0, table[None].expand(x0.shape[0], -1, -1)).argmin(-1)]
-            return x0
-
-        problem = SamplingProblem(anchor=net.embed(batch.input_ids), anchor_mask=anchor_mask, mask_vector=net.absorbing_state)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        try:
+
+        def sample(net: Denoiser) -> torch.Tensor:
+            global_mask = net.global_tokens(batch.global_mask, batch.input_mask, batch.padding_mask)
+            table = net.word_embedding.weight
+
+            def denoise(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                x0, _ = net(z_t, t, global_mask, batch.padding_mask)
+                if clamp:  # snap to the nearest word embedding (DiffuSeq's clamping trick)
+                    x0 = table[torch.cdist(x0, table[None].expand(x0.shape[0], -1, -1)).argmin(-1)]
+                return x0
+
+            problem = SamplingProblem(net.embed(batch.input_ids), anchor_mask, net.absorbing_state)
             x0 = run_sampler(sampler, denoise, problem, self.schedule, steps, spacing, generator, progress)
+            return net.logits(x0).argmax(-1)
+
+        try:
+            ids = net.run(sample)  # one "forward" of the root, so FSDP2 gathers its parameters
         finally:
             net.train(was_training)
-        ids = net.logits(x0).argmax(-1)
         return torch.where(anchor_mask, batch.input_ids, ids)
 
     def generate(

@@ -119,3 +119,66 @@ def test_unreadable_file_is_named(small_corpus, small_tokenizer_file, tmp_path):
         _dm(small_corpus, small_tokenizer_file, val_path=str(path)).setup("validate")
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         _dm(small_corpus, small_tokenizer_file, val_path=str(tmp_path / "nope.jsonl")).setup("validate")
+
+
+def test_non_utf8_and_invalid_json_lines_are_named_or_skipped(small_corpus, small_tokenizer_file, tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    good = [json.dumps({"src": f"s{i}", "trg": f"t{i}"}).encode() for i in range(3)]
+    path.write_bytes(b"\n".join([good[0], b'{"src": "caf\xe9", "trg": "x"}', good[1], b"{not json", good[2]]) + b"\n")
+    with pytest.raises(BadRowError, match=r"mixed.jsonl, line 2: not UTF-8"):
+        _dm(small_corpus, small_tokenizer_file, val_path=str(path)).setup("validate")
+    dm = _dm(small_corpus, small_tokenizer_file, val_path=str(path), on_bad_row="skip")
+    dm.setup("validate")
+    assert len(dm.datasets["validation"]) == 3
+    assert dm.report() == {"skipped: not UTF-8": 1, "skipped: not JSON": 1}
+    assert path.read_bytes().count(b"\n") == 5  # the user's file is never rewritten
+
+
+def test_empty_file_and_missing_values(small_corpus, small_tokenizer_file, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=r"empty.jsonl: no rows"):
+        _dm(small_corpus, small_tokenizer_file, val_path=str(empty)).setup("validate")
+    rows = tmp_path / "holes.jsonl"
+    rows.write_text("".join(json.dumps(r) + "\n" for r in [{"src": "a", "trg": "b"}, {"src": None, "trg": "b"}, {"src": "", "trg": "c"}]))
+    with pytest.raises(BadRowError, match=r"holes.jsonl, row 2: missing src/trg value"):
+        _dm(small_corpus, small_tokenizer_file, val_path=str(rows)).setup("validate")
+    dm = _dm(small_corpus, small_tokenizer_file, val_path=str(rows), on_bad_row="skip")
+    dm.setup("validate")
+    assert dm.report() == {"skipped: missing src/trg value": 1, "skipped: empty source": 1}
+
+
+@pytest.mark.parametrize("policy", ["truncate", "skip", "raise"])
+def test_too_long_documents_follow_the_policy(small_corpus, small_tokenizer_file, tmp_path, policy):
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [{"src": "a b", "trg": "c"}, {"src": "word " * 200, "trg": "d"}]))
+    dm = _dm(small_corpus, small_tokenizer_file, val_path=str(path), on_too_long=policy, max_src_len=16)
+    dm.setup("validate")
+    items = [dm.datasets["validation"][i] for i in range(2)]
+    if policy == "raise":
+        with pytest.raises(BadRowError, match=r"long.jsonl:2: longer than the budget"):
+            dm.collate(items)
+        return
+    batch = dm.collate(items)
+    assert len(batch) == (2 if policy == "truncate" else 1)
+    assert int(batch.src_truncated) == 1 and int(batch.dropped) == (policy == "skip")
+
+
+def test_parquet_and_text_read_like_jsonl(small_corpus, small_tokenizer_file, tmp_path):
+    import datasets
+
+    rows = [json.loads(x) for x in (small_corpus / "validation.jsonl").read_text().splitlines()]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "val.parquet"))
+    batches = {}
+    for name, path in (("jsonl", small_corpus / "validation.jsonl"), ("parquet", tmp_path / "val.parquet")):
+        dm = _dm(small_corpus, small_tokenizer_file, val_path=str(path))
+        dm.setup("validate")
+        batches[name] = list(dm.val_dataloader())
+    for a, b in zip(batches["jsonl"], batches["parquet"], strict=True):
+        assert torch.equal(a.input_ids, b.input_ids)
+    # Plain text: one document per line, unconditional (empty source).
+    (tmp_path / "docs.txt").write_text("".join(r["trg"].replace("\n", " ") + "\n" for r in rows))
+    dm = _dm(small_corpus, small_tokenizer_file, val_path=str(tmp_path / "docs.txt"), src_key="", trg_key="text")
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    assert torch.all(batch.src_len == 0) and batch.input_mask[:, 2:].any()

@@ -23,6 +23,8 @@ class DiffusionLossTerms:
     x0_hat: torch.Tensor  # (B, L, E)
     router_stats: list[RouterStats]
     scored: torch.Tensor  # (B, L) bool: positions the mse / rounding losses average over
+    mask_norm: torch.Tensor  # ||m||_2 of the absorbing state (its regulariser)
+    predicted_ids: torch.Tensor | None  # (B, L) argmax of the rounding head on x0_hat, if asked
 
     @property
     def per_example(self) -> torch.Tensor:
@@ -44,6 +46,7 @@ def diffusion_loss_terms(
     denoise_rate: float,
     loss_on: str = "all",
     generator: torch.Generator | None = None,
+    predict_tokens: bool = False,
 ) -> DiffusionLossTerms:
     """Noise the batch at steps t (B,), denoise it, and score the x0 prediction."""
     target_mask = batch.input_mask
@@ -72,7 +75,14 @@ def diffusion_loss_terms(
     last = torch.full_like(t, schedule.steps - 1)
     # Mean of q(z_T | z0) minus the prior's mean m: sqrt(ab_T) * (z0 - m) (m = 0 in DiffuSeq).
     t_T = _masked_mean((schedule.at("alpha_bar", last, z0).sqrt() * (z0 - m)).square().mean(-1), scored)
-    return DiffusionLossTerms(mse=mse, rounding=rounding, t_T=t_T, x0_hat=x0_hat, router_stats=stats, scored=scored)
+    predicted = None
+    if predict_tokens:  # (B, L, V) logits: only when asked (validation), not every step
+        with torch.no_grad():
+            predicted = denoiser.logits(x0_hat).argmax(-1)
+    return DiffusionLossTerms(
+        mse=mse, rounding=rounding, t_T=t_T, x0_hat=x0_hat, router_stats=stats, scored=scored,
+        mask_norm=m.norm(), predicted_ids=predicted,
+    )
 
 
 def router_losses(stats: list[RouterStats]) -> tuple[torch.Tensor, torch.Tensor]:

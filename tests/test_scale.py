@@ -1,0 +1,102 @@
+"""Scale-out pieces that run on one CPU: global batch size, faults, trainer configs, SLURM script."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_diffuseq.callbacks import GlobalBatchSize
+from moe_diffuseq.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
+
+
+def _data_args(corpus: Path, tokenizer: Path) -> list[str]:
+    return [
+        f"--data.init_args.train_path={corpus / 'train.jsonl'}",
+        f"--data.init_args.val_path={corpus / 'validation.jsonl'}",
+        f"--data.init_args.tokenizer_path={tokenizer}",
+        f"--data.init_args.data_dir={corpus / 'work'}",
+    ]
+
+
+def test_global_batch_size_derives_accumulation(small_corpus, small_tokenizer_file, tmp_path):
+    seen = {}
+
+    class Spy(GlobalBatchSize):
+        def on_train_start(self, trainer, pl_module):
+            seen["accumulate"] = trainer.accumulate_grad_batches
+
+    import moe_diffuseq.callbacks as callbacks
+
+    callbacks.SpyGlobalBatchSize = Spy  # reachable by class path for the CLI
+    try:
+        main(["fit", "--config", str(TINY), *_data_args(small_corpus, small_tokenizer_file),
+              f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+              "--trainer.callbacks+=moe_diffuseq.callbacks.SpyGlobalBatchSize", "--trainer.callbacks.global_batch_size=12"])
+    finally:
+        del callbacks.SpyGlobalBatchSize
+    assert seen["accumulate"] == 3  # 12 / (batch 4 x 1 device)
+    with pytest.raises(ValueError, match="global_batch_size=10 is not a multiple of data.batch_size=4"):
+        main(["fit", "--config", str(TINY), *_data_args(small_corpus, small_tokenizer_file),
+              f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1",
+              "--trainer.callbacks+=moe_diffuseq.callbacks.GlobalBatchSize", "--trainer.callbacks.global_batch_size=10"])
+
+
+def test_nan_loss_is_skipped_then_stops_with_example_ids(small_corpus, small_tokenizer_file, tmp_path, monkeypatch):
+    from moe_diffuseq import lit_module
+
+    real = lit_module.diffusion_loss_terms
+
+    def poisoned(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        terms.mse = terms.mse * float("nan")
+        return terms
+
+    monkeypatch.setattr(lit_module, "diffusion_loss_terms", poisoned)
+    with pytest.raises(FloatingPointError, match=r"3 consecutive non-finite losses; last batch's examples: \['.*train.jsonl:\d+'"):
+        main(["fit", "--config", str(TINY), *_data_args(small_corpus, small_tokenizer_file),
+              f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=10", "--model.max_nonfinite_steps=3",
+              "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+              f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}", "--trainer.callbacks.every_n_train_steps=1"])
+    # Skipped steps leave the weights as they were: whatever was checkpointed is finite.
+    for ckpt in (tmp_path / "ckpt").glob("*.ckpt"):
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_sbatch_script_parses_and_renders_srun_for_2_nodes_x_4_gpus(tmp_path):
+    script = REPO / "scripts" / "slurm" / "train.sbatch"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    srun = fake / "srun"
+    srun.write_text('#!/bin/bash\necho "srun $*" >> "$SRUN_LOG"\n')
+    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    log = tmp_path / "srun.log"
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SRUN_LOG": str(log),
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER_NODE": "4"}
+    subprocess.run(["bash", str(script), "lightning_configs/experiments/code.yaml"], check=True, env=env, cwd=tmp_path)
+    line = log.read_text().strip().splitlines()[-1]
+    assert line.startswith("srun --kill-on-bad-exit=1 moe-diffuseq fit --config lightning_configs/experiments/code.yaml")
+    assert "--trainer.num_nodes=2" in line and "--trainer.devices=4" in line and "--ckpt_path=last" in line
+    text = script.read_text()
+    assert "#SBATCH --signal=SIGUSR1@90" in text and "#SBATCH --requeue" in text
+
+
+def test_truncated_checkpoint_error_names_the_file(tmp_path):
+    from moe_diffuseq.checkpoint import load_checkpoint
+
+    path = tmp_path / "half.ckpt"
+    torch.save({"state_dict": {}}, path)
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(ValueError, match="half.ckpt"):
+        load_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="nothere.ckpt"):
+        load_checkpoint(tmp_path / "nothere.ckpt")

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from moe_diffuseq.batch import Seq2SeqBatch, SpecialIds, collate_pairs, encode_pairs
 
-from .corpora import BUILDERS
+from .corpora import BUILDERS, build, is_built
 from .tokenization import load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -175,6 +175,40 @@ class StreamingPairs(IterableDataset):
                 yield (f"{self.source}:{index + 1}", *pair)
 
 
+class ResumableRandomSampler(torch.utils.data.Sampler[int]):
+    """A random permutation per epoch (seed + epoch) that can start part-way through, so a
+    run resumed mid-epoch reads exactly the examples an uninterrupted run would read next."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed
+        self.epoch = 0
+        self.start = 0
+        self._epoch_set = True  # whether set_epoch came since the last pass
+        self._passes = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0  # a new epoch starts from its beginning
+        self.epoch = epoch
+        self._epoch_set = True
+
+    def __iter__(self):
+        # Under DDP Lightning wraps this sampler and calls set_epoch on the wrapper only:
+        # then each new pass is the next epoch.
+        if self._passes and not self._epoch_set:
+            self.epoch += 1
+            self.start = 0
+        self._passes += 1
+        self._epoch_set = False
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        start, self.start = self.start, 0
+        return iter(order[start:])
+
+    def __len__(self) -> int:
+        return self.size - self.start
+
+
 class Seq2SeqDataModule(pl.LightningDataModule):
     """Pairs of (source, target) texts from jsonl/json/parquet/csv/text files.
 
@@ -249,6 +283,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         self.max_trg_len = max_trg_len
         self.tokenizer = None
         self.datasets: dict[str, Dataset] = {}
+        self._resume: dict[str, int] = {}  # data position restored from a checkpoint
+        self._consumed = 0  # training examples read in the current epoch (this rank)
         self.skipped: Counter[str] = Counter()  # rows/lines left out, per reason
         self.truncated: Counter[str] = Counter()  # examples cut or dropped by the budgets
 
@@ -256,10 +292,12 @@ class Seq2SeqDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         """Build the corpus and train the tokenizer if missing (rank 0 only)."""
         hp = self.hparams
-        if hp.corpus is not None and not Path(self.paths["train"]).exists():
+        if hp.corpus is not None and not is_built(hp.corpus, self.corpus_dir):
             log.info("building the %s corpus in %s", hp.corpus, self.corpus_dir)
-            counts = BUILDERS[hp.corpus](self.corpus_dir)
+            counts = build(hp.corpus, self.corpus_dir)
             log.info("built %s", counts)
+            if self.tokenizer_file.exists() and not hp.tokenizer_path:
+                self.tokenizer_file.unlink()  # trained on the old corpus
         if not self.tokenizer_file.exists():
             if hp.tokenizer_path:
                 raise FileNotFoundError(f"data.tokenizer_path={hp.tokenizer_path}: no such file")
@@ -341,9 +379,26 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         batch.dropped = torch.tensor([not k for k in keep]).sum().view(1)
         return batch
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in the current epoch (map-style data), for mid-epoch resume."""
+        sampler = getattr(self, "_train_sampler", None)
+        if sampler is None:
+            return {}
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return {"epoch": sampler.epoch, "consumed": self._consumed * world}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = dict(state)
+
     def on_after_batch_transfer(self, batch: Seq2SeqBatch, dataloader_idx: int) -> Seq2SeqBatch:
         # Runs in the main process (collation may run in workers), so the counts add up here.
         if self.trainer is not None and self.trainer.training:
+            sampler = getattr(self, "_train_sampler", None)
+            if sampler is not None:
+                if sampler.epoch != getattr(self, "_consumed_epoch", sampler.epoch):
+                    self._consumed = 0
+                self._consumed_epoch = sampler.epoch
+                self._consumed = getattr(self, "_consumed", 0) + len(batch) + int(batch.dropped.sum())
             self.truncated["source truncated"] += int(batch.src_truncated.sum())
             self.truncated["target truncated"] += int(batch.trg_truncated.sum())
             self.truncated["too long, skipped"] += int(batch.dropped.sum())
@@ -357,13 +412,17 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         if split not in self.datasets:
             raise RuntimeError(f"no {split} data: set data.{ {'train': 'train_path', 'validation': 'val_path', 'test': 'test_path'}[split] }")
         dataset = self.datasets[split]
-        iterable = isinstance(dataset, IterableDataset)
-        generator = torch.Generator().manual_seed(self.hparams.seed)
+        sampler = None
+        if shuffle and not isinstance(dataset, IterableDataset):
+            sampler = self._train_sampler = ResumableRandomSampler(len(dataset), self.hparams.seed)
+            sampler.epoch, sampler.start = self._resume.get("epoch", 0), self._resume.get("consumed", 0)
+            self._consumed, self._resume = sampler.start, {}
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle and not iterable,
-            generator=None if iterable else generator,
+            sampler=sampler,
+            # DataLoader workers are seeded from this generator, not from the global one
+            generator=torch.Generator().manual_seed(self.hparams.seed),
             num_workers=self.hparams.num_workers,
             collate_fn=self.collate,
             persistent_workers=self.hparams.num_workers > 0,

@@ -185,3 +185,51 @@ class GlobalBatchSize(pl.Callback):
                 f"x world size {trainer.world_size} (devices x nodes)"
             )
         trainer.accumulate_grad_batches = self.global_batch_size // per_step
+
+
+class PreemptionCheckpoint(pl.Callback):
+    """On SIGUSR1 or SIGTERM, finish the current step, write ``last.ckpt`` and stop.
+
+    Under SLURM, Lightning's own SLURM plugin handles SIGUSR1 (checkpoint and requeue), so
+    only SIGTERM is taken there.
+
+    Args:
+        dirpath: Folder of the checkpoint; default: the ModelCheckpoint's folder, else
+            ``<default_root_dir>/checkpoints``.
+    """
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        self.dirpath = dirpath
+        self._requested: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import signal
+
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        signals = [signal.SIGTERM] + ([] if SLURMEnvironment.detect() else [signal.SIGUSR1])
+        for signum in signals:
+            self._previous[signum] = signal.signal(signum, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self._requested = signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._requested is None:
+            return
+        folder = Path(self.dirpath or (trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None)
+                      or Path(trainer.default_root_dir) / "checkpoints")
+        trainer.save_checkpoint(folder / "last.ckpt")  # atomic (Lightning writes through a transaction)
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(f"signal {self._requested}: saved {folder / 'last.ckpt'} at step {trainer.global_step}; stopping")
+        trainer.should_stop = True
+        self._requested = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import signal
+
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()

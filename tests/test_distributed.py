@@ -72,3 +72,22 @@ def test_fsdp2_two_processes(tmp_path, small_corpus, small_tokenizer_file):
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["global_step"] == 3
     assert len(_load_and_generate(ckpt)) == 1
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_consolidates_to_one_loadable_file(tmp_path, small_corpus, small_tokenizer_file):
+    done = _fit(tmp_path, small_corpus, small_tokenizer_file,
+                "--trainer", str(REPO / "lightning_configs" / "trainer" / "fsdp_cpu.yaml"),
+                "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.logger=false",
+                f"--trainer.default_root_dir={tmp_path}", "--trainer.strategy.init_args.save_distributed_checkpoint=true",
+                "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                f"--trainer.callbacks.dirpath={tmp_path / 'ck'}", "--trainer.callbacks.every_n_train_steps=1")
+    assert done.returncode == 0, done.stderr[-4000:]
+    (folder,) = (tmp_path / "ck").glob("*.ckpt")
+    assert folder.is_dir() and (folder / ".metadata").is_file()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = tmp_path / "one.ckpt"
+    done = subprocess.run([sys.executable, "-m", "moe_diffuseq", "consolidate", str(folder), "--output", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(_load_and_generate(out)) == 1

@@ -95,6 +95,12 @@ def load_rows(path: str, streaming: bool, cache_dir: str | None):
         raise ValueError(f"{path}: could not be read as {_builder_for(path)} ({type(err).__name__}: {err})") from err
 
 
+def example_id(source: str, row: dict[str, Any], index: int) -> str:
+    """``file:id`` from the row's own "id" column, else ``file:row number``."""
+    own = row.get("id")
+    return f"{source}:{own}" if isinstance(own, (str, int)) and own != "" else f"{source}:{index + 1}"
+
+
 class RowFilter:
     """Checks each row and applies ``on_bad_row``; counts skipped rows per reason."""
 
@@ -138,7 +144,7 @@ class PairDataset(Dataset):
         for index, row in enumerate(table):
             pair = row_filter(row, index)
             if pair is not None:
-                self.items.append((f"{source}:{index + 1}", *pair))
+                self.items.append((example_id(source, row, index), *pair))
         if row_filter.skipped:
             log.warning("%s: skipped rows %s", source, dict(row_filter.skipped))
         if not self.items:
@@ -169,10 +175,12 @@ class StreamingPairs(IterableDataset):
         self.stream.set_epoch(epoch)
 
     def __iter__(self):
+        # Positions count within this rank's and worker's part of the stream; a row's own
+        # "id" column, when there is one, names it exactly.
         for index, row in enumerate(self.stream):
             pair = self.row_filter(row, index)
             if pair is not None:
-                yield (f"{self.source}:{index + 1}", *pair)
+                yield (example_id(self.source, row, index), *pair)
 
 
 class ResumableRandomSampler(torch.utils.data.Sampler[int]):

@@ -164,7 +164,8 @@ def test_predict_verb_writes_predictions(trained, small_corpus, small_tokenizer_
           "--trainer.callbacks+=moe_diffuseq.callbacks.JsonlPredictionWriter", f"--trainer.callbacks.output_path={out}"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 8 and {"id", "source", "sample", "reference"} <= set(rows[0])
-    assert rows[0]["id"].endswith("validation.jsonl:1")
+    first = json.loads((small_corpus / "validation.jsonl").read_text().splitlines()[0])
+    assert rows[0]["id"] == f"{small_corpus / 'validation.jsonl'}:{first['id']}"  # the row's own id
 
 
 def test_validation_samples_reach_tensorboard(small_corpus, small_tokenizer_file, tmp_path):

@@ -182,3 +182,36 @@ def test_parquet_and_text_read_like_jsonl(small_corpus, small_tokenizer_file, tm
     dm.setup("validate")
     batch = next(iter(dm.val_dataloader()))
     assert torch.all(batch.src_len == 0) and batch.input_mask[:, 2:].any()
+
+
+def test_streaming_two_ranks_two_workers_read_each_example_once(small_corpus, small_tokenizer_file, tmp_path):
+    from types import SimpleNamespace
+
+    rows = [json.loads(x) for x in (small_corpus / "train.jsonl").read_text().splitlines()]
+    for shard in range(4):  # four files: each (rank, worker) pair streams its own
+        (tmp_path / f"part-{shard}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[shard::4]))
+    seen = []
+    for rank in range(2):
+        dm = _dm(small_corpus, small_tokenizer_file, train_path=str(tmp_path / "part-*.jsonl"), streaming=True,
+                 num_workers=2, batch_size=8)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, training=False)
+        dm.setup("fit")
+        dm.datasets["train"].set_epoch(0)
+        for batch in dm.train_dataloader():
+            seen += [i.rsplit(":", 2)[-2] + ":" + i.rsplit(":", 1)[-1] for i in batch.example_ids]
+    assert sorted(seen) == sorted(r["id"] for r in rows)  # every example once, none twice
+
+
+def test_resumable_sampler_restarts_mid_epoch_and_moves_on():
+    from data_modules.datamodule import ResumableRandomSampler
+
+    sampler = ResumableRandomSampler(10, seed=3)
+    full = list(sampler)
+    sampler.set_epoch(0)
+    sampler.start = 4
+    assert list(sampler) == full[4:]  # resumed: the rest of the same permutation
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert sorted(second) == list(range(10)) and second != full  # next epoch: a new order
+    third = list(sampler)  # no set_epoch (Lightning's DDP wrapper): the next epoch again
+    assert sampler.epoch == 2 and third not in (full, second)

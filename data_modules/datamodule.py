@@ -224,7 +224,7 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         train_path: Training file or glob. None with ``corpus`` set: ``data_dir/<corpus>/train.jsonl``.
         val_path: Validation file or glob (same default rule, ``validation.jsonl``).
         test_path: Test file or glob (same default rule, ``test.jsonl``).
-        corpus: Name of a built-in corpus (code, dialogue) that ``prepare_data`` builds when missing.
+        corpus: Name of a built-in corpus (code, dialogue, scientific) that ``prepare_data`` builds when missing.
         data_dir: Where built corpora, the tokenizer and caches live.
         src_key: Column with the source text ("" for unconditional modelling: empty source).
         trg_key: Column with the target text.

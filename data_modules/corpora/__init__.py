@@ -2,12 +2,13 @@
 
 from pathlib import Path
 
-from . import code, dialogue
+from . import code, dialogue, scientific
 from .code import build_code_corpus
 from .dialogue import build_dialogue_corpus
+from .scientific import build_scientific_corpus
 
-BUILDERS = {"code": build_code_corpus, "dialogue": build_dialogue_corpus}
-VERSIONS = {"code": code.VERSION, "dialogue": dialogue.VERSION}
+BUILDERS = {"code": build_code_corpus, "dialogue": build_dialogue_corpus, "scientific": build_scientific_corpus}
+VERSIONS = {"code": code.VERSION, "dialogue": dialogue.VERSION, "scientific": scientific.VERSION}
 MARKER = ".built"
 
 
@@ -23,4 +24,4 @@ def build(name: str, out_dir: str | Path, **kwargs) -> dict[str, int]:
     (Path(out_dir) / MARKER).write_text(VERSIONS[name] + "\n")
     return counts
 
-__all__ = ["BUILDERS", "VERSIONS", "build", "build_code_corpus", "build_dialogue_corpus", "is_built"]
+__all__ = ["BUILDERS", "VERSIONS", "build", "build_code_corpus", "build_dialogue_corpus", "build_scientific_corpus", "is_built"]

@@ -1,0 +1,153 @@
+"""Scientific corpus: JSS-style R package vignettes with abstracts, from Debian packages.
+
+Each package is fetched with ``apt-get download`` (no install) and unpacked with
+``dpkg-deb -x``; every ``.Rnw``/``.Rmd`` vignette under ``usr/lib/R/site-library/*/doc`` with an
+abstract becomes one pair: body (the abstract removed) -> abstract. Bodies under
+``min_words`` words are skipped. The split is decided by a hash of ``package/vignette``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import subprocess
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+VERSION = "scientific-1"  # bump when the pairs change, so that prepare_data rebuilds old copies
+PACKAGES = (
+    "r-cran-aer", "r-cran-car", "r-cran-flexmix", "r-cran-forecast", "r-cran-kernlab", "r-cran-lme4",
+    "r-cran-matrix", "r-cran-multcomp", "r-cran-network", "r-cran-party", "r-cran-partykit", "r-cran-plm",
+    "r-cran-pscl", "r-cran-sandwich", "r-cran-sp", "r-cran-strucchange", "r-cran-surveillance", "r-cran-vcd",
+    "r-cran-vegan", "r-cran-zoo",
+)
+
+
+def _balanced(text: str, open_at: int) -> int:
+    """Index just past the brace group that opens at text[open_at] == '{'."""
+    depth = 0
+    for i in range(open_at, len(text)):
+        if text[i] == "{" and text[i - 1] != "\\":
+            depth += 1
+        elif text[i] == "}" and text[i - 1] != "\\":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    raise ValueError("unbalanced braces")
+
+
+def split_rnw(text: str) -> tuple[str, str] | None:
+    """(body without the abstract, abstract) of a Sweave/LaTeX vignette, or None."""
+    match = re.search(r"\\Abstract\s*\{", text)
+    if match:
+        end = _balanced(text, match.end() - 1)
+        abstract = text[match.end() : end - 1]
+        rest = text[: match.start()] + text[end:]
+    else:
+        env = re.search(r"\\begin\{abstract\}(.*?)\\end\{abstract\}", text, flags=re.S)
+        if not env:
+            return None
+        abstract, rest = env.group(1), text[: env.start()] + text[env.end() :]
+    begin = rest.find("\\begin{document}")
+    body = rest[begin + len("\\begin{document}") :] if begin >= 0 else rest
+    body = body.split("\\end{document}")[0]
+    return body.strip(), " ".join(abstract.split())
+
+
+def split_rmd(text: str) -> tuple[str, str] | None:
+    """(body, abstract) of an R Markdown vignette whose YAML header has ``abstract:``."""
+    header = re.match(r"---\n(.*?)\n---\n", text, flags=re.S)
+    if not header:
+        return None
+    lines = header.group(1).splitlines()
+    for i, line in enumerate(lines):
+        found = re.match(r"abstract:\s*(.*)$", line)
+        if not found:
+            continue
+        value = found.group(1).strip()
+        if value in ("|", ">", "|-", ">-", ""):
+            block = []
+            for more in lines[i + 1 :]:
+                if more and not more.startswith((" ", "\t")):
+                    break
+                block.append(more.strip())
+            value = " ".join(x for x in block if x)
+        abstract = value.strip().strip("\"'")
+        return text[header.end() :].strip(), abstract
+    return None
+
+
+def vignette_pairs(root: Path, min_words: int = 200) -> tuple[list[dict], Counter[str]]:
+    rows, skipped = [], Counter()
+    for path in sorted(root.glob("usr/lib/R/site-library/*/doc/*")):
+        if path.suffix not in (".Rnw", ".Rmd"):
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parts = split_rnw(text) if path.suffix == ".Rnw" else split_rmd(text)
+        if parts is None:
+            skipped["no abstract"] += 1
+            continue
+        body, abstract = parts
+        if len(body.split()) < min_words:
+            skipped["body under min_words"] += 1
+            continue
+        name = f"{path.parent.parent.name}/{path.name}"
+        rows.append({"id": name, "package": path.parent.parent.name, "src": body, "trg": abstract})
+    return rows, skipped
+
+
+def split_of(name: str) -> str:
+    bucket = int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "train" if bucket < 0.8 else "validation" if bucket < 0.9 else "test"
+
+
+def download_packages(folder: Path, packages: tuple[str, ...] = PACKAGES) -> tuple[list[Path], list[str]]:
+    """``apt-get download`` each package into folder; returns the .deb files and failures."""
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise RuntimeError(
+            "the scientific corpus needs apt-get and dpkg-deb (a Debian/Ubuntu machine) to fetch "
+            f"the R packages {' '.join(PACKAGES)}; build it there and copy data/scientific/ here"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for package in packages:
+        if any(folder.glob(f"{package}_*.deb")):
+            continue
+        done = subprocess.run(["apt-get", "download", package], cwd=folder, capture_output=True, text=True)
+        if done.returncode != 0:
+            failed.append(package)
+            log.warning("apt-get download %s failed: %s", package, done.stderr.strip()[-300:])
+    return sorted(folder.glob("*.deb")), failed
+
+
+def build_scientific_corpus(out_dir: str | Path, debs: list[Path] | None = None, min_words: int = 200) -> dict[str, int]:
+    """Write {train,validation,test}.jsonl under out_dir; returns row counts per split."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if debs is None:
+        debs, failed = download_packages(out / "_download")
+        if not debs:
+            raise RuntimeError(f"apt-get could not download any of {failed} (run `apt-get update` first?)")
+    counts = dict.fromkeys(("train", "validation", "test"), 0)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        unpacked = Path(tmp) / "root"
+        for deb in debs:
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)], check=True)
+        rows, skipped = vignette_pairs(unpacked, min_words)
+        if skipped:
+            log.warning("scientific corpus: skipped vignettes %s", dict(skipped))
+        handles = {s: (Path(tmp) / f"{s}.jsonl").open("w", encoding="utf-8") for s in counts}
+        for row in rows:
+            split = split_of(row["id"])
+            handles[split].write(json.dumps(row, ensure_ascii=False) + "\n")
+            counts[split] += 1
+        for split, handle in handles.items():
+            handle.close()
+            (Path(tmp) / f"{split}.jsonl").replace(out / f"{split}.jsonl")
+    return counts

@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test test-fast lint data bench bench-attention bench-moe bench-sampling clean
+.PHONY: install quickstart test lint data bench bench-attention bench-moe bench-sampling report clean
 
 install: $(STAMP)
 
@@ -51,3 +51,6 @@ bench-sampling: install
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache
+
+report: install
+	$(PY) -m bench.report

@@ -149,3 +149,19 @@ def test_training_on_skewed_data_lowers_load_balance_loss():
 def test_bad_top_k_is_a_clear_error():
     with pytest.raises(ValueError, match="top_k"):
         MoEFeedForward(4, 4, num_experts=2, top_k=3)
+
+
+def test_autocast_bf16_forward_and_backward_run_in_both_dispatches():
+    torch.manual_seed(0)
+    moe = MoEFeedForward(16, 16, num_experts=4, top_k=2)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+    padding[1, 3:] = True
+    outs = []
+    for dispatch in ("looped", "sorted"):
+        moe.dispatch = dispatch
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _ = moe(x, padding)
+        y.float().sum().backward()
+        outs.append(y.float())
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-2, rtol=2e-2)

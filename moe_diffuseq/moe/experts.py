@@ -54,15 +54,16 @@ def looped_dispatch(
     x: (N, d). Each routed slot s sends token slot_token[s] to expert slot_expert[s] with
     weight slot_weight[s]; a token's output is the weighted sum over its slots.
     """
-    out = torch.zeros_like(x)
+    out = None
     for e in range(experts.num_experts):
         chosen = slot_expert == e
         if not bool(chosen.any()):
             continue
         token = slot_token[chosen]
-        y = experts.expert(e, x[token]) * slot_weight[chosen, None].to(x.dtype)
-        out = out.index_add(0, token, y)
-    return out
+        y = experts.expert(e, x[token])  # under autocast: in the autocast dtype
+        y = y * slot_weight[chosen, None].to(y.dtype)
+        out = (x.new_zeros(x.shape, dtype=y.dtype) if out is None else out).index_add(0, token, y)
+    return out if out is not None else torch.zeros_like(x)
 
 
 def _use_grouped_mm(x: torch.Tensor) -> bool:
@@ -89,7 +90,7 @@ def sorted_dispatch(
     else:
         y = torch.cat(experts.run_groups(list(grouped.split(counts.tolist()))))
     y = y * slot_weight[order, None].to(y.dtype)
-    return torch.zeros_like(x).index_add(0, token_sorted, y)
+    return x.new_zeros(x.shape, dtype=y.dtype).index_add(0, token_sorted, y)
 
 
 DISPATCH = {"looped": looped_dispatch, "sorted": sorted_dispatch}

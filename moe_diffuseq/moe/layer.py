@@ -100,7 +100,7 @@ class MoEFeedForward(nn.Module):
             out = out + self.shared(tokens)[0]
 
         if real is not None:
-            out = torch.zeros_like(flat).index_copy(0, real, out)
+            out = flat.new_zeros(flat.shape, dtype=out.dtype).index_copy(0, real, out)
         counts = torch.bincount(index.reshape(-1), minlength=self.num_experts).float()
         stats = RouterStats(
             load_balancing_loss=load_balancing_loss(routing.probs, index, self.num_experts),

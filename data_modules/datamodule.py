@@ -187,8 +187,11 @@ class ResumableRandomSampler(torch.utils.data.Sampler[int]):
     """A random permutation per epoch (seed + epoch) that can start part-way through, so a
     run resumed mid-epoch reads exactly the examples an uninterrupted run would read next."""
 
-    def __init__(self, size: int, seed: int) -> None:
+    def __init__(self, size: int, seed: int, lengths: list[int] | None = None, batch_size: int = 1, pool: int = 50) -> None:
         self.size, self.seed = size, seed
+        # Length bucketing: within pools of pool * batch_size examples, sort by length so that
+        # each batch holds similar lengths (less padding), then shuffle the batches' order.
+        self.lengths, self.batch_size, self.pool = lengths, batch_size, pool
         self.epoch = 0
         self.start = 0
         self._epoch_set = True  # whether set_epoch came since the last pass
@@ -210,8 +213,20 @@ class ResumableRandomSampler(torch.utils.data.Sampler[int]):
         self._epoch_set = False
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
+        if self.lengths is not None:
+            order = self._bucketed(order, generator)
         start, self.start = self.start, 0
         return iter(order[start:])
+
+    def _bucketed(self, order: list[int], generator: torch.Generator) -> list[int]:
+        span = self.pool * self.batch_size
+        out: list[int] = []
+        for begin in range(0, len(order), span):
+            pool = sorted(order[begin : begin + span], key=lambda i: self.lengths[i])
+            batches = [pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
+            for b in torch.randperm(len(batches), generator=generator).tolist():
+                out += batches[b]
+        return out
 
     def __len__(self) -> int:
         return self.size - self.start
@@ -241,6 +256,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         on_bad_row: "raise" names the file and row of a bad row; "skip" counts and logs them.
         on_too_long: A pair longer than a budget is truncated (and counted), skipped (and
             counted) or an error naming the example.
+        length_bucketing: Batch training examples of similar length together (map-style
+            data), which cuts padding; the order stays random across batches.
         seed: Seed of the shuffling.
     """
 
@@ -264,6 +281,7 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         tokenizer_train_rows: int | None = 20000,
         on_bad_row: Literal["raise", "skip"] = "raise",
         on_too_long: Literal["truncate", "skip", "raise"] = "truncate",
+        length_bucketing: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -422,7 +440,11 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         dataset = self.datasets[split]
         sampler = None
         if shuffle and not isinstance(dataset, IterableDataset):
-            sampler = self._train_sampler = ResumableRandomSampler(len(dataset), self.hparams.seed)
+            # The target region has a fixed size: only the source length varies the padding.
+            lengths = [len(src) for _, src, _ in dataset.items] if self.hparams.length_bucketing else None
+            sampler = self._train_sampler = ResumableRandomSampler(
+                len(dataset), self.hparams.seed, lengths=lengths, batch_size=self.hparams.batch_size
+            )
             sampler.epoch, sampler.start = self._resume.get("epoch", 0), self._resume.get("consumed", 0)
             self._consumed, self._resume = sampler.start, {}
         return DataLoader(

@@ -215,3 +215,31 @@ def test_resumable_sampler_restarts_mid_epoch_and_moves_on():
     assert sorted(second) == list(range(10)) and second != full  # next epoch: a new order
     third = list(sampler)  # no set_epoch (Lightning's DDP wrapper): the next epoch again
     assert sampler.epoch == 2 and third not in (full, second)
+
+
+def test_length_bucketing_cuts_padding_and_keeps_every_example(small_corpus, small_tokenizer_file):
+    padding = {}
+    for bucketing in (False, True):
+        dm = _dm(small_corpus, small_tokenizer_file, length_bucketing=bucketing, batch_size=8, max_src_len=256)
+        dm.setup("fit")
+        batches = list(dm.train_dataloader())
+        ids = [i for b in batches for i in b.example_ids]
+        assert sorted(ids) == sorted(x[0] for x in dm.datasets["train"].items)  # each example once
+        padding[bucketing] = sum(int(b.padding_mask.sum()) for b in batches) / sum(b.padding_mask.numel() for b in batches)
+    assert padding[True] < 0.6 * padding[False]
+
+
+def test_checkpoint_tokenizer_mismatch_is_an_error(small_corpus, small_tokenizer_file, tmp_path):
+    from data_modules import train_tokenizer
+    from moe_diffuseq import MoEDiffuSeq
+
+    model = MoEDiffuSeq(vocab_size=400, max_src_len=32, max_trg_len=24, embed_dim=8, hidden_size=16,
+                        num_layers=1, num_heads=2)
+    model.set_tokenizer(load_tokenizer(small_tokenizer_file))
+    checkpoint: dict = {}
+    model.on_save_checkpoint(checkpoint)
+    other = MoEDiffuSeq(vocab_size=400, max_src_len=32, max_trg_len=24, embed_dim=8, hidden_size=16,
+                        num_layers=1, num_heads=2)
+    other.tokenizer = train_tokenizer(["completely different text " * 20] * 5, vocab_size=400)
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        other.on_load_checkpoint(checkpoint)

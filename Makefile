@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test lint data bench bench-attention bench-moe bench-sampling report clean
+.PHONY: install quickstart test lint data bench bench-attention bench-moe bench-sampling bench-compare bench-compare-quick report clean
 
 install: $(STAMP)
 
@@ -38,7 +38,7 @@ lint: install
 data: install
 	$(VENV)/bin/moe-diffuseq prepare-data code
 
-bench: bench-attention bench-moe
+bench: bench-attention bench-moe bench-compare
 
 bench-attention: install
 	$(PY) -m bench.attention
@@ -54,3 +54,9 @@ clean:
 
 report: install
 	$(PY) -m bench.report
+
+bench-compare: install
+	$(PY) -m bench.compare
+
+bench-compare-quick: install
+	$(PY) -m bench.compare --quick

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, TypeVar
 
-AttentionBackend = Literal["auto", "dense", "banded", "flex", "xformers"]
+AttentionBackend = Literal["auto", "dense", "banded", "flex", "xformers", "full_sdpa", "full_eager"]
 SamplerName = Literal["ancestral", "ddim", "dpm_solver++"]
 
 T = TypeVar("T")
@@ -35,7 +35,8 @@ class AttentionConfig:
     num_global: int = 0
     """Number of leading source tokens made global, besides [CLS] and the source [SEP]."""
     backend: AttentionBackend = "auto"
-    """Kernel: dense (reference), banded (CPU), flex, xformers (CUDA) or auto (best available)."""
+    """Kernel: dense (reference), banded (CPU), flex, xformers (CUDA), auto (best available), or
+    full_sdpa / full_eager: full attention, ignoring the window (the DiffuSeq baseline)."""
     block_size: int = 64
     """Query block size of the banded backend."""
 

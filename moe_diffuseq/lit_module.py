@@ -373,16 +373,19 @@ class MoEDiffuSeq(pl.LightningModule):
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        estimated = self.trainer.estimated_stepping_batches
+        # A run bounded only by time has no known length: warm up, then keep the peak rate.
+        decay = hp.lr_decay if math.isfinite(estimated) else "constant"
+        total = max(1, int(estimated)) if math.isfinite(estimated) else hp.warmup_steps + 1
         warmup = min(hp.warmup_steps, max(0, total - 1))
 
         def factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / (warmup + 1)
-            if hp.lr_decay == "constant":
+            if decay == "constant":
                 return 1.0
             progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            shape = 1.0 - progress if hp.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+            shape = 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
             return hp.min_lr_ratio + (1.0 - hp.min_lr_ratio) * shape
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

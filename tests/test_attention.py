@@ -129,3 +129,18 @@ def test_cuda_backends_match_dense_in_bf16(backend):
     g_out = torch.autograd.grad(out.float().sum(), (q, k, v))
     for a, b in zip(g_out, g_ref, strict=True):
         torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("backend", ["full_sdpa", "full_eager"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_full_attention_baselines_match_brute_force_with_unbounded_window(backend, padded):
+    q, k, v, _, pad = make_inputs(2, 2, 19, 8, "none", padded, seed=11)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    ref, _ = brute_force(q, k, v, 2 * 19 + 1, 1, None, pad)
+    out = sparse_attention(q, k, v, window=3, key_padding_mask=pad, backend=backend)  # window ignored
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    grads_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    grads_out = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for a, b in zip(grads_out, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)

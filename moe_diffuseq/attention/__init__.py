@@ -12,10 +12,11 @@ import torch
 from .banded import banded_attention
 from .dense import dense_attention
 from .flex import flex_available, flex_sparse_attention
+from .full import full_eager_attention, full_sdpa_attention
 from .mask import sparse_mask
 from .xformers_backend import xformers_attention, xformers_available
 
-BACKENDS = ("auto", "dense", "banded", "flex", "xformers")
+BACKENDS = ("auto", "dense", "banded", "flex", "xformers", "full_sdpa", "full_eager")
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
@@ -44,7 +45,10 @@ def sparse_attention(
     backend: str = "dense",
     block_size: int = 64,
 ) -> torch.Tensor:
-    """Longformer-style attention (sliding window, dilation, global tokens). Returns (B, H, L, D)."""
+    """Longformer-style attention (sliding window, dilation, global tokens). Returns (B, H, L, D).
+
+    ``full_sdpa`` and ``full_eager`` ignore the window: they are the full-attention baseline.
+    """
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"q, k, v must be (B, H, L, D) of one shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     for name, mask in (("global_mask", global_mask), ("key_padding_mask", key_padding_mask)):
@@ -60,6 +64,10 @@ def sparse_attention(
         return banded_attention(q, k, v, block_size=block_size, **kwargs)
     if name == "flex":
         return flex_sparse_attention(q, k, v, **kwargs)
+    if name == "full_sdpa":  # the DiffuSeq baseline: window and globals do not apply
+        return full_sdpa_attention(q, k, v, **kwargs)
+    if name == "full_eager":
+        return full_eager_attention(q, k, v, **kwargs)
     return xformers_attention(q, k, v, **kwargs)
 
 

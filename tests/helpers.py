@@ -29,3 +29,14 @@ class SignalAtStep(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
+
+
+def data_args(corpus, tokenizer) -> list[str]:
+    """CLI overrides that point tests/configs/tiny.yaml at the small corpus and tokenizer."""
+    return [
+        f"--data.init_args.train_path={corpus / 'train.jsonl'}",
+        f"--data.init_args.val_path={corpus / 'validation.jsonl'}",
+        f"--data.init_args.test_path={corpus / 'validation.jsonl'}",
+        f"--data.init_args.tokenizer_path={tokenizer}",
+        f"--data.init_args.data_dir={corpus / 'work'}",
+    ]

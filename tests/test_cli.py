@@ -10,21 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import data_args
 
 from moe_diffuseq.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
-
-
-def _data_args(corpus: Path, tokenizer: Path) -> list[str]:
-    return [
-        f"--data.init_args.train_path={corpus / 'train.jsonl'}",
-        f"--data.init_args.val_path={corpus / 'validation.jsonl'}",
-        f"--data.init_args.test_path={corpus / 'validation.jsonl'}",
-        f"--data.init_args.tokenizer_path={tokenizer}",
-        f"--data.init_args.data_dir={corpus / 'work'}",
-    ]
 
 
 def _run(code: str) -> str:
@@ -37,7 +28,7 @@ def _run(code: str) -> str:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, small_corpus, small_tokenizer_file) -> Path:
     root = tmp_path_factory.mktemp("fit")
-    main(["fit", "--config", str(TINY), *_data_args(small_corpus, small_tokenizer_file),
+    main(["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
           f"--trainer.default_root_dir={root}", "--trainer.max_steps=3"])
     ckpts = sorted(root.rglob("*.ckpt"))
     assert ckpts, "fit wrote no checkpoint"
@@ -92,7 +83,7 @@ def test_samplers_run_from_a_checkpoint(trained):
 
 def test_validate_and_test_verbs_run(trained, small_corpus, small_tokenizer_file, tmp_path):
     for verb in ("validate", "test"):
-        main([verb, "--config", str(TINY), *_data_args(small_corpus, small_tokenizer_file),
+        main([verb, "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
               f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={trained}"])
 
 
@@ -159,7 +150,7 @@ def test_evaluate_command_writes_json_and_markdown(trained, small_corpus, tmp_pa
 
 def test_predict_verb_writes_predictions(trained, small_corpus, small_tokenizer_file, tmp_path):
     out = tmp_path / "pred.jsonl"
-    main(["predict", "--config", str(TINY), *_data_args(small_corpus, small_tokenizer_file),
+    main(["predict", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
           f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={trained}", "--trainer.limit_predict_batches=2",
           "--trainer.callbacks+=moe_diffuseq.callbacks.JsonlPredictionWriter", f"--trainer.callbacks.output_path={out}"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -171,7 +162,7 @@ def test_predict_verb_writes_predictions(trained, small_corpus, small_tokenizer_
 def test_validation_samples_reach_tensorboard(small_corpus, small_tokenizer_file, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    main(["fit", "--config", str(TINY), *_data_args(small_corpus, small_tokenizer_file),
+    main(["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
           f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
           "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger", f"--trainer.logger.save_dir={tmp_path}",
           "--trainer.callbacks+=moe_diffuseq.callbacks.ValidationSamples", "--trainer.callbacks.num_samples=2",

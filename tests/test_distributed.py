@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import data_args
 
 from moe_diffuseq.moe import MoEFeedForward
 
@@ -19,10 +20,7 @@ TINY = REPO / "tests" / "configs" / "tiny.yaml"
 def _fit(tmp_path: Path, corpus: Path, tokenizer: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "moe_diffuseq", "fit", "--config", str(TINY),
-           f"--data.init_args.train_path={corpus / 'train.jsonl'}",
-           f"--data.init_args.val_path={corpus / 'validation.jsonl'}",
-           f"--data.init_args.tokenizer_path={tokenizer}",
-           f"--data.init_args.data_dir={corpus / 'work'}",
+           *data_args(corpus, tokenizer),
            f"--trainer.default_root_dir={tmp_path}", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
+from helpers import data_args
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
@@ -18,10 +19,7 @@ TINY = REPO / "tests" / "configs" / "tiny.yaml"
 def _fit(root: Path, corpus: Path, tokenizer: Path, version: str, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
     cmd = [sys.executable, "-m", "moe_diffuseq", "fit", "--config", str(TINY),
-           f"--data.init_args.train_path={corpus / 'train.jsonl'}",
-           f"--data.init_args.val_path={corpus / 'validation.jsonl'}",
-           f"--data.init_args.tokenizer_path={tokenizer}",
-           f"--data.init_args.data_dir={corpus / 'work'}",
+           *data_args(corpus, tokenizer),
            f"--trainer.default_root_dir={root}", "--trainer.max_steps=6", "--trainer.limit_val_batches=0",
            "--trainer.enable_progress_bar=false",
            "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={root}",

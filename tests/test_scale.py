@@ -9,21 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import data_args
 
 from moe_diffuseq.callbacks import GlobalBatchSize
 from moe_diffuseq.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
-
-
-def _data_args(corpus: Path, tokenizer: Path) -> list[str]:
-    return [
-        f"--data.init_args.train_path={corpus / 'train.jsonl'}",
-        f"--data.init_args.val_path={corpus / 'validation.jsonl'}",
-        f"--data.init_args.tokenizer_path={tokenizer}",
-        f"--data.init_args.data_dir={corpus / 'work'}",
-    ]
 
 
 def test_global_batch_size_derives_accumulation(small_corpus, small_tokenizer_file, tmp_path):
@@ -37,14 +29,14 @@ def test_global_batch_size_derives_accumulation(small_corpus, small_tokenizer_fi
 
     callbacks.SpyGlobalBatchSize = Spy  # reachable by class path for the CLI
     try:
-        main(["fit", "--config", str(TINY), *_data_args(small_corpus, small_tokenizer_file),
+        main(["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
               f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
               "--trainer.callbacks+=moe_diffuseq.callbacks.SpyGlobalBatchSize", "--trainer.callbacks.global_batch_size=12"])
     finally:
         del callbacks.SpyGlobalBatchSize
     assert seen["accumulate"] == 3  # 12 / (batch 4 x 1 device)
     with pytest.raises(ValueError, match="global_batch_size=10 is not a multiple of data.batch_size=4"):
-        main(["fit", "--config", str(TINY), *_data_args(small_corpus, small_tokenizer_file),
+        main(["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
               f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1",
               "--trainer.callbacks+=moe_diffuseq.callbacks.GlobalBatchSize", "--trainer.callbacks.global_batch_size=10"])
 
@@ -61,7 +53,7 @@ def test_nan_loss_is_skipped_then_stops_with_example_ids(small_corpus, small_tok
 
     monkeypatch.setattr(lit_module, "diffusion_loss_terms", poisoned)
     with pytest.raises(FloatingPointError, match=r"3 consecutive non-finite losses; last batch's examples: \['.*train.jsonl:[^']+'"):
-        main(["fit", "--config", str(TINY), *_data_args(small_corpus, small_tokenizer_file),
+        main(["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
               f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=10", "--model.max_nonfinite_steps=3",
               "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
               f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}", "--trainer.callbacks.every_n_train_steps=1"])

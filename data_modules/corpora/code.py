@@ -11,17 +11,16 @@ pair of one module lands in the same split on every machine.
 from __future__ import annotations
 
 import ast
-import hashlib
-import json
 import logging
 import sysconfig
 import textwrap
 from collections import Counter
 from pathlib import Path
 
+from .splits import SplitWriter, hash_bucket
+
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
 VERSION = "code-2"  # bump when the pairs change, so that prepare_data rebuilds old copies
 EXCLUDED_PARTS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "__phello__"}
 
@@ -48,7 +47,7 @@ def module_files(root: Path) -> list[tuple[str, Path]]:
 
 def split_of(module: str, fractions: tuple[float, float] = (0.9, 0.05)) -> str:
     """Deterministic split from the module name's hash."""
-    bucket = int(hashlib.sha1(module.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    bucket = hash_bucket(module)
     if bucket < fractions[0]:
         return "train"
     if bucket < fractions[0] + fractions[1]:
@@ -107,14 +106,9 @@ def build_code_corpus(out_dir: str | Path, root: str | Path | None = None) -> di
 
     Files that are not UTF-8 or do not parse are skipped with a count in the log.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     root = Path(root) if root is not None else stdlib_root()
-    counts: Counter[str] = Counter()
     skipped: Counter[str] = Counter()
-    tmp_paths = {s: out / f".{s}.jsonl.tmp" for s in SPLITS}
-    handles = {s: p.open("w", encoding="utf-8") for s, p in tmp_paths.items()}
-    try:
+    with SplitWriter(out_dir) as writer:
         for module, path in module_files(root):
             try:
                 source = path.read_text(encoding="utf-8")
@@ -128,20 +122,13 @@ def build_code_corpus(out_dir: str | Path, root: str | Path | None = None) -> di
             if not source.strip():
                 skipped["empty"] += 1
                 continue
-            split = split_of(module)
             skeleton = module_skeleton(tree)
             # A module of plain statements has an empty skeleton: no pair to learn from.
             rows = [("module", skeleton, source)] if skeleton.strip() else []
             rows += [("function", src, trg) for src, trg in function_pairs(tree, source)]
             for i, (kind, src, trg) in enumerate(rows):
                 row = {"id": f"{module}:{i}", "kind": kind, "module": module, "src": src, "trg": trg}
-                handles[split].write(json.dumps(row, ensure_ascii=False) + "\n")
-                counts[split] += 1
-    finally:
-        for handle in handles.values():
-            handle.close()
-    for split, tmp in tmp_paths.items():
-        tmp.replace(out / f"{split}.jsonl")  # atomic: a reader never sees half a file
+                writer.write(split_of(module), row)
     if skipped:
         log.warning("code corpus: skipped files %s", dict(skipped))
-    return {s: counts[s] for s in SPLITS}
+    return writer.counts

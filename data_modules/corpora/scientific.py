@@ -8,8 +8,6 @@ abstract becomes one pair: body (the abstract removed) -> abstract. Bodies under
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 import shutil
@@ -17,6 +15,8 @@ import subprocess
 import tempfile
 from collections import Counter
 from pathlib import Path
+
+from .splits import SplitWriter, hash_bucket
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def vignette_pairs(root: Path, min_words: int = 200) -> tuple[list[dict], Counte
 
 
 def split_of(name: str) -> str:
-    bucket = int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    bucket = hash_bucket(name)
     return "train" if bucket < 0.8 else "validation" if bucket < 0.9 else "test"
 
 
@@ -134,20 +134,14 @@ def build_scientific_corpus(out_dir: str | Path, debs: list[Path] | None = None,
         debs, failed = download_packages(out / "_download")
         if not debs:
             raise RuntimeError(f"apt-get could not download any of {failed} (run `apt-get update` first?)")
-    counts = dict.fromkeys(("train", "validation", "test"), 0)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         unpacked = Path(tmp) / "root"
         for deb in debs:
             subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)], check=True)
         rows, skipped = vignette_pairs(unpacked, min_words)
-        if skipped:
-            log.warning("scientific corpus: skipped vignettes %s", dict(skipped))
-        handles = {s: (Path(tmp) / f"{s}.jsonl").open("w", encoding="utf-8") for s in counts}
+    if skipped:
+        log.warning("scientific corpus: skipped vignettes %s", dict(skipped))
+    with SplitWriter(out) as writer:
         for row in rows:
-            split = split_of(row["id"])
-            handles[split].write(json.dumps(row, ensure_ascii=False) + "\n")
-            counts[split] += 1
-        for split, handle in handles.items():
-            handle.close()
-            (Path(tmp) / f"{split}.jsonl").replace(out / f"{split}.jsonl")
-    return counts
+            writer.write(split_of(row["id"]), row)
+    return writer.counts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -164,7 +165,7 @@ class StreamingPairs(IterableDataset):
         from datasets.distributed import split_dataset_by_node
 
         row_filter.check_columns(list(stream.column_names) if stream.column_names else None)
-        if shuffle_seed is not None:
+        if shuffle_seed is not None and buffer > 0:
             stream = stream.shuffle(seed=shuffle_seed, buffer_size=buffer)
         self.stream = split_dataset_by_node(stream, rank=rank, world_size=world_size) if world_size > 1 else stream
         self.row_filter, self.source = row_filter, source
@@ -248,7 +249,7 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         batch_size: Examples per batch on each device.
         num_workers: DataLoader workers.
         streaming: Stream the files instead of loading them into memory.
-        shuffle_buffer: Buffer size of the streaming shuffle.
+        shuffle_buffer: Buffer size of the streaming shuffle (0: read in file order).
         tokenizer_path: A tokenizer.json to use; None trains one on the training split
             and caches it as ``data_dir/<corpus or 'custom'>/tokenizer-<tokenizer_vocab_size>.json``.
         tokenizer_vocab_size: Vocabulary size when training a tokenizer (a given tokenizer_path keeps its own).
@@ -309,7 +310,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         self.max_trg_len = max_trg_len
         self.tokenizer = None
         self.datasets: dict[str, Dataset] = {}
-        self._resume: dict[str, int] = {}  # data position restored from a checkpoint
+        self._resume: dict[str, Any] = {}  # data position restored from a checkpoint
+        self._stream_state: dict | None = None  # stream position after the last consumed batch
         self._consumed = 0  # training examples read in the current epoch (this rank)
         self.skipped: Counter[str] = Counter()  # rows/lines left out, per reason
         self.truncated: Counter[str] = Counter()  # examples cut or dropped by the budgets
@@ -379,7 +381,7 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         return dataset
 
     # --------------------------------------------------------------- loading
-    def collate(self, items: list[tuple[str, str, str]]) -> Seq2SeqBatch:
+    def collate(self, items: list[tuple[str, str, str]], stream: StreamingPairs | None = None) -> Seq2SeqBatch:
         ids, sources, targets = zip(*items, strict=True)
         pairs = encode_pairs(self.tokenizer, sources, targets, self.max_src_len, self.max_trg_len)
         policy = self.hparams.on_too_long
@@ -400,13 +402,20 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             self.max_trg_len,
             [i for i, k in zip(ids, keep, strict=True) if k],
         )
+        if stream is not None:
+            # Collation runs right after this batch's rows were read (num_workers=0), so the
+            # stream's state now is "just after this batch": where a resumed run continues.
+            batch.stream_state = stream.stream.state_dict()
         batch.src_truncated = torch.tensor([p.src_truncated > 0 for p in pairs]).sum().view(1)
         batch.trg_truncated = torch.tensor([p.trg_truncated > 0 for p in pairs]).sum().view(1)
         batch.dropped = torch.tensor([not k for k in keep]).sum().view(1)
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """Where training is in the current epoch (map-style data), for mid-epoch resume."""
+        """Where training is in the current epoch, for mid-epoch resume: the sampler's
+        position (map-style data) or the stream's state (streaming, num_workers=0)."""
+        if self._stream_state is not None:
+            return {"stream": self._stream_state}
         sampler = getattr(self, "_train_sampler", None)
         if sampler is None:
             return {}
@@ -419,6 +428,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: Seq2SeqBatch, dataloader_idx: int) -> Seq2SeqBatch:
         # Runs in the main process (collation may run in workers), so the counts add up here.
         if self.trainer is not None and self.trainer.training:
+            if batch.stream_state is not None:
+                self._stream_state = batch.stream_state
             sampler = getattr(self, "_train_sampler", None)
             if sampler is not None:
                 if sampler.epoch != getattr(self, "_consumed_epoch", sampler.epoch):
@@ -438,6 +449,10 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         if split not in self.datasets:
             raise RuntimeError(f"no {split} data: set data.{ {'train': 'train_path', 'validation': 'val_path', 'test': 'test_path'}[split] }")
         dataset = self.datasets[split]
+        if split == "train" and isinstance(dataset, StreamingPairs) and "stream" in self._resume:
+            dataset.stream.load_state_dict(self._resume.pop("stream"))
+        # The training stream's position is tracked where collation sees it: in this process.
+        tracked = dataset if split == "train" and isinstance(dataset, StreamingPairs) and self.hparams.num_workers == 0 else None
         sampler = None
         if shuffle and not isinstance(dataset, IterableDataset):
             # The target region has a fixed size: only the source length varies the padding.
@@ -454,7 +469,7 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             # DataLoader workers are seeded from this generator, not from the global one
             generator=torch.Generator().manual_seed(self.hparams.seed),
             num_workers=self.hparams.num_workers,
-            collate_fn=self.collate,
+            collate_fn=functools.partial(self.collate, stream=tracked),
             persistent_workers=self.hparams.num_workers > 0,
         )
 

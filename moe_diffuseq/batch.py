@@ -58,6 +58,7 @@ class Seq2SeqBatch:
     src_truncated: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))
     trg_truncated: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))
     dropped: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))
+    stream_state: dict | None = None  # position of a streaming source after this batch
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

@@ -243,3 +243,26 @@ def test_checkpoint_tokenizer_mismatch_is_an_error(small_corpus, small_tokenizer
     other.tokenizer = train_tokenizer(["completely different text " * 20] * 5, vocab_size=400)
     with pytest.raises(ValueError, match="tokenizer differs"):
         other.on_load_checkpoint(checkpoint)
+
+
+def test_streaming_position_resumes_after_the_last_consumed_batch(small_corpus, small_tokenizer_file):
+    from types import SimpleNamespace
+
+    def module():
+        dm = _dm(small_corpus, small_tokenizer_file, streaming=True, shuffle_buffer=0, batch_size=4)
+        dm.trainer = SimpleNamespace(global_rank=0, world_size=1, training=True)
+        dm.setup("fit")
+        return dm
+
+    dm = module()
+    reference = [b.example_ids for b in dm.train_dataloader()][:6]
+    dm = module()
+    for i, batch in enumerate(dm.train_dataloader()):
+        dm.on_after_batch_transfer(batch, 0)  # consumed by the training step
+        if i == 2:
+            break
+    state = dm.state_dict()
+    resumed = module()
+    resumed.load_state_dict(state)
+    after = [b.example_ids for _, b in zip(range(3), resumed.train_dataloader(), strict=False)]
+    assert after == reference[3:6]

@@ -21,8 +21,20 @@ from .common import machine_info, print_table, write_json
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def finished(run: Path, steps: int) -> bool:
+    """Whether run/ already holds a completed training of this many steps (--reuse)."""
+    import torch
+
+    last = run / "checkpoints" / "last.ckpt"
+    return last.exists() and torch.load(last, map_location="cpu", weights_only=True)["global_step"] == steps
+
+
 def train(name: str, soft_absorbing: bool, steps: int, out: Path) -> float:
+    import shutil
+
     import yaml
+
+    shutil.rmtree(out / name, ignore_errors=True)  # one run per folder: no stale logs
 
     every = max(1, steps // 5)
     config = yaml.safe_load((ROOT / "lightning_configs" / "quickstart.yaml").read_text())
@@ -56,13 +68,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--runs", default="runs/absorbing")
+    parser.add_argument("--reuse", action="store_true", help="keep a finished run of the same steps instead of retraining")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     runs = ROOT / args.runs
     results = {}
     for name, flag in (("on", True), ("off", False)):
-        seconds = train(name, flag, args.steps, runs)
-        (logdir,) = {p.parent for p in (runs / name).rglob("events.out.tfevents.*")}
+        reused = args.reuse and finished(runs / name, args.steps)
+        seconds = None if reused else train(name, flag, args.steps, runs)
+        logdir = max({p.parent for p in (runs / name).rglob("events.out.tfevents.*")}, key=lambda d: d.stat().st_mtime)
         results[name] = {
             "soft_absorbing": flag,
             "train_seconds": seconds,

@@ -123,7 +123,7 @@ class SamplingConfig:
     """Sampler: ancestral (all T steps, the reference), ddim or dpm_solver++."""
     steps: int = 20
     """Sampling steps for ddim and dpm_solver++ (ancestral always uses T)."""
-    spacing: Literal["time_uniform", "logsnr"] = "time_uniform"
+    spacing: Literal["time_uniform", "logsnr"] = "logsnr"
     """How the sampling timesteps are spread over [0, T)."""
     clamp: bool = False
     """Snap each predicted x0 to its nearest word embedding."""

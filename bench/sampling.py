@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", default="data/code/validation.jsonl")
     parser.add_argument("--docs", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--spacing", default="logsnr", choices=["logsnr", "time_uniform"])
     parser.add_argument("--quick", action="store_true", help="8 documents")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
     records = []
     for sampler, steps in CONFIGS:
         start = time.perf_counter()
-        hyps = model.generate(sources, sampler=sampler, steps=steps, seed=0, batch_size=args.batch_size, num_candidates=1)
+        hyps = model.generate(sources, sampler=sampler, steps=steps, seed=0, batch_size=args.batch_size, num_candidates=1,
+                              spacing=args.spacing)
         seconds = (time.perf_counter() - start) / len(sources)
         scores = score_generations(hyps, references)
         records.append({
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, check in checks.items():
         measured = "n/a" if check["measured"] is None else f"{check['measured']:.3g}"
         print(f"{name}: {measured} (target {check['target']}) {'OK' if check['met'] else 'MISSED'}")
-    payload = {"benchmark": "sampling", "setup": {"ckpt": args.ckpt, "data": args.data, "docs": len(sources)},
+    payload = {"benchmark": "sampling", "setup": {"ckpt": args.ckpt, "data": args.data, "docs": len(sources), "spacing": args.spacing},
                "machine": machine_info(), "results": records, "checks": checks}
     path = write_json("sampling", payload, args.out)
     plot(records, path.with_suffix(".png"))

@@ -99,6 +99,7 @@ def generate(
     limit: int | None = None,
     device: str = "cpu",
     preview: int = 3,
+    spacing: str | None = None,
 ) -> None:
     """Generate targets for sources with a trained checkpoint.
 
@@ -116,6 +117,7 @@ def generate(
         limit: Only the first ``limit`` sources.
         device: torch device to sample on.
         preview: With --output, how many samples to also print.
+        spacing: logsnr or time_uniform placement of ddim/dpm_solver++ steps (default: the checkpoint's).
     """
     from moe_diffuseq.checkpoint import load_checkpoint
 
@@ -127,7 +129,7 @@ def generate(
     start = time.perf_counter()
     results = model.generate_candidates(
         sources, steps=steps, sampler=sampler, seed=seed, num_candidates=num_candidates,
-        clamp=clamp, batch_size=batch_size, progress=True,
+        clamp=clamp, batch_size=batch_size, progress=True, spacing=spacing,
     )
     seconds = time.perf_counter() - start
     out = open(output, "w", encoding="utf-8") if output else sys.stdout

@@ -499,6 +499,7 @@ class MoEDiffuSeq(pl.LightningModule):
         batch_size: int | None = None,
         progress: bool = False,
         templates: list[str] | None = None,
+        spacing: str | None = None,
     ) -> list[str]:
         """Generate one target per source. Defaults come from the ``sampling`` settings.
 
@@ -506,10 +507,11 @@ class MoEDiffuSeq(pl.LightningModule):
         the candidate with the highest mean sentence-BLEU against the others is returned.
         With ``templates`` (one per source), given target tokens stay fixed and only the
         ``[MASK]`` positions and the positions after the template are sampled (infilling).
+        ``spacing`` ("logsnr" or "time_uniform") places the ddim/dpm_solver++ steps.
         """
         return [c[i] for c, i in self.generate_candidates(
             sources, steps=steps, sampler=sampler, seed=seed, num_candidates=num_candidates,
-            clamp=clamp, batch_size=batch_size, progress=progress, templates=templates,
+            clamp=clamp, batch_size=batch_size, progress=progress, templates=templates, spacing=spacing,
         )]
 
     def generate_candidates(self, sources: list[str], **overrides) -> list[tuple[list[str], int]]:

@@ -100,6 +100,7 @@ def generate(
     device: str = "cpu",
     preview: int = 3,
     spacing: str | None = None,
+    template_key: str | None = None,
 ) -> None:
     """Generate targets for sources with a trained checkpoint.
 
@@ -118,6 +119,8 @@ def generate(
         device: torch device to sample on.
         preview: With --output, how many samples to also print.
         spacing: logsnr or time_uniform placement of ddim/dpm_solver++ steps (default: the checkpoint's).
+        template_key: jsonl column with a target template per source for infilling: its
+            tokens stay fixed, each [MASK] token and everything after it is sampled.
     """
     from moe_diffuseq.checkpoint import load_checkpoint
 
@@ -126,10 +129,16 @@ def generate(
     if limit is not None:
         sources, rows = sources[:limit], rows[:limit]
     cfg = model.sampling_config
+    templates = None
+    if template_key is not None:
+        missing = [i + 1 for i, r in enumerate(rows) if template_key not in r]
+        if missing:
+            raise SystemExit(f"error: {input}: rows {missing[:5]} have no {template_key!r} key")
+        templates = [str(r[template_key]) for r in rows]
     start = time.perf_counter()
     results = model.generate_candidates(
         sources, steps=steps, sampler=sampler, seed=seed, num_candidates=num_candidates,
-        clamp=clamp, batch_size=batch_size, progress=True, spacing=spacing,
+        clamp=clamp, batch_size=batch_size, progress=True, spacing=spacing, templates=templates,
     )
     seconds = time.perf_counter() - start
     out = open(output, "w", encoding="utf-8") if output else sys.stdout

@@ -537,7 +537,7 @@ class MoEDiffuSeq(pl.LightningModule):
             for c in range(cfg.num_candidates):
                 ids = self.sample_ids(
                     batch, sampler=cfg.sampler, steps=cfg.steps, seed=seed + c, clamp=cfg.clamp,
-                    spacing=cfg.spacing, fixed_mask=fixed,
+                    spacing=cfg.spacing, fixed_mask=fixed, progress=progress,
                 )
                 per_seed.append(decode_targets(self.tokenizer, ids.cpu(), batch, special))
             for row in range(len(chunk)):

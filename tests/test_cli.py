@@ -196,3 +196,15 @@ def test_infilling_keeps_given_tokens_and_source_fixed(trained):
         assert torch.equal(ids[source], batch.input_ids[source])
     texts = model.generate(sources, templates=templates, steps=4)
     assert texts[0].startswith("def add(a, b):\n")  # fixed tokens before the first gap
+
+
+def test_generate_command_infills_templates_from_a_column(trained, tmp_path):
+    path = tmp_path / "infill.jsonl"
+    path.write_text(json.dumps({"src": "def add(a, b):\n    ...", "tpl": "def add(a, b):\n[MASK][MASK]"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "moe_diffuseq", "generate", "--ckpt", str(trained), "--input", str(path),
+                           "--output", str(out), "--steps", "3", "--template_key", "tpl"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(out.read_text())["sample"].startswith("def add(a, b):\n")

@@ -80,10 +80,23 @@ def scan_jsonl(path: str, policy: str, cache_dir: Path) -> tuple[str, Counter[st
     return str(cleaned), bad
 
 
+HUB_PREFIX = "hub:"
+
+
 def load_rows(path: str, streaming: bool, cache_dir: str | None):
-    """A ``datasets`` table (or stream) of the rows in a local file/glob."""
+    """A ``datasets`` table (or stream) of the rows in a local file/glob, or of a hub
+    dataset named ``hub:NAME[:SPLIT]`` (e.g. ``hub:ccdv/arxiv-summarization:train``)."""
     import datasets
 
+    if path.startswith(HUB_PREFIX):
+        name, _, split = path[len(HUB_PREFIX) :].partition(":")
+        try:
+            return datasets.load_dataset(name, split=split or "train", streaming=streaming, cache_dir=cache_dir)
+        except Exception as err:  # offline, unknown name, gated: say which dataset and why
+            raise ValueError(
+                f"{path}: the hub dataset {name!r} (split {split or 'train'!r}) could not be loaded "
+                f"({type(err).__name__}: {err}); local files always work"
+            ) from err
     if not any(ch in path for ch in "*?[") and not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such file")
     try:
@@ -237,7 +250,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
     """Pairs of (source, target) texts from jsonl/json/parquet/csv/text files.
 
     Args:
-        train_path: Training file or glob. None with ``corpus`` set: ``data_dir/<corpus>/train.jsonl``.
+        train_path: Training file, glob or hub dataset ``hub:NAME[:SPLIT]``. None with ``corpus``
+            set: ``data_dir/<corpus>/train.jsonl``.
         val_path: Validation file or glob (same default rule, ``validation.jsonl``).
         test_path: Test file or glob (same default rule, ``test.jsonl``).
         corpus: Name of a built-in corpus (code, dialogue, scientific) that ``prepare_data`` builds when missing.

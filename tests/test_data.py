@@ -266,3 +266,10 @@ def test_streaming_position_resumes_after_the_last_consumed_batch(small_corpus, 
     resumed.load_state_dict(state)
     after = [b.example_ids for _, b in zip(range(3), resumed.train_dataloader(), strict=False)]
     assert after == reference[3:6]
+
+
+def test_hub_dataset_names_fail_offline_with_a_clear_message(small_corpus, small_tokenizer_file):
+    dm = _dm(small_corpus, small_tokenizer_file, val_path="hub:ccdv/arxiv-summarization:validation",
+             src_key="article", trg_key="abstract")
+    with pytest.raises(ValueError, match=r"hub dataset 'ccdv/arxiv-summarization' \(split 'validation'\) could not be loaded"):
+        dm.setup("validate")

@@ -92,3 +92,21 @@ def test_truncated_checkpoint_error_names_the_file(tmp_path):
         load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="nothere.ckpt"):
         load_checkpoint(tmp_path / "nothere.ckpt")
+
+
+def test_data_report_logs_skipped_rows_at_epoch_end(small_corpus, small_tokenizer_file, tmp_path):
+    import csv
+    import json
+
+    rows = [json.loads(x) for x in (small_corpus / "train.jsonl").read_text().splitlines()[:8]]
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + b"{broken\n" + b'{"src": "a", "trg": ""}\n')
+    main(["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
+          f"--data.init_args.train_path={train}", "--data.init_args.on_bad_row=skip",
+          f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=4", "--trainer.max_epochs=2",
+          "--trainer.limit_val_batches=0",
+          "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
+          "--trainer.callbacks+=moe_diffuseq.callbacks.DataReport"])
+    (metrics,) = tmp_path.rglob("metrics.csv")
+    logged = {k: v for row in csv.DictReader(metrics.open()) for k, v in row.items() if v}
+    assert float(logged["data/skipped/not_JSON"]) == 1 and float(logged["data/skipped/empty_target"]) == 1

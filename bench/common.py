@@ -109,3 +109,18 @@ def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
     return "-" if value is None else str(value)
+
+
+def random_batch(src_len: int, trg_len: int, vocab: int = 4096):
+    """One example of random tokens laid out as [CLS] src [SEP] target-region, batch 1."""
+    from moe_diffuseq.batch import Seq2SeqBatch
+
+    length = src_len + trg_len + 3
+    ids = torch.randint(5, vocab, (1, length), generator=torch.Generator().manual_seed(0))
+    ids[0, 0], ids[0, src_len + 1] = 1, 2  # [CLS], the source's [SEP]
+    input_mask = torch.zeros(1, length, dtype=torch.bool)
+    input_mask[0, src_len + 2 :] = True
+    return Seq2SeqBatch(
+        input_ids=ids, input_mask=input_mask, padding_mask=torch.zeros(1, length, dtype=torch.bool),
+        global_mask=(ids == 1) | (ids == 2), src_len=torch.tensor([src_len]),
+    )

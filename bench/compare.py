@@ -34,6 +34,7 @@ from .common import (
     measure_in_subprocess,
     peak_rss_mb,
     print_table,
+    random_batch,
     reset_peak_rss,
     write_json,
 )
@@ -58,18 +59,6 @@ def build(variant, hidden, layers, src_len, trg_len, vocab=4096):
 
     torch.manual_seed(0)
     return MoEDiffuSeq(**model_args(variant, hidden, layers, src_len, trg_len, vocab))
-
-
-def random_batch(src_len: int, trg_len: int, vocab: int = 4096):
-    from moe_diffuseq.batch import Seq2SeqBatch
-
-    length = src_len + trg_len + 3
-    ids = torch.randint(5, vocab, (1, length), generator=torch.Generator().manual_seed(0))
-    ids[0, 0], ids[0, src_len + 1] = 1, 2
-    input_mask = torch.zeros(1, length, dtype=torch.bool)
-    input_mask[0, src_len + 2 :] = True
-    return Seq2SeqBatch(ids, input_mask, torch.zeros(1, length, dtype=torch.bool), (ids == 1) | (ids == 2),
-                        torch.tensor([src_len]))
 
 
 def train_step_fn(model, batch):

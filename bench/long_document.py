@@ -18,6 +18,7 @@ from .common import (
     measure_in_subprocess,
     peak_rss_mb,
     print_table,
+    random_batch,
     reset_peak_rss,
     write_json,
 )
@@ -27,7 +28,6 @@ WIDTH = {"embed_dim": 64, "hidden_size": 128, "num_layers": 2, "num_heads": 4}  
 
 def one_step(backend: str, src_len: int, trg_len: int, window: int, vocab: int = 4096) -> dict:
     from moe_diffuseq import MoEDiffuSeq
-    from moe_diffuseq.batch import Seq2SeqBatch
     from moe_diffuseq.config import AttentionConfig, MoEConfig
 
     torch.manual_seed(0)
@@ -36,15 +36,7 @@ def one_step(backend: str, src_len: int, trg_len: int, window: int, vocab: int =
         attention=AttentionConfig(window=window, backend=backend), moe=MoEConfig(num_experts=4, expert_hidden=128),
         ema_decay=0.0,
     )
-    length = src_len + trg_len + 3
-    ids = torch.randint(5, vocab, (1, length))
-    ids[0, 0], ids[0, src_len + 1] = 1, 2  # [CLS], source [SEP]
-    input_mask = torch.zeros(1, length, dtype=torch.bool)
-    input_mask[0, src_len + 2 :] = True
-    batch = Seq2SeqBatch(
-        input_ids=ids, input_mask=input_mask, padding_mask=torch.zeros(1, length, dtype=torch.bool),
-        global_mask=(ids == 1) | (ids == 2), src_len=torch.tensor([src_len]),
-    )
+    batch = random_batch(src_len, trg_len, vocab)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     reset_peak_rss()
     before = current_rss_mb()

@@ -16,7 +16,7 @@ source; that *batch padding* is never attended and never scored (``padding_mask`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tokenizers import Tokenizer
@@ -62,6 +62,16 @@ class Seq2SeqBatch:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def rows(self, n: int) -> Seq2SeqBatch:
+        """The first n examples."""
+        return replace(self, **{k: getattr(self, k)[:n] for k in _ROW_TENSORS}, example_ids=self.example_ids[:n])
+
+    def to(self, device: torch.device | str) -> Seq2SeqBatch:
+        return replace(self, **{k: getattr(self, k).to(device) for k in _ROW_TENSORS})
+
+
+_ROW_TENSORS = ("input_ids", "input_mask", "padding_mask", "global_mask", "src_len")
 
 
 @dataclass

@@ -44,9 +44,7 @@ class ValidationSamples(pl.Callback):
         batch, self._batch = self._batch, None
         if batch is None or trainer.sanity_checking or pl_module.tokenizer is None:
             return
-        from .lit_module import take_rows
-
-        batch = take_rows(batch, self.num_samples)
+        batch = batch.rows(self.num_samples)
         cfg = pl_module.sampling_config
         ids = pl_module.sample_ids(batch, sampler=cfg.sampler, steps=cfg.steps, seed=self.seed, spacing=cfg.spacing)
         special = SpecialIds.from_tokenizer(pl_module.tokenizer)

@@ -461,7 +461,7 @@ class MoEDiffuSeq(pl.LightningModule):
         net = self.sampling_network
         was_training = net.training
         net.eval()
-        batch = batch if batch.input_ids.device == self.device else _to(batch, self.device)
+        batch = batch if batch.input_ids.device == self.device else batch.to(self.device)
         anchor_mask = ~batch.input_mask | batch.padding_mask
         if fixed_mask is not None:
             anchor_mask = anchor_mask | fixed_mask.to(self.device)
@@ -544,26 +544,3 @@ class MoEDiffuSeq(pl.LightningModule):
                 candidates = [texts[row] for texts in per_seed]
                 results.append((candidates, mbr_select(candidates)))
         return results
-
-
-def take_rows(batch: Seq2SeqBatch, n: int) -> Seq2SeqBatch:
-    """The first n rows of a batch."""
-    return Seq2SeqBatch(
-        input_ids=batch.input_ids[:n],
-        input_mask=batch.input_mask[:n],
-        padding_mask=batch.padding_mask[:n],
-        global_mask=batch.global_mask[:n],
-        src_len=batch.src_len[:n],
-        example_ids=batch.example_ids[:n],
-    )
-
-
-def _to(batch: Seq2SeqBatch, device: torch.device) -> Seq2SeqBatch:
-    return Seq2SeqBatch(
-        input_ids=batch.input_ids.to(device),
-        input_mask=batch.input_mask.to(device),
-        padding_mask=batch.padding_mask.to(device),
-        global_mask=batch.global_mask.to(device),
-        src_len=batch.src_len.to(device),
-        example_ids=batch.example_ids,
-    )

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", type=float, default=600.0, help="training seconds per model and task")
-    parser.add_argument("--tasks", nargs="+", default=["code", "dialogue", "scientific"])
+    parser.add_argument("--tasks", nargs="*", default=["code", "dialogue", "scientific"], help="corpora for the quality part (give none to skip it)")
     parser.add_argument("--docs", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="lengths 1k-2k, 60 s budgets, code only, 8 docs")
     parser.add_argument("--out", default=None)

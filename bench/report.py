@@ -82,21 +82,28 @@ def render() -> str:
                       [[n, r["val_loss"][-1][1] if r["val_loss"] else None,
                         r["val_token_acc"][-1][1] if r["val_token_acc"] else None] for n, r in b["results"].items()])
         out += ["", "![absorbing](bench/results/absorbing.png)", ""]
-    if (c := _load("compare")) is not None:
-        s = c["setup"]
-        out += ["### MoE-DiffuSeq vs the DiffuSeq baseline (`make bench-compare`" + (", --quick)" if s.get("quick") else ")"), "",
-                f"Bench width: hidden {s['hidden']}, {s['layers']} layers, both models; target {s['trg_len']} tokens; "
-                f"training budget {s['budget']:.0f} s per model and task. {_machine(c)}", ""]
-        lengths = sorted(c["throughput_tokens_per_s"], key=int)
-        out += _table(["source length", "MoE-DiffuSeq tok/s", "sdpa tok/s", "eager tok/s", "MoE-DiffuSeq MB", "sdpa MB", "eager MB"],
-                      [[n, *(c["throughput_tokens_per_s"][n][v] for v in ("moe", "sdpa", "eager")),
-                        *(c["peak_memory_mb"][n][v] for v in ("moe", "sdpa", "eager"))] for n in lengths])
-        out += [""] + _table(["task", "model", "steps in budget", "val loss", "ROUGE-L", "BLEU"],
-                             [[t, v, q["steps"], q["val_loss"], q["rougeL"], q["bleu"]] for t, qs in c["quality"].items()
-                              for v, q in qs.items()]) + [""]
-        summary = {k: v for k, v in c["summary"].items() if k != "quality"}
-        out += [f"- {k}: {_f(v)}" for k, v in summary.items()] + ["", "![compare](bench/results/compare.png)", ""]
+    for name in ("compare", "compare_lengths"):
+        if (c := _load(name)) is not None:
+            out += _compare_section(name, c)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _compare_section(name: str, c: dict) -> list[str]:
+    s = c["setup"]
+    flags = ", --quick" if s.get("quick") else ""
+    out = [f"### MoE-DiffuSeq vs the DiffuSeq baseline (`bench/results/{name}.json`{flags})", "",
+           f"Bench width: hidden {s['hidden']}, {s['layers']} layers, both models; target {s['trg_len']} tokens. {_machine(c)}", ""]
+    lengths = sorted(c["throughput_tokens_per_s"], key=int)
+    out += _table(["source length", "MoE-DiffuSeq tok/s", "sdpa tok/s", "eager tok/s", "MoE-DiffuSeq MB", "sdpa MB", "eager MB"],
+                  [[n, *(c["throughput_tokens_per_s"][n][v] for v in ("moe", "sdpa", "eager")),
+                    *(c["peak_memory_mb"][n][v] for v in ("moe", "sdpa", "eager"))] for n in lengths])
+    if c["quality"]:
+        out += ["", f"Quality after {s['budget']:.0f} s of training per model and task:", ""]
+        out += _table(["task", "model", "steps in budget", "val loss", "ROUGE-L", "BLEU"],
+                      [[t, v, q["steps"], q["val_loss"], q["rougeL"], q["bleu"]] for t, qs in c["quality"].items()
+                       for v, q in qs.items()])
+    out += [""] + [f"- {k}: {_f(v)}" for k, v in c["summary"].items() if k != "quality"]
+    return out + ["", f"![{name}](bench/results/{name}.png)", ""]
 
 
 def main(argv: list[str] | None = None) -> int:

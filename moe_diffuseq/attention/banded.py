@@ -21,14 +21,21 @@ from .mask import band_reach, local_band
 _CHUNK_ELEMENTS = 1 << 24
 
 
+# Score of the "sink" column: far below any real score, yet finite (see _masked_softmax).
+_SINK = -1e30
+
+
 def _masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim that gives exact zeros (and zero gradients) on empty rows."""
+    """Softmax over the last dim that gives exact zeros (and zero gradients) on empty rows.
+
+    One extra column with a finite, hugely negative score takes all the weight of a row that
+    sees no key (and none of any other row's); it is dropped after the softmax. This keeps
+    torch.softmax, which saves only its output for the backward: the manual max/exp/sum
+    version kept several (rows x keys) tensors alive.
+    """
     scores = scores.masked_fill(~visible, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
-    weights = torch.exp(scores - row_max)
-    denom = weights.sum(dim=-1, keepdim=True)
-    return weights / denom.clamp_min(torch.finfo(weights.dtype).tiny)
+    sink = scores.new_full((*scores.shape[:-1], 1), _SINK)
+    return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
 
 
 def _global_index(global_mask: torch.Tensor | None, batch: int, device: torch.device):

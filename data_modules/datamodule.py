@@ -326,7 +326,9 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         self._resume: dict[str, Any] = {}  # data position restored from a checkpoint
         self._stream_state: dict | None = None  # stream position after the last consumed batch
+        self._train_sampler: ResumableRandomSampler | None = None
         self._consumed = 0  # training examples read in the current epoch (this rank)
+        self._consumed_epoch = 0  # the epoch that _consumed counts
         self.skipped: Counter[str] = Counter()  # rows/lines left out, per reason
         self.truncated: Counter[str] = Counter()  # examples cut or dropped by the budgets
 
@@ -430,7 +432,7 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         position (map-style data) or the stream's state (streaming, num_workers=0)."""
         if self._stream_state is not None:
             return {"stream": self._stream_state}
-        sampler = getattr(self, "_train_sampler", None)
+        sampler = self._train_sampler
         if sampler is None:
             return {}
         world = self.trainer.world_size if self.trainer is not None else 1
@@ -444,12 +446,11 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         if self.trainer is not None and self.trainer.training:
             if batch.stream_state is not None:
                 self._stream_state = batch.stream_state
-            sampler = getattr(self, "_train_sampler", None)
+            sampler = self._train_sampler
             if sampler is not None:
-                if sampler.epoch != getattr(self, "_consumed_epoch", sampler.epoch):
-                    self._consumed = 0
-                self._consumed_epoch = sampler.epoch
-                self._consumed = getattr(self, "_consumed", 0) + len(batch) + int(batch.dropped.sum())
+                if sampler.epoch != self._consumed_epoch:  # a new epoch: count from its start
+                    self._consumed, self._consumed_epoch = 0, sampler.epoch
+                self._consumed += len(batch) + int(batch.dropped.sum())
             self.truncated["source truncated"] += int(batch.src_truncated.sum())
             self.truncated["target truncated"] += int(batch.trg_truncated.sum())
             self.truncated["too long, skipped"] += int(batch.dropped.sum())
@@ -475,7 +476,7 @@ class Seq2SeqDataModule(pl.LightningDataModule):
                 len(dataset), self.hparams.seed, lengths=lengths, batch_size=self.hparams.batch_size
             )
             sampler.epoch, sampler.start = self._resume.get("epoch", 0), self._resume.get("consumed", 0)
-            self._consumed, self._resume = sampler.start, {}
+            self._consumed, self._consumed_epoch, self._resume = sampler.start, sampler.epoch, {}
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,

@@ -113,6 +113,7 @@ class MoEDiffuSeq(pl.LightningModule):
         self._val_sums: dict[str, torch.Tensor] = {}
         self._test_texts: list[tuple[list[str], list[str]]] = []
         self.last_expert_load: torch.Tensor | None = None
+        self._sharded = False  # fully_shard applied (configure_model may run more than once)
         if self._sizes_known():
             self._build()
 
@@ -180,7 +181,7 @@ class MoEDiffuSeq(pl.LightningModule):
                 raise RuntimeError("vocab_size, max_src_len and max_trg_len are unknown: give them or a data module")
             self._build()
         mesh = self.device_mesh  # set by ModelParallelStrategy (FSDP2); None otherwise
-        if mesh is not None and not getattr(self, "_sharded", False):
+        if mesh is not None and not self._sharded:
             from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
             dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh

@@ -35,25 +35,46 @@ def test_one_expert_equals_dense_ffn_forward_and_backward():
     torch.testing.assert_close(g_moe[1][0], g_dense[1].t())
 
 
+def _dispatch_outputs_and_grads(moe: MoEFeedForward, x: torch.Tensor, padding: torch.Tensor | None):
+    outs, grads = [], []
+    for dispatch in ("looped", "sorted"):
+        moe.dispatch = dispatch
+        y, _ = moe(x, padding)
+        outs.append(y)
+        probe = torch.linspace(-1, 1, x.shape[-1], dtype=x.dtype)
+        grads.append(torch.autograd.grad((y * probe).sum(), [x, *moe.parameters()]))
+    return outs, grads
+
+
 @pytest.mark.parametrize("top_k", [1, 2, 3, 4])
-def test_sorted_dispatch_equals_looped_reference(top_k):
+@pytest.mark.parametrize("capacity_factor", [None, 0.6])
+def test_sorted_dispatch_equals_looped_reference(top_k, capacity_factor):
     torch.manual_seed(top_k)
-    moe = MoEFeedForward(12, 20, num_experts=5, top_k=top_k).double()
+    moe = MoEFeedForward(12, 20, num_experts=5, top_k=top_k, capacity_factor=capacity_factor).double()
     torch.nn.init.normal_(moe.router.proj.weight, std=1.0)  # random, uneven routing
     x = torch.randn(4, 9, 12, dtype=torch.float64, requires_grad=True)
     padding = torch.zeros(4, 9, dtype=torch.bool)
     padding[1, 6:] = True
     padding[3, 2:] = True
-    outs, grads = [], []
-    for dispatch in ("looped", "sorted"):
-        moe.dispatch = dispatch
-        y, stats = moe(x, padding)
-        outs.append(y)
-        grads.append(torch.autograd.grad((y * torch.linspace(-1, 1, 12, dtype=torch.float64)).sum(), [x, *moe.parameters()]))
+    outs, grads = _dispatch_outputs_and_grads(moe, x, padding)
     torch.testing.assert_close(outs[1], outs[0])
     for a, b in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(a, b)
     assert torch.all(outs[0][padding] == 0)
+
+
+def test_sorted_dispatch_with_an_idle_expert_gives_it_a_zero_gradient():
+    torch.manual_seed(0)
+    moe = MoEFeedForward(6, 10, num_experts=4, top_k=2).double()
+    with torch.no_grad():
+        moe.router.proj.weight[3] = -100.0  # expert 3 is never chosen
+    x = torch.randn(7, 6, dtype=torch.float64).abs().requires_grad_()
+    outs, grads = _dispatch_outputs_and_grads(moe, x, None)
+    torch.testing.assert_close(outs[1], outs[0])
+    for a, b in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(a, b)
+    w1_grad = grads[1][2]  # (x, router, w1, ...)
+    assert w1_grad.shape == moe.experts.w1.shape and torch.all(w1_grad[3] == 0)
 
 
 def test_load_balancing_loss_is_one_at_perfect_balance():

@@ -47,7 +47,11 @@ class Experts(nn.Module):
 
 
 def looped_dispatch(
-    experts: Experts, x: torch.Tensor, slot_token: torch.Tensor, slot_expert: torch.Tensor, slot_weight: torch.Tensor
+    experts: Experts,
+    x: torch.Tensor,
+    slot_token: torch.Tensor,
+    slot_expert: torch.Tensor,
+    slot_weight: torch.Tensor,
 ) -> torch.Tensor:
     """Reference: for each expert, pick its slots with a boolean mask, run, scatter back.
 
@@ -72,24 +76,89 @@ def _use_grouped_mm(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
 
+class _RoutedExperts(torch.autograd.Function):
+    """sum over slots s of token n: weight[s] * expert_e(s)(x[n]), one expert at a time.
+
+    Written for the memory traffic of a bandwidth-bound CPU: every gather, expert output
+    and gradient is one expert's slice (a few MB, which the allocator recycles), where the
+    autograd version allocates several (k*N, d) buffers per step; fresh buffers that large
+    are mmapped and page-faulted on every step, which cost more than the scatters.
+    The expert inputs are gathered again in the backward instead of being saved.
+    """
+
+    @staticmethod
+    def forward(ctx, x, token_sorted, weight_sorted, sizes, w1, b1, w2, b2):  # noqa: D102 (autograd API)
+        out = torch.zeros_like(x)
+        saved, start = [], 0
+        for e, n in enumerate(sizes):
+            tokens = token_sorted[start : start + n]
+            weight = weight_sorted[start : start + n, None]
+            start += n
+            if n == 0:
+                continue
+            pre = torch.addmm(b1[e], x.index_select(0, tokens), w1[e])
+            hidden = F.gelu(pre)
+            y = torch.addmm(b2[e], hidden, w2[e])
+            out.index_add_(0, tokens, y * weight)
+            saved += [pre, hidden, y]
+        ctx.sizes = sizes
+        ctx.save_for_backward(x, token_sorted, weight_sorted, w1, w2, *saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102 (autograd API)
+        x, token_sorted, weight_sorted, w1, w2, *saved = ctx.saved_tensors
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.empty_like(weight_sorted)
+        gw1, gb1, gw2, gb2 = (torch.empty_like(w) for w in (w1, w1[:, 0], w2, w2[:, 0]))
+        start, i = 0, 0
+        for e, n in enumerate(ctx.sizes):
+            rows = slice(start, start + n)
+            start += n
+            if n == 0:  # an expert without tokens gets a zero gradient (DDP-safe)
+                for grad in (gw1, gb1, gw2, gb2):
+                    grad[e].zero_()
+                continue
+            pre, hidden, y = saved[i : i + 3]
+            i += 3
+            tokens = token_sorted[rows]
+            g_y = grad_out.index_select(0, tokens)
+            torch.linalg.vecdot(g_y, y, out=grad_weight[rows])
+            g_y.mul_(weight_sorted[rows, None])
+            torch.mm(hidden.t(), g_y, out=gw2[e])
+            torch.sum(g_y, 0, out=gb2[e])
+            g_pre = torch.ops.aten.gelu_backward(g_y @ w2[e].t(), pre)
+            torch.mm(x.index_select(0, tokens).t(), g_pre, out=gw1[e])
+            torch.sum(g_pre, 0, out=gb1[e])
+            if grad_x is not None:
+                grad_x.index_add_(0, tokens, g_pre @ w1[e].t())
+        return grad_x, None, grad_weight, None, gw1, gb1, gw2, gb2
+
+
 def sorted_dispatch(
     experts: Experts, x: torch.Tensor, slot_token: torch.Tensor, slot_expert: torch.Tensor, slot_weight: torch.Tensor
 ) -> torch.Tensor:
     """Sort-based dispatch: group the slots by expert, then one contiguous matmul per expert."""
     order = torch.argsort(slot_expert, stable=True)
     token_sorted = slot_token[order]
-    grouped = x.index_select(0, token_sorted)  # (S, d): tokens sorted by expert
+    weight_sorted = slot_weight[order]
     counts = torch.bincount(slot_expert, minlength=experts.num_experts)
     if _use_grouped_mm(x):
+        grouped = x.index_select(0, token_sorted)
         offsets = torch.cumsum(counts, 0).to(torch.int32)
-        size = grouped.shape[0]
-        hidden = torch._grouped_mm(grouped, experts.w1.to(x.dtype), offs=offsets)
-        hidden = F.gelu(hidden + experts.b1.to(x.dtype).repeat_interleave(counts, 0, output_size=size))
-        y = torch._grouped_mm(hidden, experts.w2.to(x.dtype), offs=offsets)
-        y = y + experts.b2.to(x.dtype).repeat_interleave(counts, 0, output_size=size)
-    else:
+        size, dtype = grouped.shape[0], x.dtype
+        hidden = torch._grouped_mm(grouped, experts.w1.to(dtype), offs=offsets)
+        hidden = F.gelu(hidden + experts.b1.to(dtype).repeat_interleave(counts, 0, output_size=size))
+        y = torch._grouped_mm(hidden, experts.w2.to(dtype), offs=offsets)
+        y = y + experts.b2.to(dtype).repeat_interleave(counts, 0, output_size=size)
+    elif torch.is_autocast_enabled(x.device.type):
+        # Under autocast each op picks its own dtype; the per-op path keeps those rules.
+        grouped = x.index_select(0, token_sorted)
         y = torch.cat(experts.run_groups(list(grouped.split(counts.tolist()))))
-    y = y * slot_weight[order, None].to(y.dtype)
+    else:
+        w = experts
+        return _RoutedExperts.apply(x, token_sorted, weight_sorted.to(x.dtype), counts.tolist(), w.w1, w.b1, w.w2, w.b2)
+    y = y * weight_sorted[:, None].to(y.dtype)
     return x.new_zeros(x.shape, dtype=y.dtype).index_add(0, token_sorted, y)
 
 

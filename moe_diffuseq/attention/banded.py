@@ -5,7 +5,10 @@ Queries are cut into blocks of ``block_size``. Every block sees one contiguous k
 The local and global scores are concatenated and normalised by one softmax, with a key
 that is both local and global counted only in the global part. Global query rows are then
 recomputed against every key. Blocks are processed in chunks so that no tensor grows with
-length squared; autograd keeps O(length * (span + globals)) for the backward pass.
+length squared. Like FlashAttention, the block part keeps only its inputs, its output and
+one log-sum-exp per row for the backward, which recomputes the scores chunk by chunk: the
+saved state is O(length * head_dim), not O(length * span) (bench/compare.py measured the
+probabilities and the materialised key/value spans at ~3/4 of a layer's saved memory).
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ import torch.nn.functional as F
 from .mask import band_reach, local_band
 
 # Score elements per chunk (batch * heads * rows * keys); bounds the transient working set.
-_CHUNK_ELEMENTS = 1 << 24
+# 1 MB chunks measured fastest on CPU (bench/attention.py at 4k-8k: 2^18 -> 0.107 s, 2^24 ->
+# 0.203 s at 8k): small transients stay in cache and in the allocator's free lists, where
+# large ones are mmapped and page-faulted afresh each time.
+_CHUNK_ELEMENTS = 1 << 18
 
 
 # Score of the "sink" column: far below any real score, yet finite (see _masked_softmax).
@@ -30,12 +36,129 @@ def _masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor
 
     One extra column with a finite, hugely negative score takes all the weight of a row that
     sees no key (and none of any other row's); it is dropped after the softmax. This keeps
-    torch.softmax, which saves only its output for the backward: the manual max/exp/sum
-    version kept several (rows x keys) tensors alive.
+    torch.softmax, which saves only its output for the backward.
     """
     scores = scores.masked_fill(~visible, float("-inf"))
     sink = scores.new_full((*scores.shape[:-1], 1), _SINK)
     return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+
+
+class _BlockAttention(torch.autograd.Function):
+    """Softmax attention of query blocks over their key spans plus the global keys.
+
+    q, k, v: (B, H, L, D), saved as they come (views of the projection's output: no copy);
+    the block-padded layout is rebuilt in the forward and again in the backward.
+    k_glob, v_glob: (B, H, G, D). local_ok: (B, nb, span) and band: (bq, span) say which
+    span keys a row sees; glob_ok: (B, G). The span is block + 2 * reach with reach a whole
+    number of blocks (see banded_attention). Returns (B, H, nb * bq, D).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, k_glob, v_glob, local_ok, band, glob_ok, scale, chunk):  # noqa: D102
+        with torch.autocast(q.device.type, enabled=False):
+            q_blocks, k_pad, v_pad = _block_layout(q, k, v, band)
+            out = torch.empty_like(q_blocks)
+            lse = q_blocks.new_empty(q_blocks.shape[:-1])
+            for c in _chunks(q_blocks.shape[2], chunk):
+                scores = _block_scores(q_blocks, k_pad, k_glob, local_ok, band, glob_ok, scale, c)
+                lse[:, :, c] = torch.logsumexp(_with_sink(scores), dim=-1)
+                probs = torch.exp(scores - lse[:, :, c, :, None])  # masked scores are -inf: exact 0
+                out[:, :, c] = _block_values(probs, v_pad, v_glob, c, q_blocks.shape[3])
+        ctx.scale, ctx.chunk = scale, chunk
+        ctx.save_for_backward(q, k, v, k_glob, v_glob, local_ok, band, glob_ok, out, lse)
+        return out.view(*q.shape[:2], -1, q.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102 (autograd API)
+        q, k, v, k_glob, v_glob, local_ok, band, glob_ok, out, lse = ctx.saved_tensors
+        scale, length = ctx.scale, q.shape[2]
+        with torch.autocast(q.device.type, enabled=False):
+            q_blocks, k_pad, v_pad = _block_layout(q, k, v, band)
+            block, span, n_glob = q_blocks.shape[3], band.shape[1], k_glob.shape[2]
+            reach = (span - block) // 2
+            grad_out = grad_out.contiguous().view_as(out)
+            delta = (grad_out * out).sum(-1, keepdim=True)  # rowsum(P * dP), FlashAttention's D
+            grad_q = torch.empty_like(q_blocks)
+            grad_k, grad_v = torch.zeros_like(k_pad), torch.zeros_like(v_pad)
+            grad_kg, grad_vg = torch.zeros_like(k_glob), torch.zeros_like(v_glob)
+            for c in _chunks(q_blocks.shape[2], ctx.chunk):
+                q_c, g_c = q_blocks[:, :, c], grad_out[:, :, c]
+                scores = _block_scores(q_blocks, k_pad, k_glob, local_ok, band, glob_ok, scale, c)
+                probs = torch.exp(scores - lse[:, :, c, :, None])
+                p_local, p_glob = probs.split([span, n_glob], dim=-1)
+                k_span, v_span = _spans(k_pad, c, block, span), _spans(v_pad, c, block, span)  # (B,H,c,S,D)
+                _fold_spans(grad_v, p_local.transpose(-1, -2) @ g_c, c, block)
+                if n_glob:
+                    grad_vg += torch.einsum("bhcqg,bhcqd->bhgd", p_glob, g_c)
+                grad_p = torch.cat([g_c @ v_span.transpose(-1, -2), g_c @ v_glob[:, :, None].transpose(-1, -2)], -1)
+                grad_s = probs.mul_(grad_p.sub_(delta[:, :, c])).mul_(scale)  # in place: probs is spent
+                ds_local, ds_glob = grad_s.split([span, n_glob], dim=-1)
+                grad_q[:, :, c] = ds_local @ k_span + ds_glob @ k_glob[:, :, None]
+                _fold_spans(grad_k, ds_local.transpose(-1, -2) @ q_c, c, block)
+                if n_glob:
+                    grad_kg += torch.einsum("bhcqg,bhcqd->bhgd", ds_glob, q_c)
+        grad_q = grad_q.view(*q.shape[:2], -1, q.shape[-1])[:, :, :length]
+        rows = slice(reach, reach + length)
+        return grad_q, grad_k[:, :, rows], grad_v[:, :, rows], grad_kg, grad_vg, None, None, None, None, None
+
+
+def _block_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: torch.Tensor):
+    """Queries padded to whole blocks (B, H, nb, bq, D); keys and values padded by the reach
+    on both sides (and to whole blocks), so that block j's span is rows [j*bq, j*bq + span)."""
+    block, span = band.shape
+    batch, heads, length, dim = q.shape
+    n_blocks = -(-length // block)
+    reach = (span - block) // 2
+    pad = (0, 0, reach, reach + n_blocks * block - length)
+    q_blocks = F.pad(q, (0, 0, 0, n_blocks * block - length)).view(batch, heads, n_blocks, block, dim)
+    return q_blocks, F.pad(k, pad), F.pad(v, pad)
+
+
+def _chunks(n_blocks: int, chunk: int) -> list[slice]:
+    return [slice(start, min(n_blocks, start + chunk)) for start in range(0, n_blocks, chunk)]
+
+
+def _spans(keys: torch.Tensor, c: slice, block: int, span: int) -> torch.Tensor:
+    """(B, H, c, span, D): the key span of every block in chunk c (overlapping views)."""
+    return keys[:, :, c.start * block : (c.stop - 1) * block + span].unfold(2, span, block).transpose(-1, -2)
+
+
+def _fold_spans(grad_keys: torch.Tensor, grad_spans: torch.Tensor, c: slice, block: int) -> None:
+    """Add the (B, H, c, span, D) span gradients of chunk c back onto the keys they came from.
+
+    The span is a whole number of blocks, so block j's r-th sub-block is key block j + r:
+    one strided add per sub-block instead of a scatter.
+    """
+    batch, heads, n, span, dim = grad_spans.shape
+    key_blocks = grad_keys.view(batch, heads, -1, block, dim)
+    for r in range(span // block):
+        key_blocks[:, :, c.start + r : c.start + r + n] += grad_spans[:, :, :, r * block : (r + 1) * block]
+
+
+def _with_sink(scores: torch.Tensor) -> torch.Tensor:
+    # A finite, hugely negative extra column: a row that sees no key gets log-sum-exp _SINK
+    # (so its probabilities are exactly 0) instead of -inf (which would give NaN).
+    return torch.cat([scores, scores.new_full((*scores.shape[:-1], 1), _SINK)], dim=-1)
+
+
+def _block_scores(q_blocks, k_pad, k_glob, local_ok, band, glob_ok, scale, c: slice) -> torch.Tensor:
+    """(B, H, c, bq, span + G) scaled scores of chunk c, -inf where a key is not visible."""
+    block, span = q_blocks.shape[3], band.shape[1]
+    q_c = q_blocks[:, :, c]
+    local = q_c @ _spans(k_pad, c, block, span).transpose(-1, -2)
+    glob = q_c @ k_glob[:, :, None].transpose(-1, -2)
+    scores = torch.cat([local, glob.expand(-1, -1, q_c.shape[2], -1, -1)], dim=-1).mul_(scale)
+    visible = torch.cat(
+        [band & local_ok[:, None, c, None, :], glob_ok[:, None, None, None, :].expand(-1, 1, q_c.shape[2], block, -1)],
+        dim=-1,
+    )
+    return scores.masked_fill_(~visible, float("-inf"))
+
+
+def _block_values(probs, v_pad, v_glob, c: slice, block: int) -> torch.Tensor:
+    span = probs.shape[-1] - v_glob.shape[2]
+    p_local, p_glob = probs.split([span, v_glob.shape[2]], dim=-1)
+    return p_local @ _spans(v_pad, c, block, span) + p_glob @ v_glob[:, :, None]
 
 
 def _global_index(global_mask: torch.Tensor | None, batch: int, device: torch.device):
@@ -83,41 +206,24 @@ def banded_attention(
     v_glob = torch.gather(vf, 2, gidx[:, None, :, None].expand(batch, heads, -1, dim))
 
     block = max(1, min(block_size, length))
-    reach = min(band_reach(window, dilation), length)  # beyond the length nothing changes
+    # The band's reach rounded up to whole blocks (the extra keys are masked): spans then
+    # tile exactly, which lets the backward fold span gradients with strided adds.
+    reach = -(-min(band_reach(window, dilation), length) // block) * block
     n_blocks = -(-length // block)
     padded = n_blocks * block
     span = block + 2 * reach
 
-    # Keys padded by the reach on both sides, then viewed as one span per block.
     pad = (reach, reach + padded - length)
-    k_spans = F.pad(kf, (0, 0, *pad)).unfold(2, span, block)  # (B, H, nb, D, S)
-    v_spans = F.pad(vf, (0, 0, *pad)).unfold(2, span, block)
     # A local key is visible when it is real, not padding, and not global (global keys are
     # scored in the global part, so counting them here too would double their weight).
     local_ok = F.pad(key_ok & ~is_global, pad, value=False).unfold(1, span, block)  # (B, nb, S)
     rows = torch.arange(block, device=device)
     band = local_band(rows[:, None] + reach, torch.arange(span, device=device)[None, :], window, dilation)
-    q_blocks = F.pad(qf, (0, 0, 0, padded - length)).view(batch, heads, n_blocks, block, dim)
 
     per_block = batch * heads * block * (span + gidx.shape[1])
     chunk = max(1, _CHUNK_ELEMENTS // max(1, per_block))
-    outputs = []
-    for start in range(0, n_blocks, chunk):
-        stop = min(n_blocks, start + chunk)
-        qc = q_blocks[:, :, start:stop]  # (B, H, c, bq, D)
-        local_scores = torch.matmul(qc, k_spans[:, :, start:stop]) * scale  # (B, H, c, bq, S)
-        local_vis = band & local_ok[:, None, start:stop, None, :]  # (B, 1, c, bq, S)
-        glob_scores = torch.einsum("bhcqd,bhgd->bhcqg", qc, k_glob) * scale  # (B, H, c, bq, G)
-        glob_vis = gvisible[:, None, None, None, :].expand(-1, 1, stop - start, block, -1)
-        probs = _masked_softmax(
-            torch.cat([local_scores, glob_scores], dim=-1),
-            torch.cat([local_vis.expand(-1, 1, -1, -1, -1), glob_vis], dim=-1),
-        )
-        p_local, p_glob = probs.split([span, gidx.shape[1]], dim=-1)
-        out = torch.matmul(p_local, v_spans[:, :, start:stop].transpose(-1, -2))
-        out = out + torch.einsum("bhcqg,bhgd->bhcqd", p_glob, v_glob)
-        outputs.append(out)
-    out = torch.cat(outputs, dim=2).reshape(batch, heads, padded, dim)[:, :, :length]
+    out = _BlockAttention.apply(qf, kf, vf, k_glob, v_glob, local_ok.contiguous(), band, gvisible, scale, chunk)
+    out = out[:, :, :length]
 
     if gidx.shape[1] > 0:
         # Global rows attend to every (non-padding) key: a small dense pass, scattered in.

@@ -61,8 +61,7 @@ class _BlockAttention(torch.autograd.Function):
             lse = q_blocks.new_empty(q_blocks.shape[:-1])
             for c in _chunks(q_blocks.shape[2], chunk):
                 scores = _block_scores(q_blocks, k_pad, k_glob, local_ok, band, glob_ok, scale, c)
-                lse[:, :, c] = torch.logsumexp(_with_sink(scores), dim=-1)
-                probs = torch.exp(scores - lse[:, :, c, :, None])  # masked scores are -inf: exact 0
+                probs, lse[:, :, c] = _softmax_with_sink(scores)
                 out[:, :, c] = _block_values(probs, v_pad, v_glob, c, q_blocks.shape[3])
         ctx.scale, ctx.chunk = scale, chunk
         ctx.save_for_backward(q, k, v, k_glob, v_glob, local_ok, band, glob_ok, out, lse)
@@ -84,7 +83,7 @@ class _BlockAttention(torch.autograd.Function):
             for c in _chunks(q_blocks.shape[2], ctx.chunk):
                 q_c, g_c = q_blocks[:, :, c], grad_out[:, :, c]
                 scores = _block_scores(q_blocks, k_pad, k_glob, local_ok, band, glob_ok, scale, c)
-                probs = torch.exp(scores - lse[:, :, c, :, None])
+                probs = scores.sub_(lse[:, :, c, :, None]).exp_()  # masked scores are -inf: exact 0
                 p_local, p_glob = probs.split([span, n_glob], dim=-1)
                 k_span, v_span = _spans(k_pad, c, block, span), _spans(v_pad, c, block, span)  # (B,H,c,S,D)
                 _fold_spans(grad_v, p_local.transpose(-1, -2) @ g_c, c, block)
@@ -135,10 +134,17 @@ def _fold_spans(grad_keys: torch.Tensor, grad_spans: torch.Tensor, c: slice, blo
         key_blocks[:, :, c.start + r : c.start + r + n] += grad_spans[:, :, :, r * block : (r + 1) * block]
 
 
-def _with_sink(scores: torch.Tensor) -> torch.Tensor:
-    # A finite, hugely negative extra column: a row that sees no key gets log-sum-exp _SINK
-    # (so its probabilities are exactly 0) instead of -inf (which would give NaN).
-    return torch.cat([scores, scores.new_full((*scores.shape[:-1], 1), _SINK)], dim=-1)
+def _softmax_with_sink(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the last dim (in place) and its log-sum-exp, as if one more key scored _SINK.
+
+    The sink is finite and hugely negative: it takes no weight from a row that sees a key,
+    and a row that sees none gets probabilities exactly 0 and log-sum-exp _SINK, where a
+    plain softmax gives NaN. One exp pass, no concatenated copy.
+    """
+    top = scores.amax(dim=-1, keepdim=True).clamp_min_(_SINK)
+    probs = scores.sub_(top).exp_()
+    total = probs.sum(dim=-1, keepdim=True).add_(torch.exp(_SINK - top))
+    return probs.div_(total), (top + total.log()).squeeze(-1)
 
 
 def _block_scores(q_blocks, k_pad, k_glob, local_ok, band, glob_ok, scale, c: slice) -> torch.Tensor:

@@ -10,12 +10,18 @@ Both models are built from lightning_configs/model/{moe_diffuseq,diffuseq_baseli
    interleaved: MoE-DiffuSeq (banded) and the baseline with full attention as `sdpa` and
    as `eager`;
 2. peak memory of one training step, each figure in its own process;
-3. sampling seconds per document with each model's default sampler (MoE-DiffuSeq:
-   dpm_solver++ 20 steps; baseline: ancestral 2000 steps, timed over 20 steps and scaled
-   by 100: every ancestral step costs the same);
-4. quality at one wall-clock training budget per task (Lightning Trainer, max_time): validation
-   loss and ROUGE-1/2/L, BLEU on validation documents (baseline sampled with DDIM 200
-   steps, as DiffuSeq's own fast setting, to keep the run short).
+3. sampling seconds per document at every length with each model's default sampler
+   (MoE-DiffuSeq: dpm_solver++ 20 steps; baseline (sdpa): ancestral 2000 steps, timed over
+   20 steps and scaled by 100: every ancestral step costs the same);
+4. linear-layer efficiency at --efficiency-length: fwd+bwd time of the bare matmuls of the
+   FFN/MoE experts and of the attention projections (same shapes, same token counts per
+   expert), timed in the same run, divided by the layer's own fwd+bwd time;
+5. quality at one wall-clock training budget per task (Lightning Trainer, max_time): training
+   loss against wall-clock, then validation loss and ROUGE-1/2/L, BLEU on validation
+   documents (baseline sampled with DDIM 200 steps, as DiffuSeq's own fast setting, to keep
+   the run short);
+6. for every missed target, a torch.profiler table of the slowest part (kept in the JSON
+   and the README).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from .common import (
     print_table,
     random_batch,
     reset_peak_rss,
+    time_call,
     write_json,
 )
 
@@ -97,13 +104,60 @@ def sampling_seconds(variant: str, hidden: int, layers: int, src_len: int, trg_l
     return time.perf_counter() - start
 
 
-def quality(variant: str, task: str, seconds: float, hidden: int, layers: int, docs: int) -> dict:
+def gemm_seconds(shapes: list[tuple[int, int, int]], repeats: int) -> float:
+    """fwd+bwd of bare matmuls, one linear layer per (rows, in, out): y = x @ w, dx = dy @ w.T, dw = x.T @ dy."""
+    operands = [(torch.randn(m, k), torch.randn(k, n), torch.randn(m, n)) for m, k, n in shapes if m > 0]
+
+    def run():
+        for x, w, dy in operands:
+            x @ w, dy @ w.t(), x.t() @ dy
+
+    return time_call(run, repeats=repeats)
+
+
+def layer_seconds(fn, x: torch.Tensor, repeats: int) -> float:
+    """fwd+bwd of fn(x) (parameter and input gradients), median of repeats."""
+    x = x.detach().requires_grad_(True)
+
+    def run():
+        y = fn(x)
+        y = y[0] if isinstance(y, tuple) else y
+        y.backward(torch.ones_like(y))
+
+    return time_call(run, repeats=repeats)
+
+
+def linear_efficiency(variant: str, hidden: int, layers: int, length: int, trg_len: int, repeats: int) -> dict:
+    """Fraction of a same-shape GEMM's speed that the FFN/MoE and the attention projections reach."""
+    model = build(variant, hidden, layers, length, trg_len)
+    block = model.denoiser.blocks[0]
+    tokens = length + trg_len + 3
+    x = torch.randn(1, tokens, hidden)
+    ffn = block.ffn
+    if hasattr(ffn, "experts"):
+        with torch.no_grad():
+            index = ffn.router(x.reshape(-1, hidden)).expert_index
+        counts = torch.bincount(index.reshape(-1), minlength=ffn.num_experts).tolist()
+        width = ffn.experts.w1.shape[-1]
+        ffn_shapes = [s for n in counts for s in ((n, hidden, width), (n, width, hidden))]
+    else:
+        ffn_shapes = [(tokens, hidden, ffn.fc1.out_features), (tokens, ffn.fc1.out_features, hidden)]
+    attn = block.attn
+    proj_shapes = [(tokens, hidden, attn.qkv.out_features), (tokens, hidden, attn.out.out_features)]
+    ffn_gemm, ffn_layer = gemm_seconds(ffn_shapes, repeats), layer_seconds(ffn, x, repeats)
+    proj_gemm = gemm_seconds(proj_shapes, repeats)
+    proj_layer = layer_seconds(lambda h: attn.out(attn.qkv(h)[..., :hidden]), x, repeats)
+    return {"ffn": ffn_gemm / ffn_layer, "projections": proj_gemm / proj_layer,
+            "ffn_layer_s": ffn_layer, "ffn_gemm_s": ffn_gemm, "projections_layer_s": proj_layer, "projections_gemm_s": proj_gemm}
+
+
+def quality(variant: str, task: str, seconds: float, hidden: int, layers: int, docs: int, data_dir: Path) -> dict:
     import lightning.pytorch as pl
 
     from data_modules import Seq2SeqDataModule
     from moe_diffuseq.evaluation import score_generations
 
-    dm = Seq2SeqDataModule(corpus=task, data_dir=str(ROOT / "data"), max_src_len=256, max_trg_len=128,
+    dm = Seq2SeqDataModule(corpus=task, data_dir=str(data_dir), max_src_len=256, max_trg_len=128,
                            batch_size=16, tokenizer_vocab_size=4096)
     dm.prepare_data()
     dm.setup("fit")
@@ -111,9 +165,24 @@ def quality(variant: str, task: str, seconds: float, hidden: int, layers: int, d
     args.update(lr=1e-3, warmup_steps=50)
     from moe_diffuseq import MoEDiffuSeq
 
+    class LossClock(pl.Callback):
+        """(seconds since the first batch, training loss) after every step."""
+
+        def __init__(self) -> None:
+            self.start: float | None = None
+            self.points: list[tuple[float, float]] = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            self.start = self.start or time.perf_counter()
+            if outputs is not None:
+                loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+                self.points.append((time.perf_counter() - self.start, float(loss)))
+
     torch.manual_seed(0)
     model = MoEDiffuSeq(**args)
+    clock = LossClock()
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_time={"seconds": seconds}, max_steps=-1, logger=False,
+                         callbacks=[clock],
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=8, val_check_interval=10**9, check_val_every_n_epoch=None,
                          num_sanity_val_steps=0)
@@ -124,7 +193,12 @@ def quality(variant: str, task: str, seconds: float, hidden: int, layers: int, d
     hyps = model.generate([r["src"] for r in rows], sampler=sampler, steps=steps, seed=0)
     scores = score_generations(hyps, [r["trg"] for r in rows])
     return {"steps": trainer.global_step, "val_loss": val["val/loss"], "rougeL": scores["rougeL"],
-            "rouge1": scores["rouge1"], "rouge2": scores["rouge2"], "bleu": scores["bleu"]}
+            "rouge1": scores["rouge1"], "rouge2": scores["rouge2"], "bleu": scores["bleu"],
+            "train_loss_vs_seconds": clock.points[:: max(1, len(clock.points) // 200)]}
+
+
+TARGETS = {"train_speedup_4k": (">=", 1.3), "train_speedup_8k": (">=", 2.0), "memory_ratio_8k_eager": ("<=", 0.3),
+           "memory_ratio_8k_sdpa": ("<=", 1.0), "sampling_speedup": (">=", 90.0)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -134,9 +208,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--efficiency-length", type=int, default=4096, help="source length of the linear-layer efficiency")
     parser.add_argument("--budget", type=float, default=600.0, help="training seconds per model and task")
     parser.add_argument("--tasks", nargs="*", default=["code", "dialogue", "scientific"], help="corpora for the quality part (give none to skip it)")
     parser.add_argument("--docs", type=int, default=32)
+    parser.add_argument("--data-dir", default=str(ROOT / "data"), help="where the corpora are (built when missing)")
     parser.add_argument("--quick", action="store_true", help="lengths 1k-2k, 60 s budgets, code only, 8 docs")
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -146,11 +222,12 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     if args.quick:
         args.lengths, args.repeats, args.budget, args.tasks, args.docs = [1024, 2048], 1, 60.0, ["code"], 8
+        args.efficiency_length = 2048
+    width = (args.hidden, args.layers)
 
-    throughput, memory = {}, {}
+    throughput, memory, sampling = {}, {}, {}
     for length in args.lengths:
-        steps = {v: train_step_fn(build(v, args.hidden, args.layers, length, args.trg_len), random_batch(length, args.trg_len))
-                 for v in VARIANTS}
+        steps = {v: train_step_fn(build(v, *width, length, args.trg_len), random_batch(length, args.trg_len)) for v in VARIANTS}
         times = {v: [] for v in VARIANTS}
         for fn in steps.values():
             fn()  # warm-up
@@ -159,41 +236,103 @@ def main(argv: list[str] | None = None) -> dict:
                 start = time.perf_counter()
                 fn()
                 times[v].append(time.perf_counter() - start)
+        del steps
         tokens = length + args.trg_len + 3
         throughput[length] = {v: tokens / sorted(t)[len(t) // 2] for v, t in times.items()}
         memory[length] = {v: measure_in_subprocess("bench.compare", ["--child", v, str(length), "--trg-len", str(args.trg_len),
                                                                      "--hidden", str(args.hidden), "--layers", str(args.layers)]).get("peak_mb")
                           for v in VARIANTS}
-        print(f"  length {length}: tokens/s {throughput[length]}, peak MB {memory[length]}")
-    length = args.lengths[0]
-    sampling = {v: sampling_seconds(v, args.hidden, args.layers, length, args.trg_len) for v in ("moe", "sdpa")}
-    tasks = [t for t in args.tasks if t != "scientific" or (ROOT / "data" / "scientific" / "train.jsonl").exists()]
-    qualities = {t: {v: quality(v, t, args.budget, args.hidden, args.layers, args.docs) for v in ("moe", "sdpa")} for t in tasks}
+        sampling[length] = {v: sampling_seconds(v, *width, length, args.trg_len) for v in ("moe", "sdpa")}
+        print(f"  length {length}: tokens/s {throughput[length]}, peak MB {memory[length]}, sampling s {sampling[length]}")
+    efficiency = {v: linear_efficiency(v, *width, args.efficiency_length, args.trg_len, args.repeats) for v in ("moe", "sdpa")}
+    data_dir = Path(args.data_dir)
+    tasks = [t for t in args.tasks if t != "scientific" or (data_dir / "scientific" / "train.jsonl").exists()]
+    qualities = {t: {v: quality(v, t, args.budget, *width, args.docs, data_dir) for v in ("moe", "sdpa")} for t in tasks}
 
     def ratio(a, b):
         return a / b if a is not None and b else None
 
+    sampling_by_length = {n: ratio(s["sdpa"], s["moe"]) for n, s in sampling.items()}
     summary = {
         "train_speedup_4k": ratio(throughput.get(4096, {}).get("moe"), throughput.get(4096, {}).get("sdpa")),
         "train_speedup_8k": ratio(throughput.get(8192, {}).get("moe"), throughput.get(8192, {}).get("sdpa")),
         "memory_ratio_8k_eager": ratio(memory.get(8192, {}).get("moe"), memory.get(8192, {}).get("eager")),
         "memory_ratio_8k_sdpa": ratio(memory.get(8192, {}).get("moe"), memory.get(8192, {}).get("sdpa")),
-        "sampling_speedup": ratio(sampling["sdpa"], sampling["moe"]),
-        "quality": {t: {"moe_rougeL": q["moe"]["rougeL"], "baseline_rougeL": q["sdpa"]["rougeL"]} for t, q in qualities.items()},
+        # The smallest speed-up over the lengths: the target holds at every length or not at all.
+        "sampling_speedup": min(sampling_by_length.values()),
+        "sampling_speedup_by_length": sampling_by_length,
+        "linear_efficiency": {v: {k: e[k] for k in ("ffn", "projections")} for v, e in efficiency.items()},
+        "quality": {t: {"moe_rougeL": q["moe"]["rougeL"], "baseline_rougeL": q["sdpa"]["rougeL"],
+                        "moe_val_loss": q["moe"]["val_loss"], "baseline_val_loss": q["sdpa"]["val_loss"]}
+                    for t, q in qualities.items()},
     }
-    rows = [[n, *(throughput[n][v] for v in VARIANTS), *(memory[n][v] for v in VARIANTS)] for n in args.lengths]
-    print_table(["length", "moe tok/s", "sdpa tok/s", "eager tok/s", "moe MB", "sdpa MB", "eager MB"], rows)
+    checks = target_checks(summary)
+    profiles = {name: profile_table(name, summary, args) for name, c in checks.items() if not c["met"]}
+
+    rows = [[n, *(throughput[n][v] for v in VARIANTS), *(memory[n][v] for v in VARIANTS), sampling[n]["moe"], sampling[n]["sdpa"]]
+            for n in args.lengths]
+    print_table(["length", "moe tok/s", "sdpa tok/s", "eager tok/s", "moe MB", "sdpa MB", "eager MB", "moe sample s", "sdpa sample s"], rows)
+    print_table(["model", "ffn", "projections"], [[v, e["ffn"], e["projections"]] for v, e in efficiency.items()])
     print_table(["task", "model", "steps", "val loss", "ROUGE-L", "BLEU"],
                 [[t, v, q["steps"], q["val_loss"], q["rougeL"], q["bleu"]] for t, qs in qualities.items() for v, q in qs.items()])
-    print(json.dumps(summary, indent=2))
+    for name, c in checks.items():
+        print(f"{name}: {c['measured']:.3g} (target {c['target']}) {'OK' if c['met'] else 'MISSED'}")
+    for name, table in profiles.items():
+        print(f"profile for {name}:\n{table}")
     payload = {"benchmark": "compare", "machine": machine_info(),
-               "setup": {k: getattr(args, k) for k in ("lengths", "trg_len", "hidden", "layers", "repeats", "budget", "tasks", "docs", "quick")},
+               "setup": {k: getattr(args, k) for k in ("lengths", "trg_len", "hidden", "layers", "repeats", "efficiency_length",
+                                                       "budget", "tasks", "docs", "quick")},
                "throughput_tokens_per_s": throughput, "peak_memory_mb": memory, "sampling_seconds_per_document": sampling,
-               "quality": qualities, "summary": summary}
+               "linear_efficiency": efficiency, "quality": qualities, "summary": summary, "checks": checks, "profiles": profiles}
     path = write_json("compare", payload, args.out)
     plot(payload, path.with_suffix(".png"))
     print(f"wrote {path}")
     return payload
+
+
+def target_checks(summary: dict) -> dict:
+    """The issue's targets that this run measured, met or not; quality: MoE-DiffuSeq's ROUGE-L >= the baseline's."""
+    checks = {}
+    for name, (op, target) in TARGETS.items():
+        value = summary.get(name)
+        if value is not None:
+            checks[name] = {"measured": value, "target": f"{op} {target}", "met": value >= target if op == ">=" else value <= target}
+    for task, q in summary["quality"].items():
+        checks[f"quality_{task}"] = {"measured": q["moe_rougeL"] - q["baseline_rougeL"], "target": ">= 0 (ROUGE-L difference)",
+                                     "met": q["moe_rougeL"] >= q["baseline_rougeL"]}
+    return checks
+
+
+def profile_table(name: str, summary: dict, args) -> str:
+    """torch.profiler table of the slowest part behind a missed target (MoE-DiffuSeq's side)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if name.startswith("quality_"):
+        length = 256
+    elif name == "sampling_speedup":
+        by_length = summary["sampling_speedup_by_length"]
+        length = min(by_length, key=by_length.get)
+    else:
+        length = 4096 if name.endswith("4k") else 8192
+    model = build("moe", args.hidden, args.layers, length, args.trg_len)
+    batch = random_batch(length, args.trg_len)
+    memory = name.startswith("memory")
+    if name == "sampling_speedup":
+        model.eval()
+        sampler = model.sampling_config.sampler
+        model.sample_ids(batch, sampler=sampler, steps=2, seed=0)  # warm-up
+
+        def work():
+            model.sample_ids(batch, sampler=sampler, steps=5, seed=0)
+    else:
+        step = train_step_fn(model, batch)
+        step()  # warm-up (optimizer state)
+        work = step
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=memory) as prof:
+        work()
+    sort = "self_cpu_memory_usage" if memory else "self_cpu_time_total"
+    return f"MoE-DiffuSeq, source {length}, {'5 sampling steps' if name == 'sampling_speedup' else 'one training step'}:\n" + \
+        prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=40)
 
 
 def plot(payload: dict, path) -> None:
@@ -213,6 +352,31 @@ def plot(payload: dict, path) -> None:
     ax_m.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+    if payload["quality"]:
+        plot_quality(payload["quality"], path.with_name(path.stem + "_quality.png"))
+
+
+def plot_quality(qualities: dict, path) -> None:
+    """Training loss against wall-clock seconds, one panel per task, both models."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(qualities), figsize=(5 * len(qualities), 4), squeeze=False)
+    for ax, (task, per_model) in zip(axes[0], qualities.items(), strict=True):
+        for v, q in per_model.items():
+            points = q["train_loss_vs_seconds"]
+            if not points:
+                continue
+            seconds, losses = zip(*points, strict=True)
+            window = max(1, len(losses) // 20)  # running mean: single-batch losses are noisy
+            smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+                      for i in range(len(losses))]
+            ax.plot(seconds, smooth, label=f"{'MoE-DiffuSeq' if v == 'moe' else 'baseline (sdpa)'}: val loss {q['val_loss']:.3g}")
+        ax.set(xlabel="training wall-clock s", ylabel="training loss (running mean)", title=task)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

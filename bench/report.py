@@ -94,16 +94,30 @@ def _compare_section(name: str, c: dict) -> list[str]:
     out = [f"### MoE-DiffuSeq vs the DiffuSeq baseline (`bench/results/{name}.json`{flags})", "",
            f"Bench width: hidden {s['hidden']}, {s['layers']} layers, both models; target {s['trg_len']} tokens. {_machine(c)}", ""]
     lengths = sorted(c["throughput_tokens_per_s"], key=int)
-    out += _table(["source length", "MoE-DiffuSeq tok/s", "sdpa tok/s", "eager tok/s", "MoE-DiffuSeq MB", "sdpa MB", "eager MB"],
+    sampling = c.get("sampling_seconds_per_document", {})
+    sampling = sampling if all(n in sampling for n in lengths) else {}  # older runs: one length only
+    out += _table(["source length", "MoE-DiffuSeq tok/s", "sdpa tok/s", "eager tok/s", "MoE-DiffuSeq MB", "sdpa MB", "eager MB",
+                   "MoE-DiffuSeq sample s/doc", "sdpa sample s/doc"],
                   [[n, *(c["throughput_tokens_per_s"][n][v] for v in ("moe", "sdpa", "eager")),
-                    *(c["peak_memory_mb"][n][v] for v in ("moe", "sdpa", "eager"))] for n in lengths])
+                    *(c["peak_memory_mb"][n][v] for v in ("moe", "sdpa", "eager")),
+                    *(sampling.get(n, {}).get(v) for v in ("moe", "sdpa"))] for n in lengths])
+    if c.get("linear_efficiency"):
+        out += ["", f"Linear-layer efficiency at source {s.get('efficiency_length')} (bare same-shape GEMMs' fwd+bwd time / the layer's):", ""]
+        out += _table(["model", "FFN / MoE", "attention projections"],
+                      [[v, e["ffn"], e["projections"]] for v, e in c["linear_efficiency"].items()])
     if c["quality"]:
         out += ["", f"Quality after {s['budget']:.0f} s of training per model and task:", ""]
         out += _table(["task", "model", "steps in budget", "val loss", "ROUGE-L", "BLEU"],
                       [[t, v, q["steps"], q["val_loss"], q["rougeL"], q["bleu"]] for t, qs in c["quality"].items()
                        for v, q in qs.items()])
-    out += [""] + [f"- {k}: {_f(v)}" for k, v in c["summary"].items() if k != "quality"]
-    return out + ["", f"![{name}](bench/results/{name}.png)", ""]
+    skip = ("quality", "linear_efficiency", "sampling_speedup_by_length")
+    out += [""] + (_checks(c) or [f"- {k}: {_f(v)}" for k, v in c["summary"].items() if k not in skip])
+    for target, table in c.get("profiles", {}).items():
+        out += ["", f"<details><summary>Profile behind {target}</summary>", "", "```", table.rstrip(), "```", "", "</details>"]
+    out += ["", f"![{name}](bench/results/{name}.png)"]
+    if c["quality"]:
+        out += ["", f"![{name} quality](bench/results/{name}_quality.png)"]
+    return out + [""]
 
 
 def main(argv: list[str] | None = None) -> int:

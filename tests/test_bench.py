@@ -26,3 +26,31 @@ def test_moe_bench_tiny_run_writes_json(tmp_path):
     payload = json.loads(out.read_text())
     assert {r["variant"] for r in payload["results"]} == {"dense_ffn", "moe_sorted", "moe_looped", "all_experts"}
     assert set(payload["checks"]) == {"moe_speed_vs_dense_float32", "moe_speed_vs_dense_bfloat16"}
+
+
+def test_compare_bench_tiny_run_covers_every_part(tmp_path, small_corpus):
+    from bench import compare
+    from data_modules.corpora import MARKER, VERSIONS
+
+    data = tmp_path / "data" / "code"
+    data.mkdir(parents=True)
+    for split in ("train", "validation"):
+        (data / f"{split}.jsonl").write_text((small_corpus / f"{split}.jsonl").read_text())
+    (data / MARKER).write_text(VERSIONS["code"] + "\n")  # "built": prepare_data must not rebuild it
+    out = tmp_path / "compare.json"
+    compare.main(["--lengths", "64", "--trg-len", "16", "--hidden", "32", "--layers", "1", "--repeats", "1",
+                  "--efficiency-length", "64", "--tasks", "code", "--budget", "2", "--docs", "2",
+                  "--data-dir", str(tmp_path / "data"), "--out", str(out)])
+    payload = json.loads(out.read_text())
+    summary = payload["summary"]
+    assert summary["sampling_speedup"] > 0 and set(summary["sampling_speedup_by_length"]) == {"64"}
+    for model in ("moe", "sdpa"):
+        assert all(v > 0 for v in payload["peak_memory_mb"]["64"].values())
+        assert 0 < summary["linear_efficiency"][model]["ffn"] and 0 < summary["linear_efficiency"][model]["projections"]
+        quality = payload["quality"]["code"][model]
+        assert quality["steps"] > 0 and quality["train_loss_vs_seconds"]
+    assert "sampling_speedup" in payload["checks"] and "quality_code" in payload["checks"]
+    missed = {name for name, c in payload["checks"].items() if not c["met"]}
+    assert set(payload["profiles"]) == missed
+    assert all("Self CPU" in table for table in payload["profiles"].values())
+    assert out.with_suffix(".png").stat().st_size > 0 and (tmp_path / "compare_quality.png").stat().st_size > 0

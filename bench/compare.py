@@ -48,6 +48,8 @@ from .common import (
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"moe": "moe_diffuseq", "sdpa": "diffuseq_baseline", "eager": "diffuseq_baseline"}
+# The quality part's shape: short enough that a 2-core CPU takes a few hundred steps in the budget.
+QUALITY_SRC_LEN, QUALITY_TRG_LEN, QUALITY_BATCH = 256, 128, 16
 
 
 def model_args(variant: str, hidden: int, layers: int, src_len: int, trg_len: int, vocab: int | None) -> dict:
@@ -157,11 +159,11 @@ def quality(variant: str, task: str, seconds: float, hidden: int, layers: int, d
     from data_modules import Seq2SeqDataModule
     from moe_diffuseq.evaluation import score_generations
 
-    dm = Seq2SeqDataModule(corpus=task, data_dir=str(data_dir), max_src_len=256, max_trg_len=128,
-                           batch_size=16, tokenizer_vocab_size=4096)
+    dm = Seq2SeqDataModule(corpus=task, data_dir=str(data_dir), max_src_len=QUALITY_SRC_LEN,
+                           max_trg_len=QUALITY_TRG_LEN, batch_size=QUALITY_BATCH, tokenizer_vocab_size=4096)
     dm.prepare_data()
     dm.setup("fit")
-    args = model_args(variant, hidden, layers, 256, 128, None)
+    args = model_args(variant, hidden, layers, QUALITY_SRC_LEN, QUALITY_TRG_LEN, None)
     args.update(lr=1e-3, warmup_steps=50)
     from moe_diffuseq import MoEDiffuSeq
 
@@ -308,7 +310,7 @@ def profile_table(name: str, summary: dict, args) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     if name.startswith("quality_"):
-        length = 256
+        length = QUALITY_SRC_LEN
     elif name == "sampling_speedup":
         by_length = summary["sampling_speedup_by_length"]
         length = min(by_length, key=by_length.get)

@@ -70,7 +70,9 @@ def render() -> str:
         out += ["", *_checks(m), ""]
     if (p := _load("sampling")) is not None:
         out += ["### Sampling (`make bench-sampling`)", "",
-                f"{p['setup']['docs']} validation documents, checkpoint `{p['setup']['ckpt']}`. {_machine(p)}", ""]
+                f"{p['setup']['docs']} validation documents, checkpoint `{p['setup']['ckpt']}`"
+                f"{' after ' + str(p['setup']['trained_steps']) + ' training steps' if p['setup'].get('trained_steps') else ''}. "
+                f"{_machine(p)}", ""]
         out += _table(["sampler", "steps", "s/document", "speed-up", "BLEU", "ROUGE-L"],
                       [[r["sampler"], r["steps"], r["seconds_per_document"], r["speedup_vs_ancestral"], r["bleu"], r["rougeL"]]
                        for r in p["results"]])

@@ -23,6 +23,13 @@ from .common import machine_info, print_table, write_json
 CONFIGS = [("ancestral", None), ("ddim", 200), ("dpm_solver++", 20), ("dpm_solver++", 10)]
 
 
+def trained_steps(ckpt: str) -> int | None:
+    """The checkpoint's optimizer step count: sample quality depends on it more than on anything else."""
+    import torch
+
+    return torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default="runs/quickstart/checkpoints/last.ckpt")
@@ -74,7 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name, check in checks.items():
         measured = "n/a" if check["measured"] is None else f"{check['measured']:.3g}"
         print(f"{name}: {measured} (target {check['target']}) {'OK' if check['met'] else 'MISSED'}")
-    payload = {"benchmark": "sampling", "setup": {"ckpt": args.ckpt, "data": args.data, "docs": len(sources), "spacing": args.spacing},
+    setup = {"ckpt": args.ckpt, "trained_steps": trained_steps(args.ckpt), "data": args.data, "docs": len(sources),
+             "spacing": args.spacing}
+    payload = {"benchmark": "sampling", "setup": setup,
                "machine": machine_info(), "results": records, "checks": checks}
     path = write_json("sampling", payload, args.out)
     plot(records, path.with_suffix(".png"))

@@ -2,7 +2,9 @@
 
 All experts' weights live in stacked tensors (E, ...) so that every dispatch reads the
 same parameters: ``looped`` is the plain reference, ``sorted`` groups the routed slots by
-expert and runs one contiguous matmul per expert (``torch._grouped_mm`` where it helps).
+expert and runs one contiguous matmul per expert: in fp32/fp64 through ``_RoutedExperts``
+(one fused autograd Function, expert by expert), under autocast op by op, and on CUDA bf16
+with ``torch._grouped_mm``.
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ from .common import (
     random_batch,
     reset_peak_rss,
     time_call,
+    train_step_fn,
     write_json,
 )
 
@@ -68,19 +69,6 @@ def build(variant, hidden, layers, src_len, trg_len, vocab=4096):
 
     torch.manual_seed(0)
     return MoEDiffuSeq(**model_args(variant, hidden, layers, src_len, trg_len, vocab))
-
-
-def train_step_fn(model, batch):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step():
-        t, w = model.timestep_sampler.sample(1, torch.device("cpu"))
-        loss, _, _ = model._loss(model.denoiser, batch, t, w)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def memory_child(variant: str, src_len: int, trg_len: int, hidden: int, layers: int) -> dict:

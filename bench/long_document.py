@@ -20,6 +20,7 @@ from .common import (
     print_table,
     random_batch,
     reset_peak_rss,
+    train_step_fn,
     write_json,
 )
 
@@ -36,15 +37,11 @@ def one_step(backend: str, src_len: int, trg_len: int, window: int, vocab: int =
         attention=AttentionConfig(window=window, backend=backend), moe=MoEConfig(num_experts=4, expert_hidden=128),
         ema_decay=0.0,
     )
-    batch = random_batch(src_len, trg_len, vocab)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step = train_step_fn(model, random_batch(src_len, trg_len, vocab))
     reset_peak_rss()
     before = current_rss_mb()
     start = time.perf_counter()
-    t, w = model.timestep_sampler.sample(1, torch.device("cpu"))
-    loss, _, _ = model._loss(model.denoiser, batch, t, w)
-    loss.backward()
-    optimizer.step()
+    loss = step()
     return {"seconds": time.perf_counter() - start, "peak_mb": peak_rss_mb() - before, "loss": float(loss)}
 
 

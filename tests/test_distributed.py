@@ -15,6 +15,7 @@ from moe_diffuseq.moe import MoEFeedForward
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
+FSDP_CPU = REPO / "lightning_configs" / "trainer" / "fsdp_cpu.yaml"
 
 
 def _fit(tmp_path: Path, corpus: Path, tokenizer: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -23,6 +24,12 @@ def _fit(tmp_path: Path, corpus: Path, tokenizer: Path, *extra: str) -> subproce
            *data_args(corpus, tokenizer),
            f"--trainer.default_root_dir={tmp_path}", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+
+
+def _fit_fsdp_cpu(tmp_path: Path, corpus: Path, tokenizer: Path, *extra: str) -> subprocess.CompletedProcess:
+    # The trainer file comes after _fit's own flags, so the run directory is given again after it.
+    return _fit(tmp_path, corpus, tokenizer, "--trainer", str(FSDP_CPU), "--trainer.logger=false",
+                f"--trainer.default_root_dir={tmp_path}", *extra)
 
 
 def _load_and_generate(ckpt: Path) -> list[str]:
@@ -60,10 +67,8 @@ def test_ddp_two_processes(tmp_path, small_corpus, small_tokenizer_file):
 
 @pytest.mark.slow
 def test_fsdp2_two_processes(tmp_path, small_corpus, small_tokenizer_file):
-    done = _fit(tmp_path, small_corpus, small_tokenizer_file,
-                "--trainer", str(REPO / "lightning_configs" / "trainer" / "fsdp_cpu.yaml"),
-                "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=2",
-                "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}")
+    done = _fit_fsdp_cpu(tmp_path, small_corpus, small_tokenizer_file,
+                         "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=2")
     assert done.returncode == 0, done.stderr[-4000:]
     (ckpt,) = tmp_path.rglob("*.ckpt")
     assert ckpt.is_file()  # consolidated to one file
@@ -74,12 +79,11 @@ def test_fsdp2_two_processes(tmp_path, small_corpus, small_tokenizer_file):
 
 @pytest.mark.slow
 def test_sharded_checkpoint_consolidates_to_one_loadable_file(tmp_path, small_corpus, small_tokenizer_file):
-    done = _fit(tmp_path, small_corpus, small_tokenizer_file,
-                "--trainer", str(REPO / "lightning_configs" / "trainer" / "fsdp_cpu.yaml"),
-                "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.logger=false",
-                f"--trainer.default_root_dir={tmp_path}", "--trainer.strategy.init_args.save_distributed_checkpoint=true",
-                "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-                f"--trainer.callbacks.dirpath={tmp_path / 'ck'}", "--trainer.callbacks.every_n_train_steps=1")
+    done = _fit_fsdp_cpu(tmp_path, small_corpus, small_tokenizer_file,
+                         "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+                         "--trainer.strategy.init_args.save_distributed_checkpoint=true",
+                         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                         f"--trainer.callbacks.dirpath={tmp_path / 'ck'}", "--trainer.callbacks.every_n_train_steps=1")
     assert done.returncode == 0, done.stderr[-4000:]
     (folder,) = (tmp_path / "ck").glob("*.ckpt")
     assert folder.is_dir() and (folder / ".metadata").is_file()

@@ -27,7 +27,7 @@ from .mask import band_reach, local_band
 _CHUNK_ELEMENTS = 1 << 18
 
 
-# Score of the "sink" column: far below any real score, yet finite (see _masked_softmax).
+# Score of the "sink" key: far below any real score, yet finite (see _softmax_with_sink).
 _SINK = -1e30
 
 
@@ -106,10 +106,10 @@ def _block_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band: torch
     on both sides (and to whole blocks), so that block j's span is rows [j*bq, j*bq + span)."""
     block, span = band.shape
     batch, heads, length, dim = q.shape
-    n_blocks = -(-length // block)
+    tail = -length % block  # query rows added to fill the last block
     reach = (span - block) // 2
-    pad = (0, 0, reach, reach + n_blocks * block - length)
-    q_blocks = F.pad(q, (0, 0, 0, n_blocks * block - length)).view(batch, heads, n_blocks, block, dim)
+    q_blocks = F.pad(q, (0, 0, 0, tail)).view(batch, heads, -1, block, dim)
+    pad = (0, 0, reach, reach + tail)
     return q_blocks, F.pad(k, pad), F.pad(v, pad)
 
 
@@ -215,11 +215,9 @@ def banded_attention(
     # The band's reach rounded up to whole blocks (the extra keys are masked): spans then
     # tile exactly, which lets the backward fold span gradients with strided adds.
     reach = -(-min(band_reach(window, dilation), length) // block) * block
-    n_blocks = -(-length // block)
-    padded = n_blocks * block
     span = block + 2 * reach
 
-    pad = (reach, reach + padded - length)
+    pad = (reach, reach + -length % block)  # as the keys in _block_layout
     # A local key is visible when it is real, not padding, and not global (global keys are
     # scored in the global part, so counting them here too would double their weight).
     local_ok = F.pad(key_ok & ~is_global, pad, value=False).unfold(1, span, block)  # (B, nb, S)

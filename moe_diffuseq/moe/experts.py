@@ -160,8 +160,8 @@ def sorted_dispatch(
         grouped = x.index_select(0, token_sorted)
         y = torch.cat(experts.run_groups(list(grouped.split(counts.tolist()))))
     else:
-        w = experts
-        return _RoutedExperts.apply(x, token_sorted, weight_sorted.to(x.dtype), counts.tolist(), w.w1, w.b1, w.w2, w.b2)
+        weights = (experts.w1, experts.b1, experts.w2, experts.b2)
+        return _RoutedExperts.apply(x, token_sorted, weight_sorted.to(x.dtype), counts.tolist(), *weights)
     y = y * weight_sorted[:, None].to(y.dtype)
     return x.new_zeros(x.shape, dtype=y.dtype).index_add(0, token_sorted, y)
 

@@ -1,5 +1,6 @@
 """Sparse attention benchmark: banded versus dense (fwd+bwd time, peak memory) and flex
-forward, at lengths 1k-16k, interleaved in one run.
+forward, at lengths 1k-16k, interleaved in one run; then short batched inputs, where `auto`
+switches from banded to dense on CPU: both timed, forward and fwd+bwd, against auto's pick.
 
     python -m bench.attention [--lengths 1024 2048 ...] [--quick] [--out FILE.json]
 
@@ -16,7 +17,7 @@ import sys
 
 import torch
 
-from moe_diffuseq.attention import sparse_attention
+from moe_diffuseq.attention import resolve_backend, sparse_attention
 
 from .common import (
     current_rss_mb,
@@ -51,6 +52,42 @@ def run_once(backend: str, length: int, backward: bool = True) -> None:
         )
         if backward:
             out.sum().backward()
+
+
+# (batch, length): the quality run's shape (16 x 387), and around auto's switch (2 x 640).
+SHORT_SHAPES = [(16, 387), (4, 640), (4, 768), (2, 1283)]
+
+
+def short_sequences(repeats: int) -> list[dict]:
+    """Dense against banded on short batched inputs with padding; which one `auto` picks."""
+    records = []
+    for batch, length in SHORT_SHAPES:
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(batch, SETUP["heads"], length, SETUP["head_dim"], generator=gen) for _ in range(3))
+        glob = torch.zeros(batch, length, dtype=torch.bool)
+        glob[:, 0] = glob[:, length // 2] = True
+        pad = torch.zeros(batch, length, dtype=torch.bool)
+        pad[1:, length - length // 5 :] = True  # rows of different lengths, as in a real batch
+        kwargs = dict(window=SETUP["window"], dilation=SETUP["dilation"], global_mask=glob, key_padding_mask=pad,
+                      block_size=SETUP["block_size"])
+
+        def run(backend: str, backward: bool) -> None:
+            qq, kk, vv = (t.detach().requires_grad_(backward) for t in (q, k, v))
+            with torch.set_grad_enabled(backward):
+                out = sparse_attention(qq, kk, vv, backend=backend, **kwargs)
+                if backward:
+                    out.sum().backward()
+
+        record = {"batch": batch, "length": length,
+                  "auto": resolve_backend("auto", q, window=SETUP["window"], dilation=SETUP["dilation"],
+                                          block_size=SETUP["block_size"])}
+        for backend in ("dense", "banded"):
+            record[f"{backend}_fwd_s"] = time_call(lambda b=backend: run(b, False), repeats=repeats)
+            record[f"{backend}_fwd_bwd_s"] = time_call(lambda b=backend: run(b, True), repeats=repeats)
+        faster = min(("dense", "banded"), key=lambda b: record[f"{b}_fwd_bwd_s"])
+        record["fwd_bwd_faster"] = faster
+        records.append(record)
+    return records
 
 
 def memory_child(backend: str, length: int) -> None:
@@ -108,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
                      record["dense_peak_mb"], record["banded_peak_mb"], record.get("memory_ratio")])
         print(f"  measured length {length}", file=sys.stderr)
 
+    short = short_sequences(max(3, args.repeats))
     targets = {2048: 1.5, 4096: 3.0, 8192: 6.0, 16384: 12.0}
     checks = {f"speedup_{n}": {"target": t, "measured": r["speedup"], "met": r["speedup"] >= t}
               for r in records for n, t in targets.items() if r["length"] == n}
@@ -120,9 +158,13 @@ def main(argv: list[str] | None = None) -> dict:
         checks["banded_memory_growth_8k_to_16k"] = {"target": 2.0, "measured": growth, "met": growth <= 2.2}
 
     print_table(["length", "dense s", "banded s", "speedup", "dense fwd s", "flex fwd s", "dense MB", "banded MB", "mem ratio"], rows)
+    print_table(["batch", "length", "dense fwd s", "banded fwd s", "dense fwd+bwd s", "banded fwd+bwd s", "auto picks"],
+                [[r["batch"], r["length"], r["dense_fwd_s"], r["banded_fwd_s"], r["dense_fwd_bwd_s"], r["banded_fwd_bwd_s"], r["auto"]]
+                 for r in short])
     for name, check in checks.items():
         print(f"{name}: {check['measured']:.3g} (target {check['target']}) {'OK' if check['met'] else 'MISSED'}")
-    payload = {"benchmark": "attention", "setup": SETUP, "machine": machine_info(), "results": records, "checks": checks}
+    payload = {"benchmark": "attention", "setup": SETUP, "machine": machine_info(), "results": records, "checks": checks,
+               "short": short}
     path = write_json("attention", payload, args.out)
     plot(records, path.with_suffix(".png"))
     print(f"wrote {path}")

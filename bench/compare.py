@@ -10,9 +10,9 @@ Both models are built from lightning_configs/model/{moe_diffuseq,diffuseq_baseli
    interleaved: MoE-DiffuSeq (banded) and the baseline with full attention as `sdpa` and
    as `eager`;
 2. peak memory of one training step, each figure in its own process;
-3. sampling seconds per document at every length with each model's default sampler
-   (MoE-DiffuSeq: dpm_solver++ 20 steps; baseline (sdpa): ancestral 2000 steps, timed over
-   20 steps and scaled by 100: every ancestral step costs the same);
+3. sampling seconds per document at every length with each model's default sampler, median
+   of --repeats runs (MoE-DiffuSeq: dpm_solver++ 20 steps; baseline (sdpa): ancestral 2000
+   steps, timed over 20 steps and scaled by 100: every ancestral step costs the same);
 4. linear-layer efficiency at --efficiency-length: fwd+bwd time of the bare matmuls of the
    FFN/MoE experts and of the attention projections (same shapes, same token counts per
    expert), timed in the same run, divided by the layer's own fwd+bwd time;
@@ -80,18 +80,16 @@ def memory_child(variant: str, src_len: int, trg_len: int, hidden: int, layers: 
     return {"peak_mb": peak_rss_mb() - before}
 
 
-def sampling_seconds(variant: str, hidden: int, layers: int, src_len: int, trg_len: int) -> float:
+def sampling_seconds(variant: str, hidden: int, layers: int, src_len: int, trg_len: int, repeats: int) -> float:
+    """Seconds to sample one document with the model's default sampler, median of repeats."""
     model = build(variant, hidden, layers, src_len, trg_len).eval()
     cfg = model.sampling_config
     batch = random_batch(src_len, trg_len)
-    timed_steps = min(cfg.steps, 20)
-    model.sample_ids(batch, sampler=cfg.sampler if cfg.sampler != "ancestral" else "ddim", steps=2, seed=0)  # warm-up
-    start = time.perf_counter()
     if cfg.sampler == "ancestral":  # every ancestral step costs one denoiser pass: time 20, scale
-        model.sample_ids(batch, sampler="ddim", steps=timed_steps, seed=0)
-        return (time.perf_counter() - start) * model.schedule.steps / timed_steps
-    model.sample_ids(batch, sampler=cfg.sampler, steps=cfg.steps, seed=0)
-    return time.perf_counter() - start
+        timed_steps = min(cfg.steps, 20)
+        seconds = time_call(lambda: model.sample_ids(batch, sampler="ddim", steps=timed_steps, seed=0), repeats=repeats)
+        return seconds * model.schedule.steps / timed_steps
+    return time_call(lambda: model.sample_ids(batch, sampler=cfg.sampler, steps=cfg.steps, seed=0), repeats=repeats)
 
 
 def gemm_seconds(shapes: list[tuple[int, int, int]], repeats: int) -> float:
@@ -232,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         memory[length] = {v: measure_in_subprocess("bench.compare", ["--child", v, str(length), "--trg-len", str(args.trg_len),
                                                                      "--hidden", str(args.hidden), "--layers", str(args.layers)]).get("peak_mb")
                           for v in VARIANTS}
-        sampling[length] = {v: sampling_seconds(v, *width, length, args.trg_len) for v in ("moe", "sdpa")}
+        sampling[length] = {v: sampling_seconds(v, *width, length, args.trg_len, args.repeats) for v in ("moe", "sdpa")}
         print(f"  length {length}: tokens/s {throughput[length]}, peak MB {memory[length]}, sampling s {sampling[length]}")
     efficiency = {v: linear_efficiency(v, *width, args.efficiency_length, args.trg_len, args.repeats) for v in ("moe", "sdpa")}
     data_dir = Path(args.data_dir)

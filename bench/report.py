@@ -54,6 +54,12 @@ def render() -> str:
                       [[r["length"], r["dense_fwd_bwd_s"], r["banded_fwd_bwd_s"], r["speedup"], r["flex_fwd_s"],
                         r["dense_peak_mb"], r["banded_peak_mb"], r.get("memory_ratio")] for r in a["results"]])
         out += ["", *_checks(a), "", "![attention](bench/results/attention.png)", ""]
+        if a.get("short"):
+            out += ["Short batched inputs (padding in all rows but the first), where `auto` picks dense on CPU:", ""]
+            out += _table(["batch", "length", "dense fwd s", "banded fwd s", "dense fwd+bwd s", "banded fwd+bwd s", "auto picks"],
+                          [[r["batch"], r["length"], r["dense_fwd_s"], r["banded_fwd_s"], r["dense_fwd_bwd_s"],
+                            r["banded_fwd_bwd_s"], r["auto"]] for r in a["short"]])
+            out += [""]
     if (d := _load("long_document")) is not None:
         s = d["setup"]
         out += ["### One training step on a long source (`python -m bench.long_document`)", "",

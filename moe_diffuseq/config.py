@@ -35,7 +35,8 @@ class AttentionConfig:
     num_global: int = 0
     """Number of leading source tokens made global, besides [CLS] and the source [SEP]."""
     backend: AttentionBackend = "auto"
-    """Kernel: dense (reference), banded (CPU), flex, xformers (CUDA), auto (best available), or
+    """Kernel: dense (reference), banded (CPU), flex, xformers (CUDA), auto (best available; on CPU
+    dense up to twice the key span of a banded block, banded beyond), or
     full_sdpa / full_eager: full attention, ignoring the window (the DiffuSeq baseline)."""
     block_size: int = 64
     """Query block size of the banded backend."""

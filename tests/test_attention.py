@@ -47,6 +47,7 @@ def make_inputs(batch, heads, length, dim, globals_, padded, seed):
 GRID = [
     # (length, window, dilation, globals, padded, block)
     (13, 1, 1, "none", False, 4),
+    (13, 1, 1, "none", True, 4),  # padded rows see no key at all: zeros, no NaN
     (13, 3, 1, "random", True, 4),
     (21, 5, 2, "random", True, 8),
     (21, 7, 3, "none", True, 8),
@@ -81,12 +82,14 @@ def test_backend_matches_brute_force(backend, length, window, dilation, globals_
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9, msg=f"grad {name}")
 
 
-@pytest.mark.parametrize("length,window,dilation,globals_,padded,block", [GRID[1], GRID[2], GRID[6]])
-def test_banded_in_one_block_chunks_matches_brute_force(monkeypatch, length, window, dilation, globals_, padded, block):
-    """Long inputs run in many chunks; force one block per chunk so the chunk seams are tested."""
+@pytest.mark.parametrize("length,window,dilation,globals_,padded,block", [GRID[1], GRID[3], GRID[6], GRID[7]])
+def test_banded_chunked_ops_in_one_block_chunks_match_brute_force(monkeypatch, length, window, dilation, globals_, padded, block):
+    """The chunked forward (off CPU) and the backward run long inputs in many chunks; force one
+    block per chunk, and the chunked forward on CPU, so the chunk seams are tested."""
     from moe_diffuseq.attention import banded
 
     monkeypatch.setattr(banded, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(banded, "_FUSED_CPU_FORWARD", False)
     q, k, v, glob, pad = make_inputs(2, 2, length, 4, globals_, padded, seed=7)
     for t in (q, k, v):
         t.requires_grad_(True)
@@ -114,7 +117,7 @@ def test_banded_block_attention_passes_gradcheck():
     )
 
 
-@pytest.mark.parametrize("length,window,dilation,globals_,padded,block", GRID[1:4])
+@pytest.mark.parametrize("length,window,dilation,globals_,padded,block", GRID[2:5])
 def test_flex_forward_matches_brute_force_on_cpu(length, window, dilation, globals_, padded, block):
     from moe_diffuseq.attention.flex import flex_sparse_attention
 
@@ -135,8 +138,16 @@ def test_flex_refuses_backward_on_cpu_with_clear_error():
         sparse_attention(q, k.float(), v.float(), window=3, backend="flex")
 
 
-def test_auto_picks_banded_on_cpu():
-    assert resolve_backend("auto", torch.zeros(1, 1, 4, 2)) == "banded"
+def test_auto_on_cpu_picks_dense_for_short_and_banded_for_long_sequences():
+    # window 8, block 4: a banded block reads 4 + 2 * 4 = 12 keys; up to 24 tokens go dense.
+    pick = {n: resolve_backend("auto", torch.zeros(1, 1, n, 2), window=8, block_size=4) for n in (5, 24, 25, 300)}
+    assert pick == {5: "dense", 24: "dense", 25: "banded", 300: "banded"}
+    q, k, v, glob, pad = make_inputs(2, 2, 30, 4, "random", True, seed=1)
+    for n in (20, 30):  # both sides of the switch: the definition's output
+        ref, _ = brute_force(q[:, :, :n], k[:, :, :n], v[:, :, :n], 8, 1, glob[:, :n], pad[:, :n])
+        out = sparse_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], window=8, global_mask=glob[:, :n],
+                               key_padding_mask=pad[:, :n], backend="auto", block_size=4)
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
 
 
 def test_bad_arguments_name_the_argument():

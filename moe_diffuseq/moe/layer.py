@@ -81,7 +81,9 @@ class MoEFeedForward(nn.Module):
         """x: (..., d_model); padding_mask: x.shape[:-1] bool, True on padding (output 0 there)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        real = None if padding_mask is None else (~padding_mask).reshape(-1).nonzero().squeeze(1)
+        # Route the real tokens only; without padding, skip the gather and the scatter back.
+        padded = padding_mask is not None and bool(padding_mask.any())
+        real = (~padding_mask).reshape(-1).nonzero().squeeze(1) if padded else None
         tokens = flat if real is None else flat.index_select(0, real)  # (N, d) real tokens only
 
         routing = self.router(tokens)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from . import MALLOC_TUNED
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -28,6 +30,7 @@ def machine_info() -> dict:
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "malloc_tuned": MALLOC_TUNED,  # moe_diffuseq/allocator.py
     }
 
 

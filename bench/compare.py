@@ -19,7 +19,8 @@ Both models are built from lightning_configs/model/{moe_diffuseq,diffuseq_baseli
 5. quality at one wall-clock training budget per task (Lightning Trainer, max_time): training
    loss against wall-clock, then validation loss and ROUGE-1/2/L, BLEU on validation
    documents (baseline sampled with DDIM 200 steps, as DiffuSeq's own fast setting, to keep
-   the run short);
+   the run short); and, as an ablation that tells where a quality gap comes from, MoE-DiffuSeq
+   with the soft absorbing state off (--no-ablation skips it);
 6. for every missed target, a torch.profiler table of the slowest part (kept in the JSON
    and the README).
 """
@@ -49,12 +50,20 @@ from .common import (
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"moe": "moe_diffuseq", "sdpa": "diffuseq_baseline", "eager": "diffuseq_baseline"}
+# The quality part's ablation: MoE-DiffuSeq with the soft absorbing state off, to tell what a
+# quality gap comes from (the absorbing state, or the sparse attention and the experts).
+ABLATION = "moe_no_absorbing"
+MODEL_NAMES = {"moe": "MoE-DiffuSeq", "sdpa": "baseline (sdpa)", "eager": "baseline (eager)",
+               ABLATION: "MoE-DiffuSeq, absorbing off"}
 # The quality part's shape: short enough that a 2-core CPU takes a few hundred steps in the budget.
 QUALITY_SRC_LEN, QUALITY_TRG_LEN, QUALITY_BATCH = 256, 128, 16
 
 
 def model_args(variant: str, hidden: int, layers: int, src_len: int, trg_len: int, vocab: int | None) -> dict:
-    cfg = yaml.safe_load((ROOT / "lightning_configs" / "model" / f"{VARIANTS[variant]}.yaml").read_text())
+    config_name = VARIANTS["moe" if variant == ABLATION else variant]
+    cfg = yaml.safe_load((ROOT / "lightning_configs" / "model" / f"{config_name}.yaml").read_text())
+    if variant == ABLATION:
+        cfg["diffusion"]["soft_absorbing"] = False
     heads = max(1, hidden // 64)
     cfg.update(hidden_size=hidden, num_layers=layers, num_heads=heads, embed_dim=min(cfg["embed_dim"], hidden),
                max_src_len=src_len, max_trg_len=trg_len, vocab_size=vocab, ema_decay=0.0)
@@ -201,7 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tasks", nargs="*", default=["code", "dialogue", "scientific"], help="corpora for the quality part (give none to skip it)")
     parser.add_argument("--docs", type=int, default=32)
     parser.add_argument("--data-dir", default=str(ROOT / "data"), help="where the corpora are (built when missing)")
-    parser.add_argument("--quick", action="store_true", help="lengths 1k-2k, 60 s budgets, code only, 8 docs")
+    parser.add_argument("--no-ablation", dest="ablation", action="store_false",
+                        help="skip the quality run of MoE-DiffuSeq without the soft absorbing state")
+    parser.add_argument("--quick", action="store_true", help="lengths 1k-2k, 60 s budgets, code only, 8 docs, no ablation")
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -210,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     if args.quick:
         args.lengths, args.repeats, args.budget, args.tasks, args.docs = [1024, 2048], 1, 60.0, ["code"], 8
+        args.ablation = False
         args.efficiency_length = 2048
     width = (args.hidden, args.layers)
 
@@ -235,7 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
     efficiency = {v: linear_efficiency(v, *width, args.efficiency_length, args.trg_len, args.repeats) for v in ("moe", "sdpa")}
     data_dir = Path(args.data_dir)
     tasks = [t for t in args.tasks if t != "scientific" or (data_dir / "scientific" / "train.jsonl").exists()]
-    qualities = {t: {v: quality(v, t, args.budget, *width, args.docs, data_dir) for v in ("moe", "sdpa")} for t in tasks}
+    quality_variants = ("moe", "sdpa", ABLATION) if args.ablation else ("moe", "sdpa")
+    qualities = {t: {v: quality(v, t, args.budget, *width, args.docs, data_dir) for v in quality_variants} for t in tasks}
 
     def ratio(a, b):
         return a / b if a is not None and b else None
@@ -251,7 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
         "sampling_speedup_by_length": sampling_by_length,
         "linear_efficiency": {v: {k: e[k] for k in ("ffn", "projections")} for v, e in efficiency.items()},
         "quality": {t: {"moe_rougeL": q["moe"]["rougeL"], "baseline_rougeL": q["sdpa"]["rougeL"],
-                        "moe_val_loss": q["moe"]["val_loss"], "baseline_val_loss": q["sdpa"]["val_loss"]}
+                        "moe_val_loss": q["moe"]["val_loss"], "baseline_val_loss": q["sdpa"]["val_loss"],
+                        **({"moe_no_absorbing_rougeL": q[ABLATION]["rougeL"]} if ABLATION in q else {})}
                     for t, q in qualities.items()},
     }
     checks = target_checks(summary)
@@ -269,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"profile for {name}:\n{table}")
     payload = {"benchmark": "compare", "machine": machine_info(),
                "setup": {k: getattr(args, k) for k in ("lengths", "trg_len", "hidden", "layers", "repeats", "efficiency_length",
-                                                       "budget", "tasks", "docs", "quick")},
+                                                       "budget", "tasks", "docs", "quick", "ablation")},
                "throughput_tokens_per_s": throughput, "peak_memory_mb": memory, "sampling_seconds_per_document": sampling,
                "linear_efficiency": efficiency, "quality": qualities, "summary": summary, "checks": checks, "profiles": profiles}
     path = write_json("compare", payload, args.out)
@@ -359,7 +373,7 @@ def plot_quality(qualities: dict, path) -> None:
             window = max(1, len(losses) // 20)  # running mean: single-batch losses are noisy
             smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
                       for i in range(len(losses))]
-            ax.plot(seconds, smooth, label=f"{'MoE-DiffuSeq' if v == 'moe' else 'baseline (sdpa)'}: val loss {q['val_loss']:.3g}")
+            ax.plot(seconds, smooth, label=f"{MODEL_NAMES.get(v, v)}: val loss {q['val_loss']:.3g}")
         ax.set(xlabel="training wall-clock s", ylabel="training loss (running mean)", title=task)
         ax.legend()
     fig.tight_layout()

@@ -149,10 +149,18 @@ def _why(target: str, c: dict) -> str | None:
     if target.startswith("quality_"):
         q = c["quality"][target.removeprefix("quality_")]
         moe, base = q["moe"], q["sdpa"]
-        return (f"in {c['setup']['budget']:.0f} s the baseline took {base['steps']} optimizer steps and MoE-DiffuSeq "
-                f"{moe['steps']}; ROUGE-L {_f(base['rougeL'])} vs {_f(moe['rougeL'])}, validation loss {_f(base['val_loss'])} vs "
-                f"{_f(moe['val_loss'])} (baseline vs MoE-DiffuSeq; the losses differ in kind: the baseline scores every "
-                f"position without the absorbing state).")
+        why = (f"in {c['setup']['budget']:.0f} s the baseline took {base['steps']} optimizer steps and MoE-DiffuSeq "
+               f"{moe['steps']}; ROUGE-L {_f(base['rougeL'])} vs {_f(moe['rougeL'])}, validation loss {_f(base['val_loss'])} vs "
+               f"{_f(moe['val_loss'])} (baseline vs MoE-DiffuSeq; the losses differ in kind: the baseline scores every "
+               f"position without the absorbing state).")
+        from .compare import ABLATION
+
+        if (ablation := q.get(ABLATION)) is not None:
+            verdict = ("so the gap comes from the soft absorbing state" if ablation["rougeL"] >= base["rougeL"]
+                       else "so the absorbing state is not the whole gap")
+            why += (f" The same MoE-DiffuSeq with the soft absorbing state off took {ablation['steps']} steps and reached "
+                    f"ROUGE-L {_f(ablation['rougeL'])}, {verdict}.")
+        return why
     check = c["checks"][target]
     return f"measured {_f(check['measured'])} against {check['target']}."
 

@@ -294,6 +294,9 @@ def _own_verb(verb: str, args: list[str]) -> None:
 
 
 def main(args: list[str] | None = None) -> None:
+    from .allocator import tune_cpu_allocator
+
+    tune_cpu_allocator()  # recycled pages instead of page faults every step (see allocator.py)
     args = list(sys.argv[1:] if args is None else args)
     if not args or args[0] in ("-h", "--help"):
         own = "".join(f"  {verb:<13} {text}\n" for verb, text in OWN_VERBS.items())

@@ -47,8 +47,12 @@ def test_compare_bench_tiny_run_covers_every_part(tmp_path, small_corpus):
     for model in ("moe", "sdpa"):
         assert all(v > 0 for v in payload["peak_memory_mb"]["64"].values())
         assert 0 < summary["linear_efficiency"][model]["ffn"] and 0 < summary["linear_efficiency"][model]["projections"]
+    for model in ("moe", "sdpa", compare.ABLATION):  # the ablation runs by default
         quality = payload["quality"]["code"][model]
         assert quality["steps"] > 0 and quality["train_loss_vs_seconds"]
+    assert "moe_no_absorbing_rougeL" in summary["quality"]["code"]
+    assert compare.model_args(compare.ABLATION, 32, 1, 64, 16, None)["diffusion"]["soft_absorbing"] is False
+    assert compare.model_args("moe", 32, 1, 64, 16, None)["diffusion"]["soft_absorbing"] is True
     assert "sampling_speedup" in payload["checks"] and "quality_code" in payload["checks"]
     missed = {name for name, c in payload["checks"].items() if not c["met"]}
     assert set(payload["profiles"]) == missed

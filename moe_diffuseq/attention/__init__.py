@@ -32,7 +32,7 @@ def resolve_backend(backend: str, q: torch.Tensor, *, window: int, dilation: int
     # On CPU: banded trains and is linear in memory; flex has no CPU backward. A sequence
     # at most twice the key span of one banded block is mostly inside the band anyway:
     # there the fused kernel on the full mask is faster (bench.attention's short table:
-    # 2.5x at 16 x 387 tokens, fwd+bwd), and the mask is small.
+    # 2.2x at 16 x 387 tokens, fwd+bwd), and the mask is small.
     span = block_size + 2 * band_reach(window, dilation)
     return "dense" if q.shape[2] <= 2 * span else "banded"
 

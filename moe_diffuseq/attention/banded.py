@@ -1,4 +1,4 @@
-"""Banded backend: pure PyTorch, linear in length. The CPU training default.
+"""Banded backend: pure PyTorch, linear in length. The CPU default beyond short inputs.
 
 Queries are cut into blocks of ``block_size``. Every block sees one contiguous key span
 (the block widened by the band's reach on each side), and all rows see the global keys.
@@ -8,9 +8,9 @@ recomputed against every key. On CPU the forward runs PyTorch's fused attention 
 strided views of the key spans; elsewhere, and in the backward, blocks are processed in
 chunks so that no tensor grows with length squared. Like FlashAttention, the block part
 keeps only its inputs, its output and one log-sum-exp per row for the backward, which
-recomputes the scores chunk by chunk: the
-saved state is O(length * head_dim), not O(length * span) (bench/compare.py measured the
-probabilities and the materialised key/value spans at ~3/4 of a layer's saved memory).
+recomputes the scores chunk by chunk: the saved state is O(length * head_dim), not
+O(length * span) (bench/compare.py measured the probabilities and the materialised
+key/value spans at ~3/4 of a layer's saved memory).
 """
 
 from __future__ import annotations

@@ -84,8 +84,7 @@ def short_sequences(repeats: int) -> list[dict]:
         for backend in ("dense", "banded"):
             record[f"{backend}_fwd_s"] = time_call(lambda b=backend: run(b, False), repeats=repeats)
             record[f"{backend}_fwd_bwd_s"] = time_call(lambda b=backend: run(b, True), repeats=repeats)
-        faster = min(("dense", "banded"), key=lambda b: record[f"{b}_fwd_bwd_s"])
-        record["fwd_bwd_faster"] = faster
+        record["fwd_bwd_faster"] = min(("dense", "banded"), key=lambda b: record[f"{b}_fwd_bwd_s"])
         records.append(record)
     return records
 

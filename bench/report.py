@@ -40,7 +40,8 @@ def _checks(payload: dict) -> list[str]:
 
 def _machine(payload: dict) -> str:
     m = payload["machine"]
-    return f"_{m['date']}, {m['cpus']} CPUs, {m['threads']} threads, torch {m['torch']}{', ' + m['cuda'] if m.get('cuda') else ''}._"
+    tuned = ", glibc malloc tuned (moe_diffuseq/allocator.py)" if m.get("malloc_tuned") else ""
+    return f"_{m['date']}, {m['cpus']} CPUs, {m['threads']} threads, torch {m['torch']}{', ' + m['cuda'] if m.get('cuda') else ''}{tuned}._"
 
 
 def render() -> str:

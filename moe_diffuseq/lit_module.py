@@ -480,13 +480,17 @@ class MoEDiffuSeq(pl.LightningModule):
 
             problem = SamplingProblem(net.embed(batch.input_ids), anchor_mask, net.absorbing_state)
             x0 = run_sampler(sampler, denoise, problem, self.schedule, steps, spacing, generator, progress)
-            return net.logits(x0).argmax(-1)
+            # Round the free positions only: anchored ones keep their tokens, and the (N, V)
+            # logits of a long source would cost more than the sampling steps themselves.
+            free = ~anchor_mask
+            ids = batch.input_ids.clone()
+            ids[free] = net.logits(x0[free]).argmax(-1)
+            return ids
 
         try:
-            ids = net.run(sample)  # one "forward" of the root, so FSDP2 gathers its parameters
+            return net.run(sample)  # one "forward" of the root, so FSDP2 gathers its parameters
         finally:
             net.train(was_training)
-        return torch.where(anchor_mask, batch.input_ids, ids)
 
     def generate(
         self,

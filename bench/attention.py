@@ -33,11 +33,11 @@ from .common import (
 SETUP = {"batch": 1, "heads": 2, "head_dim": 64, "window": 256, "dilation": 1, "globals": 2, "block_size": 64}
 
 
-def inputs(length: int, requires_grad: bool = True, seed: int = 0):
+def inputs(length: int, requires_grad: bool = True, seed: int = 0, batch: int = SETUP["batch"]):
     gen = torch.Generator().manual_seed(seed)
-    shape = (SETUP["batch"], SETUP["heads"], length, SETUP["head_dim"])
+    shape = (batch, SETUP["heads"], length, SETUP["head_dim"])
     q, k, v = (torch.randn(shape, generator=gen).requires_grad_(requires_grad) for _ in range(3))
-    glob = torch.zeros(SETUP["batch"], length, dtype=torch.bool)
+    glob = torch.zeros(batch, length, dtype=torch.bool)
     glob[:, 0] = True  # [CLS]
     glob[:, length // 2] = True  # a [SEP] in the middle
     return q, k, v, glob
@@ -62,10 +62,7 @@ def short_sequences(repeats: int) -> list[dict]:
     """Dense against banded on short batched inputs with padding; which one `auto` picks."""
     records = []
     for batch, length in SHORT_SHAPES:
-        gen = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(batch, SETUP["heads"], length, SETUP["head_dim"], generator=gen) for _ in range(3))
-        glob = torch.zeros(batch, length, dtype=torch.bool)
-        glob[:, 0] = glob[:, length // 2] = True
+        q, k, v, glob = inputs(length, requires_grad=False, batch=batch)
         pad = torch.zeros(batch, length, dtype=torch.bool)
         pad[1:, length - length // 5 :] = True  # rows of different lengths, as in a real batch
         kwargs = dict(window=SETUP["window"], dilation=SETUP["dilation"], global_mask=glob, key_padding_mask=pad,

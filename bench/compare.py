@@ -189,7 +189,10 @@ def quality(variant: str, task: str, seconds: float, hidden: int, layers: int, d
     sampler, steps = ("ddim", 200) if model.sampling_config.sampler == "ancestral" else (None, None)
     hyps = model.generate([r["src"] for r in rows], sampler=sampler, steps=steps, seed=0)
     scores = score_generations(hyps, [r["trg"] for r in rows])
-    return {"steps": trainer.global_step, "val_loss": val["val/loss"], "rougeL": scores["rougeL"],
+    # The soft absorbing state's gamma when the budget ran out (it ramps over diffusion.denoise_warmup_steps).
+    return {"steps": trainer.global_step, "denoise_rate_at_end": model.denoise_rate(trainer.global_step),
+            "denoise_rate_full": model.denoise_rate(None),
+            "val_loss": val["val/loss"], "rougeL": scores["rougeL"],
             "rouge1": scores["rouge1"], "rouge2": scores["rouge2"], "bleu": scores["bleu"],
             "train_loss_vs_seconds": clock.points[:: max(1, len(clock.points) // 200)]}
 

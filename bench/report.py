@@ -122,6 +122,13 @@ def _compare_section(name: str, c: dict) -> list[str]:
         out += _table(["task", "model", "steps in budget", "val loss", "ROUGE-L", "BLEU"],
                       [[t, v, q["steps"], q["val_loss"], q["rougeL"], q["bleu"]] for t, qs in c["quality"].items()
                        for v, q in qs.items()])
+        ramps = {(q["moe"]["denoise_rate_at_end"], q["moe"]["denoise_rate_full"]) for q in c["quality"].values()
+                 if "denoise_rate_at_end" in q["moe"]}
+        if any(end < full for end, full in ramps):
+            ends = ", ".join(_f(end) for end, _ in sorted(ramps))
+            out += ["", f"MoE-DiffuSeq's soft absorbing rate gamma ramps up over `diffusion.denoise_warmup_steps`; when "
+                        f"the budget ran out it was {ends} (full rate {_f(max(f for _, f in ramps))}): these figures are "
+                        f"of a model early in that ramp, and say nothing of the full rate's quality after long training."]
     skip = ("quality", "linear_efficiency", "sampling_speedup_by_length")
     out += [""] + (_checks(c) or [f"- {k}: {_f(v)}" for k, v in c["summary"].items() if k not in skip])
     misses = [f"- {target}: {why}" for target in c.get("profiles", {}) if (why := _why(target, c))]

@@ -91,6 +91,19 @@ class MoEConfig:
         _check(self.jitter >= 0, "moe.jitter", self.jitter, "must be >= 0")
 
 
+# Longest source that ``loss_on: auto`` still scores: DiffuSeq's own limit (BERT's 512 positions).
+LONG_SOURCE_TOKENS = 512
+
+
+def resolve_loss_on(loss_on: str, max_src_len: int | None) -> Literal["all", "target"]:
+    """The positions scored for ``diffusion.loss_on`` at this source length (auto resolved)."""
+    if loss_on == "auto":
+        if max_src_len is None:
+            raise ValueError("diffusion.loss_on=auto needs max_src_len (set by the data module's setup)")
+        return "all" if max_src_len <= LONG_SOURCE_TOKENS else "target"
+    return loss_on  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class DiffusionConfig:
     """Forward process and training loss (METHOD.md section 5)."""
@@ -103,17 +116,24 @@ class DiffusionConfig:
     """Use DiffuSeq-v2's learned soft absorbing state m; False gives plain DiffuSeq."""
     denoise_rate: float = 0.5
     """gamma: a target token is replaced by m with probability gamma * sqrt(1 - alpha_bar_t)."""
+    denoise_warmup_steps: int = 0
+    """Optimizer steps over which gamma ramps linearly from 0 to ``denoise_rate`` (0: full gamma from
+    the first step). Validation always scores with the full gamma."""
     mask_reg_coef: float = 0.01
     """Weight of the regulariser ||m||_2 on the absorbing state."""
-    loss_on: Literal["all", "target"] = "all"
-    """Positions scored by the mse and rounding losses: all (DiffuSeq parity) or target only."""
+    loss_on: Literal["auto", "all", "target"] = "auto"
+    """Positions scored by the mse and rounding losses: all (DiffuSeq parity), target only, or
+    auto: all for sources up to 512 tokens (DiffuSeq's own range), target for longer ones (scoring
+    a long source costs a (source, vocabulary) logits tensor per example and every step)."""
     timestep_sampler: Literal["uniform", "loss_aware"] = "uniform"
     """How training timesteps are drawn; loss_aware uses the second-moment resampler."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 2, "diffusion.steps", self.steps, "must be >= 2")
         _check(0.0 <= self.denoise_rate <= 1.0, "diffusion.denoise_rate", self.denoise_rate, "must be in [0, 1]")
+        _check(self.denoise_warmup_steps >= 0, "diffusion.denoise_warmup_steps", self.denoise_warmup_steps, "must be >= 0")
         _check(self.mask_reg_coef >= 0, "diffusion.mask_reg_coef", self.mask_reg_coef, "must be >= 0")
+        _check(self.loss_on in ("auto", "all", "target"), "diffusion.loss_on", self.loss_on, "expected auto, all or target")
 
 
 @dataclass(frozen=True)

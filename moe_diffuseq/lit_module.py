@@ -19,6 +19,7 @@ from .config import (
     MoEConfig,
     SamplingConfig,
     coerce,
+    resolve_loss_on,
     to_plain,
 )
 from .denoiser import Denoiser
@@ -123,6 +124,11 @@ class MoEDiffuSeq(pl.LightningModule):
         return None not in (hp.vocab_size, hp.max_src_len, hp.max_trg_len)
 
     @property
+    def loss_on(self) -> str:
+        """Positions the losses score, ``diffusion.loss_on`` with auto resolved by ``max_src_len``."""
+        return resolve_loss_on(self.diffusion_config.loss_on, self.hparams.max_src_len)
+
+    @property
     def max_length(self) -> int:
         """Longest sequence: [CLS] src [SEP] + target region (max_trg_len + 1)."""
         return self.hparams.max_src_len + self.hparams.max_trg_len + 3
@@ -197,15 +203,28 @@ class MoEDiffuSeq(pl.LightningModule):
             self._sharded = True
 
     # ----------------------------------------------------------------- training
-    def _loss(self, denoiser: Denoiser, batch: Seq2SeqBatch, t: torch.Tensor, weights: torch.Tensor, generator=None, predict_tokens: bool = False):
+    def denoise_rate(self, step: int | None = None) -> float:
+        """gamma at optimizer step ``step`` (None: the full rate, as validation uses), 0 without
+        the soft absorbing state. It ramps up over ``denoise_warmup_steps``: early in training the
+        network cannot yet fill a replaced token from its context, and each replacement only takes
+        signal away (measured: a short run at the full gamma learns to output the corpus's commonest token)."""
+        cfg = self.diffusion_config
+        if not cfg.soft_absorbing:
+            return 0.0
+        if step is None or cfg.denoise_warmup_steps == 0:
+            return cfg.denoise_rate
+        return cfg.denoise_rate * min(1.0, step / cfg.denoise_warmup_steps)
+
+    def _loss(self, denoiser: Denoiser, batch: Seq2SeqBatch, t: torch.Tensor, weights: torch.Tensor, generator=None,
+              predict_tokens: bool = False, step: int | None = None):
         cfg = self.diffusion_config
         terms = denoiser.run(
             diffusion_loss_terms,
             self.schedule,
             batch,
             t,
-            denoise_rate=cfg.denoise_rate if cfg.soft_absorbing else 0.0,
-            loss_on=cfg.loss_on,
+            denoise_rate=self.denoise_rate(step),
+            loss_on=self.loss_on,
             generator=generator,
             predict_tokens=predict_tokens,
         )
@@ -230,7 +249,7 @@ class MoEDiffuSeq(pl.LightningModule):
 
     def training_step(self, batch: Seq2SeqBatch, batch_idx: int):
         t, weights = self.timestep_sampler.sample(len(batch), self.device)
-        loss, parts, terms = self._loss(self.denoiser, batch, t, weights)
+        loss, parts, terms = self._loss(self.denoiser, batch, t, weights, step=self.global_step)
         bad = not bool(torch.isfinite(loss))
         if self._trainer is not None:
             # Every rank must skip together: one rank skipping its backward would hang DDP.
@@ -248,6 +267,8 @@ class MoEDiffuSeq(pl.LightningModule):
         self.timestep_sampler.update(t, terms.per_example.detach())
         bs = len(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        if self.diffusion_config.soft_absorbing:
+            self.log("train/denoise_rate", self.denoise_rate(self.global_step), batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs)
         self._log_router(terms.router_stats, bs)
         return loss

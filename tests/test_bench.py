@@ -51,6 +51,11 @@ def test_compare_bench_tiny_run_covers_every_part(tmp_path, small_corpus):
         quality = payload["quality"]["code"][model]
         assert quality["steps"] > 0 and quality["train_loss_vs_seconds"]
     assert "moe_no_absorbing_rougeL" in summary["quality"]["code"]
+    # moe_diffuseq.yaml ramps gamma over its warm-up: a 2 s budget ends early in it; the baseline has none.
+    moe_quality, base_quality = payload["quality"]["code"]["moe"], payload["quality"]["code"]["sdpa"]
+    assert 0 <= moe_quality["denoise_rate_at_end"] < moe_quality["denoise_rate_full"] == 0.5
+    assert base_quality["denoise_rate_at_end"] == base_quality["denoise_rate_full"] == 0.0
+    assert "early in that ramp" in "\n".join(report._compare_section("compare", payload))
     assert compare.model_args(compare.ABLATION, 32, 1, 64, 16, None)["diffusion"]["soft_absorbing"] is False
     assert compare.model_args("moe", 32, 1, 64, 16, None)["diffusion"]["soft_absorbing"] is True
     assert "sampling_speedup" in payload["checks"] and "quality_code" in payload["checks"]

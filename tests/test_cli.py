@@ -176,9 +176,11 @@ def test_validation_samples_reach_tensorboard(small_corpus, small_tokenizer_file
     text = acc.Tensors("val/samples/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert "**source**" in text and "**sample**" in text
     scalars = acc.Tags()["scalars"]
-    for tag in ("train/mse", "train/rounding", "train/tT", "train/load_balance", "train/z_loss",
+    for tag in ("train/mse", "train/rounding", "train/tT", "train/load_balance", "train/z_loss", "train/denoise_rate",
                 "moe/layer0/load_e0", "val/token_acc", "val/unigram_acc"):
         assert tag in scalars
+    # tiny.yaml: gamma 0.5 ramped over 4 steps, so the two training steps used 0 and 0.125.
+    assert [e.value for e in acc.Scalars("train/denoise_rate")] == pytest.approx([0.0, 0.125])
 
 
 def test_infilling_keeps_given_tokens_and_source_fixed(trained):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moe_diffuseq import MoEDiffuSeq
+from moe_diffuseq.batch import Seq2SeqBatch
+from moe_diffuseq.config import LONG_SOURCE_TOKENS, DiffusionConfig
 from moe_diffuseq.diffusion import (
     LossSecondMomentSampler,
     NoiseSchedule,
@@ -14,6 +17,8 @@ from moe_diffuseq.diffusion import (
     run_sampler,
     timesteps,
 )
+from moe_diffuseq.diffusion.forward_process import noised_start
+from moe_diffuseq.diffusion.losses import diffusion_loss_terms
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +169,57 @@ def test_loss_aware_sampler_prefers_high_loss_steps():
     assert (t == 3).float().mean() > 0.5
     torch.testing.assert_close(w[t == 3][0], torch.tensor(1 / (4 * 5 / 8), dtype=torch.float32))
     assert "loss_history" in sampler.state_dict()
+
+
+def _tiny_batch(src_len: int, trg_len: int, vocab: int) -> Seq2SeqBatch:
+    length = src_len + trg_len + 3
+    ids = torch.randint(5, vocab, (2, length), generator=torch.Generator().manual_seed(0))
+    ids[:, 0], ids[:, src_len + 1] = 1, 2  # [CLS], the source's [SEP]
+    input_mask = torch.zeros(2, length, dtype=torch.bool)
+    input_mask[:, src_len + 2 :] = True
+    padding = torch.zeros(2, length, dtype=torch.bool)
+    padding[1, -2:] = True  # the second row is shorter
+    return Seq2SeqBatch(input_ids=ids, input_mask=input_mask, padding_mask=padding,
+                        global_mask=(ids == 1) | (ids == 2), src_len=torch.tensor([src_len, src_len]))
+
+
+@pytest.mark.parametrize("loss_on", ["all", "target"])
+def test_loss_on_scores_only_its_positions(schedule, loss_on):
+    model = MoEDiffuSeq(vocab_size=40, max_src_len=6, max_trg_len=5, embed_dim=8, hidden_size=16, num_layers=1,
+                        num_heads=2, moe={"num_experts": 2, "top_k": 1, "expert_hidden": 16})
+    batch = _tiny_batch(6, 5, 40)
+    t = torch.tensor([3, 1500])
+    terms = diffusion_loss_terms(model.denoiser, schedule, batch, t, denoise_rate=0.5, loss_on=loss_on,
+                                 generator=torch.Generator().manual_seed(0))
+    expected = ~batch.padding_mask & (batch.input_mask if loss_on == "target" else True)
+    assert torch.equal(terms.scored, expected)
+    # Rebuild the mse from x0_hat by hand: the scored positions only, the same noise draw.
+    emb = model.denoiser.embed(batch.input_ids)
+    noise = torch.randn(emb.shape, generator=torch.Generator().manual_seed(0))
+    z0 = noised_start(emb, schedule, noise)
+    target = torch.where((t == 0)[:, None, None], emb, z0)
+    per_position = (terms.x0_hat - target).square().mean(-1)
+    for row in range(2):
+        assert terms.mse[row].item() == pytest.approx(per_position[row][expected[row]].mean().item(), rel=1e-5)
+
+
+def test_loss_on_auto_scores_the_source_up_to_512_tokens():
+    assert DiffusionConfig().loss_on == "auto"
+    short = MoEDiffuSeq(max_src_len=LONG_SOURCE_TOKENS, max_trg_len=8)
+    long = MoEDiffuSeq(max_src_len=LONG_SOURCE_TOKENS + 1, max_trg_len=8)
+    assert (short.loss_on, long.loss_on) == ("all", "target")
+    pinned = MoEDiffuSeq(max_src_len=8, max_trg_len=8, diffusion={"loss_on": "target"})
+    assert pinned.loss_on == "target"
+    with pytest.raises(ValueError, match="diffusion.loss_on"):
+        MoEDiffuSeq(max_src_len=8, max_trg_len=8, diffusion={"loss_on": "source"})
+
+
+def test_denoise_rate_ramps_over_its_warmup_and_validation_uses_the_full_rate():
+    model = MoEDiffuSeq(max_src_len=8, max_trg_len=8, diffusion={"denoise_rate": 0.4, "denoise_warmup_steps": 100})
+    assert [model.denoise_rate(s) for s in (0, 25, 100, 5000)] == pytest.approx([0.0, 0.1, 0.4, 0.4])
+    assert model.denoise_rate(None) == 0.4
+    assert MoEDiffuSeq(max_src_len=8, max_trg_len=8, diffusion={"denoise_rate": 0.4}).denoise_rate(0) == 0.4
+    off = MoEDiffuSeq(max_src_len=8, max_trg_len=8, diffusion={"soft_absorbing": False, "denoise_warmup_steps": 100})
+    assert off.denoise_rate(50) == off.denoise_rate(None) == 0.0
+    with pytest.raises(ValueError, match="diffusion.denoise_warmup_steps"):
+        MoEDiffuSeq(max_src_len=8, max_trg_len=8, diffusion={"denoise_warmup_steps": -1})

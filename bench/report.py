@@ -159,8 +159,8 @@ def _why(target: str, c: dict) -> str | None:
         moe, base = q["moe"], q["sdpa"]
         why = (f"in {c['setup']['budget']:.0f} s the baseline took {base['steps']} optimizer steps and MoE-DiffuSeq "
                f"{moe['steps']}; ROUGE-L {_f(base['rougeL'])} vs {_f(moe['rougeL'])}, validation loss {_f(base['val_loss'])} vs "
-               f"{_f(moe['val_loss'])} (baseline vs MoE-DiffuSeq; the losses differ in kind: the baseline scores every "
-               f"position without the absorbing state).")
+               f"{_f(moe['val_loss'])} (baseline vs MoE-DiffuSeq; not comparable: MoE-DiffuSeq's validation loss "
+               f"includes the soft absorbing state's replacements at the full rate).")
         from .compare import ABLATION
 
         if (ablation := q.get(ABLATION)) is not None:

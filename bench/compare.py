@@ -16,11 +16,16 @@ Both models are built from lightning_configs/model/{moe_diffuseq,diffuseq_baseli
 4. linear-layer efficiency at --efficiency-length: fwd+bwd time of the bare matmuls of the
    FFN/MoE experts and of the attention projections (same shapes, same token counts per
    expert), timed in the same run, divided by the layer's own fwd+bwd time;
-5. quality at one wall-clock training budget per task (Lightning Trainer, max_time): training
-   loss against wall-clock, then validation loss and ROUGE-1/2/L, BLEU on validation
+5. quality at one wall-clock training budget per task (Lightning Trainer): each model's
+   seconds per step are calibrated first (short fits, interleaved), and each then trains for
+   the steps that fit in the budget, so its learning rate decays to 0 at the budget's end as
+   in any run of known length (a time limit of 1.5x the budget guards against a slow spell).
+   Training loss against wall-clock, then validation loss and ROUGE-1/2/L, BLEU on validation
    documents (baseline sampled with DDIM 200 steps, as DiffuSeq's own fast setting, to keep
-   the run short); and, as an ablation that tells where a quality gap comes from, MoE-DiffuSeq
-   with the soft absorbing state off (--no-ablation skips it);
+   the run short); --seeds runs per model (weights, data order and noise seeded), averaged,
+   with a paired bootstrap interval over documents for the ROUGE-L difference; and, as an
+   ablation that tells where a quality gap comes from, MoE-DiffuSeq with the soft absorbing
+   state off, first seed only (--no-ablation skips it);
 6. for every missed target, a torch.profiler table of the slowest part (kept in the JSON
    and the README).
 """
@@ -32,8 +37,11 @@ import json
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 import yaml
+
+from moe_diffuseq.metrics import paired_bootstrap_interval
 
 from .common import (
     current_rss_mb,
@@ -148,53 +156,117 @@ def linear_efficiency(variant: str, hidden: int, layers: int, length: int, trg_l
             "ffn_layer_s": ffn_layer, "ffn_gemm_s": ffn_gemm, "projections_layer_s": proj_layer, "projections_gemm_s": proj_gemm}
 
 
-def quality(variant: str, task: str, seconds: float, hidden: int, layers: int, docs: int, data_dir: Path) -> dict:
-    import lightning.pytorch as pl
+class LossClock(pl.Callback):
+    """(seconds since the first batch, training loss) after every step."""
 
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.points: list[tuple[float, float]] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.start = self.start or time.perf_counter()
+        if outputs is not None:
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            self.points.append((time.perf_counter() - self.start, float(loss)))
+
+
+def quality_datamodule(task: str, data_dir: Path):
     from data_modules import Seq2SeqDataModule
-    from moe_diffuseq.evaluation import score_generations
 
     dm = Seq2SeqDataModule(corpus=task, data_dir=str(data_dir), max_src_len=QUALITY_SRC_LEN,
                            max_trg_len=QUALITY_TRG_LEN, batch_size=QUALITY_BATCH, tokenizer_vocab_size=4096)
     dm.prepare_data()
     dm.setup("fit")
-    args = model_args(variant, hidden, layers, QUALITY_SRC_LEN, QUALITY_TRG_LEN, None)
-    args.update(lr=1e-3, warmup_steps=50)
+    return dm
+
+
+def fit(variant: str, dm, hidden: int, layers: int, seed: int, max_steps: int, max_seconds: float):
+    """Train one quality model with a real Trainer; returns (model, trainer, clock)."""
     from moe_diffuseq import MoEDiffuSeq
 
-    class LossClock(pl.Callback):
-        """(seconds since the first batch, training loss) after every step."""
-
-        def __init__(self) -> None:
-            self.start: float | None = None
-            self.points: list[tuple[float, float]] = []
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-            self.start = self.start or time.perf_counter()
-            if outputs is not None:
-                loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-                self.points.append((time.perf_counter() - self.start, float(loss)))
-
-    torch.manual_seed(0)
+    args = model_args(variant, hidden, layers, QUALITY_SRC_LEN, QUALITY_TRG_LEN, None)
+    args.update(lr=1e-3, warmup_steps=min(50, max(1, max_steps // 4)))
+    pl.seed_everything(seed, verbose=False)  # weights, data order, noise, dropout
     model = MoEDiffuSeq(**args)
     clock = LossClock()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_time={"seconds": seconds}, max_steps=-1, logger=False,
-                         callbacks=[clock],
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=8, val_check_interval=10**9, check_val_every_n_epoch=None,
-                         num_sanity_val_steps=0)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_time={"seconds": max_seconds}, logger=False,
+                         callbacks=[clock], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=8, val_check_interval=10**9, check_val_every_n_epoch=None, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=dm)
+    return model, trainer, clock
+
+
+def seconds_per_step(variants, dm, hidden: int, layers: int, steps: int = 12, rounds: int = 2) -> dict[str, float]:
+    """Median training seconds per optimizer step of each variant, from short real fits run in turn
+    (interleaved, so a slow spell of the machine slows every model alike); the first 2 steps are warm-up."""
+    deltas: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(rounds):
+        for v in variants:
+            _, _, clock = fit(v, dm, hidden, layers, seed=0, max_steps=steps, max_seconds=600)
+            times = [t for t, _ in clock.points]
+            deltas[v] += [times[i + 1] - times[i] for i in range(2, len(times) - 1)]
+    return {v: sorted(d)[len(d) // 2] for v, d in deltas.items()}
+
+
+def quality(variant: str, dm, budget: float, step_seconds: float, hidden: int, layers: int, docs: int, seed: int) -> dict:
+    """Train for the optimizer steps that fit in `budget` seconds at the calibrated `step_seconds`
+    (so the learning rate decays to 0 at the budget's end, as in any run of known length; a run that
+    overruns by half is stopped by time), then score validation loss and ROUGE/BLEU."""
+    from moe_diffuseq.evaluation import score_generations
+    from moe_diffuseq.metrics import rouge_per_document
+
+    planned = max(1, int(budget / step_seconds))
+    model, trainer, clock = fit(variant, dm, hidden, layers, seed, planned, 1.5 * budget)
+    train_seconds = clock.points[-1][0] if clock.points else 0.0
     val = trainer.validate(model, datamodule=dm, verbose=False)[0]
     rows = [json.loads(x) for x in Path(dm.paths["validation"]).read_text().splitlines()[:docs]]
     sampler, steps = ("ddim", 200) if model.sampling_config.sampler == "ancestral" else (None, None)
-    hyps = model.generate([r["src"] for r in rows], sampler=sampler, steps=steps, seed=0)
-    scores = score_generations(hyps, [r["trg"] for r in rows])
+    start = time.perf_counter()
+    hyps = model.generate([r["src"] for r in rows], sampler=sampler, steps=steps, seed=seed)
+    generate_seconds = time.perf_counter() - start
+    refs = [r["trg"] for r in rows]
+    scores = score_generations(hyps, refs)
     # The soft absorbing state's gamma when the budget ran out (it ramps over diffusion.denoise_warmup_steps).
-    return {"steps": trainer.global_step, "denoise_rate_at_end": model.denoise_rate(trainer.global_step),
-            "denoise_rate_full": model.denoise_rate(None),
-            "val_loss": val["val/loss"], "rougeL": scores["rougeL"],
-            "rouge1": scores["rouge1"], "rouge2": scores["rouge2"], "bleu": scores["bleu"],
+    return {"seed": seed, "steps": trainer.global_step, "planned_steps": planned, "train_seconds": train_seconds,
+            "generate_seconds": generate_seconds,
+            "denoise_rate_at_end": model.denoise_rate(trainer.global_step), "denoise_rate_full": model.denoise_rate(None),
+            "val_loss": val["val/loss"], "rougeL": scores["rougeL"], "rouge1": scores["rouge1"], "rouge2": scores["rouge2"],
+            "bleu": scores["bleu"], "rougeL_per_document": [d["rougeL"] for d in rouge_per_document(hyps, refs)],
             "train_loss_vs_seconds": clock.points[:: max(1, len(clock.points) // 200)]}
+
+
+MEANED = ("steps", "train_seconds", "generate_seconds", "val_loss", "rougeL", "rouge1", "rouge2", "bleu")
+
+
+def over_seeds(runs: list[dict], step_seconds: float) -> dict:
+    """One model on one task: the seeds' means (what the table and the checks use), the ROUGE-L
+    spread over seeds, the per-document ROUGE-L averaged over seeds, and every run's own figures."""
+    n = len(runs)
+    mean = {k: sum(r[k] for r in runs) / n for k in MEANED}
+    spread = (sum((r["rougeL"] - mean["rougeL"]) ** 2 for r in runs) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    docs = len(runs[0]["rougeL_per_document"])
+    return {**mean, "seeds": n, "rougeL_std_over_seeds": spread, "seconds_per_step_calibrated": step_seconds,
+            "planned_steps": runs[0]["planned_steps"],
+            "denoise_rate_at_end": runs[0]["denoise_rate_at_end"], "denoise_rate_full": runs[0]["denoise_rate_full"],
+            "rougeL_per_document": [sum(r["rougeL_per_document"][i] for r in runs) / n for i in range(docs)],
+            "train_loss_vs_seconds": runs[0]["train_loss_vs_seconds"],
+            "runs": [{k: v for k, v in r.items() if k not in ("rougeL_per_document", "train_loss_vs_seconds")} for r in runs]}
+
+
+def task_quality(task: str, variants, args, data_dir: Path) -> dict:
+    """Every variant on one task: calibrate, then one run of each model in turn per seed (the ablation: the first seed only)."""
+    dm = quality_datamodule(task, data_dir)
+    width = (args.hidden, args.layers)
+    step_seconds = seconds_per_step(variants, dm, *width)
+    print(f"  {task}: calibrated s/step {step_seconds}")
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for seed in args.seeds:
+        for v in variants:
+            if v == ABLATION and seed != args.seeds[0]:
+                continue
+            runs[v].append(quality(v, dm, args.budget, step_seconds[v], *width, args.docs, seed))
+            print(f"  {task} {v} seed {seed}: {runs[v][-1]['steps']} steps, ROUGE-L {runs[v][-1]['rougeL']:.3g}")
+    return {v: over_seeds(r, step_seconds[v]) for v, r in runs.items()}
 
 
 TARGETS = {"train_speedup_4k": (">=", 1.3), "train_speedup_8k": (">=", 2.0), "memory_ratio_8k_eager": ("<=", 0.3),
@@ -209,21 +281,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--efficiency-length", type=int, default=4096, help="source length of the linear-layer efficiency")
-    parser.add_argument("--budget", type=float, default=600.0, help="training seconds per model and task")
+    parser.add_argument("--budget", type=float, default=150.0, help="training seconds per model, task and seed")
     parser.add_argument("--tasks", nargs="*", default=["code", "dialogue", "scientific"], help="corpora for the quality part (give none to skip it)")
-    parser.add_argument("--docs", type=int, default=32)
+    parser.add_argument("--docs", type=int, default=32, help="validation documents scored per quality run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="one quality run per model, task and seed, averaged (the ablation runs the first seed only)")
     parser.add_argument("--data-dir", default=str(ROOT / "data"), help="where the corpora are (built when missing)")
     parser.add_argument("--no-ablation", dest="ablation", action="store_false",
                         help="skip the quality run of MoE-DiffuSeq without the soft absorbing state")
-    parser.add_argument("--quick", action="store_true", help="lengths 1k-2k, 60 s budgets, code only, 8 docs, no ablation")
+    parser.add_argument("--quick", action="store_true", help="lengths 1k-2k, 60 s budgets, code only, 8 docs, one seed, no ablation")
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds) or args.docs < 1 or args.budget <= 0:
+        parser.error(f"--seeds must be distinct, --docs at least 1 and --budget positive; got {args.seeds}, {args.docs}, {args.budget}")
     if args.child:
         print(json.dumps(memory_child(args.child[0], int(args.child[1]), args.trg_len, args.hidden, args.layers)))
         return {}
     if args.quick:
-        args.lengths, args.repeats, args.budget, args.tasks, args.docs = [1024, 2048], 1, 60.0, ["code"], 8
+        args.lengths, args.repeats, args.budget, args.tasks, args.docs, args.seeds = [1024, 2048], 1, 60.0, ["code"], 8, [0]
         args.ablation = False
         args.efficiency_length = 2048
     width = (args.hidden, args.layers)
@@ -251,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
     data_dir = Path(args.data_dir)
     tasks = [t for t in args.tasks if t != "scientific" or (data_dir / "scientific" / "train.jsonl").exists()]
     quality_variants = ("moe", "sdpa", ABLATION) if args.ablation else ("moe", "sdpa")
-    qualities = {t: {v: quality(v, t, args.budget, *width, args.docs, data_dir) for v in quality_variants} for t in tasks}
+    qualities = {t: task_quality(t, quality_variants, args, data_dir) for t in tasks}
 
     def ratio(a, b):
         return a / b if a is not None and b else None
@@ -266,7 +342,11 @@ def main(argv: list[str] | None = None) -> dict:
         "sampling_speedup": min(sampling_by_length.values()),
         "sampling_speedup_by_length": sampling_by_length,
         "linear_efficiency": {v: {k: e[k] for k in ("ffn", "projections")} for v, e in efficiency.items()},
+        # Means over --seeds runs; the interval: paired bootstrap over documents of the seed-averaged ROUGE-L.
         "quality": {t: {"moe_rougeL": q["moe"]["rougeL"], "baseline_rougeL": q["sdpa"]["rougeL"],
+                        "rougeL_difference_ci95": paired_bootstrap_interval(q["moe"]["rougeL_per_document"],
+                                                                            q["sdpa"]["rougeL_per_document"]),
+                        "seeds": q["moe"]["seeds"],
                         "moe_val_loss": q["moe"]["val_loss"], "baseline_val_loss": q["sdpa"]["val_loss"],
                         **({"moe_no_absorbing_rougeL": q[ABLATION]["rougeL"]} if ABLATION in q else {})}
                     for t, q in qualities.items()},
@@ -278,15 +358,16 @@ def main(argv: list[str] | None = None) -> dict:
             for n in args.lengths]
     print_table(["length", "moe tok/s", "sdpa tok/s", "eager tok/s", "moe MB", "sdpa MB", "eager MB", "moe sample s", "sdpa sample s"], rows)
     print_table(["model", "ffn", "projections"], [[v, e["ffn"], e["projections"]] for v, e in efficiency.items()])
-    print_table(["task", "model", "steps", "val loss", "ROUGE-L", "BLEU"],
-                [[t, v, q["steps"], q["val_loss"], q["rougeL"], q["bleu"]] for t, qs in qualities.items() for v, q in qs.items()])
+    print_table(["task", "model", "s/step", "steps", "val loss", "ROUGE-L", "ROUGE-L sd", "BLEU"],
+                [[t, v, q["seconds_per_step_calibrated"], q["steps"], q["val_loss"], q["rougeL"], q["rougeL_std_over_seeds"], q["bleu"]]
+                 for t, qs in qualities.items() for v, q in qs.items()])
     for name, c in checks.items():
         print(f"{name}: {c['measured']:.3g} (target {c['target']}) {'OK' if c['met'] else 'MISSED'}")
     for name, table in profiles.items():
         print(f"profile for {name}:\n{table}")
     payload = {"benchmark": "compare", "machine": machine_info(),
                "setup": {k: getattr(args, k) for k in ("lengths", "trg_len", "hidden", "layers", "repeats", "efficiency_length",
-                                                       "budget", "tasks", "docs", "quick", "ablation")},
+                                                       "budget", "tasks", "docs", "seeds", "quick", "ablation")},
                "throughput_tokens_per_s": throughput, "peak_memory_mb": memory, "sampling_seconds_per_document": sampling,
                "linear_efficiency": efficiency, "quality": qualities, "summary": summary, "checks": checks, "profiles": profiles}
     path = write_json("compare", payload, args.out)
@@ -302,9 +383,9 @@ def target_checks(summary: dict) -> dict:
         value = summary.get(name)
         if value is not None:
             checks[name] = {"measured": value, "target": f"{op} {target}", "met": value >= target if op == ">=" else value <= target}
-    for task, q in summary["quality"].items():
+    for task, q in summary["quality"].items():  # the seeds' means; the interval is reported beside, not judged
         checks[f"quality_{task}"] = {"measured": q["moe_rougeL"] - q["baseline_rougeL"], "target": ">= 0 (ROUGE-L difference)",
-                                     "met": q["moe_rougeL"] >= q["baseline_rougeL"]}
+                                     "met": q["moe_rougeL"] >= q["baseline_rougeL"], "ci95": q["rougeL_difference_ci95"]}
     return checks
 
 

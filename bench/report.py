@@ -35,6 +35,7 @@ def _table(headers: list[str], rows: list[list]) -> list[str]:
 
 def _checks(payload: dict) -> list[str]:
     return [f"- {name}: {_f(c['measured'])} (target {c['target']}): {'met' if c['met'] else '**missed**'}"
+            + (f"; 95% paired bootstrap interval over documents [{_f(c['ci95'][0])}, {_f(c['ci95'][1])}]" if "ci95" in c else "")
             for name, c in payload.get("checks", {}).items()]
 
 
@@ -117,11 +118,23 @@ def _compare_section(name: str, c: dict) -> list[str]:
     if c["quality"]:
         from .compare import QUALITY_BATCH, QUALITY_SRC_LEN, QUALITY_TRG_LEN
 
-        out += ["", f"Quality after {s['budget']:.0f} s of training per model and task (source {QUALITY_SRC_LEN}, target "
-                    f"{QUALITY_TRG_LEN} tokens, batch {QUALITY_BATCH}; ROUGE/BLEU on {s['docs']} validation documents):", ""]
-        out += _table(["task", "model", "steps in budget", "val loss", "ROUGE-L", "BLEU"],
-                      [[t, v, q["steps"], q["val_loss"], q["rougeL"], q["bleu"]] for t, qs in c["quality"].items()
-                       for v, q in qs.items()])
+        seeds = s.get("seeds")
+        if isinstance(seeds, list):  # calibrated steps, several seeds
+            out += ["", f"Quality at {s['budget']:.0f} s of training per model and task (source {QUALITY_SRC_LEN}, target "
+                        f"{QUALITY_TRG_LEN} tokens, batch {QUALITY_BATCH}). Each model's seconds per step were measured first "
+                        f"(short fits, interleaved) and it trained for the steps that fit in the budget, its learning rate "
+                        f"decaying to 0 at the end. Figures are means over seeds {', '.join(map(str, seeds))} (weights, data "
+                        f"order, noise); ROUGE/BLEU on {s['docs']} validation documents; sd: ROUGE-L's spread over the seeds"
+                        f"{' (the ablation: first seed only)' if s.get('ablation') else ''}.", ""]
+            out += _table(["task", "model", "s/step", "steps", "train s", "val loss", "ROUGE-L", "ROUGE-L sd", "BLEU"],
+                          [[t, v, q["seconds_per_step_calibrated"], q["steps"], q["train_seconds"], q["val_loss"], q["rougeL"],
+                            q["rougeL_std_over_seeds"], q["bleu"]] for t, qs in c["quality"].items() for v, q in qs.items()])
+        else:  # older runs: one seed, a time limit
+            out += ["", f"Quality after {s['budget']:.0f} s of training per model and task (source {QUALITY_SRC_LEN}, target "
+                        f"{QUALITY_TRG_LEN} tokens, batch {QUALITY_BATCH}; ROUGE/BLEU on {s['docs']} validation documents):", ""]
+            out += _table(["task", "model", "steps in budget", "val loss", "ROUGE-L", "BLEU"],
+                          [[t, v, q["steps"], q["val_loss"], q["rougeL"], q["bleu"]] for t, qs in c["quality"].items()
+                           for v, q in qs.items()])
         ramps = {(q["moe"]["denoise_rate_at_end"], q["moe"]["denoise_rate_full"]) for q in c["quality"].values()
                  if "denoise_rate_at_end" in q["moe"]}
         if any(end < full for end, full in ramps):
@@ -157,8 +170,9 @@ def _why(target: str, c: dict) -> str | None:
     if target.startswith("quality_"):
         q = c["quality"][target.removeprefix("quality_")]
         moe, base = q["moe"], q["sdpa"]
-        why = (f"in {c['setup']['budget']:.0f} s the baseline took {base['steps']} optimizer steps and MoE-DiffuSeq "
-               f"{moe['steps']}; ROUGE-L {_f(base['rougeL'])} vs {_f(moe['rougeL'])}, validation loss {_f(base['val_loss'])} vs "
+        seeds = f" (means of {moe['seeds']} seeds)" if moe.get("seeds", 1) > 1 else ""
+        why = (f"in {c['setup']['budget']:.0f} s the baseline took {_f(base['steps'])} optimizer steps and MoE-DiffuSeq "
+               f"{_f(moe['steps'])}{seeds}; ROUGE-L {_f(base['rougeL'])} vs {_f(moe['rougeL'])}, validation loss {_f(base['val_loss'])} vs "
                f"{_f(moe['val_loss'])} (baseline vs MoE-DiffuSeq; not comparable: MoE-DiffuSeq's validation loss "
                f"includes the soft absorbing state's replacements at the full rate).")
         from .compare import ABLATION
@@ -166,7 +180,7 @@ def _why(target: str, c: dict) -> str | None:
         if (ablation := q.get(ABLATION)) is not None:
             verdict = ("so the gap comes from the soft absorbing state" if ablation["rougeL"] >= base["rougeL"]
                        else "so the absorbing state is not the whole gap")
-            why += (f" The same MoE-DiffuSeq with the soft absorbing state off took {ablation['steps']} steps and reached "
+            why += (f" The same MoE-DiffuSeq with the soft absorbing state off took {_f(ablation['steps'])} steps and reached "
                     f"ROUGE-L {_f(ablation['rougeL'])}, {verdict}.")
         return why
     check = c["checks"][target]

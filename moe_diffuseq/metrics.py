@@ -26,19 +26,26 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return 100.0 * float(sacre_bleu_score(list(hypotheses), [[r] for r in references]))
 
 
-def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L/Lsum F1 in [0, 100], with Porter stemming."""
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+def rouge_per_document(hypotheses: Sequence[str], references: Sequence[str]) -> list[dict[str, float]]:
+    """ROUGE-1/2/L/Lsum F1 in [0, 100] of each hypothesis against its reference, Porter stemming
+    (per document, for intervals over documents)."""
     from rouge_score import rouge_scorer
 
-    keys = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-    scorer = rouge_scorer.RougeScorer(list(keys), use_stemmer=True)
-    totals = dict.fromkeys(keys, 0.0)
-    for hyp, ref in zip(hypotheses, references, strict=True):
-        scores = scorer.score(ref, hyp)
-        for key in keys:
-            totals[key] += scores[key].fmeasure
-    n = max(1, len(hypotheses))
-    return {key: 100.0 * value / n for key, value in totals.items()}
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    return [{key: 100.0 * score.fmeasure for key, score in scorer.score(ref, hyp).items()}
+            for hyp, ref in zip(hypotheses, references, strict=True)]
+
+
+def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L/Lsum F1 in [0, 100], with Porter stemming."""
+    per_document = rouge_per_document(hypotheses, references)
+    n = max(1, len(per_document))
+    return {key: sum(doc[key] for doc in per_document) / n for key in ROUGE_KEYS}
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
@@ -64,3 +71,25 @@ def mbr_select(candidates: Sequence[str]) -> int:
         for i, c in enumerate(candidates)
     ]
     return max(range(len(candidates)), key=lambda i: scores[i])
+
+
+def paired_bootstrap_interval(
+    scores_a: Sequence[float], scores_b: Sequence[float], confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile interval of mean(a - b) over documents resampled with replacement.
+
+    Paired: both systems are scored on the same documents, so a document that is hard for both
+    does not widen the interval. Deterministic for a given seed."""
+    import torch
+
+    if len(scores_a) != len(scores_b) or not scores_a:
+        raise ValueError(f"need two equal, non-empty score lists, got {len(scores_a)} and {len(scores_b)}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    diff = torch.tensor(scores_a, dtype=torch.float64) - torch.tensor(scores_b, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(diff), (resamples, len(diff)), generator=generator)
+    means = diff[picks].mean(dim=1)
+    tail = (1.0 - confidence) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return low, high

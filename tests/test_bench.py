@@ -39,7 +39,7 @@ def test_compare_bench_tiny_run_covers_every_part(tmp_path, small_corpus):
     (data / MARKER).write_text(VERSIONS["code"] + "\n")  # "built": prepare_data must not rebuild it
     out = tmp_path / "compare.json"
     compare.main(["--lengths", "64", "--trg-len", "16", "--hidden", "32", "--layers", "1", "--repeats", "1",
-                  "--efficiency-length", "64", "--tasks", "code", "--budget", "2", "--docs", "2",
+                  "--efficiency-length", "64", "--tasks", "code", "--budget", "2", "--docs", "2", "--seeds", "0", "1",
                   "--data-dir", str(tmp_path / "data"), "--out", str(out)])
     payload = json.loads(out.read_text())
     summary = payload["summary"]
@@ -47,15 +47,23 @@ def test_compare_bench_tiny_run_covers_every_part(tmp_path, small_corpus):
     for model in ("moe", "sdpa"):
         assert all(v > 0 for v in payload["peak_memory_mb"]["64"].values())
         assert 0 < summary["linear_efficiency"][model]["ffn"] and 0 < summary["linear_efficiency"][model]["projections"]
-    for model in ("moe", "sdpa", compare.ABLATION):  # the ablation runs by default
+    for model in ("moe", "sdpa", compare.ABLATION):  # the ablation runs by default, first seed only
         quality = payload["quality"]["code"][model]
-        assert quality["steps"] > 0 and quality["train_loss_vs_seconds"]
+        assert quality["steps"] > 0 and quality["train_loss_vs_seconds"] and quality["seconds_per_step_calibrated"] > 0
+        assert [r["seed"] for r in quality["runs"]] == ([0] if model == compare.ABLATION else [0, 1])
+        # Steps come from the calibrated s/step (the 1.5x time limit may cut a run short on a slow spell).
+        assert all(0 < r["steps"] <= r["planned_steps"] == int(2 / quality["seconds_per_step_calibrated"]) for r in quality["runs"])
+        assert quality["rougeL"] == sum(r["rougeL"] for r in quality["runs"]) / len(quality["runs"])
+        assert len(quality["rougeL_per_document"]) == 2
+    low, high = summary["quality"]["code"]["rougeL_difference_ci95"]
+    assert low <= high and summary["quality"]["code"]["seeds"] == 2
     assert "moe_no_absorbing_rougeL" in summary["quality"]["code"]
     # moe_diffuseq.yaml ramps gamma over its warm-up: a 2 s budget ends early in it; the baseline has none.
     moe_quality, base_quality = payload["quality"]["code"]["moe"], payload["quality"]["code"]["sdpa"]
     assert 0 <= moe_quality["denoise_rate_at_end"] < moe_quality["denoise_rate_full"] == 0.5
     assert base_quality["denoise_rate_at_end"] == base_quality["denoise_rate_full"] == 0.0
-    assert "early in that ramp" in "\n".join(report._compare_section("compare", payload))
+    section = "\n".join(report._compare_section("compare", payload))
+    assert "early in that ramp" in section and "means over seeds 0, 1" in section and "paired bootstrap interval" in section
     assert compare.model_args(compare.ABLATION, 32, 1, 64, 16, None)["diffusion"]["soft_absorbing"] is False
     assert compare.model_args("moe", 32, 1, 64, 16, None)["diffusion"]["soft_absorbing"] is True
     assert "sampling_speedup" in payload["checks"] and "quality_code" in payload["checks"]

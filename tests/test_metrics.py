@@ -8,7 +8,9 @@ from moe_diffuseq.metrics import (
     corpus_bleu,
     distinct_n,
     mbr_select,
+    paired_bootstrap_interval,
     rouge,
+    rouge_per_document,
     self_bleu,
     sentence_bleu,
 )
@@ -25,6 +27,29 @@ def test_rouge_by_hand():
     scores = rouge(["the cat"], ["the cat sat"])
     assert scores["rouge1"] == pytest.approx(80.0)
     assert scores["rouge2"] == pytest.approx(100 * 2 * 1 * 0.5 / 1.5)
+
+
+def test_rouge_per_document_scores_each_pair_and_averages_to_rouge():
+    hyps, refs = ["the cat", "a dog ran"], ["the cat sat", "a dog ran"]
+    per_document = rouge_per_document(hyps, refs)
+    assert [d["rouge1"] for d in per_document] == pytest.approx([80.0, 100.0])
+    assert rouge(hyps, refs)["rougeL"] == pytest.approx((per_document[0]["rougeL"] + per_document[1]["rougeL"]) / 2)
+    with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
+        rouge_per_document(hyps, refs[:1])
+
+
+def test_paired_bootstrap_interval():
+    a = [10.0, 20.0, 30.0, 40.0]
+    assert paired_bootstrap_interval(a, a) == (0.0, 0.0)
+    assert paired_bootstrap_interval([x + 3 for x in a], a) == pytest.approx((3.0, 3.0))  # a constant gap: no spread
+    # A gap on one document of four: the interval holds the mean gap (2.5) and reaches 0 (a resample without it).
+    low, high = paired_bootstrap_interval([20.0, 20.0, 30.0, 40.0], a)
+    assert low == 0.0 and 2.5 < high <= 10.0
+    assert paired_bootstrap_interval([20.0, 20.0, 30.0, 40.0], a, seed=1) == paired_bootstrap_interval([20.0, 20.0, 30.0, 40.0], a, seed=1)
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        paired_bootstrap_interval([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="confidence"):
+        paired_bootstrap_interval(a, a, confidence=1.5)
 
 
 def test_distinct_by_hand():

@@ -135,6 +135,11 @@ def _compare_section(name: str, c: dict) -> list[str]:
             out += _table(["task", "model", "steps in budget", "val loss", "ROUGE-L", "BLEU"],
                           [[t, v, q["steps"], q["val_loss"], q["rougeL"], q["bleu"]] for t, qs in c["quality"].items()
                            for v, q in qs.items()])
+        if isinstance(seeds, list):
+            over = {v: [q[v]["train_seconds"] / s["budget"] for q in c["quality"].values()] for v in ("moe", "sdpa")}
+            out += ["", f"train s: wall-clock actually trained (from the first step's end). Against the budget: MoE-DiffuSeq "
+                        f"{_f(min(over['moe']))}-{_f(max(over['moe']))}x, baseline {_f(min(over['sdpa']))}-"
+                        f"{_f(max(over['sdpa']))}x (the calibration's short fits step a little faster than a full run)."]
         ramps = {(q["moe"]["denoise_rate_at_end"], q["moe"]["denoise_rate_full"]) for q in c["quality"].values()
                  if "denoise_rate_at_end" in q["moe"]}
         if any(end < full for end, full in ramps):
@@ -181,7 +186,15 @@ def _why(target: str, c: dict) -> str | None:
             verdict = ("so the gap comes from the soft absorbing state" if ablation["rougeL"] >= base["rougeL"]
                        else "so the absorbing state is not the whole gap")
             why += (f" The same MoE-DiffuSeq with the soft absorbing state off took {_f(ablation['steps'])} steps and reached "
-                    f"ROUGE-L {_f(ablation['rougeL'])}, {verdict}.")
+                    f"ROUGE-L {_f(ablation['rougeL'])}, {verdict}")
+            if "runs" in ablation and moe.get("seeds", 1) > 1:  # one seed against a mean: name the like-for-like run
+                seed = ablation["runs"][0]["seed"]
+                same = next(r for r in moe["runs"] if r["seed"] == seed)
+                why += f" (one seed, {seed}: MoE-DiffuSeq's own run on that seed reached {_f(same['rougeL'])})"
+            why += "."
+        if (interval := c["checks"][target].get("ci95")) and interval[0] < 0 < interval[1]:
+            why += (f" The paired bootstrap interval over documents, [{_f(interval[0])}, {_f(interval[1])}], holds 0: "
+                    f"at this budget the two models are not told apart on these documents.")
         return why
     check = c["checks"][target]
     return f"measured {_f(check['measured'])} against {check['target']}."

@@ -129,17 +129,16 @@ def _compare_section(name: str, c: dict) -> list[str]:
             out += _table(["task", "model", "s/step", "steps", "train s", "val loss", "ROUGE-L", "ROUGE-L sd", "BLEU"],
                           [[t, v, q["seconds_per_step_calibrated"], q["steps"], q["train_seconds"], q["val_loss"], q["rougeL"],
                             q["rougeL_std_over_seeds"], q["bleu"]] for t, qs in c["quality"].items() for v, q in qs.items()])
+            over = {v: [q[v]["train_seconds"] / s["budget"] for q in c["quality"].values()] for v in ("moe", "sdpa")}
+            out += ["", f"train s: wall-clock actually trained (from the first step's end). Against the budget: MoE-DiffuSeq "
+                        f"{_f(min(over['moe']))}-{_f(max(over['moe']))}x, baseline {_f(min(over['sdpa']))}-"
+                        f"{_f(max(over['sdpa']))}x (the calibration's short fits step a little faster than a full run)."]
         else:  # older runs: one seed, a time limit
             out += ["", f"Quality after {s['budget']:.0f} s of training per model and task (source {QUALITY_SRC_LEN}, target "
                         f"{QUALITY_TRG_LEN} tokens, batch {QUALITY_BATCH}; ROUGE/BLEU on {s['docs']} validation documents):", ""]
             out += _table(["task", "model", "steps in budget", "val loss", "ROUGE-L", "BLEU"],
                           [[t, v, q["steps"], q["val_loss"], q["rougeL"], q["bleu"]] for t, qs in c["quality"].items()
                            for v, q in qs.items()])
-        if isinstance(seeds, list):
-            over = {v: [q[v]["train_seconds"] / s["budget"] for q in c["quality"].values()] for v in ("moe", "sdpa")}
-            out += ["", f"train s: wall-clock actually trained (from the first step's end). Against the budget: MoE-DiffuSeq "
-                        f"{_f(min(over['moe']))}-{_f(max(over['moe']))}x, baseline {_f(min(over['sdpa']))}-"
-                        f"{_f(max(over['sdpa']))}x (the calibration's short fits step a little faster than a full run)."]
         ramps = {(q["moe"]["denoise_rate_at_end"], q["moe"]["denoise_rate_full"]) for q in c["quality"].values()
                  if "denoise_rate_at_end" in q["moe"]}
         if any(end < full for end, full in ramps):

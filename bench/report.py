@@ -125,7 +125,11 @@ def _compare_section(name: str, c: dict) -> list[str]:
                         f"(short fits, interleaved) and it trained for the steps that fit in the budget, its learning rate "
                         f"decaying to 0 at the end. Figures are means over seeds {', '.join(map(str, seeds))} (weights, data "
                         f"order, noise); ROUGE/BLEU on {s['docs']} validation documents; sd: ROUGE-L's spread over the seeds"
-                        f"{' (the ablation: first seed only)' if s.get('ablation') else ''}.", ""]
+                        f"{' (the ablation: first seed only)' if s.get('ablation') else ''}."
+                        + (" Samples become text as in DiffuSeq's evaluation (every [SEP] and [PAD] dropped, the other tokens "
+                           "kept); val loss: the diffusion terms (MSE, rounding, t_T) at the soft absorbing rate each model "
+                           "last trained at, without the router and absorbing-state regularisers."
+                           if c.get("scoring") else ""), ""]
             out += _table(["task", "model", "s/step", "steps", "train s", "val loss", "ROUGE-L", "ROUGE-L sd", "BLEU"],
                           [[t, v, q["seconds_per_step_calibrated"], q["steps"], q["train_seconds"], q["val_loss"], q["rougeL"],
                             q["rougeL_std_over_seeds"], q["bleu"]] for t, qs in c["quality"].items() for v, q in qs.items()])
@@ -175,10 +179,13 @@ def _why(target: str, c: dict) -> str | None:
         q = c["quality"][target.removeprefix("quality_")]
         moe, base = q["moe"], q["sdpa"]
         seeds = f" (means of {moe['seeds']} seeds)" if moe.get("seeds", 1) > 1 else ""
+        per_step = (f", seconds per step {_f(base['seconds_per_step_calibrated'])} vs {_f(moe['seconds_per_step_calibrated'])}"
+                    if "seconds_per_step_calibrated" in moe else "")
+        caveat = ("" if c.get("scoring") else "; not comparable: MoE-DiffuSeq's validation loss includes the soft absorbing "
+                                              "state's replacements at the full rate")
         why = (f"in {c['setup']['budget']:.0f} s the baseline took {_f(base['steps'])} optimizer steps and MoE-DiffuSeq "
                f"{_f(moe['steps'])}{seeds}; ROUGE-L {_f(base['rougeL'])} vs {_f(moe['rougeL'])}, validation loss {_f(base['val_loss'])} vs "
-               f"{_f(moe['val_loss'])} (baseline vs MoE-DiffuSeq; not comparable: MoE-DiffuSeq's validation loss "
-               f"includes the soft absorbing state's replacements at the full rate).")
+               f"{_f(moe['val_loss'])}{per_step} (baseline vs MoE-DiffuSeq{caveat}).")
         from .compare import ABLATION
 
         if (ablation := q.get(ABLATION)) is not None:

@@ -150,15 +150,27 @@ def collate_pairs(
     )
 
 
-def decode_targets(tokenizer: Tokenizer, ids: torch.Tensor, batch: Seq2SeqBatch, special: SpecialIds) -> list[str]:
-    """Text of each row's target region, up to its first [SEP] or [PAD]."""
+DECODE_MODES = ("strip", "truncate")
+
+
+def decode_targets(
+    tokenizer: Tokenizer, ids: torch.Tensor, batch: Seq2SeqBatch, special: SpecialIds, mode: str = "strip"
+) -> list[str]:
+    """Text of each row's target region.
+
+    mode "strip" drops every [SEP] and [PAD] wherever it stands and keeps the other tokens in
+    order (DiffuSeq's evaluation: a non-autoregressive sample can put a [PAD] mid-sentence, and
+    the words after it are still its output); "truncate" stops at the first [SEP] or [PAD].
+    The two agree on a sample whose padding all comes after its words.
+    """
+    if mode not in DECODE_MODES:
+        raise ValueError(f"sampling.decode={mode!r}: expected one of {DECODE_MODES}")
+    ends = (special.sep, special.pad)
     texts = []
     for row in range(ids.shape[0]):
         region = ids[row][batch.input_mask[row]].tolist()
-        out: list[int] = []
-        for tok in region:
-            if tok in (special.sep, special.pad):
-                break
-            out.append(tok)
-        texts.append(tokenizer.decode(out, skip_special_tokens=True))
+        if mode == "truncate":
+            stop = next((i for i, tok in enumerate(region) if tok in ends), len(region))
+            region = region[:stop]
+        texts.append(tokenizer.decode([tok for tok in region if tok not in ends], skip_special_tokens=True))
     return texts

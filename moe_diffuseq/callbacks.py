@@ -48,8 +48,8 @@ class ValidationSamples(pl.Callback):
         cfg = pl_module.sampling_config
         ids = pl_module.sample_ids(batch, sampler=cfg.sampler, steps=cfg.steps, seed=self.seed, spacing=cfg.spacing)
         special = SpecialIds.from_tokenizer(pl_module.tokenizer)
-        samples = decode_targets(pl_module.tokenizer, ids.cpu(), batch, special)
-        references = decode_targets(pl_module.tokenizer, batch.input_ids.cpu(), batch, special)
+        samples = decode_targets(pl_module.tokenizer, ids.cpu(), batch, special, cfg.decode)
+        references = decode_targets(pl_module.tokenizer, batch.input_ids.cpu(), batch, special, cfg.decode)
         sources = decode_sources(pl_module.tokenizer, batch, special)
         text = "\n\n".join(
             f"**source**\n```\n{s}\n```\n**reference**\n```\n{r}\n```\n**sample**\n```\n{g}\n```"

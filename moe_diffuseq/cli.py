@@ -101,6 +101,7 @@ def generate(
     preview: int = 3,
     spacing: str | None = None,
     template_key: str | None = None,
+    decode: str | None = None,
 ) -> None:
     """Generate targets for sources with a trained checkpoint.
 
@@ -121,6 +122,8 @@ def generate(
         spacing: logsnr or time_uniform placement of ddim/dpm_solver++ steps (default: the checkpoint's).
         template_key: jsonl column with a target template per source for infilling: its
             tokens stay fixed, each [MASK] token and everything after it is sampled.
+        decode: strip (drop every [SEP] and [PAD], DiffuSeq's evaluation) or truncate (stop at
+            the first one) (default: the checkpoint's).
     """
     from moe_diffuseq.checkpoint import load_checkpoint
 
@@ -138,7 +141,7 @@ def generate(
     start = time.perf_counter()
     results = model.generate_candidates(
         sources, steps=steps, sampler=sampler, seed=seed, num_candidates=num_candidates,
-        clamp=clamp, batch_size=batch_size, progress=True, spacing=spacing, templates=templates,
+        clamp=clamp, batch_size=batch_size, progress=True, spacing=spacing, templates=templates, decode=decode,
     )
     seconds = time.perf_counter() - start
     out = open(output, "w", encoding="utf-8") if output else sys.stdout

@@ -152,11 +152,15 @@ class SamplingConfig:
     """Seeds per source; more than 1 picks one by MBR with sentence-BLEU."""
     batch_size: int = 16
     """Sources sampled together."""
+    decode: Literal["strip", "truncate"] = "strip"
+    """Sample to text: strip drops every [SEP] and [PAD] and keeps the other tokens (DiffuSeq's
+    evaluation); truncate stops at the first [SEP] or [PAD]."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "sampling.steps", self.steps, "must be >= 1")
         _check(self.num_candidates >= 1, "sampling.num_candidates", self.num_candidates, "must be >= 1")
         _check(self.batch_size >= 1, "sampling.batch_size", self.batch_size, "must be >= 1")
+        _check(self.decode in ("strip", "truncate"), "sampling.decode", self.decode, "expected strip or truncate")
 
 
 def coerce(cls: type[T], value: T | dict[str, Any] | None, key: str) -> T:

@@ -317,8 +317,8 @@ class MoEDiffuSeq(pl.LightningModule):
         ids = self.sample_ids(batch, sampler=cfg.sampler, steps=cfg.steps, seed=batch_idx, clamp=cfg.clamp, spacing=cfg.spacing)
         special = self._special()
         self._test_texts.append(
-            (decode_targets(self.tokenizer, ids.cpu(), batch, special),
-             decode_targets(self.tokenizer, batch.input_ids.cpu(), batch, special))
+            (decode_targets(self.tokenizer, ids.cpu(), batch, special, cfg.decode),
+             decode_targets(self.tokenizer, batch.input_ids.cpu(), batch, special, cfg.decode))
         )
 
     def _evaluate_step(self, batch: Seq2SeqBatch, batch_idx: int, prefix: str) -> None:
@@ -375,8 +375,8 @@ class MoEDiffuSeq(pl.LightningModule):
         cfg = self.sampling_config
         ids = self.sample_ids(batch, sampler=cfg.sampler, steps=cfg.steps, seed=batch_idx, clamp=cfg.clamp, spacing=cfg.spacing)
         special = self._special()
-        samples = decode_targets(self.tokenizer, ids.cpu(), batch, special)
-        references = decode_targets(self.tokenizer, batch.input_ids.cpu(), batch, special)
+        samples = decode_targets(self.tokenizer, ids.cpu(), batch, special, cfg.decode)
+        references = decode_targets(self.tokenizer, batch.input_ids.cpu(), batch, special, cfg.decode)
         sources = decode_sources(self.tokenizer, batch, special)
         ids_ = batch.example_ids or [""] * len(samples)
         return [
@@ -526,6 +526,7 @@ class MoEDiffuSeq(pl.LightningModule):
         progress: bool = False,
         templates: list[str] | None = None,
         spacing: str | None = None,
+        decode: str | None = None,
     ) -> list[str]:
         """Generate one target per source. Defaults come from the ``sampling`` settings.
 
@@ -533,11 +534,13 @@ class MoEDiffuSeq(pl.LightningModule):
         the candidate with the highest mean sentence-BLEU against the others is returned.
         With ``templates`` (one per source), given target tokens stay fixed and only the
         ``[MASK]`` positions and the positions after the template are sampled (infilling).
-        ``spacing`` ("logsnr" or "time_uniform") places the ddim/dpm_solver++ steps.
+        ``spacing`` ("logsnr" or "time_uniform") places the ddim/dpm_solver++ steps; ``decode``
+        ("strip" or "truncate") turns a sample into text (see ``SamplingConfig.decode``).
         """
         return [c[i] for c, i in self.generate_candidates(
             sources, steps=steps, sampler=sampler, seed=seed, num_candidates=num_candidates,
             clamp=clamp, batch_size=batch_size, progress=progress, templates=templates, spacing=spacing,
+            decode=decode,
         )]
 
     def generate_candidates(self, sources: list[str], **overrides) -> list[tuple[list[str], int]]:
@@ -565,7 +568,7 @@ class MoEDiffuSeq(pl.LightningModule):
                     batch, sampler=cfg.sampler, steps=cfg.steps, seed=seed + c, clamp=cfg.clamp,
                     spacing=cfg.spacing, fixed_mask=fixed, progress=progress,
                 )
-                per_seed.append(decode_targets(self.tokenizer, ids.cpu(), batch, special))
+                per_seed.append(decode_targets(self.tokenizer, ids.cpu(), batch, special, cfg.decode))
             for row in range(len(chunk)):
                 candidates = [texts[row] for texts in per_seed]
                 results.append((candidates, mbr_select(candidates)))

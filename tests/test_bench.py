@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import attention, moe, report
 
 
@@ -64,6 +66,7 @@ def test_compare_bench_tiny_run_covers_every_part(tmp_path, small_corpus):
     assert base_quality["denoise_rate_at_end"] == base_quality["denoise_rate_full"] == 0.0
     section = "\n".join(report._compare_section("compare", payload))
     assert "early in that ramp" in section and "means over seeds 0, 1" in section and "paired bootstrap interval" in section
+    assert payload["scoring"]["decode"] == "strip" and "as in DiffuSeq's evaluation" in section
     assert compare.model_args(compare.ABLATION, 32, 1, 64, 16, None)["diffusion"]["soft_absorbing"] is False
     assert compare.model_args("moe", 32, 1, 64, 16, None)["diffusion"]["soft_absorbing"] is True
     assert "sampling_speedup" in payload["checks"] and "quality_code" in payload["checks"]
@@ -71,3 +74,34 @@ def test_compare_bench_tiny_run_covers_every_part(tmp_path, small_corpus):
     assert set(payload["profiles"]) == missed
     assert all("Self CPU" in table for table in payload["profiles"].values())
     assert out.with_suffix(".png").stat().st_size > 0 and (tmp_path / "compare_quality.png").stat().st_size > 0
+
+
+def test_diffusion_validation_loss_is_the_diffusion_terms_at_the_trained_gamma(tmp_path, small_corpus, small_tokenizer_file):
+    import lightning.pytorch as pl
+
+    from bench import compare
+    from data_modules import Seq2SeqDataModule
+    from moe_diffuseq import MoEDiffuSeq
+
+    dm = Seq2SeqDataModule(train_path=str(small_corpus / "train.jsonl"), val_path=str(small_corpus / "validation.jsonl"),
+                           tokenizer_path=str(small_tokenizer_file), max_src_len=32, max_trg_len=16, batch_size=4)
+    model = MoEDiffuSeq(**compare.model_args("moe", 32, 1, 32, 16, None))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         limit_val_batches=2, num_sanity_val_steps=0, enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    before = model.diffusion_config
+    loss = compare.diffusion_validation_loss(model, trainer, dm)
+    assert model.diffusion_config is before  # restored: generation and later fits see the configured ramp
+    # By hand: validate at the gamma of step 2 with no ramp, and take the regularisers out of val/loss.
+    from dataclasses import replace
+
+    gamma = model.denoise_rate(2)
+    assert 0 < gamma < before.denoise_rate
+    model.diffusion_config = replace(before, denoise_rate=gamma, denoise_warmup_steps=0)
+    val = trainer.validate(model, datamodule=dm, verbose=False)[0]
+    model.diffusion_config = before
+    regularisers = (model.moe_config.load_balance_coef * val["val/load_balance"] + model.moe_config.z_loss_coef * val["val/z_loss"]
+                    + before.mask_reg_coef * val["val/mask_norm"])
+    assert regularisers > 0 and loss == pytest.approx(val["val/loss"] - regularisers)
+    full = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/loss"]
+    assert full != pytest.approx(val["val/loss"])  # val/loss at the full gamma is another figure

@@ -79,6 +79,12 @@ def test_samplers_run_from_a_checkpoint(trained):
         assert isinstance(text, str)
     candidates = model.generate_candidates(["def g():\n    ..."], num_candidates=3, steps=3)
     assert len(candidates[0][0]) == 3
+    # decode: the same sample as text, whole (strip, the default) or up to its first [SEP]/[PAD].
+    (stripped,) = model.generate(["def g():\n    ..."], steps=3, seed=5)
+    (truncated,) = model.generate(["def g():\n    ..."], steps=3, seed=5, decode="truncate")
+    assert model.sampling_config.decode == "strip" and len(truncated) <= len(stripped)
+    with pytest.raises(ValueError, match="sampling.decode"):
+        model.generate(["def g():"], steps=2, decode="first")
 
 
 def test_validate_and_test_verbs_run(trained, small_corpus, small_tokenizer_file, tmp_path):

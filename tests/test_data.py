@@ -40,6 +40,26 @@ def test_budgets_are_separate_and_layout_is_cls_src_sep_trg_sep_pad(small_tokeni
     assert decode_targets(small_tokenizer, batch.input_ids, batch, special)[1] == "d"
 
 
+
+def test_decode_strips_interior_padding_or_truncates_at_it(small_tokenizer):
+    special = SpecialIds.from_tokenizer(small_tokenizer)
+    pairs = encode_pairs(small_tokenizer, ["a"], ["x"], max_src_len=4, max_trg_len=6)
+    batch = collate_pairs(pairs, special, max_trg_len=6)
+    word = {w: small_tokenizer.token_to_id(w) for w in ("b", "c", "d")}
+    assert None not in word.values()
+    # A sample's target region (7 positions): b [PAD] c [SEP] d [PAD] [PAD]: a weak model's output.
+    sample = batch.input_ids.clone()
+    region = batch.input_mask[0].nonzero().flatten()
+    sample[0, region] = torch.tensor([word["b"], special.pad, word["c"], special.sep, word["d"], special.pad, special.pad])
+    assert decode_targets(small_tokenizer, sample, batch, special, "truncate") == ["b"]
+    stripped = decode_targets(small_tokenizer, sample, batch, special)  # strip: the default, DiffuSeq's rule
+    assert stripped == decode_targets(small_tokenizer, sample, batch, special, "strip")
+    assert stripped == ["bcd"]  # every word kept, in order (byte-level BPE: no spaces between these tokens)
+    # The reference itself (padding after its words) reads the same either way.
+    assert {decode_targets(small_tokenizer, batch.input_ids, batch, special, m)[0] for m in ("strip", "truncate")} == {"x"}
+    with pytest.raises(ValueError, match="sampling.decode='first'"):
+        decode_targets(small_tokenizer, sample, batch, special, "first")
+
 def test_code_corpus_pairs(tmp_path):
     counts = build_code_corpus(tmp_path, root=stdlib_root() / "json")
     rows = [json.loads(line) for s in counts for line in (tmp_path / f"{s}.jsonl").read_text().splitlines()]

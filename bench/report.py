@@ -124,7 +124,7 @@ def _compare_section(name: str, c: dict) -> list[str]:
                         f"{QUALITY_TRG_LEN} tokens, batch {QUALITY_BATCH}). Each model's seconds per step were measured first "
                         f"(short fits, interleaved) and it trained for the steps that fit in the budget, its learning rate "
                         f"decaying to 0 at the end. Figures are means over seeds {', '.join(map(str, seeds))} (weights, data "
-                        f"order, noise); ROUGE/BLEU on {s['docs']} validation documents; sd: ROUGE-L's spread over the seeds"
+                        f"order, noise); ROUGE/BLEU on {_documents(c)}; sd: ROUGE-L's spread over the seeds"
                         f"{' (the ablation: first seed only)' if s.get('ablation') else ''}."
                         + (" Samples become text as in DiffuSeq's evaluation (every [SEP] and [PAD] dropped, the other tokens "
                            "kept); val loss: the diffusion terms (MSE, rounding, t_T) at the soft absorbing rate each model "
@@ -161,6 +161,16 @@ def _compare_section(name: str, c: dict) -> list[str]:
     if c["quality"]:
         out += ["", f"![{name} quality](bench/results/{name}_quality.png)"]
     return out + [""]
+
+
+def _documents(c: dict) -> str:
+    """How many validation documents each task's quality figures rest on (a split smaller than --docs is scored whole)."""
+    asked = c["setup"]["docs"]
+    scored = {t: len(q["moe"]["rougeL_per_document"]) for t, q in c["quality"].items()}
+    if all(n == asked for n in scored.values()):
+        return f"{asked} validation documents per task"
+    return "the first " + ", ".join(f"{n} ({t}{': its whole validation split' if n < asked else ''})"
+                                    for t, n in scored.items()) + " validation documents"
 
 
 def _why(target: str, c: dict) -> str | None:

@@ -339,9 +339,7 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         if hp.corpus is not None and not is_built(hp.corpus, self.corpus_dir):
             log.info("building the %s corpus in %s", hp.corpus, self.corpus_dir)
             counts = build(hp.corpus, self.corpus_dir)
-            log.info("built %s", counts)
-            if self.tokenizer_file.exists() and not hp.tokenizer_path:
-                self.tokenizer_file.unlink()  # trained on the old corpus
+            log.info("built %s", counts)  # build() removed the tokenizers cached from the old corpus
         if not self.tokenizer_file.exists():
             if hp.tokenizer_path:
                 raise FileNotFoundError(f"data.tokenizer_path={hp.tokenizer_path}: no such file")

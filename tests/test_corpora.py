@@ -78,3 +78,18 @@ def test_scientific_without_apt_get_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # a machine without apt-get
     with pytest.raises(RuntimeError, match="needs apt-get and dpkg-deb"):
         download_packages(tmp_path / "debs")
+
+
+def test_rebuilding_a_corpus_drops_the_tokenizers_cached_from_its_old_version(tmp_path):
+    from data_modules.corpora import MARKER, VERSIONS, build, is_built
+    from data_modules.corpora.code import stdlib_root
+
+    out = tmp_path / "code"
+    out.mkdir()
+    (out / MARKER).write_text("code-0\n")  # an older builder's copy ...
+    (out / "tokenizer-64.json").write_text("{}")  # ... and the tokenizer the data module trained on it
+    (out / "notes.json").write_text("{}")
+    assert not is_built("code", out)
+    build("code", out, root=stdlib_root() / "json")
+    assert is_built("code", out) and (out / MARKER).read_text().strip() == VERSIONS["code"]
+    assert not (out / "tokenizer-64.json").exists() and (out / "notes.json").exists()

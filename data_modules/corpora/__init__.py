@@ -19,8 +19,14 @@ def is_built(name: str, out_dir: str | Path) -> bool:
 
 
 def build(name: str, out_dir: str | Path, **kwargs) -> dict[str, int]:
-    """Build the named corpus and mark the folder with the builder's version."""
+    """Build the named corpus and mark the folder with the builder's version.
+
+    Tokenizers cached beside the old files (``tokenizer-<vocab>.json``, the data module's cache) are
+    removed: trained on the old pairs, they would be read as if they were this corpus's.
+    """
     counts = BUILDERS[name](out_dir, **kwargs)
+    for stale in Path(out_dir).glob("tokenizer-*.json"):
+        stale.unlink()
     (Path(out_dir) / MARKER).write_text(VERSIONS[name] + "\n")
     return counts
 

@@ -70,6 +70,23 @@ def test_scientific_pairs_from_rnw_and_rmd(tmp_path):
     assert not rows and skipped["body under min_words"] == 2
 
 
+
+def test_scientific_abstract_skips_latex_comments_and_empty_abstracts(tmp_path):
+    from data_modules.corpora.scientific import split_rnw, vignette_pairs
+
+    words = " ".join(["word"] * 250)
+    # r-cran-ordinal's clm_article.Rnw: a comment names \Abstract{} before the real one.
+    text = ("%% - \\Abstract{} almost as usual\n\\Abstract{\nThe package fits cumulative link models.\n}\n"
+            f"\\begin{{document}}\n{words} 50\\% of cases\n\\end{{document}}\n")
+    body, abstract = split_rnw(text)
+    assert abstract == "The package fits cumulative link models." and body.startswith("word") and "50\\%" in body
+    doc = tmp_path / "usr" / "lib" / "R" / "site-library" / "pkg" / "doc"
+    doc.mkdir(parents=True)
+    (doc / "a.Rnw").write_text(text)
+    (doc / "b.Rnw").write_text(f"\\Abstract{{ }}\n\\begin{{document}}\n{words}\n\\end{{document}}\n")
+    rows, skipped = vignette_pairs(tmp_path)
+    assert [r["id"] for r in rows] == ["pkg/a.Rnw"] and skipped == {"empty abstract": 1}
+
 def test_scientific_without_apt_get_says_so(tmp_path, monkeypatch):
     import pytest
 

@@ -20,10 +20,10 @@ from .splits import SplitWriter, hash_bucket
 
 log = logging.getLogger(__name__)
 
-VERSION = "scientific-2"  # bump when the pairs change, so that prepare_data rebuilds old copies
+VERSION = "scientific-3"  # bump when the pairs change, so that prepare_data rebuilds old copies
 # Every r-cran-* package of Debian bookworm with at least one vignette that has an abstract and a
-# body of min_words: all 1109 were downloaded and scanned (2026-11-27); 83 qualify, 123 vignettes,
-# ~126 MB of .deb files.
+# body of min_words: all 1109 were downloaded and scanned (2026-11-27); 82 qualify, 122 vignettes,
+# ~125 MB of .deb files.
 PACKAGES = (
     "r-cran-aer", "r-cran-bradleyterry2", "r-cran-brobdingnag", "r-cran-car", "r-cran-clue", "r-cran-coin",
     "r-cran-colorspace", "r-cran-cvar", "r-cran-dbi", "r-cran-dbscan", "r-cran-desolve", "r-cran-diptest",
@@ -39,7 +39,7 @@ PACKAGES = (
     "r-cran-rockchalk", "r-cran-rocr", "r-cran-rrcov", "r-cran-sandwich", "r-cran-seriation", "r-cran-sets",
     "r-cran-shape", "r-cran-sp", "r-cran-spacetime", "r-cran-sparsem", "r-cran-spatstat", "r-cran-strucchange",
     "r-cran-surveillance", "r-cran-systemfit", "r-cran-tgp", "r-cran-tsp", "r-cran-vcd", "r-cran-vegan",
-    "r-cran-vipor", "r-cran-xts", "r-cran-zoo",
+    "r-cran-vipor", "r-cran-zoo",
 )
 
 
@@ -56,9 +56,15 @@ def _balanced(text: str, open_at: int) -> int:
     raise ValueError("unbalanced braces")
 
 
+def _in_comment(text: str, at: int) -> bool:
+    """Whether text[at] is inside a LaTeX comment (after an unescaped % on its line)."""
+    line = text[text.rfind("\n", 0, at) + 1 : at]
+    return re.search(r"(?<!\\)%", line) is not None
+
+
 def split_rnw(text: str) -> tuple[str, str] | None:
     """(body without the abstract, abstract) of a Sweave/LaTeX vignette, or None."""
-    match = re.search(r"\\Abstract\s*\{", text)
+    match = next((m for m in re.finditer(r"\\Abstract\s*\{", text) if not _in_comment(text, m.start())), None)
     if match:
         end = _balanced(text, match.end() - 1)
         abstract = text[match.end() : end - 1]
@@ -108,6 +114,9 @@ def vignette_pairs(root: Path, min_words: int = 200) -> tuple[list[dict], Counte
             skipped["no abstract"] += 1
             continue
         body, abstract = parts
+        if not abstract.strip():
+            skipped["empty abstract"] += 1
+            continue
         if len(body.split()) < min_words:
             skipped["body under min_words"] += 1
             continue

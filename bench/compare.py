@@ -44,6 +44,7 @@ import yaml
 from moe_diffuseq.metrics import paired_bootstrap_interval
 
 from .common import (
+    RESULTS,
     current_rss_mb,
     machine_info,
     measure_in_subprocess,
@@ -324,6 +325,14 @@ def main(argv: list[str] | None = None) -> dict:
         args.ablation = False
         args.efficiency_length = 2048
     width = (args.hidden, args.layers)
+    data_dir = Path(args.data_dir)
+    tasks = [t for t in args.tasks if t != "scientific" or (data_dir / "scientific" / "train.jsonl").exists()]
+    # Every task's data is built and read (each row checked) before the hour of measuring: a bad row in
+    # the last task's files would otherwise end the run after every other figure was measured.
+    for task in tasks:
+        quality_datamodule(task, data_dir)
+    # What is measured so far, rewritten after each part: a run that dies keeps its finished parts.
+    partial = Path(args.out or RESULTS / "compare.json").with_suffix(".partial.json")
 
     throughput, memory, sampling = {}, {}, {}
     for length in args.lengths:
@@ -345,10 +354,15 @@ def main(argv: list[str] | None = None) -> dict:
         sampling[length] = {v: sampling_seconds(v, *width, length, args.trg_len, args.repeats) for v in ("moe", "sdpa")}
         print(f"  length {length}: tokens/s {throughput[length]}, peak MB {memory[length]}, sampling s {sampling[length]}")
     efficiency = {v: linear_efficiency(v, *width, args.efficiency_length, args.trg_len, args.repeats) for v in ("moe", "sdpa")}
-    data_dir = Path(args.data_dir)
-    tasks = [t for t in args.tasks if t != "scientific" or (data_dir / "scientific" / "train.jsonl").exists()]
     quality_variants = ("moe", "sdpa", ABLATION) if args.ablation else ("moe", "sdpa")
-    qualities = {t: task_quality(t, quality_variants, args, data_dir) for t in tasks}
+    qualities: dict[str, dict] = {}
+    for task in tasks:
+        write_json("compare", {"benchmark": "compare (partial)", "machine": machine_info(), "setup": vars(args),
+                               "throughput_tokens_per_s": throughput, "peak_memory_mb": memory,
+                               "sampling_seconds_per_document": sampling, "linear_efficiency": efficiency,
+                               "quality": qualities}, partial)
+        qualities[task] = task_quality(task, quality_variants, args, data_dir)
+    partial.unlink(missing_ok=True)
 
     def ratio(a, b):
         return a / b if a is not None and b else None

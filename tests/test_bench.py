@@ -74,6 +74,25 @@ def test_compare_bench_tiny_run_covers_every_part(tmp_path, small_corpus):
     assert set(payload["profiles"]) == missed
     assert all("Self CPU" in table for table in payload["profiles"].values())
     assert out.with_suffix(".png").stat().st_size > 0 and (tmp_path / "compare_quality.png").stat().st_size > 0
+    assert not out.with_suffix(".partial.json").exists()  # a finished run leaves only its JSON
+
+
+def test_compare_bench_checks_every_task_before_measuring(tmp_path, small_corpus):
+    from bench import compare
+    from data_modules.corpora import MARKER, VERSIONS
+    from data_modules.datamodule import BadRowError
+
+    data = tmp_path / "data" / "code"
+    data.mkdir(parents=True)
+    (data / "train.jsonl").write_text((small_corpus / "train.jsonl").read_text() + json.dumps({"src": "x", "trg": " "}) + "\n")
+    (data / "validation.jsonl").write_text((small_corpus / "validation.jsonl").read_text())
+    (data / MARKER).write_text(VERSIONS["code"] + "\n")
+    out = tmp_path / "compare.json"
+    rows = len((data / "train.jsonl").read_text().splitlines())
+    with pytest.raises(BadRowError, match=f"train.jsonl, row {rows}: empty target"):
+        compare.main(["--lengths", "64", "--trg-len", "16", "--hidden", "32", "--layers", "1", "--tasks", "code",
+                      "--data-dir", str(tmp_path / "data"), "--out", str(out)])
+    assert not out.exists() and not out.with_suffix(".partial.json").exists()  # nothing measured yet
 
 
 def test_diffusion_validation_loss_is_the_diffusion_terms_at_the_trained_gamma(tmp_path, small_corpus, small_tokenizer_file):

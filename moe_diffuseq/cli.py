@@ -154,6 +154,7 @@ def generate(
                 "seed": seed,
                 "sampler": sampler or cfg.sampler,
                 "steps": steps or cfg.steps,
+                "decode": decode or cfg.decode,
                 "seconds": seconds / max(1, len(sources)),
             }
             if "trg" in row:

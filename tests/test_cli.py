@@ -64,7 +64,7 @@ def test_generate_command_jsonl_and_stdin(trained, tmp_path, small_corpus):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 3 and {"source", "sample", "seed", "steps", "sampler", "seconds", "reference"} <= set(rows[0])
-    assert rows[0]["steps"] == 4 and rows[0]["sampler"] == "dpm_solver++"
+    assert rows[0]["steps"] == 4 and rows[0]["sampler"] == "dpm_solver++" and rows[0]["decode"] == "strip"
     done = subprocess.run(cmd[:6] + ["--steps", "3"], input="def f(x):\n", capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.splitlines()[-1])["source"] == "def f(x):"

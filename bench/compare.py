@@ -275,9 +275,9 @@ def over_seeds(runs: list[dict], step_seconds: float) -> dict:
             "runs": [{k: v for k, v in r.items() if k not in ("rougeL_per_document", "train_loss_vs_seconds")} for r in runs]}
 
 
-def task_quality(task: str, variants, args, data_dir: Path) -> dict:
-    """Every variant on one task: calibrate, then one run of each model in turn per seed (the ablation: the first seed only)."""
-    dm = quality_datamodule(task, data_dir)
+def task_quality(task: str, dm, variants, args) -> dict:
+    """Every variant on one task (its data module `dm`): calibrate, then one run of each model in turn per
+    seed (the ablation: the first seed only)."""
     width = (args.hidden, args.layers)
     step_seconds = seconds_per_step(variants, dm, *width)
     print(f"  {task}: calibrated s/step {step_seconds}")
@@ -329,8 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
     tasks = [t for t in args.tasks if t != "scientific" or (data_dir / "scientific" / "train.jsonl").exists()]
     # Every task's data is built and read (each row checked) before the hour of measuring: a bad row in
     # the last task's files would otherwise end the run after every other figure was measured.
-    for task in tasks:
-        quality_datamodule(task, data_dir)
+    datamodules = {task: quality_datamodule(task, data_dir) for task in tasks}
     # What is measured so far, rewritten after each part: a run that dies keeps its finished parts.
     partial = Path(args.out or RESULTS / "compare.json").with_suffix(".partial.json")
 
@@ -361,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
                                "throughput_tokens_per_s": throughput, "peak_memory_mb": memory,
                                "sampling_seconds_per_document": sampling, "linear_efficiency": efficiency,
                                "quality": qualities}, partial)
-        qualities[task] = task_quality(task, quality_variants, args, data_dir)
+        qualities[task] = task_quality(task, datamodules[task], quality_variants, args)
     partial.unlink(missing_ok=True)
 
     def ratio(a, b):

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from tokenizers import Tokenizer
 
+from .config import DECODE_MODES
+
 PAD, CLS, SEP, MASK, UNK = "[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, CLS, SEP, MASK, UNK)
 
@@ -148,9 +150,6 @@ def collate_pairs(
         src_len=torch.tensor([len(p.src_ids) for p in pairs], dtype=torch.long),
         example_ids=list(example_ids) if example_ids is not None else [],
     )
-
-
-DECODE_MODES = ("strip", "truncate")
 
 
 def decode_targets(

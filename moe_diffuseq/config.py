@@ -136,6 +136,10 @@ class DiffusionConfig:
         _check(self.loss_on in ("auto", "all", "target"), "diffusion.loss_on", self.loss_on, "expected auto, all or target")
 
 
+# How a sample becomes text (moe_diffuseq.batch.decode_targets).
+DECODE_MODES = ("strip", "truncate")
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """Defaults of ``generate`` and of validation-time samples (METHOD.md section 6)."""
@@ -160,7 +164,7 @@ class SamplingConfig:
         _check(self.steps >= 1, "sampling.steps", self.steps, "must be >= 1")
         _check(self.num_candidates >= 1, "sampling.num_candidates", self.num_candidates, "must be >= 1")
         _check(self.batch_size >= 1, "sampling.batch_size", self.batch_size, "must be >= 1")
-        _check(self.decode in ("strip", "truncate"), "sampling.decode", self.decode, "expected strip or truncate")
+        _check(self.decode in DECODE_MODES, "sampling.decode", self.decode, f"expected one of {DECODE_MODES}")
 
 
 def coerce(cls: type[T], value: T | dict[str, Any] | None, key: str) -> T:

@@ -153,7 +153,8 @@ def download_packages(folder: Path, packages: tuple[str, ...] = PACKAGES) -> tup
                 if one.returncode != 0:
                     log.warning("apt-get download %s failed: %s", package, one.stderr.strip()[-300:])
     # Only the listed packages' files (the newest of each): a stale .deb left in the folder is not read.
-    return [fetched(p)[-1] for p in packages if fetched(p)], [p for p in packages if not fetched(p)]
+    found = {p: fetched(p) for p in packages}
+    return [files[-1] for files in found.values() if files], [p for p, files in found.items() if not files]
 
 
 def build_scientific_corpus(out_dir: str | Path, debs: list[Path] | None = None, min_words: int = 200) -> dict[str, int]:

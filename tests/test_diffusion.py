@@ -17,7 +17,7 @@ from moe_diffuseq.diffusion import (
     run_sampler,
     timesteps,
 )
-from moe_diffuseq.diffusion.forward_process import noised_start
+from moe_diffuseq.diffusion.forward_process import noised_start, q_sample
 from moe_diffuseq.diffusion.losses import diffusion_loss_terms
 
 
@@ -66,10 +66,28 @@ def test_t0_is_near_x0_and_source_is_always_clean(schedule):
 def test_tT_is_m_plus_standard_noise(schedule):
     z0, target, m = _toy(batch=256)
     t = torch.full((z0.shape[0],), 1999)
-    z_t, _ = forward_process(z0, t, target, m, schedule, 0.5, torch.Generator().manual_seed(3))
-    noise = z_t[target] - m  # (N, D)
+    z_t, replaced = forward_process(z0, t, target, m, schedule, 0.5, torch.Generator().manual_seed(3))
+    noise = z_t[target & ~replaced] - m  # (N, D)
     assert noise.mean(0).abs().max() < 0.05
     assert (noise.std(0) - 1).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("step", [100, 1000])
+def test_absorbed_positions_hold_m_exactly_after_the_noise(schedule, step):
+    # DiffuSeq-v2 order: noise first, then replace; an absorbed position is m itself, a
+    # state the denoiser can recognise (replacing z0 before the noise would give m + noise).
+    z0, target, m = _toy(batch=128)
+    t = torch.full((z0.shape[0],), step)
+    z_t, replaced = forward_process(z0, t, target, m, schedule, 0.5, torch.Generator().manual_seed(4))
+    assert replaced.any() and not replaced[~target].any()
+    assert torch.equal(z_t[replaced], m.expand(int(replaced.sum()), -1))
+    kept = target & ~replaced
+    assert (z_t[kept] - m).norm(dim=-1).min() > 0.1  # noised tokens are never exactly m
+    # The kept positions are the continuous process itself: same draws, no replacement.
+    gen = torch.Generator().manual_seed(4)
+    torch.rand(z0.shape[:2], generator=gen)
+    noise = torch.randn(z0.shape, generator=gen)
+    torch.testing.assert_close(z_t[kept], q_sample(z0, t, noise, m, schedule)[kept])
 
 
 @pytest.mark.parametrize("step", [10, 500, 1500, 1999])
@@ -77,12 +95,12 @@ def test_replacement_rate_matches_gamma_sqrt_one_minus_alpha_bar(schedule, step)
     z0, target, m = _toy(batch=400)
     t = torch.full((z0.shape[0],), step)
     uniform = torch.rand(z0.shape[:2], generator=torch.Generator().manual_seed(step))
-    start, replaced = absorb(z0, t, target, m, schedule, 0.5, uniform)
+    z_t, replaced = absorb(z0, t, target, m, schedule, 0.5, uniform)
     expected = 0.5 * (1 - schedule.alpha_bar[step]).sqrt().item()
     rate = replaced[target].float().mean().item()
     assert rate == pytest.approx(expected, abs=0.01)
     assert not replaced[~target].any()
-    assert torch.equal(start[replaced], m.expand(int(replaced.sum()), -1))
+    assert torch.equal(z_t[replaced], m.expand(int(replaced.sum()), -1))
 
 
 def test_without_absorbing_state_it_is_plain_diffuseq(schedule):

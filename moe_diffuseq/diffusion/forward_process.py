@@ -18,7 +18,7 @@ def noised_start(emb: torch.Tensor, schedule: NoiseSchedule, noise: torch.Tensor
 
 
 def absorb(
-    z0: torch.Tensor,
+    z_t: torch.Tensor,
     t: torch.Tensor,
     target_mask: torch.Tensor,
     mask_vector: torch.Tensor,
@@ -26,13 +26,14 @@ def absorb(
     denoise_rate: float,
     uniform: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Discrete part: replace each target token by m with probability gamma * sqrt(1 - ab_t).
+    """Discrete part: each target position of the noised z_t becomes m with probability
+    gamma * sqrt(1 - ab_t).
 
-    uniform: (B, L) draws in [0, 1). Returns the new start and the (B, L) replaced mask.
+    uniform: (B, L) draws in [0, 1). Returns the new z_t and the (B, L) replaced mask.
     """
-    rate = denoise_rate * (1.0 - schedule.alpha_bar[t]).sqrt().to(z0.dtype)  # (B,)
+    rate = denoise_rate * (1.0 - schedule.alpha_bar[t]).sqrt().to(z_t.dtype)  # (B,)
     replaced = (uniform < rate[:, None]) & target_mask
-    return torch.where(replaced[..., None], mask_vector.to(z0.dtype), z0), replaced
+    return torch.where(replaced[..., None], mask_vector.to(z_t.dtype), z_t), replaced
 
 
 def q_sample(
@@ -56,13 +57,19 @@ def forward_process(
     denoise_rate: float,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """z_t for training: absorb, noise, and restore the source (partial noising).
+    """z_t for training: noise, absorb, and restore the source (partial noising).
+
+    The replacement comes after the noise, as in DiffuSeq-v2: an absorbed position holds m
+    exactly, a state the denoiser can tell apart from a noised token. Replacing z0 before
+    the noise instead made an absorbed token look like any noised one whose embedding is
+    m, so the network was asked to recover it from a signal it could not recognise
+    (measured on dialogue at ~120 optimizer steps: ~2 ROUGE-L below gamma = 0, every seed).
 
     z0: (B, L, D); t: (B,); target_mask: (B, L) True where diffused.
-    Returns z_t and the (B, L) mask of tokens replaced by m.
+    Returns z_t and the (B, L) mask of positions replaced by m.
     """
     uniform = torch.rand(z0.shape[:2], device=z0.device, generator=generator)
     noise = torch.randn(z0.shape, device=z0.device, generator=generator, dtype=z0.dtype)
-    start, replaced = absorb(z0, t, target_mask, mask_vector, schedule, denoise_rate, uniform)
-    z_t = q_sample(start, t, noise, mask_vector, schedule)
+    z_t, replaced = absorb(q_sample(z0, t, noise, mask_vector, schedule), t, target_mask, mask_vector, schedule,
+                           denoise_rate, uniform)
     return torch.where(target_mask[..., None], z_t, z0), replaced

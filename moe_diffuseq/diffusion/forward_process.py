@@ -59,11 +59,10 @@ def forward_process(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """z_t for training: noise, absorb, and restore the source (partial noising).
 
-    The replacement comes after the noise, as in DiffuSeq-v2: an absorbed position holds m
-    exactly, a state the denoiser can tell apart from a noised token. Replacing z0 before
-    the noise instead made an absorbed token look like any noised one whose embedding is
-    m, so the network was asked to recover it from a signal it could not recognise
-    (measured on dialogue at ~120 optimizer steps: ~2 ROUGE-L below gamma = 0, every seed).
+    The replacement comes after the noise, as in DiffuSeq-v2's q_sample and in the order
+    METHOD.md lists the two parts: an absorbed position holds m exactly, a state the
+    denoiser can tell apart from a noised token (replacing z0 before the noise would make
+    it m + noise, like any noised token whose embedding is m).
 
     z0: (B, L, D); t: (B,); target_mask: (B, L) True where diffused.
     Returns z_t and the (B, L) mask of positions replaced by m.

@@ -355,11 +355,13 @@ def main(argv: list[str] | None = None) -> dict:
     efficiency = {v: linear_efficiency(v, *width, args.efficiency_length, args.trg_len, args.repeats) for v in ("moe", "sdpa")}
     quality_variants = ("moe", "sdpa", ABLATION) if args.ablation else ("moe", "sdpa")
     qualities: dict[str, dict] = {}
+    setup = {k: getattr(args, k) for k in ("lengths", "trg_len", "hidden", "layers", "repeats", "efficiency_length",
+                                           "budget", "tasks", "docs", "seeds", "quick", "ablation")}
+    # The figures, shared by the partial files and the final payload (qualities fills in as tasks finish).
+    measured = {"throughput_tokens_per_s": throughput, "peak_memory_mb": memory, "sampling_seconds_per_document": sampling,
+                "linear_efficiency": efficiency, "quality": qualities}
     for task in tasks:
-        write_json("compare", {"benchmark": "compare (partial)", "machine": machine_info(), "setup": vars(args),
-                               "throughput_tokens_per_s": throughput, "peak_memory_mb": memory,
-                               "sampling_seconds_per_document": sampling, "linear_efficiency": efficiency,
-                               "quality": qualities}, partial)
+        write_json("compare", {"benchmark": "compare (partial)", "machine": machine_info(), "setup": setup, **measured}, partial)
         qualities[task] = task_quality(task, datamodules[task], quality_variants, args)
     partial.unlink(missing_ok=True)
 
@@ -399,13 +401,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: {c['measured']:.3g} (target {c['target']}) {'OK' if c['met'] else 'MISSED'}")
     for name, table in profiles.items():
         print(f"profile for {name}:\n{table}")
-    payload = {"benchmark": "compare", "machine": machine_info(),
-               "setup": {k: getattr(args, k) for k in ("lengths", "trg_len", "hidden", "layers", "repeats", "efficiency_length",
-                                                       "budget", "tasks", "docs", "seeds", "quick", "ablation")},
+    payload = {"benchmark": "compare", "machine": machine_info(), "setup": setup,
                # How quality was scored: samples to text as DiffuSeq's evaluation does; val_loss: the diffusion terms.
                "scoring": {"decode": DECODE, "val_loss": "diffusion terms at the last training gamma"},
-               "throughput_tokens_per_s": throughput, "peak_memory_mb": memory, "sampling_seconds_per_document": sampling,
-               "linear_efficiency": efficiency, "quality": qualities, "summary": summary, "checks": checks, "profiles": profiles}
+               **measured, "summary": summary, "checks": checks, "profiles": profiles}
     path = write_json("compare", payload, args.out)
     plot(payload, path.with_suffix(".png"))
     print(f"wrote {path}")

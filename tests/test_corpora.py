@@ -70,7 +70,6 @@ def test_scientific_pairs_from_rnw_and_rmd(tmp_path):
     assert not rows and skipped["body under min_words"] == 2
 
 
-
 def test_scientific_abstract_skips_latex_comments_and_empty_abstracts(tmp_path):
     from data_modules.corpora.scientific import split_rnw, vignette_pairs
 
@@ -86,6 +85,7 @@ def test_scientific_abstract_skips_latex_comments_and_empty_abstracts(tmp_path):
     (doc / "b.Rnw").write_text(f"\\Abstract{{ }}\n\\begin{{document}}\n{words}\n\\end{{document}}\n")
     rows, skipped = vignette_pairs(tmp_path)
     assert [r["id"] for r in rows] == ["pkg/a.Rnw"] and skipped == {"empty abstract": 1}
+
 
 def test_scientific_without_apt_get_says_so(tmp_path, monkeypatch):
     import pytest

@@ -235,6 +235,8 @@ def quality(variant: str, dm, budget: float, step_seconds: float, hidden: int, l
             "denoise_rate_at_end": model.denoise_rate(trainer.global_step), "denoise_rate_full": model.denoise_rate(None),
             "val_loss": val_loss, "rougeL": scores["rougeL"], "rouge1": scores["rouge1"], "rouge2": scores["rouge2"],
             "bleu": corpus_bleu(hyps, refs), "rougeL_per_document": [d["rougeL"] for d in per_document],
+            # Output length: early in training ROUGE-L F of a short sample is mostly its recall, so it tracks length.
+            "generated_words": mean_words(hyps), "reference_words": mean_words(refs),
             "train_loss_vs_seconds": clock.points[:: max(1, len(clock.points) // 200)]}
 
 
@@ -257,7 +259,12 @@ def diffusion_validation_loss(model, trainer, dm) -> float:
             - diffusion.mask_reg_coef * val["val/mask_norm"])
 
 
-MEANED = ("steps", "train_seconds", "generate_seconds", "val_loss", "rougeL", "rouge1", "rouge2", "bleu")
+def mean_words(texts: list[str]) -> float:
+    """Mean number of whitespace-separated words per text."""
+    return sum(len(t.split()) for t in texts) / max(1, len(texts))
+
+
+MEANED = ("steps", "train_seconds", "generate_seconds", "val_loss", "rougeL", "rouge1", "rouge2", "bleu", "generated_words")
 
 
 def over_seeds(runs: list[dict], step_seconds: float) -> dict:
@@ -268,7 +275,7 @@ def over_seeds(runs: list[dict], step_seconds: float) -> dict:
     spread = (sum((r["rougeL"] - mean["rougeL"]) ** 2 for r in runs) / (n - 1)) ** 0.5 if n > 1 else 0.0
     docs = len(runs[0]["rougeL_per_document"])
     return {**mean, "seeds": n, "rougeL_std_over_seeds": spread, "seconds_per_step_calibrated": step_seconds,
-            "planned_steps": runs[0]["planned_steps"],
+            "planned_steps": runs[0]["planned_steps"], "reference_words": runs[0]["reference_words"],
             "denoise_rate_at_end": runs[0]["denoise_rate_at_end"], "denoise_rate_full": runs[0]["denoise_rate_full"],
             "rougeL_per_document": [sum(r["rougeL_per_document"][i] for r in runs) / n for i in range(docs)],
             "train_loss_vs_seconds": runs[0]["train_loss_vs_seconds"],

@@ -133,9 +133,12 @@ def _compare_section(name: str, c: dict) -> list[str]:
                            "kept); val loss: the diffusion terms (MSE, rounding, t_T) at the soft absorbing rate each model "
                            "last trained at, without the router and absorbing-state regularisers."
                            if c.get("scoring") else ""), ""]
-            out += _table(["task", "model", "s/step", "steps", "train s", "val loss", "ROUGE-L", "ROUGE-L sd", "BLEU"],
+            words = all("generated_words" in q for qs in c["quality"].values() for q in qs.values())
+            out += _table(["task", "model", "s/step", "steps", "train s", "val loss", "ROUGE-L", "ROUGE-L sd", "BLEU"]
+                          + (["sample words", "reference words"] if words else []),
                           [[t, v, q["seconds_per_step_calibrated"], q["steps"], q["train_seconds"], q["val_loss"], q["rougeL"],
-                            q["rougeL_std_over_seeds"], q["bleu"]] for t, qs in c["quality"].items() for v, q in qs.items()])
+                            q["rougeL_std_over_seeds"], q["bleu"]] + ([q["generated_words"], q["reference_words"]] if words else [])
+                           for t, qs in c["quality"].items() for v, q in qs.items()])
             over = {v: [q[v]["train_seconds"] / s["budget"] for q in c["quality"].values()] for v in ("moe", "sdpa")}
             out += ["", f"train s: wall-clock actually trained (from the first step's end). Against the budget: MoE-DiffuSeq "
                         f"{_f(min(over['moe']))}-{_f(max(over['moe']))}x, baseline {_f(min(over['sdpa']))}-"
@@ -176,6 +179,30 @@ def _documents(c: dict) -> str:
                                     for t, n in scored.items()) + " validation documents"
 
 
+def _length_effect(q: dict) -> str:
+    """How the task's sample lengths and ROUGE-L go together over every run of every model (seeds included)."""
+    from .compare import ABLATION
+
+    runs = [r for model in q.values() for r in model["runs"]]
+    words, rouge = [r["generated_words"] for r in runs], [r["rougeL"] for r in runs]
+    lengths = ", ".join(f"{name} {_f(q[v]['generated_words'])}" for v, name in
+                        (("moe", "MoE-DiffuSeq"), ("sdpa", "the baseline"), (ABLATION, "the ablation")) if v in q)
+    text = (f"Mean words per sample: {lengths}; the references {_f(q['moe']['reference_words'])}. Over "
+            f"the task's {len(runs)} runs, ROUGE-L and sample length correlate with Pearson r = {_f(_pearson(words, rouge), 2)}")
+    return text + (" (a sample much shorter than its reference scores mostly by its recall, so by its length)."
+                   if max(words) < 0.5 * q["moe"]["reference_words"] else ".")
+
+
+def _pearson(xs: list[float], ys: list[float]) -> float | None:
+    """Pearson's r, or None where it is undefined (under 3 points, or no spread)."""
+    import statistics
+
+    try:
+        return statistics.correlation(xs, ys) if len(xs) >= 3 else None
+    except statistics.StatisticsError:
+        return None
+
+
 def _why(target: str, c: dict) -> str | None:
     """One sentence, computed from the JSON, on why a compare target was missed."""
     if target == "sampling_speedup":
@@ -211,6 +238,8 @@ def _why(target: str, c: dict) -> str | None:
                 same = next(r for r in moe["runs"] if r["seed"] == seed)
                 why += f" (one seed, {seed}: MoE-DiffuSeq's own run on that seed reached {_f(same['rougeL'])})"
             why += "."
+        if "generated_words" in moe:
+            why += " " + _length_effect(q)
         if (interval := c["checks"][target].get("ci95")) and interval[0] < 0 < interval[1]:
             why += (f" The paired bootstrap interval over documents, [{_f(interval[0])}, {_f(interval[1])}], holds 0: "
                     f"at this budget the two models are not told apart on these documents.")

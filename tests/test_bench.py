@@ -57,6 +57,8 @@ def test_compare_bench_tiny_run_covers_every_part(tmp_path, small_corpus):
         assert all(0 < r["steps"] <= r["planned_steps"] == int(2 / quality["seconds_per_step_calibrated"]) for r in quality["runs"])
         assert quality["rougeL"] == sum(r["rougeL"] for r in quality["runs"]) / len(quality["runs"])
         assert len(quality["rougeL_per_document"]) == 2
+        assert quality["generated_words"] == sum(r["generated_words"] for r in quality["runs"]) / len(quality["runs"])
+        assert all(r["reference_words"] == quality["reference_words"] > 0 for r in quality["runs"])
     low, high = summary["quality"]["code"]["rougeL_difference_ci95"]
     assert low <= high and summary["quality"]["code"]["seeds"] == 2
     assert "moe_no_absorbing_rougeL" in summary["quality"]["code"]
@@ -67,6 +69,7 @@ def test_compare_bench_tiny_run_covers_every_part(tmp_path, small_corpus):
     section = "\n".join(report._compare_section("compare", payload))
     assert "early in that ramp" in section and "means over seeds 0, 1" in section and "paired bootstrap interval" in section
     assert payload["scoring"]["decode"] == "strip" and "as in DiffuSeq's evaluation" in section
+    assert "| sample words | reference words |" in section
     assert compare.model_args(compare.ABLATION, 32, 1, 64, 16, None)["diffusion"]["soft_absorbing"] is False
     assert compare.model_args("moe", 32, 1, 64, 16, None)["diffusion"]["soft_absorbing"] is True
     assert "sampling_speedup" in payload["checks"] and "quality_code" in payload["checks"]
@@ -75,6 +78,27 @@ def test_compare_bench_tiny_run_covers_every_part(tmp_path, small_corpus):
     assert all("Self CPU" in table for table in payload["profiles"].values())
     assert out.with_suffix(".png").stat().st_size > 0 and (tmp_path / "compare_quality.png").stat().st_size > 0
     assert not out.with_suffix(".partial.json").exists()  # a finished run leaves only its JSON
+
+
+def test_quality_miss_reports_sample_lengths_and_their_correlation_with_rouge():
+    from bench import compare
+
+    assert compare.mean_words(["a b  c", "", "d\ne"]) == pytest.approx(5 / 3)
+    runs = {"moe": [(10.0, 5.0), (20.0, 9.0)], "sdpa": [(30.0, 11.0), (25.0, 10.0)], compare.ABLATION: [(15.0, 8.0)]}
+    q = {v: {"generated_words": sum(w for w, _ in rs) / len(rs), "reference_words": 90.0,
+             "runs": [{"generated_words": w, "rougeL": r} for w, r in rs]} for v, rs in runs.items()}
+    text = report._length_effect(q)
+    words = [w for rs in runs.values() for w, _ in rs]
+    rouge = [r for rs in runs.values() for _, r in rs]
+    mw, mr = sum(words) / 5, sum(rouge) / 5
+    r = sum((w - mw) * (x - mr) for w, x in zip(words, rouge, strict=True)) / (
+        sum((w - mw) ** 2 for w in words) * sum((x - mr) ** 2 for x in rouge)) ** 0.5
+    assert f"Pearson r = {r:.2g}" in text and "Over the task's 5 runs" in text
+    assert "Mean words per sample: MoE-DiffuSeq 15, the baseline 27.5, the ablation 15; the references 90. " in text
+    assert "mostly by its recall" in text  # every sample under half its reference's length
+    q["moe"]["reference_words"] = 40.0
+    assert "recall" not in report._length_effect(q)
+    assert report._pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None  # no spread: no correlation to report
 
 
 def test_compare_bench_checks_every_task_before_measuring(tmp_path, small_corpus):

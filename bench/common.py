@@ -114,18 +114,18 @@ def _fmt(value: object) -> str:
     return "-" if value is None else str(value)
 
 
-def random_batch(src_len: int, trg_len: int, vocab: int = 4096):
-    """One example of random tokens laid out as [CLS] src [SEP] target-region, batch 1."""
+def random_batch(src_len: int, trg_len: int, vocab: int = 4096, batch: int = 1):
+    """`batch` examples of random tokens laid out as [CLS] src [SEP] target-region (no padding)."""
     from moe_diffuseq.batch import Seq2SeqBatch
 
     length = src_len + trg_len + 3
-    ids = torch.randint(5, vocab, (1, length), generator=torch.Generator().manual_seed(0))
-    ids[0, 0], ids[0, src_len + 1] = 1, 2  # [CLS], the source's [SEP]
-    input_mask = torch.zeros(1, length, dtype=torch.bool)
-    input_mask[0, src_len + 2 :] = True
+    ids = torch.randint(5, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+    ids[:, 0], ids[:, src_len + 1] = 1, 2  # [CLS], the source's [SEP]
+    input_mask = torch.zeros(batch, length, dtype=torch.bool)
+    input_mask[:, src_len + 2 :] = True
     return Seq2SeqBatch(
-        input_ids=ids, input_mask=input_mask, padding_mask=torch.zeros(1, length, dtype=torch.bool),
-        global_mask=(ids == 1) | (ids == 2), src_len=torch.tensor([src_len]),
+        input_ids=ids, input_mask=input_mask, padding_mask=torch.zeros(batch, length, dtype=torch.bool),
+        global_mask=(ids == 1) | (ids == 2), src_len=torch.full((batch,), src_len),
     )
 
 
@@ -138,7 +138,7 @@ def train_step_fn(model, batch) -> Callable[[], torch.Tensor]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> torch.Tensor:
-        t, w = model.timestep_sampler.sample(1, torch.device("cpu"))
+        t, w = model.timestep_sampler.sample(batch.input_ids.shape[0], torch.device("cpu"))
         loss, _, _ = model._loss(model.denoiser, batch, t, w)
         loss.backward()
         optimizer.step()

@@ -432,35 +432,42 @@ def target_checks(summary: dict) -> dict:
 
 
 def profile_table(name: str, summary: dict, args) -> str:
-    """torch.profiler table of the slowest part behind a missed target (MoE-DiffuSeq's side)."""
+    """torch.profiler table of the slowest part behind a missed target: MoE-DiffuSeq's side, and for a
+    quality target the baseline's too, at the quality runs' shape (so the two tables show where the
+    per-step gap goes)."""
     from torch.profiler import ProfilerActivity, profile
 
     if name.startswith("quality_"):
-        length = QUALITY_SRC_LEN
-    elif name == "sampling_speedup":
-        by_length = summary["sampling_speedup_by_length"]
-        length = min(by_length, key=by_length.get)
+        length, trg_len, batch_size, variants = QUALITY_SRC_LEN, QUALITY_TRG_LEN, QUALITY_BATCH, ("moe", "sdpa")
     else:
-        length = 4096 if name.endswith("4k") else 8192
-    model = build("moe", args.hidden, args.layers, length, args.trg_len)
-    batch = random_batch(length, args.trg_len)
+        trg_len, batch_size, variants = args.trg_len, 1, ("moe",)
+        if name == "sampling_speedup":
+            by_length = summary["sampling_speedup_by_length"]
+            length = min(by_length, key=by_length.get)
+        else:
+            length = 4096 if name.endswith("4k") else 8192
     memory = name.startswith("memory")
-    if name == "sampling_speedup":
-        model.eval()
-        sampler = model.sampling_config.sampler
-        model.sample_ids(batch, sampler=sampler, steps=2, seed=0)  # warm-up
+    tables = []
+    for variant in variants:
+        model = build(variant, args.hidden, args.layers, length, trg_len)
+        batch = random_batch(length, trg_len, batch=batch_size)
+        if name == "sampling_speedup":
+            model.eval()
+            sampler = model.sampling_config.sampler
+            model.sample_ids(batch, sampler=sampler, steps=2, seed=0)  # warm-up
 
-        def work():
-            model.sample_ids(batch, sampler=sampler, steps=5, seed=0)
-    else:
-        step = train_step_fn(model, batch)
-        step()  # warm-up (optimizer state)
-        work = step
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=memory) as prof:
-        work()
-    sort = "self_cpu_memory_usage" if memory else "self_cpu_time_total"
-    return f"MoE-DiffuSeq, source {length}, {'5 sampling steps' if name == 'sampling_speedup' else 'one training step'}:\n" + \
-        prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=40)
+            def work(model=model, batch=batch, sampler=sampler):
+                model.sample_ids(batch, sampler=sampler, steps=5, seed=0)
+        else:
+            work = train_step_fn(model, batch)
+            work()  # warm-up (optimizer state)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=memory) as prof:
+            work()
+        sort = "self_cpu_memory_usage" if memory else "self_cpu_time_total"
+        what = "5 sampling steps" if name == "sampling_speedup" else "one training step"
+        tables.append(f"{MODEL_NAMES[variant]}, source {length}, target {trg_len}, batch {batch_size}, {what}:\n"
+                      + prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=40))
+    return "\n".join(tables)
 
 
 def plot(payload: dict, path) -> None:

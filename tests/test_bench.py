@@ -101,6 +101,17 @@ def test_quality_miss_reports_sample_lengths_and_their_correlation_with_rouge():
     assert report._pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None  # no spread: no correlation to report
 
 
+def test_quality_miss_profiles_both_models_at_the_quality_runs_shape():
+    from argparse import Namespace
+
+    from bench import compare
+
+    table = compare.profile_table("quality_code", {}, Namespace(hidden=32, layers=1, trg_len=16))
+    shape = f"source {compare.QUALITY_SRC_LEN}, target {compare.QUALITY_TRG_LEN}, batch {compare.QUALITY_BATCH}, one training step"
+    assert f"MoE-DiffuSeq, {shape}" in table and f"baseline (sdpa), {shape}" in table
+    assert table.count("Self CPU time total") == 2
+
+
 def test_compare_bench_checks_every_task_before_measuring(tmp_path, small_corpus):
     from bench import compare
     from data_modules.corpora import MARKER, VERSIONS

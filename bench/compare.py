@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 
@@ -211,6 +212,22 @@ def seconds_per_step(variants, dm, hidden: int, layers: int, steps: int = 12, ro
     return {v: sorted(d)[len(d) // 2] for v, d in deltas.items()}
 
 
+# Which validation documents are scored: a fixed random sample, the same for every model and seed. The
+# splits are in corpus order, so their first documents come from one place (dialogue's first 32 are one
+# scene's long speeches: 94.5 words per reference against the split's 38.9), which would reward length.
+DOCUMENT_SAMPLE_SEED = 0
+
+
+def scored_documents(path: Path, docs: int) -> list[dict]:
+    """`docs` rows of the jsonl file at `path`, drawn at random (seed DOCUMENT_SAMPLE_SEED) and kept in
+    file order; all of them when the file has no more than `docs`."""
+    lines = [x for x in path.read_text().splitlines() if x.strip()]
+    if len(lines) > docs:
+        chosen = sorted(random.Random(DOCUMENT_SAMPLE_SEED).sample(range(len(lines)), docs))
+        lines = [lines[i] for i in chosen]
+    return [json.loads(x) for x in lines]
+
+
 def quality(variant: str, dm, budget: float, step_seconds: float, hidden: int, layers: int, docs: int, seed: int) -> dict:
     """Train for the optimizer steps that fit in `budget` seconds at the calibrated `step_seconds`
     (so the learning rate decays to 0 at the budget's end, as in any run of known length; a run that
@@ -221,7 +238,7 @@ def quality(variant: str, dm, budget: float, step_seconds: float, hidden: int, l
     model, trainer, clock = fit(variant, dm, hidden, layers, seed, planned, 1.5 * budget)
     train_seconds = clock.points[-1][0] if clock.points else 0.0
     val_loss = diffusion_validation_loss(model, trainer, dm)
-    rows = [json.loads(x) for x in Path(dm.paths["validation"]).read_text().splitlines()[:docs]]
+    rows = scored_documents(Path(dm.paths["validation"]), docs)
     sampler, steps = ("ddim", 200) if model.sampling_config.sampler == "ancestral" else (None, None)
     start = time.perf_counter()
     hyps = model.generate([r["src"] for r in rows], sampler=sampler, steps=steps, seed=seed, decode=DECODE)
@@ -312,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--efficiency-length", type=int, default=4096, help="source length of the linear-layer efficiency")
     parser.add_argument("--budget", type=float, default=150.0, help="training seconds per model, task and seed")
     parser.add_argument("--tasks", nargs="*", default=["code", "dialogue", "scientific"], help="corpora for the quality part (give none to skip it)")
-    parser.add_argument("--docs", type=int, default=32, help="validation documents scored per quality run")
+    parser.add_argument("--docs", type=int, default=64, help="validation documents scored per quality run (a fixed random sample of the split)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="one quality run per model, task and seed, averaged (the ablation runs the first seed only)")
     parser.add_argument("--data-dir", default=str(ROOT / "data"), help="where the corpora are (built when missing)")
@@ -410,7 +427,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"profile for {name}:\n{table}")
     payload = {"benchmark": "compare", "machine": machine_info(), "setup": setup,
                # How quality was scored: samples to text as DiffuSeq's evaluation does; val_loss: the diffusion terms.
-               "scoring": {"decode": DECODE, "val_loss": "diffusion terms at the last training gamma"},
+               "scoring": {"decode": DECODE, "val_loss": "diffusion terms at the last training gamma",
+                           "documents": f"random sample, seed {DOCUMENT_SAMPLE_SEED}"},
                **measured, "summary": summary, "checks": checks, "profiles": profiles}
     path = write_json("compare", payload, args.out)
     plot(payload, path.with_suffix(".png"))

@@ -170,13 +170,16 @@ def _compare_section(name: str, c: dict) -> list[str]:
 
 
 def _documents(c: dict) -> str:
-    """How many validation documents each task's quality figures rest on (a split smaller than --docs is scored whole)."""
+    """Which validation documents each task's quality figures rest on (a split smaller than --docs is scored whole)."""
     asked = c["setup"]["docs"]
     scored = {t: len(q["moe"]["rougeL_per_document"]) for t, q in c["quality"].items()}
-    if all(n == asked for n in scored.values()):
-        return f"{asked} validation documents per task"
-    return "the first " + ", ".join(f"{n} ({t}{': its whole validation split' if n < asked else ''})"
-                                    for t, n in scored.items()) + " validation documents"
+    counts = (f"{asked}" if all(n == asked for n in scored.values()) else
+              ", ".join(f"{n} ({t}{': its whole validation split' if n < asked else ''})" for t, n in scored.items()))
+    sample = c.get("scoring", {}).get("documents")  # older runs scored each split's first documents
+    if sample:
+        per_task = " per task" if "," not in counts else ""
+        return f"{counts} validation documents{per_task}, a {sample} of each split (the same documents for every model and seed)"
+    return f"the first {counts} validation documents{' per task' if ',' not in counts else ''}"
 
 
 def _length_effect(q: dict) -> str:

@@ -70,6 +70,7 @@ def test_compare_bench_tiny_run_covers_every_part(tmp_path, small_corpus):
     assert "early in that ramp" in section and "means over seeds 0, 1" in section and "paired bootstrap interval" in section
     assert payload["scoring"]["decode"] == "strip" and "as in DiffuSeq's evaluation" in section
     assert "| sample words | reference words |" in section
+    assert "2 validation documents per task, a random sample, seed 0 of each split" in section
     assert compare.model_args(compare.ABLATION, 32, 1, 64, 16, None)["diffusion"]["soft_absorbing"] is False
     assert compare.model_args("moe", 32, 1, 64, 16, None)["diffusion"]["soft_absorbing"] is True
     assert "sampling_speedup" in payload["checks"] and "quality_code" in payload["checks"]
@@ -99,6 +100,17 @@ def test_quality_miss_reports_sample_lengths_and_their_correlation_with_rouge():
     q["moe"]["reference_words"] = 40.0
     assert "recall" not in report._length_effect(q)
     assert report._pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None  # no spread: no correlation to report
+
+
+def test_quality_scores_a_fixed_random_sample_of_the_validation_split(tmp_path):
+    from bench import compare
+
+    path = tmp_path / "validation.jsonl"
+    path.write_text("".join(json.dumps({"src": f"s{i}", "trg": f"t{i}"}) + "\n" + ("\n" if i == 3 else "") for i in range(40)))
+    picked = [int(r["src"][1:]) for r in compare.scored_documents(path, 8)]
+    assert picked == sorted(picked) and len(set(picked)) == 8 and picked != list(range(8))  # not the split's head
+    assert compare.scored_documents(path, 8) == compare.scored_documents(path, 8)  # the same for every model and seed
+    assert [r["src"] for r in compare.scored_documents(path, 100)] == [f"s{i}" for i in range(40)]  # a small split: whole
 
 
 def test_quality_miss_profiles_both_models_at_the_quality_runs_shape():

@@ -20,14 +20,15 @@ Both models are built from lightning_configs/model/{moe_diffuseq,diffuseq_baseli
    seconds per step are calibrated first (short fits, interleaved), and each then trains for
    the steps that fit in the budget, so its learning rate decays to 0 at the budget's end as
    in any run of known length (a time limit of 1.5x the budget guards against a slow spell).
-   Training loss against wall-clock, then validation loss and ROUGE-1/2/L, BLEU on validation
-   documents (baseline sampled with DDIM 200 steps, as DiffuSeq's own fast setting, to keep
-   the run short); --seeds runs per model (weights, data order and noise seeded), averaged,
+   Training loss against wall-clock, then validation loss and ROUGE-1/2/L, BLEU and the mean
+   words per sample on --docs validation documents, a fixed random sample of the split, the
+   same for every model and seed (baseline sampled with DDIM 200 steps, as DiffuSeq's own fast
+   setting, to keep the run short); --seeds runs per model (weights, data order and noise seeded), averaged,
    with a paired bootstrap interval over documents for the ROUGE-L difference; and, as an
    ablation that tells where a quality gap comes from, MoE-DiffuSeq with the soft absorbing
    state off, first seed only (--no-ablation skips it);
 6. for every missed target, a torch.profiler table of the slowest part (kept in the JSON
-   and the README).
+   and the README); for a quality target, one training step of each model at the quality shape.
 """
 
 from __future__ import annotations
@@ -252,7 +253,7 @@ def quality(variant: str, dm, budget: float, step_seconds: float, hidden: int, l
             "denoise_rate_at_end": model.denoise_rate(trainer.global_step), "denoise_rate_full": model.denoise_rate(None),
             "val_loss": val_loss, "rougeL": scores["rougeL"], "rouge1": scores["rouge1"], "rouge2": scores["rouge2"],
             "bleu": corpus_bleu(hyps, refs), "rougeL_per_document": [d["rougeL"] for d in per_document],
-            # Output length: early in training ROUGE-L F of a short sample is mostly its recall, so it tracks length.
+            # Sample length beside ROUGE-L: the F score of samples far shorter than their references moves with their length.
             "generated_words": mean_words(hyps), "reference_words": mean_words(refs),
             "train_loss_vs_seconds": clock.points[:: max(1, len(clock.points) // 200)]}
 

@@ -214,8 +214,8 @@ def seconds_per_step(variants, dm, hidden: int, layers: int, steps: int = 12, ro
 
 
 # Which validation documents are scored: a fixed random sample, the same for every model and seed. The
-# splits are in corpus order, so their first documents come from one place (dialogue's first 32 are one
-# scene's long speeches: 94.5 words per reference against the split's 38.9), which would reward length.
+# splits are in corpus order, so their first documents come from one place (dialogue's first 32 are consecutive
+# long speeches of one play: 94.5 words per reference against the split's 38.9), which would reward length.
 DOCUMENT_SAMPLE_SEED = 0
 
 

@@ -178,7 +178,7 @@ def _documents(c: dict) -> str:
     sample = c.get("scoring", {}).get("documents")  # older runs scored each split's first documents
     if sample:
         per_task = " per task" if "," not in counts else ""
-        return f"{counts} validation documents{per_task}, a {sample} of each split (the same documents for every model and seed)"
+        return f"{counts} validation documents{per_task} drawn at random from each split ({sample}; the same documents for every model and seed)"
     return f"the first {counts} validation documents{' per task' if ',' not in counts else ''}"
 
 

@@ -70,7 +70,7 @@ def test_compare_bench_tiny_run_covers_every_part(tmp_path, small_corpus):
     assert "early in that ramp" in section and "means over seeds 0, 1" in section and "paired bootstrap interval" in section
     assert payload["scoring"]["decode"] == "strip" and "as in DiffuSeq's evaluation" in section
     assert "| sample words | reference words |" in section
-    assert "2 validation documents per task, a random sample, seed 0 of each split" in section
+    assert "2 validation documents per task drawn at random from each split (random sample, seed 0; the same documents" in section
     assert compare.model_args(compare.ABLATION, 32, 1, 64, 16, None)["diffusion"]["soft_absorbing"] is False
     assert compare.model_args("moe", 32, 1, 64, 16, None)["diffusion"]["soft_absorbing"] is True
     assert "sampling_speedup" in payload["checks"] and "quality_code" in payload["checks"]

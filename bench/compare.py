@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
@@ -46,6 +45,7 @@ import yaml
 from moe_diffuseq.metrics import paired_bootstrap_interval
 
 from .common import (
+    DOCUMENT_SAMPLE_SEED,
     RESULTS,
     current_rss_mb,
     machine_info,
@@ -54,6 +54,7 @@ from .common import (
     print_table,
     random_batch,
     reset_peak_rss,
+    scored_documents,
     time_call,
     train_step_fn,
     write_json,
@@ -211,22 +212,6 @@ def seconds_per_step(variants, dm, hidden: int, layers: int, steps: int = 12, ro
             times = [t for t, _ in clock.points]
             deltas[v] += [times[i + 1] - times[i] for i in range(2, len(times) - 1)]
     return {v: sorted(d)[len(d) // 2] for v, d in deltas.items()}
-
-
-# Which validation documents are scored: a fixed random sample, the same for every model and seed. The
-# splits are in corpus order, so their first documents come from one place (dialogue's first 32 are consecutive
-# long speeches of one play: 94.5 words per reference against the split's 38.9), which would reward length.
-DOCUMENT_SAMPLE_SEED = 0
-
-
-def scored_documents(path: Path, docs: int) -> list[dict]:
-    """`docs` rows of the jsonl file at `path`, drawn at random (seed DOCUMENT_SAMPLE_SEED) and kept in
-    file order; all of them when the file has no more than `docs`."""
-    lines = [x for x in path.read_text().splitlines() if x.strip()]
-    if len(lines) > docs:
-        chosen = sorted(random.Random(DOCUMENT_SAMPLE_SEED).sample(range(len(lines)), docs))
-        lines = [lines[i] for i in chosen]
-    return [json.loads(x) for x in lines]
 
 
 def quality(variant: str, dm, budget: float, step_seconds: float, hidden: int, layers: int, docs: int, seed: int) -> dict:

@@ -11,14 +11,13 @@ quality-versus-speed plot (like DiffuSeq-v2's figure 3).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from moe_diffuseq.checkpoint import load_checkpoint
 from moe_diffuseq.evaluation import score_generations
 
-from .common import machine_info, print_table, write_json
+from .common import DOCUMENT_SAMPLE_SEED, machine_info, print_table, scored_documents, write_json
 
 CONFIGS = [("ancestral", None), ("ddim", 200), ("dpm_solver++", 20), ("dpm_solver++", 10)]
 
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default="runs/quickstart/checkpoints/last.ckpt")
     parser.add_argument("--data", default="data/code/validation.jsonl")
-    parser.add_argument("--docs", type=int, default=32)
+    parser.add_argument("--docs", type=int, default=32, help="validation documents scored (a fixed random sample of the file)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--spacing", default="logsnr", choices=["logsnr", "time_uniform"])
     parser.add_argument("--quick", action="store_true", help="8 documents")
@@ -45,8 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not Path(args.ckpt).exists():
         raise SystemExit(f"error: {args.ckpt}: no checkpoint (run `make quickstart` first or pass --ckpt)")
     model = load_checkpoint(args.ckpt)
-    rows = [json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = rows[: args.docs]
+    rows = scored_documents(Path(args.data), args.docs)  # a fixed random sample: the file's head is one place
     sources, references = [r["src"] for r in rows], [r["trg"] for r in rows]
 
     records = []
@@ -82,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         measured = "n/a" if check["measured"] is None else f"{check['measured']:.3g}"
         print(f"{name}: {measured} (target {check['target']}) {'OK' if check['met'] else 'MISSED'}")
     setup = {"ckpt": args.ckpt, "trained_steps": trained_steps(args.ckpt), "data": args.data, "docs": len(sources),
-             "spacing": args.spacing}
+             "documents": f"random sample, seed {DOCUMENT_SAMPLE_SEED}", "spacing": args.spacing}
     payload = {"benchmark": "sampling", "setup": setup,
                "machine": machine_info(), "results": records, "checks": checks}
     path = write_json("sampling", payload, args.out)

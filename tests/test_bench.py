@@ -103,14 +103,14 @@ def test_quality_miss_reports_sample_lengths_and_their_correlation_with_rouge():
 
 
 def test_quality_scores_a_fixed_random_sample_of_the_validation_split(tmp_path):
-    from bench import compare
+    from bench import common
 
     path = tmp_path / "validation.jsonl"
     path.write_text("".join(json.dumps({"src": f"s{i}", "trg": f"t{i}"}) + "\n" + ("\n" if i == 3 else "") for i in range(40)))
-    picked = [int(r["src"][1:]) for r in compare.scored_documents(path, 8)]
+    picked = [int(r["src"][1:]) for r in common.scored_documents(path, 8)]
     assert picked == sorted(picked) and len(set(picked)) == 8 and picked != list(range(8))  # not the split's head
-    assert compare.scored_documents(path, 8) == compare.scored_documents(path, 8)  # the same for every model and seed
-    assert [r["src"] for r in compare.scored_documents(path, 100)] == [f"s{i}" for i in range(40)]  # a small split: whole
+    assert common.scored_documents(path, 8) == common.scored_documents(path, 8)  # the same for every model and seed
+    assert [r["src"] for r in common.scored_documents(path, 100)] == [f"s{i}" for i in range(40)]  # a small split: whole
 
 
 def test_quality_miss_profiles_both_models_at_the_quality_runs_shape():

@@ -153,6 +153,7 @@ def train_step_fn(model, batch) -> Callable[[], torch.Tensor]:
 # splits are in corpus order, so their first documents come from one place (dialogue's first 32 are consecutive
 # long speeches of one play: 94.5 words per reference against the split's 38.9), which would reward length.
 DOCUMENT_SAMPLE_SEED = 0
+DOCUMENT_SAMPLE = f"random sample, seed {DOCUMENT_SAMPLE_SEED}"  # how the JSON names the rule
 
 
 def scored_documents(path: Path, docs: int) -> list[dict]:

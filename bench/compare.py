@@ -45,7 +45,7 @@ import yaml
 from moe_diffuseq.metrics import paired_bootstrap_interval
 
 from .common import (
-    DOCUMENT_SAMPLE_SEED,
+    DOCUMENT_SAMPLE,
     RESULTS,
     current_rss_mb,
     machine_info,
@@ -214,17 +214,17 @@ def seconds_per_step(variants, dm, hidden: int, layers: int, steps: int = 12, ro
     return {v: sorted(d)[len(d) // 2] for v, d in deltas.items()}
 
 
-def quality(variant: str, dm, budget: float, step_seconds: float, hidden: int, layers: int, docs: int, seed: int) -> dict:
+def quality(variant: str, dm, budget: float, step_seconds: float, hidden: int, layers: int, rows: list[dict], seed: int) -> dict:
     """Train for the optimizer steps that fit in `budget` seconds at the calibrated `step_seconds`
     (so the learning rate decays to 0 at the budget's end, as in any run of known length; a run that
-    overruns by half is stopped by time), then score validation loss and ROUGE/BLEU."""
+    overruns by half is stopped by time), then score validation loss, and ROUGE/BLEU on the validation
+    `rows` (the scored documents)."""
     from moe_diffuseq.metrics import ROUGE_KEYS, corpus_bleu, rouge_per_document
 
     planned = max(1, int(budget / step_seconds))
     model, trainer, clock = fit(variant, dm, hidden, layers, seed, planned, 1.5 * budget)
     train_seconds = clock.points[-1][0] if clock.points else 0.0
     val_loss = diffusion_validation_loss(model, trainer, dm)
-    rows = scored_documents(Path(dm.paths["validation"]), docs)
     sampler, steps = ("ddim", 200) if model.sampling_config.sampler == "ancestral" else (None, None)
     start = time.perf_counter()
     hyps = model.generate([r["src"] for r in rows], sampler=sampler, steps=steps, seed=seed, decode=DECODE)
@@ -291,12 +291,13 @@ def task_quality(task: str, dm, variants, args) -> dict:
     width = (args.hidden, args.layers)
     step_seconds = seconds_per_step(variants, dm, *width)
     print(f"  {task}: calibrated s/step {step_seconds}")
+    rows = scored_documents(Path(dm.paths["validation"]), args.docs)  # read once: every run scores the same documents
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for seed in args.seeds:
         for v in variants:
             if v == ABLATION and seed != args.seeds[0]:
                 continue
-            runs[v].append(quality(v, dm, args.budget, step_seconds[v], *width, args.docs, seed))
+            runs[v].append(quality(v, dm, args.budget, step_seconds[v], *width, rows, seed))
             print(f"  {task} {v} seed {seed}: {runs[v][-1]['steps']} steps, ROUGE-L {runs[v][-1]['rougeL']:.3g}")
     return {v: over_seeds(r, step_seconds[v]) for v, r in runs.items()}
 
@@ -414,7 +415,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {"benchmark": "compare", "machine": machine_info(), "setup": setup,
                # How quality was scored: samples to text as DiffuSeq's evaluation does; val_loss: the diffusion terms.
                "scoring": {"decode": DECODE, "val_loss": "diffusion terms at the last training gamma",
-                           "documents": f"random sample, seed {DOCUMENT_SAMPLE_SEED}"},
+                           "documents": DOCUMENT_SAMPLE},
                **measured, "summary": summary, "checks": checks, "profiles": profiles}
     path = write_json("compare", payload, args.out)
     plot(payload, path.with_suffix(".png"))

@@ -181,13 +181,15 @@ def _documents(c: dict) -> str:
     """Which validation documents each task's quality figures rest on (a split smaller than --docs is scored whole)."""
     asked = c["setup"]["docs"]
     scored = {t: len(q["moe"]["rougeL_per_document"]) for t, q in c["quality"].items()}
-    counts = (f"{asked}" if all(n == asked for n in scored.values()) else
-              ", ".join(f"{n} ({t}{': its whole validation split' if n < asked else ''})" for t, n in scored.items()))
+    if all(n == asked for n in scored.values()):
+        counts = f"{asked} validation documents per task"
+    else:
+        counts = ", ".join(f"{n} ({t}{': its whole validation split' if n < asked else ''})" for t, n in scored.items())
+        counts += " validation documents"
     sample = c.get("scoring", {}).get("documents")  # older runs scored each split's first documents
     if sample:
-        per_task = " per task" if "," not in counts else ""
-        return f"{counts} validation documents{per_task} drawn at random from each split ({sample}; the same documents for every model and seed)"
-    return f"the first {counts} validation documents{' per task' if ',' not in counts else ''}"
+        return f"{counts} drawn at random from each split ({sample}; the same documents for every model and seed)"
+    return f"the first {counts}"
 
 
 def _length_effect(q: dict) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from moe_diffuseq.checkpoint import load_checkpoint
 from moe_diffuseq.evaluation import score_generations
 
-from .common import DOCUMENT_SAMPLE_SEED, machine_info, print_table, scored_documents, write_json
+from .common import DOCUMENT_SAMPLE, machine_info, print_table, scored_documents, write_json
 
 CONFIGS = [("ancestral", None), ("ddim", 200), ("dpm_solver++", 20), ("dpm_solver++", 10)]
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         measured = "n/a" if check["measured"] is None else f"{check['measured']:.3g}"
         print(f"{name}: {measured} (target {check['target']}) {'OK' if check['met'] else 'MISSED'}")
     setup = {"ckpt": args.ckpt, "trained_steps": trained_steps(args.ckpt), "data": args.data, "docs": len(sources),
-             "documents": f"random sample, seed {DOCUMENT_SAMPLE_SEED}", "spacing": args.spacing}
+             "documents": DOCUMENT_SAMPLE, "spacing": args.spacing}
     payload = {"benchmark": "sampling", "setup": setup,
                "machine": machine_info(), "results": records, "checks": checks}
     path = write_json("sampling", payload, args.out)

@@ -227,6 +227,7 @@ class MoEDiffuSeq(pl.LightningModule):
             loss_on=self.loss_on,
             generator=generator,
             predict_tokens=predict_tokens,
+            absorbable=None if cfg.absorb_padding else batch.input_ids != self._pad_id,
         )
         balance, z_loss = router_losses(terms.router_stats)
         balance, z_loss = balance.to(self.device), z_loss.to(self.device)
@@ -434,6 +435,12 @@ class MoEDiffuSeq(pl.LightningModule):
             self._build()
 
     # ----------------------------------------------------------------- generation
+    @property
+    def _pad_id(self) -> int:
+        """The [PAD] id: the tokenizer's, or 0 (``train_tokenizer``'s layout) for a model trained
+        without one (the benchmarks' random batches)."""
+        return 0 if self.tokenizer is None else SpecialIds.from_tokenizer(self.tokenizer).pad
+
     def _special(self) -> SpecialIds:
         if self.tokenizer is None:
             raise RuntimeError("no tokenizer attached: load a checkpoint or call set_tokenizer()")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_diffuseq import MoEDiffuSeq
-from moe_diffuseq.batch import Seq2SeqBatch
+from moe_diffuseq.batch import Seq2SeqBatch, SpecialIds, collate_pairs, encode_pairs
 from moe_diffuseq.config import LONG_SOURCE_TOKENS, DiffusionConfig
 from moe_diffuseq.diffusion import (
     LossSecondMomentSampler,
@@ -101,6 +101,40 @@ def test_replacement_rate_matches_gamma_sqrt_one_minus_alpha_bar(schedule, step)
     assert rate == pytest.approx(expected, abs=0.01)
     assert not replaced[~target].any()
     assert torch.equal(z_t[replaced], m.expand(int(replaced.sum()), -1))
+
+
+def test_only_absorbable_positions_are_replaced(schedule):
+    z0, target, m = _toy(batch=200)
+    absorbable = torch.rand(target.shape, generator=torch.Generator().manual_seed(6)) < 0.5
+    t = torch.full((z0.shape[0],), 1999)  # rate gamma * sqrt(1 - ab_T) ~ 1 at gamma = 1
+    gen = torch.Generator().manual_seed(7)
+    z_t, replaced = forward_process(z0, t, target, m, schedule, 1.0, gen, absorbable=absorbable)
+    assert not replaced[~(target & absorbable)].any()
+    assert replaced[target & absorbable].float().mean() > 0.99
+    # The positions left out are the continuous process with the same draws, not m.
+    full, _ = forward_process(z0, t, target, m, schedule, 0.0, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(z_t[~replaced], full[~replaced])
+
+
+@pytest.mark.parametrize("absorb_padding", [False, True])
+def test_training_absorbs_padding_only_when_asked(small_tokenizer, absorb_padding):
+    # A short target leaves [PAD] in the target region; by default m replaces text tokens (and the
+    # closing [SEP]) only, so the denoiser never learns "m means the text has ended".
+    model = MoEDiffuSeq(max_src_len=8, max_trg_len=12, embed_dim=8, hidden_size=16, num_layers=1, num_heads=2,
+                        moe={"num_experts": 2, "top_k": 1, "expert_hidden": 16},
+                        diffusion={"denoise_rate": 1.0, "absorb_padding": absorb_padding})
+    model.set_tokenizer(small_tokenizer)
+    model._build()
+    special = SpecialIds.from_tokenizer(small_tokenizer)
+    batch = collate_pairs(encode_pairs(small_tokenizer, ["the source"] * 8, ["a short target"] * 8, 8, 12), special, 12)
+    pad = batch.input_mask & (batch.input_ids == special.pad)
+    assert pad.any() and (batch.input_mask & ~pad).any()
+    t = torch.full((8,), 1999)
+    _, _, terms = model._loss(model.denoiser, batch, t, torch.ones(8), torch.Generator().manual_seed(0))
+    text = batch.input_mask & ~pad
+    assert terms.absorbed[text].float().mean() > 0.9
+    assert terms.absorbed[pad].any() == absorb_padding
+    assert not terms.absorbed[~batch.input_mask].any()
 
 
 def test_without_absorbing_state_it_is_plain_diffuseq(schedule):

@@ -56,6 +56,7 @@ def forward_process(
     schedule: NoiseSchedule,
     denoise_rate: float,
     generator: torch.Generator | None = None,
+    absorbable: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """z_t for training: noise, absorb, and restore the source (partial noising).
 
@@ -64,11 +65,13 @@ def forward_process(
     denoiser can tell apart from a noised token (replacing z0 before the noise would make
     it m + noise, like any noised token whose embedding is m).
 
-    z0: (B, L, D); t: (B,); target_mask: (B, L) True where diffused.
+    z0: (B, L, D); t: (B,); target_mask: (B, L) True where diffused; absorbable: (B, L) True
+    where m may replace the token (None: every target position).
     Returns z_t and the (B, L) mask of positions replaced by m.
     """
+    absorb_mask = target_mask if absorbable is None else target_mask & absorbable
     uniform = torch.rand(z0.shape[:2], device=z0.device, generator=generator)
     noise = torch.randn(z0.shape, device=z0.device, generator=generator, dtype=z0.dtype)
-    z_t, replaced = absorb(q_sample(z0, t, noise, mask_vector, schedule), t, target_mask, mask_vector, schedule,
+    z_t, replaced = absorb(q_sample(z0, t, noise, mask_vector, schedule), t, absorb_mask, mask_vector, schedule,
                            denoise_rate, uniform)
     return torch.where(target_mask[..., None], z_t, z0), replaced

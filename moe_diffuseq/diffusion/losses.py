@@ -23,6 +23,7 @@ class DiffusionLossTerms:
     x0_hat: torch.Tensor  # (B, L, E)
     router_stats: list[RouterStats]
     scored: torch.Tensor  # (B, L) bool: positions the mse / rounding losses average over
+    absorbed: torch.Tensor  # (B, L) bool: positions the soft absorbing state replaced by m
     mask_norm: torch.Tensor  # ||m||_2 of the absorbing state (its regulariser)
     predicted_ids: torch.Tensor | None  # (B, L) argmax of the rounding head on x0_hat, if asked
 
@@ -47,14 +48,19 @@ def diffusion_loss_terms(
     loss_on: str = "all",
     generator: torch.Generator | None = None,
     predict_tokens: bool = False,
+    absorbable: torch.Tensor | None = None,
 ) -> DiffusionLossTerms:
-    """Noise the batch at steps t (B,), denoise it, and score the x0 prediction."""
+    """Noise the batch at steps t (B,), denoise it, and score the x0 prediction.
+
+    ``absorbable`` (B, L): the target positions the soft absorbing state may replace (None: all).
+    """
     target_mask = batch.input_mask
     emb = denoiser.embed(batch.input_ids)  # (B, L, E)
     noise = torch.randn(emb.shape, device=emb.device, dtype=emb.dtype, generator=generator)
     z0 = noised_start(emb, schedule, noise)
     m = denoiser.absorbing_state
-    z_t, _ = forward_process(z0, t, target_mask, m, schedule, denoise_rate, generator=generator)
+    z_t, absorbed = forward_process(z0, t, target_mask, m, schedule, denoise_rate, generator=generator,
+                                   absorbable=absorbable)
     global_mask = denoiser.global_tokens(batch.global_mask, target_mask, batch.padding_mask)
     x0_hat, stats = denoiser(z_t, t, global_mask, batch.padding_mask)
 
@@ -80,7 +86,7 @@ def diffusion_loss_terms(
         with torch.no_grad():
             predicted = denoiser.logits(x0_hat).argmax(-1)
     return DiffusionLossTerms(
-        mse=mse, rounding=rounding, t_T=t_T, x0_hat=x0_hat, router_stats=stats, scored=scored,
+        mse=mse, rounding=rounding, t_T=t_T, x0_hat=x0_hat, router_stats=stats, scored=scored, absorbed=absorbed,
         mask_norm=m.norm(), predicted_ids=predicted,
     )
 

@@ -123,8 +123,8 @@ class DiffusionConfig:
     """Let m replace the [PAD] positions of the target region too (DiffuSeq-v2 replaces any target
     position). Off by default: a denoiser that learns "m means [PAD]" predicts [PAD] wherever its input
     says little, at high noise above all, and its samples come out short (dialogue, whose targets are
-    two-thirds padding: half the words and -2 ROUGE-L at gamma 0.03). Off, m stands for a hidden text
-    token and the length is left to the continuous process, as in DiffuSeq."""
+    two-thirds padding: 0.5-0.7x the words at gamma <= 0.03). Off, m stands for a hidden text token
+    and the length is left to the continuous process, as in DiffuSeq."""
     mask_reg_coef: float = 0.01
     """Weight of the regulariser ||m||_2 on the absorbing state."""
     loss_on: Literal["auto", "all", "target"] = "auto"

@@ -121,10 +121,10 @@ class DiffusionConfig:
     the first step). Validation always scores with the full gamma."""
     absorb_padding: bool = False
     """Let m replace the [PAD] positions of the target region too (DiffuSeq-v2 replaces any target
-    position). Off by default: a denoiser that learns "m means [PAD]" predicts [PAD] wherever its input
-    says little, at high noise above all, and its samples come out short (dialogue, whose targets are
-    two-thirds padding: 0.5-0.7x the words at gamma <= 0.03). Off, m stands for a hidden text token
-    and the length is left to the continuous process, as in DiffuSeq."""
+    position). Off by default: a denoiser that learns "m means [PAD]" predicts [PAD] on word positions
+    more often, and its samples come out short (dialogue, whose targets are two-thirds padding: 0.5-0.7x
+    the words at gamma <= 0.03). Off, m stands for a hidden text token and the length is left to the
+    continuous process, as in DiffuSeq."""
     mask_reg_coef: float = 0.01
     """Weight of the regulariser ||m||_2 on the absorbing state."""
     loss_on: Literal["auto", "all", "target"] = "auto"

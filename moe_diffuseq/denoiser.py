@@ -74,6 +74,9 @@ class Block(nn.Module):
         return self.norm2(x + self.dropout(y)), stats
 
 
+POSITION_MODES = ("target_relative", "absolute")
+
+
 class Denoiser(nn.Module):
     """Predicts the clean embedding sequence x0 from z_t and t."""
 
@@ -89,8 +92,12 @@ class Denoiser(nn.Module):
         attention: AttentionConfig | None = None,
         moe: MoEConfig | None = None,
         soft_absorbing: bool = True,
+        max_target_length: int | None = None,
+        positions: str = "target_relative",
     ) -> None:
         super().__init__()
+        if positions not in POSITION_MODES:
+            raise ValueError(f"positions={positions!r}: expected one of {POSITION_MODES}")
         attention = attention or AttentionConfig()
         moe = moe or MoEConfig()
         self.max_length = max_length
@@ -102,6 +109,12 @@ class Denoiser(nn.Module):
             nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, hidden_size)
         )
         self.position = nn.Embedding(max_length, hidden_size)
+        self.positions = positions
+        # The target region's own table, indexed by the offset from its first position: a target
+        # token knows which output slot it is wherever a source of varying length ends.
+        self.target_position = (
+            nn.Embedding(max_target_length or max_length, hidden_size) if positions == "target_relative" else None
+        )
         self.input_norm = nn.LayerNorm(hidden_size)
         self.dropout = nn.Dropout(dropout)
         moe_layers = set(range(num_layers) if moe.moe_layers is None else moe.moe_layers)
@@ -161,19 +174,30 @@ class Denoiser(nn.Module):
         leading = (pos >= 1) & (pos <= self.num_global)
         return global_mask | (leading[None] & ~target_mask & ~padding_mask)
 
+    def position_embedding(self, target_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, H): absolute positions, or (target_relative) absolute ones on the source and
+        the offset from the target region's start on the target."""
+        pos = torch.arange(target_mask.shape[1], device=target_mask.device)
+        absolute = self.position(pos)[None]  # (1, L, H)
+        if self.target_position is None:
+            return absolute
+        offset = (target_mask.long().cumsum(1) - 1).clamp(0, self.target_position.num_embeddings - 1)  # (B, L)
+        return torch.where(target_mask[..., None], self.target_position(offset), absolute)
+
     def forward(
         self,
         z_t: torch.Tensor,
         t: torch.Tensor,
         global_mask: torch.Tensor,
         padding_mask: torch.Tensor,
+        target_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, list[RouterStats]]:
-        """z_t: (B, L, E); t: (B,). Returns x0_hat (B, L, E) and one RouterStats per MoE layer."""
+        """z_t: (B, L, E); t: (B,); masks (B, L). Returns x0_hat (B, L, E) and one RouterStats
+        per MoE layer."""
         length = z_t.shape[1]
         if length > self.max_length:
             raise ValueError(f"sequence of {length} positions exceeds the model's max_length={self.max_length}")
-        pos = torch.arange(length, device=z_t.device)
-        h = self.up(z_t) + self.position(pos)[None] + self.time_mlp(timestep_embedding(t, self.embed_dim))[:, None]
+        h = self.up(z_t) + self.position_embedding(target_mask) + self.time_mlp(timestep_embedding(t, self.embed_dim))[:, None]
         h = self.dropout(self.input_norm(h))  # (B, L, H)
         stats: list[RouterStats] = []
         for block in self.blocks:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .metrics import corpus_bleu, distinct_n, rouge, self_bleu, sentence_bleu
+from .metrics import corpus_bleu, distinct_n, mean_item_scores, rouge, self_bleu, sentence_bleu
 
 
 def score_generations(
@@ -14,7 +14,9 @@ def score_generations(
     candidates: Sequence[Sequence[str]] | None = None,
 ) -> dict[str, float]:
     """ROUGE-1/2/L/Lsum, sacreBLEU, mean sentence-BLEU, dist-1/2, length ratio and, with
-    several candidates per source, self-BLEU across them (all 0-100 except ratios)."""
+    several candidates per source, self-BLEU across them (all 0-100 except ratios), and the
+    item metrics of answers that are lists (exact_match, item_precision/recall/f1,
+    order_accuracy: fractions in [0, 1])."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     scores = rouge(hypotheses, references)
@@ -24,6 +26,7 @@ def score_generations(
     scores["dist2"] = distinct_n(hypotheses, 2)
     ref_words = sum(len(r.split()) for r in references)
     scores["length_ratio"] = sum(len(h.split()) for h in hypotheses) / max(1, ref_words)
+    scores.update(mean_item_scores(hypotheses, references))
     if candidates and all(len(c) > 1 for c in candidates):
         scores["self_bleu"] = 100.0 * sum(self_bleu(c) for c in candidates) / len(candidates)
     return scores

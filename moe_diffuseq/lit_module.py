@@ -51,6 +51,9 @@ class MoEDiffuSeq(pl.LightningModule):
         num_layers: Number of transformer blocks.
         num_heads: Attention heads per block.
         dropout: Dropout rate inside the denoiser.
+        positions: Position embeddings: ``target_relative`` (absolute on the source, the offset
+            from the target region's start on the target, so an output slot does not move with
+            the source's length) or ``absolute`` (DiffuSeq's single table).
         attention: Sparse attention settings.
         moe: Mixture-of-experts settings.
         diffusion: Forward process and loss settings.
@@ -76,6 +79,7 @@ class MoEDiffuSeq(pl.LightningModule):
         num_layers: int = 4,
         num_heads: int = 4,
         dropout: float = 0.1,
+        positions: Literal["target_relative", "absolute"] = "target_relative",
         attention: AttentionConfig = AttentionConfig(),
         moe: MoEConfig = MoEConfig(),
         diffusion: DiffusionConfig = DiffusionConfig(),
@@ -152,6 +156,8 @@ class MoEDiffuSeq(pl.LightningModule):
             attention=self.attention_config,
             moe=self.moe_config,
             soft_absorbing=self.diffusion_config.soft_absorbing,
+            max_target_length=hp.max_trg_len + 1,
+            positions=hp.positions,
         )
         self.ema = copy.deepcopy(self.denoiser).requires_grad_(False) if hp.ema_decay > 0 else None
 
@@ -501,7 +507,7 @@ class MoEDiffuSeq(pl.LightningModule):
             table = net.word_embedding.weight
 
             def denoise(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                x0, _ = net(z_t, t, global_mask, batch.padding_mask)
+                x0, _ = net(z_t, t, global_mask, batch.padding_mask, batch.input_mask)
                 if clamp:  # snap to the nearest word embedding (DiffuSeq's clamping trick)
                     x0 = table[torch.cdist(x0, table[None].expand(x0.shape[0], -1, -1)).argmin(-1)]
                 return x0

@@ -93,3 +93,49 @@ def paired_bootstrap_interval(
     tail = (1.0 - confidence) / 2
     low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
     return low, high
+
+
+ITEM_SEPARATOR = " ; "
+
+
+def split_items(text: str) -> list[str]:
+    """The ``ITEM_SEPARATOR``-separated items of an answer, whitespace-normalised, empties dropped."""
+    return [" ".join(item.split()) for item in text.split(ITEM_SEPARATOR.strip()) if item.strip()]
+
+
+def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diagonal = 0
+        for j, y in enumerate(b, 1):
+            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def item_scores(hypothesis: str, reference: str) -> dict[str, float]:
+    """Exact match, item precision/recall/F1 (multiset overlap) and order accuracy (LCS over the
+    longer list) of one answer, each in [0, 1]."""
+    from collections import Counter
+
+    hyp, ref = split_items(hypothesis), split_items(reference)
+    if not hyp and not ref:
+        return dict.fromkeys(("exact_match", "item_precision", "item_recall", "item_f1", "order_accuracy"), 1.0)
+    common = sum((Counter(hyp) & Counter(ref)).values())
+    precision = common / len(hyp) if hyp else 0.0
+    recall = common / len(ref) if ref else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if common else 0.0
+    return {
+        "exact_match": float(hyp == ref),
+        "item_precision": precision,
+        "item_recall": recall,
+        "item_f1": f1,
+        "order_accuracy": _lcs(hyp, ref) / max(len(hyp), len(ref)),
+    }
+
+
+def mean_item_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """``item_scores`` averaged over documents."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    per_doc = [item_scores(h, r) for h, r in zip(hypotheses, references, strict=True)]
+    return {key: sum(d[key] for d in per_doc) / max(1, len(per_doc)) for key in (per_doc[0] if per_doc else {})}

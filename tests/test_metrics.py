@@ -62,3 +62,20 @@ def test_mbr_picks_the_consensus_candidate():
     assert mbr_select(candidates) in (1, 2)
     assert self_bleu(["a b c d", "a b c d"]) == pytest.approx(1.0)
     assert mbr_select(["only"]) == 0
+
+
+def test_item_scores_by_hand():
+    from moe_diffuseq.metrics import item_scores, mean_item_scores
+
+    ref = "def a ; def b ; class C"
+    assert item_scores(ref, ref) == {"exact_match": 1.0, "item_precision": 1.0, "item_recall": 1.0,
+                                     "item_f1": 1.0, "order_accuracy": 1.0}
+    scores = item_scores("def b ; def a ; def x", ref)  # 2 of 3 right, order swapped
+    assert scores["exact_match"] == 0.0
+    assert scores["item_precision"] == pytest.approx(2 / 3) and scores["item_recall"] == pytest.approx(2 / 3)
+    assert scores["item_f1"] == pytest.approx(2 / 3)
+    assert scores["order_accuracy"] == pytest.approx(1 / 3)  # LCS 1 over the longer list, 3
+    assert item_scores("def  a;def b", "def a ; def b")["exact_match"] == 1.0  # spacing normalised
+    assert item_scores("", ref)["item_f1"] == 0.0
+    assert item_scores("def a ; def a", "def a")["item_precision"] == 0.5  # a repeated item counts once
+    assert mean_item_scores(["def a", ""], ["def a", "def b"])["item_f1"] == pytest.approx(0.5)

@@ -1,14 +1,25 @@
 """Builders for the real corpora, each writing {train,validation,test}.jsonl."""
 
+from functools import partial
 from pathlib import Path
 
-from . import code, dialogue, scientific
+from . import code, dialogue, scientific, tasks
 from .code import build_code_corpus
 from .dialogue import build_dialogue_corpus
 from .scientific import build_scientific_corpus
 
-BUILDERS = {"code": build_code_corpus, "dialogue": build_dialogue_corpus, "scientific": build_scientific_corpus}
-VERSIONS = {"code": code.VERSION, "dialogue": dialogue.VERSION, "scientific": scientific.VERSION}
+BUILDERS = {
+    "code": build_code_corpus,
+    "dialogue": build_dialogue_corpus,
+    "scientific": build_scientific_corpus,
+    **{name: partial(tasks.build_task, name) for name in tasks.TASKS},
+}
+VERSIONS = {
+    "code": code.VERSION,
+    "dialogue": dialogue.VERSION,
+    "scientific": scientific.VERSION,
+    **dict.fromkeys(tasks.TASKS, tasks.VERSION),
+}
 MARKER = ".built"
 
 

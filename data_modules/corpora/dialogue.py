@@ -60,8 +60,11 @@ def play_texts(archive: Path) -> dict[str, str]:
     return plays
 
 
-def scenes(text: str) -> list[list[tuple[str, str]]]:
-    """The play's scenes, each a list of (speaker, speech) turns; stage directions dropped."""
+def scenes(text: str, keep_tags: bool = False) -> list[list[tuple[str, str]]]:
+    """The play's scenes, each a list of (speaker, speech) turns; stage directions dropped.
+
+    The speaker is the tag without its closing period, or (``keep_tags``) the tag exactly as
+    the text writes it ("Ber.", "FIRST WITCH.", "THESEUS")."""
     out: list[list[tuple[str, str]]] = []
     current: list[tuple[str, str]] | None = None
     for block in re.split(r"\n\s*\n", text.replace("\r\n", "\n")):
@@ -75,7 +78,8 @@ def scenes(text: str) -> list[list[tuple[str, str]]]:
             continue
         if current is None or len(lines) < 2 or not SPEAKER.match(lines[0].strip()) or len(lines[0].split()) > 5:
             continue
-        current.append((lines[0].strip().rstrip("."), "\n".join(line.strip() for line in lines[1:])))
+        tag = lines[0].strip()
+        current.append((tag if keep_tags else tag.rstrip("."), "\n".join(line.strip() for line in lines[1:])))
     return [s for s in out if len(s) >= 2]
 
 

@@ -62,7 +62,7 @@ def diffusion_loss_terms(
     z_t, absorbed = forward_process(z0, t, target_mask, m, schedule, denoise_rate, generator=generator,
                                    absorbable=absorbable)
     global_mask = denoiser.global_tokens(batch.global_mask, target_mask, batch.padding_mask)
-    x0_hat, stats = denoiser(z_t, t, global_mask, batch.padding_mask)
+    x0_hat, stats = denoiser(z_t, t, global_mask, batch.padding_mask, target_mask)
 
     scored = ~batch.padding_mask
     if loss_on == "target":

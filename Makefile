@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test lint data bench bench-attention bench-moe bench-sampling bench-compare bench-compare-quick report clean
+.PHONY: install quickstart test lint data bench bench-attention bench-moe bench-sampling bench-compare bench-compare-quick bench-learn report clean
 
 install: $(STAMP)
 
@@ -21,13 +21,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# Train the quickstart model on the embedded corpus (the Python standard library), then
-# generate from the best checkpoint for a few test-split sources.
+# Train the quickstart model on code-outline (built from the running Python's standard
+# library), then sample held-out sources and print each beside its reference, scored.
 quickstart: install
 	$(VENV)/bin/moe-diffuseq fit --config lightning_configs/quickstart.yaml
-	$(VENV)/bin/moe-diffuseq generate --ckpt runs/quickstart/checkpoints/last.ckpt \
-		--input data/code/test.jsonl --limit 8 --output runs/quickstart/samples.jsonl
-	@echo "checkpoint: runs/quickstart/checkpoints/last.ckpt  samples: runs/quickstart/samples.jsonl"
+	$(VENV)/bin/moe-diffuseq evaluate --ckpt runs/quickstart/checkpoints/last.ckpt \
+		--data data/code-outline-600/validation.jsonl --limit 64 --show 8 --out runs/quickstart/eval
+	@echo "checkpoint: runs/quickstart/checkpoints/last.ckpt  report: runs/quickstart/eval.md"
 
 test: install
 	$(PY) -m pytest -q
@@ -57,6 +57,9 @@ report: install
 
 bench-compare: install
 	$(PY) -m bench.compare
+
+bench-learn: install
+	$(PY) -m bench.learn
 
 bench-compare-quick: install
 	$(PY) -m bench.compare --quick

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from moe_diffuseq.batch import Seq2SeqBatch, SpecialIds, collate_pairs, encode_pairs
 
-from .corpora import BUILDERS, build, is_built
+from .corpora import build, is_built, resolve
 from .tokenization import load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,9 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             set: ``data_dir/<corpus>/train.jsonl``.
         val_path: Validation file or glob (same default rule, ``validation.jsonl``).
         test_path: Test file or glob (same default rule, ``test.jsonl``).
-        corpus: Name of a built-in corpus (code, dialogue, scientific) that ``prepare_data`` builds when missing.
+        corpus: Name of a built-in corpus (code, dialogue, scientific) or exact-answer task (code-outline,
+            code-lookup, dialogue-cast; ``code-outline-4000`` for sources of up to 4000 characters) that
+            ``prepare_data`` builds when missing.
         data_dir: Where built corpora, the tokenizer and caches live.
         src_key: Column with the source text ("" for unconditional modelling: empty source).
         trg_key: Column with the target text.
@@ -300,8 +302,11 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if corpus is not None and corpus not in BUILDERS:
-            raise ValueError(f"data.corpus={corpus!r}: expected one of {sorted(BUILDERS)}")
+        if corpus is not None:
+            try:
+                resolve(corpus)
+            except ValueError as err:
+                raise ValueError(f"data.corpus: {err}") from None
         if corpus is None and train_path is None and tokenizer_path is None:
             raise ValueError("data: give train_path (or corpus) so a tokenizer can be trained, or tokenizer_path")
         for key, value in (("max_src_len", max_src_len), ("max_trg_len", max_trg_len), ("batch_size", batch_size)):

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -60,30 +61,59 @@ def _lightning_cli(args: list[str]):
     )
 
 
-def _read_sources(path: str | None, key: str) -> tuple[list[str], list[dict]]:
-    """Sources from a jsonl file (column ``key``), a text file, or stdin (one per line)."""
+def _read_sources(path: str | None, key: str, flag: str = "--input") -> tuple[list[str], list[dict]]:
+    """Sources from a jsonl file (column ``key``), a text file, or stdin (one per line).
+
+    Errors name the option (``flag``), the file and the line at fault; no source is an error."""
     if path in (None, "-"):
-        lines = [line.rstrip("\n") for line in sys.stdin]
+        lines = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        if not lines:
+            raise SystemExit("error: no sources on stdin")
         return lines, [{} for _ in lines]
     file = Path(path)
     if not file.exists():
-        raise SystemExit(f"error: --input {path}: no such file")
+        raise SystemExit(f"error: {flag} {path}: no such file")
+    if file.is_dir():
+        raise SystemExit(f"error: {flag} {path}: is a directory; expected a jsonl or text file")
     rows = []
-    with file.open(encoding="utf-8", errors="strict") as handle:
-        for number, line in enumerate(handle, 1):
+    with file.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise SystemExit(f"error: {path}, line {number}: not UTF-8 (byte {err.start})") from None
             if not line.strip():
                 continue
             if file.suffix == ".jsonl":
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise SystemExit(f"error: {path}, line {number}: not JSON ({err})") from err
-                if key not in row:
-                    raise SystemExit(f"error: {path}, line {number}: no {key!r} key (has {sorted(row)})")
+                    raise SystemExit(f"error: {path}, line {number}: not JSON ({err})") from None
+                if not isinstance(row, dict) or key not in row:
+                    found = sorted(row) if isinstance(row, dict) else type(row).__name__
+                    raise SystemExit(f"error: {path}, line {number}: no {key!r} key (has {found})")
                 rows.append(row)
             else:
                 rows.append({key: line.rstrip("\n")})
+    if not rows:
+        raise SystemExit(f"error: no sources in {path}")
     return [str(r[key]) for r in rows], rows
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise SystemExit(f"error: --limit {limit}: must be >= 1 (omit it for every row)")
+
+
+def _writable(path: Path, flag: str) -> None:
+    """Create the output's folder and check that the file can be written, before any sampling."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"error: {flag} {path}: cannot create its folder ({err.strerror})") from None
+    target = path if path.exists() else path.parent
+    if path.is_dir() or not os.access(target, os.W_OK):
+        raise SystemExit(f"error: {flag} {path}: not writable")
 
 
 def generate(
@@ -128,8 +158,11 @@ def generate(
     """
     from moe_diffuseq.checkpoint import load_checkpoint
 
-    model = load_checkpoint(ckpt, map_location=device)
+    _check_limit(limit)
+    if output:
+        _writable(Path(output), "--output")
     sources, rows = _read_sources(input, src_key)
+    model = load_checkpoint(ckpt, map_location=device)
     if limit is not None:
         sources, rows = sources[:limit], rows[:limit]
     cfg = model.sampling_config
@@ -187,6 +220,7 @@ def evaluate(
     batch_size: int | None = None,
     out: str | None = None,
     device: str = "cpu",
+    show: int = 0,
 ) -> dict:
     """Generate for every source of a jsonl file and score against its targets.
 
@@ -206,12 +240,17 @@ def evaluate(
         batch_size: Sources sampled together.
         out: Report path without suffix (.json and .md are written).
         device: torch device.
+        show: Print the first ``show`` samples beside their references, with exact match and item F1.
     """
     from moe_diffuseq.checkpoint import load_checkpoint
     from moe_diffuseq.evaluation import markdown_report, score_generations
 
+    _check_limit(limit)
+    base = Path(out) if out else Path(ckpt).with_name(f"eval-{Path(data).stem}-{sampler or 'default'}-{steps or 'default'}")
+    for suffix in (".json", ".md"):
+        _writable(base.with_suffix(suffix), "--out")
+    sources, rows = _read_sources(data, src_key, "--data")
     model = load_checkpoint(ckpt, map_location=device)
-    sources, rows = _read_sources(data, src_key)
     if limit is not None:
         sources, rows = sources[:limit], rows[:limit]
     missing = [i + 1 for i, r in enumerate(rows) if trg_key not in r]
@@ -232,15 +271,29 @@ def evaluate(
     scores["seconds_per_document"] = seconds / max(1, len(sources) * seeds)
     settings = {"checkpoint": ckpt, "data": data, "documents": len(sources), "sampler": sampler,
                 "steps": steps, "seeds": seeds}
-    base = Path(out) if out else Path(ckpt).with_name(f"eval-{Path(data).stem}-{sampler}-{steps}")
-    base.parent.mkdir(parents=True, exist_ok=True)
+    if not out:  # named after the sampler actually used, now that the checkpoint's defaults are known
+        base = Path(ckpt).with_name(f"eval-{Path(data).stem}-{sampler}-{steps}")
     report = {"settings": settings, "scores": scores}
     base.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = markdown_report(f"Evaluation of {Path(ckpt).name}", settings, scores)
     base.with_suffix(".md").write_text(markdown)
+    if show:
+        print(sample_table(per_seed[0][:show], references[:show]))
     print(markdown)
     print(f"wrote {base.with_suffix('.json')} and {base.with_suffix('.md')}")
     return report
+
+
+def sample_table(samples: list[str], references: list[str]) -> str:
+    """Samples beside their references, one block each, with exact match and item F1."""
+    from moe_diffuseq.metrics import item_scores
+
+    blocks = []
+    for i, (sample, reference) in enumerate(zip(samples, references, strict=True), 1):
+        scores = item_scores(sample, reference)
+        blocks.append(f"[{i}] exact {scores['exact_match']:.0f}  item F1 {scores['item_f1']:.2f}\n"
+                      f"  reference: {reference}\n  sample:    {sample}")
+    return "\n".join(blocks) + "\n"
 
 
 def consolidate(checkpoint: str, output: str | None = None) -> str:
@@ -283,17 +336,16 @@ def prepare_data(task: str = "code", data_dir: str = "data", max_chars: int | No
         max_chars: Longest source of a task, in characters (default 1500; about 4 characters a
             token, so 4000-64000 makes sources of 1k-16k tokens).
     """
-    from data_modules.corpora import BUILDERS, build
+    from data_modules.corpora import build, resolve
     from data_modules.corpora.tasks import TASKS
 
-    if task not in BUILDERS:
-        raise SystemExit(f"error: unknown task {task!r}; expected one of {sorted(BUILDERS)}")
     if max_chars is not None and task not in TASKS:
-        raise SystemExit(f"error: --max-chars applies to the tasks {sorted(TASKS)}, not to the {task} corpus")
-    out = Path(data_dir) / (task if max_chars is None else f"{task}-{max_chars}")
-    options = {} if max_chars is None else {"max_chars": max_chars}
+        raise SystemExit(f"error: --max-chars applies to the tasks {sorted(TASKS)}, not to {task!r}")
+    name = task if max_chars is None else f"{task}-{max_chars}"
+    out = Path(data_dir) / name
     try:
-        counts = build(task, out, **options)
+        resolve(name)
+        counts = build(name, out)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     print(json.dumps({"task": task, "dir": str(out), "rows": counts}))

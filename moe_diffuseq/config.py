@@ -34,6 +34,9 @@ class AttentionConfig:
     """Dilation of the local window: only every ``dilation``-th key inside it is seen."""
     num_global: int = 0
     """Number of leading source tokens made global, besides [CLS] and the source [SEP]."""
+    target_global: bool = True
+    """Make the whole target region global: every target position reads every source position in
+    every layer (a long source reaches the output), at a cost linear in the source length."""
     backend: AttentionBackend = "auto"
     """Kernel: dense (reference), banded (CPU), flex, xformers (CUDA), auto (best available; on CPU
     dense up to twice the key span of a banded block, banded beyond), or
@@ -133,12 +136,21 @@ class DiffusionConfig:
     a long source costs a (source, vocabulary) logits tensor per example and every step)."""
     timestep_sampler: Literal["uniform", "loss_aware"] = "uniform"
     """How training timesteps are drawn; loss_aware uses the second-moment resampler."""
+    skip_connection: bool = False
+    """Predict x0 as m + sqrt(ab_t) (z_t - m) + sqrt(1 - ab_t) F(z_t): the best linear guess plus a
+    learned residual (EDM-style preconditioning). False: the network's output is x0 (DiffuSeq)."""
+    self_conditioning: float = 0.0
+    """Self-conditioning (Analog Bits): the share of training examples whose denoiser also reads its
+    own first x0 estimate, as each sampling step reads the previous one's; 0 turns it off (and the
+    network has no such input)."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 2, "diffusion.steps", self.steps, "must be >= 2")
         _check(0.0 <= self.denoise_rate <= 1.0, "diffusion.denoise_rate", self.denoise_rate, "must be in [0, 1]")
         _check(self.denoise_warmup_steps >= 0, "diffusion.denoise_warmup_steps", self.denoise_warmup_steps, "must be >= 0")
         _check(self.mask_reg_coef >= 0, "diffusion.mask_reg_coef", self.mask_reg_coef, "must be >= 0")
+        _check(0.0 <= self.self_conditioning <= 1.0, "diffusion.self_conditioning", self.self_conditioning,
+               "must be in [0, 1]")
         _check(self.loss_on in ("auto", "all", "target"), "diffusion.loss_on", self.loss_on, "expected auto, all or target")
 
 

@@ -94,6 +94,8 @@ class Denoiser(nn.Module):
         soft_absorbing: bool = True,
         max_target_length: int | None = None,
         positions: str = "target_relative",
+        self_conditioning: bool = False,
+        skip_alpha_bar: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if positions not in POSITION_MODES:
@@ -115,6 +117,9 @@ class Denoiser(nn.Module):
         self.target_position = (
             nn.Embedding(max_target_length or max_length, hidden_size) if positions == "target_relative" else None
         )
+        # Self-conditioning (Analog Bits): the previous x0 estimate is a second input, so a step
+        # refines the last answer instead of starting again from z_t alone.
+        self.self_condition = nn.Linear(embed_dim, hidden_size) if self_conditioning else None
         self.input_norm = nn.LayerNorm(hidden_size)
         self.dropout = nn.Dropout(dropout)
         moe_layers = set(range(num_layers) if moe.moe_layers is None else moe.moe_layers)
@@ -127,7 +132,16 @@ class Denoiser(nn.Module):
         )
         self.down = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, embed_dim))
         self.embed_dim = embed_dim
+        # Skip connection (EDM-style preconditioning for a variance-preserving process): with the
+        # schedule's alpha_bar, x0_hat = m + sqrt(ab_t) (z_t - m) + sqrt(1 - ab_t) F, the best linear
+        # guess plus a learned residual. Low noise is then solved by the skip, and the network's
+        # capacity goes to high noise, where it must write from the source.
+        if skip_alpha_bar is not None:
+            self.register_buffer("skip_alpha_bar", skip_alpha_bar.float().clone(), persistent=False)
+        else:
+            self.skip_alpha_bar = None
         self.num_global = attention.num_global
+        self.target_global = attention.target_global
         # The soft absorbing state m (DiffuSeq-v2), learned; a fixed zero vector without it.
         if soft_absorbing:
             self.absorbing_state = nn.Parameter(torch.randn(embed_dim) / math.sqrt(embed_dim))
@@ -167,7 +181,10 @@ class Denoiser(nn.Module):
         return self.lm_head(z)
 
     def global_tokens(self, global_mask: torch.Tensor, target_mask: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
-        """Structural globals plus the first ``num_global`` source tokens (positions 1..n)."""
+        """Structural globals, the first ``num_global`` source tokens (positions 1..n) and, with
+        ``target_global``, the whole target region."""
+        if self.target_global:
+            global_mask = global_mask | (target_mask & ~padding_mask)
         if self.num_global == 0:
             return global_mask
         pos = torch.arange(global_mask.shape[1], device=global_mask.device)
@@ -191,17 +208,26 @@ class Denoiser(nn.Module):
         global_mask: torch.Tensor,
         padding_mask: torch.Tensor,
         target_mask: torch.Tensor,
+        x0_prev: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[RouterStats]]:
-        """z_t: (B, L, E); t: (B,); masks (B, L). Returns x0_hat (B, L, E) and one RouterStats
-        per MoE layer."""
+        """z_t: (B, L, E); t: (B,); masks (B, L); x0_prev: (B, L, E) the previous x0 estimate
+        (self-conditioning; None: zeros). Returns x0_hat (B, L, E) and one RouterStats per MoE layer."""
         length = z_t.shape[1]
         if length > self.max_length:
             raise ValueError(f"sequence of {length} positions exceeds the model's max_length={self.max_length}")
         h = self.up(z_t) + self.position_embedding(target_mask) + self.time_mlp(timestep_embedding(t, self.embed_dim))[:, None]
+        if self.self_condition is not None:
+            x0_prev = torch.zeros_like(z_t) if x0_prev is None else torch.where(target_mask[..., None], x0_prev, 0.0)
+            h = h + self.self_condition(x0_prev)
         h = self.dropout(self.input_norm(h))  # (B, L, H)
         stats: list[RouterStats] = []
         for block in self.blocks:
             h, layer_stats = block(h, global_mask, padding_mask)
             if layer_stats is not None:
                 stats.append(layer_stats)
-        return self.down(h), stats
+        out = self.down(h)
+        if self.skip_alpha_bar is not None:
+            ab = self.skip_alpha_bar[t].to(out.dtype)[:, None, None]  # (B, 1, 1)
+            m = self.absorbing_state.to(out.dtype)
+            out = m + ab.sqrt() * (z_t - m) + (1.0 - ab).sqrt() * out
+        return out, stats

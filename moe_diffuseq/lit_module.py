@@ -32,6 +32,7 @@ from .diffusion import (
     run_sampler,
 )
 from .metrics import mbr_select
+from .probes import accuracy_table, noise_level_counts, probe_steps
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,10 @@ class MoEDiffuSeq(pl.LightningModule):
         without one (the benchmarks' random batches)."""
         return 0 if self.tokenizer is None else SpecialIds.from_tokenizer(self.tokenizer).pad
 
+    def _special_or_layout(self) -> SpecialIds:
+        """The tokenizer's special ids, or ``train_tokenizer``'s layout (ids 0-4) without one."""
+        return SpecialIds(0, 1, 2, 3, 4) if self.tokenizer is None else SpecialIds.from_tokenizer(self.tokenizer)
+
     @property
     def max_length(self) -> int:
         """Longest sequence: [CLS] src [SEP] + target region (max_trg_len + 1)."""
@@ -158,6 +163,8 @@ class MoEDiffuSeq(pl.LightningModule):
             soft_absorbing=self.diffusion_config.soft_absorbing,
             max_target_length=hp.max_trg_len + 1,
             positions=hp.positions,
+            self_conditioning=self.diffusion_config.self_conditioning > 0,
+            skip_alpha_bar=self.schedule.alpha_bar if self.diffusion_config.skip_connection else None,
         )
         self.ema = copy.deepcopy(self.denoiser).requires_grad_(False) if hp.ema_decay > 0 else None
 
@@ -240,6 +247,8 @@ class MoEDiffuSeq(pl.LightningModule):
             generator=generator,
             predict_tokens=predict_tokens,
             absorbable=None if cfg.absorb_padding else batch.input_ids != self._pad_id,
+            # Evaluation always self-conditions, as sampling does; training on a share of examples.
+            self_condition_rate=cfg.self_conditioning if denoiser.training else float(cfg.self_conditioning > 0),
         )
         balance, z_loss = router_losses(terms.router_stats)
         balance, z_loss = balance.to(self.device), z_loss.to(self.device)
@@ -353,15 +362,27 @@ class MoEDiffuSeq(pl.LightningModule):
         sums["correct"] = sums.get("correct", 0) + correct
         sums["total"] = sums.get("total", 0) + scored.sum()
         sums["counts"] = sums.get("counts", 0) + counts
+        # Through run(): one forward of the root, so FSDP2 gathers the embedding table for it.
+        sums["noise_levels"] = sums.get("noise_levels", 0) + self.sampling_network.run(
+            noise_level_counts, self.schedule, batch, self._special_or_layout(), probe_steps(self.schedule.steps), generator,
+        )
 
     def _log_accuracy(self, prefix: str) -> None:
         sums, self._val_sums = self._val_sums, {}
         if not sums:
             return
-        correct, total, counts = (self.all_gather(sums[k]).reshape(-1, *sums[k].shape).sum(0) for k in ("correct", "total", "counts"))
+        keys = ("correct", "total", "counts", "noise_levels")
+        correct, total, counts, levels = (self.all_gather(sums[k]).reshape(-1, *sums[k].shape).sum(0) for k in keys)
         total = total.clamp_min(1).float()
         self.log(f"{prefix}/token_acc", correct.float() / total, prog_bar=True, rank_zero_only=True)
         self.log(f"{prefix}/unigram_acc", counts.max().float() / total, rank_zero_only=True)
+        # x0 accuracy on target words at fixed t beside rounding z_t: a run that only learns to
+        # round shows it here (high accuracy where rounding is high, none at t = T-1).
+        steps = probe_steps(self.schedule.steps)
+        for step, acc in accuracy_table(steps, levels).items():
+            top = step == steps[-1]
+            self.log(f"{prefix}/x0_acc_t{step}", acc["denoiser"], prog_bar=top, rank_zero_only=True)
+            self.log(f"{prefix}/round_acc_t{step}", acc["round_z_t"], prog_bar=top, rank_zero_only=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_accuracy("val")
@@ -506,8 +527,11 @@ class MoEDiffuSeq(pl.LightningModule):
             global_mask = net.global_tokens(batch.global_mask, batch.input_mask, batch.padding_mask)
             table = net.word_embedding.weight
 
+            previous: list[torch.Tensor] = []  # the last x0 estimate, for self-conditioning
+
             def denoise(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                x0, _ = net(z_t, t, global_mask, batch.padding_mask, batch.input_mask)
+                x0, _ = net(z_t, t, global_mask, batch.padding_mask, batch.input_mask, previous[-1] if previous else None)
+                previous[:] = [x0]
                 if clamp:  # snap to the nearest word embedding (DiffuSeq's clamping trick)
                     x0 = table[torch.cdist(x0, table[None].expand(x0.shape[0], -1, -1)).argmin(-1)]
                 return x0

@@ -216,3 +216,38 @@ def test_generate_command_infills_templates_from_a_column(trained, tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(out.read_text())["sample"].startswith("def add(a, b):\n")
+
+
+@pytest.mark.parametrize(
+    ("verb", "make", "extra", "message"),
+    [
+        ("generate", lambda d: d, [], "is a directory"),
+        ("generate", lambda d: _write(d / "bad.txt", b"def f():\n\xff\xfe\n"), [], "bad.txt, line 2: not UTF-8"),
+        ("generate", lambda d: _write(d / "empty.jsonl", b"\n\n"), [], "no sources in"),
+        ("generate", lambda d: _write(d / "ok.txt", b"x\n"), ["--limit", "0"], "--limit 0: must be >= 1"),
+        ("evaluate", lambda d: _write(d / "ok.jsonl", b'{"src": "x", "trg": "y"}\n'), ["--limit", "-1"],
+         "--limit -1: must be >= 1"),
+        ("evaluate", lambda d: d / "missing.jsonl", [], "--data"),
+        ("generate", lambda d: _write(d / "ok.txt", b"x\n"), ["--output", "/proc/forbidden/out.jsonl"],
+         "--output /proc/forbidden/out.jsonl"),
+    ],
+)
+def test_bad_input_fails_before_sampling_and_names_the_fault(trained, tmp_path, verb, make, extra, message):
+    source = make(tmp_path)
+    flag = "--input" if verb == "generate" else "--data"
+    with pytest.raises(SystemExit) as caught:
+        main([verb, "--ckpt", str(trained), flag, str(source), *extra])
+    assert message in str(caught.value)
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_generate_creates_the_output_folder(trained, tmp_path):
+    source = _write(tmp_path / "sources.txt", b"def add(a, b):\n")
+    out = tmp_path / "new" / "folder" / "samples.jsonl"
+    main(["generate", "--ckpt", str(trained), "--input", str(source), "--output", str(out), "--steps", "2"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["source"] for r in rows] == ["def add(a, b):"] and rows[0]["steps"] == 2

@@ -49,10 +49,13 @@ def diffusion_loss_terms(
     generator: torch.Generator | None = None,
     predict_tokens: bool = False,
     absorbable: torch.Tensor | None = None,
+    self_condition_rate: float = 0.0,
 ) -> DiffusionLossTerms:
     """Noise the batch at steps t (B,), denoise it, and score the x0 prediction.
 
     ``absorbable`` (B, L): the target positions the soft absorbing state may replace (None: all).
+    ``self_condition_rate``: the share of examples whose denoiser also reads its own first x0
+    estimate (made without gradient), as sampling feeds it the previous step's.
     """
     target_mask = batch.input_mask
     emb = denoiser.embed(batch.input_ids)  # (B, L, E)
@@ -62,7 +65,13 @@ def diffusion_loss_terms(
     z_t, absorbed = forward_process(z0, t, target_mask, m, schedule, denoise_rate, generator=generator,
                                    absorbable=absorbable)
     global_mask = denoiser.global_tokens(batch.global_mask, target_mask, batch.padding_mask)
-    x0_hat, stats = denoiser(z_t, t, global_mask, batch.padding_mask, target_mask)
+    x0_prev = None
+    if self_condition_rate > 0:
+        with torch.no_grad():
+            first, _ = denoiser(z_t, t, global_mask, batch.padding_mask, target_mask)
+        chosen = torch.rand(len(t), device=z_t.device, generator=generator) < self_condition_rate
+        x0_prev = torch.where(chosen[:, None, None], first, torch.zeros_like(first))
+    x0_hat, stats = denoiser(z_t, t, global_mask, batch.padding_mask, target_mask, x0_prev)
 
     scored = ~batch.padding_mask
     if loss_on == "target":

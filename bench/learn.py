@@ -164,14 +164,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data_dir", default="data")
-    parser.add_argument("--max_chars", type=int, default=DEFAULT_MAX_CHARS, help="longest source, in characters")
+    parser.add_argument("--max_chars", type=int, default=None,
+                        help=f"longest source, in characters (default {DEFAULT_MAX_CHARS}; quick 600)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--model", type=json.loads, default={},
+                        help='JSON merged into the recipe, e.g. \'{"hidden_size": 512, "num_layers": 6}\' on a GPU')
     args = parser.parse_args(argv)
     args.minutes = args.minutes or (3.0 if args.quick else 15.0)
+    args.max_chars = args.max_chars or (600 if args.quick else DEFAULT_MAX_CHARS)
     args.docs = args.docs or (48 if args.quick else 128)
     args.ancestral_docs = args.ancestral_docs or (16 if args.quick else 64)
     tasks = args.tasks or (["code-outline"] if args.quick else list(TASKS))
     ablations = args.ablations if args.ablations is not None else ([] if args.quick else list(ABLATIONS))
+    recipe = merged(RECIPE, args.model)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     for task in {*tasks, *(["code-outline"] if ablations else [])}:  # build what is missing first
@@ -182,22 +187,22 @@ def main(argv: list[str] | None = None) -> dict:
     for task in tasks:
         print(f"== {task}: recipe, {args.minutes:g} min", flush=True)
         rows = validation_rows(corpus(task, args.max_chars), args.data_dir, args.docs)
-        runs.append({"name": "recipe", **run(task, RECIPE, args, rows, final=True)})
+        runs.append({"name": "recipe", **run(task, recipe, args, rows, final=True)})
     outline_rows = validation_rows(corpus("code-outline", args.max_chars), args.data_dir, args.docs)
     for name in ablations:
         print(f"== code-outline: ablation {name}, {args.minutes:g} min", flush=True)
-        runs.append({"name": name, **run("code-outline", merged(RECIPE, ABLATIONS[name]), args, outline_rows, final=False)})
+        runs.append({"name": name, **run("code-outline", merged(recipe, ABLATIONS[name]), args, outline_rows, final=False)})
 
     recipe = {r["task"]: r for r in runs if r["name"] == "recipe"}
     table = []
     for r in runs:
         s = r["sampling"]
         table.append([r["task"], r["name"], r["steps"], s["dpm20"]["item_f1"], s["dpm20"]["exact_match"],
-                      s.get("ancestral", {}).get("item_f1"), r["noise_levels"][str(probe_steps(2000)[-1])]["denoiser"]])
+                      s.get("ancestral", {}).get("item_f1"), list(r["noise_levels"].values())[-1]["denoiser"]])
         if r["name"] != "recipe" and "code-outline" in recipe:  # paired over the same documents
             base = recipe["code-outline"]["sampling"]["dpm20"]["per_doc_f1"]
             r["f1_minus_recipe_interval"] = paired_bootstrap_interval(s["dpm20"]["per_doc_f1"], base)
-    print_table(["task", "run", "steps", "dpm20 F1", "dpm20 exact", "ancestral F1", "x0 acc t=1999"], table)
+    print_table(["task", "run", "steps", "dpm20 F1", "dpm20 exact", "ancestral F1", "x0 acc t=T-1"], table)
 
     def pick(task: str, sampler: str, key: str):
         return recipe[task]["sampling"][sampler][key] if task in recipe else None
@@ -214,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         n = len(s["ancestral"]["per_doc_f1"])
         dpm_f1 = sum(s["dpm20"]["per_doc_f1"][:n]) / n
         summary["dpm20_vs_ancestral_f1"] = dpm_f1 / s["ancestral"]["item_f1"] if s["ancestral"]["item_f1"] else None
-    payload = {"machine": machine_info(), "settings": {**vars(args), "recipe": RECIPE, "tasks": TASKS},
+    payload = {"machine": machine_info(), "settings": {**vars(args), "recipe": recipe, "tasks": TASKS},
                "runs": runs, "summary": summary}
     path = write_json("learn", payload, args.out)
     plot(runs, path.with_suffix(".png"))

@@ -45,8 +45,33 @@ def _machine(payload: dict) -> str:
     return f"_{m['date']}, {m['cpus']} CPUs, {m['threads']} threads, torch {m['torch']}{', ' + m['cuda'] if m.get('cuda') else ''}{tuned}._"
 
 
+def _learn(payload: dict) -> list[str]:
+    st = payload["settings"]
+    out = ["### Learning on tasks with exact answers (`make bench-learn`)", "",
+           f"Each run trains {st['minutes']:g} minutes (evaluation excluded) at batch {st['batch_size']}, sources of up to "
+           f"{st['max_chars']} characters, seed {st['seed']}; {st['docs']} validation documents (ancestral: "
+           f"{st['ancestral_docs']}). Item metrics are fractions. {_machine(payload)}", ""]
+    rows = []
+    for r in payload["runs"]:
+        s = r["sampling"]
+        rows.append([r["task"], r["name"], r["steps"], s["dpm20"]["item_f1"], s["dpm20"]["exact_match"],
+                     s.get("dpm10", {}).get("item_f1"), s.get("ddim200", {}).get("item_f1"),
+                     s.get("ancestral", {}).get("item_f1")])
+    out += _table(["task", "run", "steps", "dpm20 F1", "dpm20 exact", "dpm10 F1", "ddim200 F1", "ancestral F1"], rows)
+    levels = list(payload["runs"][0]["noise_levels"])
+    out += ["", "x0 accuracy on the target's words at fixed t (teacher forced), beside rounding z_t:", ""]
+    out += _table(["task", "run", *(f"t={t}" for t in levels)],
+                  [[r["task"], r["name"], *(f"{r['noise_levels'][t]['denoiser']:.2f} / {r['noise_levels'][t]['round_z_t']:.2f}"
+                                            for t in levels)] for r in payload["runs"]])
+    out += ["", "Summary: " + ", ".join(f"{k} {_f(v)}" for k, v in payload["summary"].items()), "",
+            "![learn](bench/results/learn.png)", ""]
+    return out
+
+
 def render() -> str:
     out: list[str] = []
+    if (learn := _load("learn")) is not None:
+        out += _learn(learn)
     if (a := _load("attention")) is not None:
         s = a["setup"]
         out += ["### Sparse attention (`make bench-attention`)", "",

@@ -330,6 +330,7 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         self.tokenizer = None
         self.datasets: dict[str, Dataset] = {}
         self._resume: dict[str, Any] = {}  # data position restored from a checkpoint
+        self._reload_setting: int | None = None  # the trainer's own reload_dataloaders_every_n_epochs
         self._stream_state: dict | None = None  # stream position after the last consumed batch
         self._train_sampler: ResumableRandomSampler | None = None
         self._consumed = 0  # training examples read in the current epoch (this rank)
@@ -478,8 +479,10 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             sampler = self._train_sampler = ResumableRandomSampler(
                 len(dataset), self.hparams.seed, lengths=lengths, batch_size=self.hparams.batch_size
             )
-            sampler.epoch, sampler.start = self._resume.get("epoch", 0), self._resume.get("consumed", 0)
+            current = self.trainer.current_epoch if self.trainer is not None else 0
+            sampler.epoch, sampler.start = self._resume.get("epoch", current), self._resume.get("consumed", 0)
             self._consumed, self._consumed_epoch, self._resume = sampler.start, sampler.epoch, {}
+            self._reload_after_partial_epoch(sampler.start > 0)
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
@@ -490,6 +493,18 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             collate_fn=functools.partial(self.collate, stream=tracked),
             persistent_workers=self.hparams.num_workers > 0,
         )
+
+    def _reload_after_partial_epoch(self, partial: bool) -> None:
+        """Lightning fixes an epoch's length from the loader's ``len`` when it is built. A loader
+        resumed mid-epoch is shorter, so ask for a new one at the next epoch (its full length),
+        then put the trainer's setting back."""
+        if self.trainer is None:
+            return
+        if partial:
+            self._reload_setting = self.trainer.reload_dataloaders_every_n_epochs
+            self.trainer.reload_dataloaders_every_n_epochs = 1
+        elif self._reload_setting is not None:
+            self.trainer.reload_dataloaders_every_n_epochs, self._reload_setting = self._reload_setting, None
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -36,10 +36,10 @@ Each verb has --help.
 
 def _lightning_cli(args: list[str]):
     import jsonargparse
-    from lightning.pytorch.cli import LightningCLI
 
     import data_modules  # noqa: F401  (the CLI is where model and data meet; registers subclasses)
     from moe_diffuseq import MoEDiffuSeq
+    from moe_diffuseq.resume_check import ResumeCheckingCLI
 
     # Attribute docstrings of the config dataclasses become --help text.
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -48,7 +48,7 @@ def _lightning_cli(args: list[str]):
     # LightningCLI warns when args are given explicitly and sys.argv also holds arguments;
     # from the console script they are the same list, so let it read sys.argv itself.
     args = None if args == sys.argv[1:] else args
-    return LightningCLI(
+    return ResumeCheckingCLI(
         MoEDiffuSeq,
         pl.LightningDataModule,
         subclass_mode_model=False,
@@ -172,6 +172,14 @@ def generate(
         if missing:
             raise SystemExit(f"error: {input}: rows {missing[:5]} have no {template_key!r} key")
         templates = [str(r[template_key]) for r in rows]
+    # The model reads at most max_src_len tokens of a source: say so before sampling, and record it.
+    budget = model.hparams.max_src_len
+    lengths = [len(e.ids) for e in model.tokenizer.encode_batch(sources, add_special_tokens=False)]
+    cut = [max(0, n - budget) for n in lengths]
+    if any(cut):
+        print(f"warning: {sum(c > 0 for c in cut)} of {len(sources)} sources exceed the model's {budget}-token "
+              f"source budget and are truncated (longest: {max(lengths)} tokens); rows record src_truncated",
+              file=sys.stderr)
     start = time.perf_counter()
     results = model.generate_candidates(
         sources, steps=steps, sampler=sampler, seed=seed, num_candidates=num_candidates,
@@ -180,9 +188,10 @@ def generate(
     seconds = time.perf_counter() - start
     out = open(output, "w", encoding="utf-8") if output else sys.stdout
     try:
-        for source, row, (candidates, pick) in zip(sources, rows, results, strict=True):
+        for source, row, (candidates, pick), dropped in zip(sources, rows, results, cut, strict=True):
             record = {
                 "source": source,
+                "src_truncated": dropped,
                 "sample": candidates[pick],
                 "candidates": candidates,
                 "seed": seed,
@@ -203,9 +212,10 @@ def generate(
         print(f"wrote {len(sources)} samples to {output} ({seconds:.1f} s, {seconds / max(1, len(sources)):.2f} s/document)")
 
 
-def _clip(text: str, lines: int = 12) -> str:
+def _clip(text: str, lines: int = 12, chars: int = 1200) -> str:
     parts = text.splitlines()
-    return "\n".join(parts[:lines] + ([f"... ({len(parts) - lines} more lines)"] if len(parts) > lines else []))
+    shown = "\n".join(parts[:lines] + ([f"... ({len(parts) - lines} more lines)"] if len(parts) > lines else []))
+    return shown if len(shown) <= chars else shown[:chars] + f"... ({len(text) - chars} more characters)"
 
 
 def evaluate(
@@ -375,14 +385,16 @@ def main(args: list[str] | None = None) -> None:
         print(USAGE.format(own=own))
         return
     verb = args[0]
-    if verb in OWN_VERBS:
-        _own_verb(verb, args[1:])
-    elif verb in LIGHTNING_VERBS:
-        from .config import ConfigError
-
-        try:
-            _lightning_cli(args)
-        except ConfigError as err:  # a bad value in a config or on the command line
-            raise SystemExit(f"error: {err}") from None
-    else:
+    if verb not in OWN_VERBS and verb not in LIGHTNING_VERBS:
         raise SystemExit(f"error: unknown verb {verb!r}; run moe-diffuseq --help")
+    try:
+        if verb in OWN_VERBS:
+            _own_verb(verb, args[1:])
+        else:
+            _lightning_cli(args)
+    except (ValueError, FileNotFoundError) as err:
+        # Expected faults (a bad value, row, file or checkpoint) name what is at fault in their
+        # message: one line, not a traceback. MOE_DIFFUSEQ_DEBUG=1 shows the traceback.
+        if os.environ.get("MOE_DIFFUSEQ_DEBUG") == "1":
+            raise
+        raise SystemExit(f"error: {err}") from None

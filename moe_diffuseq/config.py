@@ -136,6 +136,9 @@ class DiffusionConfig:
     a long source costs a (source, vocabulary) logits tensor per example and every step)."""
     timestep_sampler: Literal["uniform", "loss_aware"] = "uniform"
     """How training timesteps are drawn; loss_aware uses the second-moment resampler."""
+    x0_nll_coef: float = 0.0
+    """Weight of a cross-entropy of the rounding head on x0_hat at the target's positions (0: off, as
+    DiffuSeq): it scores the token the denoiser writes, where the mse scores an embedding distance."""
     skip_connection: bool = False
     """Predict x0 as m + sqrt(ab_t) (z_t - m) + sqrt(1 - ab_t) F(z_t): the best linear guess plus a
     learned residual (EDM-style preconditioning). False: the network's output is x0 (DiffuSeq)."""
@@ -151,6 +154,7 @@ class DiffusionConfig:
         _check(self.mask_reg_coef >= 0, "diffusion.mask_reg_coef", self.mask_reg_coef, "must be >= 0")
         _check(0.0 <= self.self_conditioning <= 1.0, "diffusion.self_conditioning", self.self_conditioning,
                "must be in [0, 1]")
+        _check(self.x0_nll_coef >= 0, "diffusion.x0_nll_coef", self.x0_nll_coef, "must be >= 0")
         _check(self.loss_on in ("auto", "all", "target"), "diffusion.loss_on", self.loss_on, "expected auto, all or target")
 
 

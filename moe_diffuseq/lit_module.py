@@ -6,6 +6,7 @@ import copy
 import logging
 import math
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -249,6 +250,7 @@ class MoEDiffuSeq(pl.LightningModule):
             absorbable=None if cfg.absorb_padding else batch.input_ids != self._pad_id,
             # Evaluation always self-conditions, as sampling does; training on a share of examples.
             self_condition_rate=cfg.self_conditioning if denoiser.training else float(cfg.self_conditioning > 0),
+            x0_nll_coef=cfg.x0_nll_coef,
         )
         balance, z_loss = router_losses(terms.router_stats)
         balance, z_loss = balance.to(self.device), z_loss.to(self.device)
@@ -263,6 +265,7 @@ class MoEDiffuSeq(pl.LightningModule):
             "mse": terms.mse.mean(),
             "rounding": terms.rounding.mean(),
             "tT": terms.t_T.mean(),
+            **({"x0_nll": terms.x0_nll.mean()} if terms.x0_nll is not None else {}),
             "load_balance": balance,
             "z_loss": z_loss,
             "mask_norm": mask_reg,
@@ -448,6 +451,19 @@ class MoEDiffuSeq(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------- checkpoints
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs) -> MoEDiffuSeq:  # type: ignore[override]
+        """Lightning's loader, with one error naming the file when it is foreign, truncated or corrupt."""
+        from .checkpoint import LOAD_ERRORS, describe_load_error
+
+        local = isinstance(checkpoint_path, str | Path) and "://" not in str(checkpoint_path)
+        if local and not Path(checkpoint_path).exists():
+            raise FileNotFoundError(f"{checkpoint_path}: no such checkpoint")
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except LOAD_ERRORS as err:
+            raise ValueError(describe_load_error(checkpoint_path, err)) from None
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer is not None:
             checkpoint[TOKENIZER_KEY] = self.tokenizer.to_str()

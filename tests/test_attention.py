@@ -150,6 +150,28 @@ def test_auto_on_cpu_picks_dense_for_short_and_banded_for_long_sequences():
         torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
 
 
+def test_auto_on_cuda_sends_padded_batches_away_from_xformers():
+    from moe_diffuseq.attention import pick_backend
+
+    facts = dict(window=8, xformers=True, flex=True)
+    assert pick_backend("cuda", torch.bfloat16, 512, key_padding=False, **facts) == "xformers"
+    assert pick_backend("cuda", torch.bfloat16, 512, key_padding=True, **facts) == "flex"  # xformers refuses padding
+    assert pick_backend("cuda", torch.float32, 512, **facts) == "flex"  # xformers' kernels are fp16/bf16 only
+    assert pick_backend("cuda", torch.bfloat16, 512, key_padding=True, window=8, xformers=True, flex=False) == "banded"
+
+
+@pytest.mark.cuda
+def test_auto_on_cuda_trains_on_a_padded_bf16_batch():
+    q, k, v, glob, pad = make_inputs(2, 2, 300, 16, "random", True, seed=3)
+    q, k, v = (x.cuda().bfloat16().requires_grad_(True) for x in (q, k, v))
+    assert bool(pad.any())
+    out = sparse_attention(q, k, v, window=32, global_mask=glob.cuda(), key_padding_mask=pad.cuda(), backend="auto")
+    ref, _ = brute_force(q.detach().double().cpu(), k.detach().double().cpu(), v.detach().double().cpu(), 32, 1, glob, pad)
+    torch.testing.assert_close(out.detach().double().cpu(), ref, atol=3e-2, rtol=3e-2)
+    out.float().square().sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
 def test_bad_arguments_name_the_argument():
     q = torch.zeros(1, 1, 4, 2)
     with pytest.raises(ValueError, match="global_mask"):

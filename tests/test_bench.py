@@ -171,3 +171,26 @@ def test_diffusion_validation_loss_is_the_diffusion_terms_at_the_trained_gamma(t
     assert regularisers > 0 and loss == pytest.approx(val["val/loss"] - regularisers)
     full = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/loss"]
     assert full != pytest.approx(val["val/loss"])  # val/loss at the full gamma is another figure
+
+
+def test_learn_bench_tiny_run_writes_summary_curve_and_plot(tmp_path):
+    from bench import learn
+    from data_modules.corpora import build
+    from data_modules.corpora.code import stdlib_root
+
+    build("code-outline-600", tmp_path / "data" / "code-outline-600", root=stdlib_root() / "email")
+    out = tmp_path / "learn.json"
+    tiny = {"embed_dim": 16, "hidden_size": 32, "num_layers": 1, "moe": {"expert_hidden": 32},
+            "diffusion": {"steps": 20}}
+    learn.main(["--tasks", "code-outline", "--max_chars", "600", "--minutes", "0.05", "--curve_points", "2",
+                "--docs", "4", "--ancestral_docs", "2", "--vocab", "300", "--ablations", "absolute_positions",
+                "--data_dir", str(tmp_path / "data"), "--model", json.dumps(tiny), "--out", str(out)])
+    payload = json.loads(out.read_text())
+    assert [r["name"] for r in payload["runs"]] == ["recipe", "absolute_positions"]
+    recipe = payload["runs"][0]
+    assert recipe["steps"] >= 1 and len(recipe["curve"]) >= 1
+    assert set(recipe["sampling"]) == {"dpm20", "dpm10", "ddim200", "ancestral"}
+    assert set(recipe["noise_levels"]) == {"0", "2", "5", "10", "14", "19"}  # t = f * (T - 1), T = 20
+    assert 0.0 <= payload["summary"]["outline_item_f1"] <= 1.0 and payload["summary"]["cast_item_f1"] is None
+    assert len(payload["runs"][1]["f1_minus_recipe_interval"]) == 2
+    assert out.with_suffix(".png").stat().st_size > 0

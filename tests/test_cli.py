@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import data_args
 
+from moe_diffuseq import MoEDiffuSeq
 from moe_diffuseq.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,3 +252,33 @@ def test_generate_creates_the_output_folder(trained, tmp_path):
     main(["generate", "--ckpt", str(trained), "--input", str(source), "--output", str(out), "--steps", "2"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["source"] for r in rows] == ["def add(a, b):"] and rows[0]["steps"] == 2
+
+
+@pytest.mark.parametrize("kind", ["random", "foreign", "truncated"])
+def test_a_bad_checkpoint_is_named_without_the_unsafe_advice(trained, tmp_path, kind):
+    from moe_diffuseq.checkpoint import load_checkpoint
+
+    path = tmp_path / f"{kind}.ckpt"
+    if kind == "random":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "foreign":
+        torch.save({"payload": Path("not-a-tensor")}, path)  # an object weights_only refuses
+    else:
+        data = trained.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    for load in (load_checkpoint, lambda p: MoEDiffuSeq.load_from_checkpoint(p, map_location="cpu")):
+        with pytest.raises(ValueError) as caught:
+            load(path)
+        message = str(caught.value)
+        assert message.startswith(f"{path}: not a MoE-DiffuSeq checkpoint") and "weights_only" not in message
+
+
+def test_a_too_long_source_is_truncated_with_a_warning_and_recorded(trained, tmp_path, capsys):
+    source = _write(tmp_path / "long.txt", ("x = 1 + 2 " * 400 + "\n").encode() + b"def f():\n")
+    out = tmp_path / "samples.jsonl"
+    main(["generate", "--ckpt", str(trained), "--input", str(source), "--output", str(out), "--steps", "2"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["src_truncated"] > 0 and rows[1]["src_truncated"] == 0
+    captured = capsys.readouterr()
+    assert "1 of 2 sources exceed the model's 24-token source budget" in captured.err
+    assert len(captured.out) < 3000  # the preview is clipped, not the whole 4,000-character source

@@ -31,25 +31,37 @@ def _fit(root: Path, corpus: Path, tokenizer: Path, version: str, *extra: str) -
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=root)
 
 
-def _losses(root: Path, version: str) -> dict[int, float]:
+def _losses(root: Path, version: str) -> dict[int, tuple[int, float]]:
+    """{step: (epoch, train/loss)} as the CSV logger wrote them."""
     with open(root / "csv" / version / "metrics.csv") as handle:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(handle) if r.get("train/loss")}
+        return {int(r["step"]): (int(r["epoch"]), float(r["train/loss"])) for r in csv.DictReader(handle) if r.get("train/loss")}
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, small_corpus, small_tokenizer_file):
-    full = _fit(tmp_path / "full", small_corpus, small_tokenizer_file, "full")
+def test_sigkill_then_resume_matches_uninterrupted_run_across_epochs(tmp_path, small_corpus, small_tokenizer_file):
+    # 24 training rows at batch 4: 6 steps an epoch. Killed at step 3 (mid-epoch 0), resumed, run to
+    # step 18: the resumed run must see the same batches in the same epochs for two more epochs.
+    rows = (small_corpus / "train.jsonl").read_text().splitlines()[:24]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.jsonl").write_text("\n".join(rows) + "\n")
+    (corpus / "validation.jsonl").write_text((small_corpus / "validation.jsonl").read_text())
+    steps = "--trainer.max_steps=18"
+    full = _fit(tmp_path / "full", corpus, small_tokenizer_file, "full", steps)
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = _fit(tmp_path / "cut", small_corpus, small_tokenizer_file, "first",
+    killed = _fit(tmp_path / "cut", corpus, small_tokenizer_file, "first", steps,
                   "--trainer.callbacks+=helpers.KillAtStep", "--trainer.callbacks.step=3")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = _fit(tmp_path / "cut", small_corpus, small_tokenizer_file, "resumed", "--ckpt_path=last")
+    resumed = _fit(tmp_path / "cut", corpus, small_tokenizer_file, "resumed", steps, "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     reference, after = _losses(tmp_path / "full", "full"), _losses(tmp_path / "cut", "resumed")
-    assert sorted(after) == [3, 4, 5] and set(after) <= set(reference)
-    for step, loss in after.items():  # exact on CPU; the tolerance only absorbs float printing
-        assert abs(loss - reference[step]) <= 1e-6 * max(1.0, abs(reference[step])), (step, loss, reference[step])
+    assert sorted(after) == list(range(3, 18)) and set(after) <= set(reference)
+    assert [reference[s][0] for s in range(18)] == [s // 6 for s in range(18)]  # 6 batches an epoch
+    for step, (epoch, loss) in after.items():  # exact on CPU; the tolerance only absorbs float printing
+        ref_epoch, ref_loss = reference[step]
+        assert epoch == ref_epoch, (step, epoch, ref_epoch)
+        assert abs(loss - ref_loss) <= 1e-6 * max(1.0, abs(ref_loss)), (step, loss, ref_loss)
     state = torch.load(tmp_path / "cut" / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert state["global_step"] == 6
+    assert state["global_step"] == 18
 
 
 def test_sigusr1_saves_a_loadable_checkpoint_and_stops(tmp_path, small_corpus, small_tokenizer_file):
@@ -63,3 +75,19 @@ def test_sigusr1_saves_a_loadable_checkpoint_and_stops(tmp_path, small_corpus, s
     state = torch.load(tmp_path / "preempt" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 3  # the step in flight finished, then it stopped
     assert load_checkpoint(tmp_path / "preempt" / "last.ckpt").generate(["def f():"], steps=2)
+
+
+def test_resuming_with_a_changed_model_setting_names_it(tmp_path, small_corpus, small_tokenizer_file):
+    first = _fit(tmp_path, small_corpus, small_tokenizer_file, "first", "--trainer.max_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = str(tmp_path / "ckpt" / "last.ckpt")
+    changed = _fit(tmp_path, small_corpus, small_tokenizer_file, "changed", "--trainer.max_steps=3",
+                   f"--ckpt_path={ckpt}", "--model.hidden_size=64", "--model.attention.window=16")
+    assert changed.returncode != 0
+    message = changed.stderr.strip().splitlines()[-1]
+    assert "model.hidden_size: 32 -> 64" in message and "model.attention.window: 8 -> 16" in message
+    assert "Traceback" not in changed.stderr  # one clear line
+    allowed = _fit(tmp_path, small_corpus, small_tokenizer_file, "allowed", "--trainer.max_steps=3",
+                   f"--ckpt_path={ckpt}", "--model.lr=0.01")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "changed setting: model.lr: 0.0003 -> 0.01" in allowed.stderr

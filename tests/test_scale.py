@@ -35,7 +35,8 @@ def test_global_batch_size_derives_accumulation(small_corpus, small_tokenizer_fi
     finally:
         del callbacks.SpyGlobalBatchSize
     assert seen["accumulate"] == 3  # 12 / (batch 4 x 1 device)
-    with pytest.raises(ValueError, match="global_batch_size=10 is not a multiple of data.batch_size=4"):
+    # An expected error reaches the user as one line (SystemExit), not a traceback.
+    with pytest.raises(SystemExit, match="global_batch_size=10 is not a multiple of data.batch_size=4"):
         main(["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
               f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1",
               "--trainer.callbacks+=moe_diffuseq.callbacks.GlobalBatchSize", "--trainer.callbacks.global_batch_size=10"])

@@ -19,22 +19,32 @@ from .xformers_backend import xformers_attention, xformers_available
 BACKENDS = ("auto", "dense", "banded", "flex", "xformers", "full_sdpa", "full_eager")
 
 
-def resolve_backend(backend: str, q: torch.Tensor, *, window: int, dilation: int = 1, block_size: int = 64) -> str:
-    """The concrete backend that ``auto`` stands for on this device, dtype, grad mode and length."""
+def pick_backend(device_type: str, dtype: torch.dtype, length: int, *, window: int, dilation: int = 1,
+                 block_size: int = 64, key_padding: bool = False, xformers: bool = False, flex: bool = False) -> str:
+    """What ``auto`` stands for, from plain facts (so the choice is testable on any machine)."""
+    if device_type == "cuda":
+        # xformers' local-window bias has no key padding; padded batches (every batch but one of
+        # equal-length sources) go to flex, which masks padding keys.
+        if xformers and dtype in (torch.float16, torch.bfloat16) and not key_padding:
+            return "xformers"
+        return "flex" if flex else "banded"
+    # On CPU: banded trains and is linear in memory; flex has no CPU backward. A sequence at most
+    # twice the key span of one banded block is mostly inside the band anyway: there the fused
+    # kernel on the full mask is faster, and the mask is small.
+    span = block_size + 2 * band_reach(window, dilation)
+    return "dense" if length <= 2 * span else "banded"
+
+
+def resolve_backend(backend: str, q: torch.Tensor, *, window: int, dilation: int = 1, block_size: int = 64,
+                    key_padding: bool = False) -> str:
+    """The concrete backend that ``auto`` stands for on this device, dtype, length and padding."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
     if backend != "auto":
         return backend
-    if q.device.type == "cuda":
-        if xformers_available() and q.dtype in (torch.float16, torch.bfloat16):
-            return "xformers"
-        return "flex" if flex_available() else "banded"
-    # On CPU: banded trains and is linear in memory; flex has no CPU backward. A sequence
-    # at most twice the key span of one banded block is mostly inside the band anyway:
-    # there the fused kernel on the full mask is faster (bench.attention's short table:
-    # 2.2x at 16 x 387 tokens, fwd+bwd), and the mask is small.
-    span = block_size + 2 * band_reach(window, dilation)
-    return "dense" if q.shape[2] <= 2 * span else "banded"
+    cuda = q.device.type == "cuda"
+    return pick_backend(q.device.type, q.dtype, q.shape[2], window=window, dilation=dilation, block_size=block_size,
+                        key_padding=key_padding, xformers=cuda and xformers_available(), flex=cuda and flex_available())
 
 
 def sparse_attention(
@@ -61,7 +71,8 @@ def sparse_attention(
     if window < 1 or dilation < 1:
         raise ValueError(f"window={window} and dilation={dilation} must both be >= 1")
     kwargs = dict(window=window, dilation=dilation, global_mask=global_mask, key_padding_mask=key_padding_mask)
-    name = resolve_backend(backend, q, window=window, dilation=dilation, block_size=block_size)
+    padded = key_padding_mask is not None and bool(key_padding_mask.any())
+    name = resolve_backend(backend, q, window=window, dilation=dilation, block_size=block_size, key_padding=padded)
     if name == "dense":
         return dense_attention(q, k, v, **kwargs)
     if name == "banded":
@@ -75,4 +86,4 @@ def sparse_attention(
     return xformers_attention(q, k, v, **kwargs)
 
 
-__all__ = ["BACKENDS", "resolve_backend", "sparse_attention", "sparse_mask"]
+__all__ = ["BACKENDS", "pick_backend", "resolve_backend", "sparse_attention", "sparse_mask"]

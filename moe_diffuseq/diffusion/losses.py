@@ -26,10 +26,13 @@ class DiffusionLossTerms:
     absorbed: torch.Tensor  # (B, L) bool: positions the soft absorbing state replaced by m
     mask_norm: torch.Tensor  # ||m||_2 of the absorbing state (its regulariser)
     predicted_ids: torch.Tensor | None  # (B, L) argmax of the rounding head on x0_hat, if asked
+    x0_nll: torch.Tensor | None = None  # (B,) cross-entropy of the rounding head on x0_hat, if weighted
+    x0_nll_coef: float = 0.0
 
     @property
     def per_example(self) -> torch.Tensor:
-        return self.mse + self.rounding + self.t_T
+        total = self.mse + self.rounding + self.t_T
+        return total if self.x0_nll is None else total + self.x0_nll_coef * self.x0_nll
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -50,12 +53,15 @@ def diffusion_loss_terms(
     predict_tokens: bool = False,
     absorbable: torch.Tensor | None = None,
     self_condition_rate: float = 0.0,
+    x0_nll_coef: float = 0.0,
 ) -> DiffusionLossTerms:
     """Noise the batch at steps t (B,), denoise it, and score the x0 prediction.
 
     ``absorbable`` (B, L): the target positions the soft absorbing state may replace (None: all).
     ``self_condition_rate``: the share of examples whose denoiser also reads its own first x0
     estimate (made without gradient), as sampling feeds it the previous step's.
+    ``x0_nll_coef``: weight of the cross-entropy of the rounding head on x0_hat at the target's
+    positions, a loss on the token the denoiser writes rather than on its embedding distance.
     """
     target_mask = batch.input_mask
     emb = denoiser.embed(batch.input_ids)  # (B, L, E)
@@ -90,13 +96,20 @@ def diffusion_loss_terms(
     last = torch.full_like(t, schedule.steps - 1)
     # Mean of q(z_T | z0) minus the prior's mean m: sqrt(ab_T) * (z0 - m) (m = 0 in DiffuSeq).
     t_T = _masked_mean((schedule.at("alpha_bar", last, z0).sqrt() * (z0 - m)).square().mean(-1), scored)
+    x0_nll = None
+    if x0_nll_coef > 0:
+        written = target_mask & ~batch.padding_mask
+        x0_nll = torch.zeros(written.shape, dtype=x0_hat.dtype, device=x0_hat.device).masked_scatter(
+            written, F.cross_entropy(denoiser.logits(x0_hat[written]), batch.input_ids[written], reduction="none")
+        )
+        x0_nll = _masked_mean(x0_nll, written)
     predicted = None
     if predict_tokens:  # (B, L, V) logits: only when asked (validation), not every step
         with torch.no_grad():
             predicted = denoiser.logits(x0_hat).argmax(-1)
     return DiffusionLossTerms(
         mse=mse, rounding=rounding, t_T=t_T, x0_hat=x0_hat, router_stats=stats, scored=scored, absorbed=absorbed,
-        mask_norm=m.norm(), predicted_ids=predicted,
+        mask_norm=m.norm(), predicted_ids=predicted, x0_nll=x0_nll, x0_nll_coef=x0_nll_coef,
     )
 
 

@@ -1,0 +1,80 @@
+"""A resumed run may not silently change the model it resumes.
+
+LightningCLI puts a checkpoint's model arguments in place of the command line's when
+``--ckpt_path`` is given, so ``--model.hidden_size 256`` on resume would train the
+checkpoint's 128 without a word. ``ResumeCheckingCLI`` compares the two before anything is
+built: keys that may change on resume (optimisation and sampling settings) pass with a
+warning; any other difference is an error that names each key, old and new value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+log = logging.getLogger(__name__)
+
+# Model arguments a resumed run may change: how it is optimised and how it samples.
+MAY_CHANGE = ("lr", "weight_decay", "warmup_steps", "lr_decay", "min_lr_ratio", "max_nonfinite_steps", "sampling.")
+# Filled in from the data module when left unset: None on the command line is no change.
+LEARNED_LATE = ("vocab_size", "max_src_len", "max_trg_len")
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": 1}`` from nested dicts, namespaces and dataclasses."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    elif hasattr(value, "as_dict"):  # jsonargparse Namespace
+        value = value.as_dict()
+    if not isinstance(value, dict):
+        return {prefix.rstrip("."): value}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        out.update(flatten(item, f"{prefix}{key}."))
+    return out
+
+
+def changed_settings(saved: dict[str, Any], given: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(forbidden, allowed) differences, each ``key: old -> new``, between a checkpoint's model
+    hyperparameters and the ones given for the resumed run."""
+    saved, given = flatten(saved), flatten(given)
+    forbidden, allowed = [], []
+    for key in sorted(set(saved) & set(given)):
+        old, new = saved[key], given[key]
+        if isinstance(old, tuple | list) and isinstance(new, tuple | list):
+            old, new = list(old), list(new)
+        if old == new or (key in LEARNED_LATE and new is None):
+            continue
+        line = f"{key}: {old!r} -> {new!r}"
+        (allowed if key.startswith(MAY_CHANGE) else forbidden).append(line)
+    return forbidden, allowed
+
+
+class ResumeCheckingCLI(LightningCLI):
+    """LightningCLI that refuses to resume with changed model settings (see the module doc)."""
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        self._given_model = flatten(self.config[sub]["model"]) if sub else None
+
+    def before_instantiate_classes(self) -> None:
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if sub != "fit" or not ckpt_path or not Path(ckpt_path).is_file() or self._given_model is None:
+            return
+        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        forbidden, allowed = changed_settings(saved, self._given_model)
+        for line in allowed:
+            log.warning("resuming %s with a changed setting: model.%s", ckpt_path, line)
+        if forbidden:
+            raise ValueError(
+                f"{ckpt_path}: resuming with changed model settings, which the checkpoint's would silently "
+                "replace: " + "; ".join(f"model.{line}" for line in forbidden)
+                + ". Resume with the checkpoint's values, or start a new run without --ckpt_path."
+            )

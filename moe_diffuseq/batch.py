@@ -173,3 +173,12 @@ def decode_targets(
             region = region[:stop]
         texts.append(tokenizer.decode([tok for tok in region if tok not in ends], skip_special_tokens=True))
     return texts
+
+
+def decode_sources(tokenizer: Tokenizer, batch: Seq2SeqBatch, special: SpecialIds) -> list[str]:
+    """Source text of each row: the tokens between [CLS] and the first [SEP]."""
+    texts = []
+    for row in range(batch.input_ids.shape[0]):
+        ids = batch.input_ids[row, 1 : 1 + int(batch.src_len[row])].tolist()
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return texts

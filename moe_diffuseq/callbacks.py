@@ -9,16 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_only
 
-from .batch import SpecialIds, decode_targets
-
-
-def decode_sources(tokenizer, batch, special: SpecialIds) -> list[str]:
-    """Source text of each row: the tokens between [CLS] and the first [SEP]."""
-    texts = []
-    for row in range(batch.input_ids.shape[0]):
-        ids = batch.input_ids[row, 1 : 1 + int(batch.src_len[row])].tolist()
-        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
-    return texts
+from .batch import SpecialIds, decode_sources, decode_targets
 
 
 class ValidationSamples(pl.Callback):

@@ -134,8 +134,9 @@ class DiffusionConfig:
     """Positions scored by the mse and rounding losses: all (DiffuSeq parity), target only, or
     auto: all for sources up to 512 tokens (DiffuSeq's own range), target for longer ones (scoring
     a long source costs a (source, vocabulary) logits tensor per example and every step)."""
-    timestep_sampler: Literal["uniform", "loss_aware"] = "uniform"
-    """How training timesteps are drawn; loss_aware uses the second-moment resampler."""
+    timestep_sampler: Literal["uniform", "loss_aware", "high_noise"] = "uniform"
+    """How training timesteps are drawn: uniform; loss_aware (the second-moment resampler, importance
+    weighted); high_noise (p_t proportional to t + 1, unweighted: more training where noise is high)."""
     x0_nll_coef: float = 0.0
     """Weight of a cross-entropy of the rounding head on x0_hat at the target's positions (0: off, as
     DiffuSeq): it scores the token the denoiser writes, where the mse scores an embedding distance."""

@@ -13,7 +13,14 @@ import lightning.pytorch as pl
 import torch
 from tokenizers import Tokenizer
 
-from .batch import Seq2SeqBatch, SpecialIds, collate_pairs, decode_targets, encode_pairs
+from .batch import (
+    Seq2SeqBatch,
+    SpecialIds,
+    collate_pairs,
+    decode_sources,
+    decode_targets,
+    encode_pairs,
+)
 from .config import (
     AttentionConfig,
     DiffusionConfig,
@@ -29,10 +36,10 @@ from .diffusion import (
     SamplingProblem,
     diffusion_loss_terms,
     make_timestep_sampler,
-    router_losses,
     run_sampler,
 )
 from .metrics import mbr_select
+from .moe import router_losses
 from .probes import accuracy_table, noise_level_counts, probe_steps
 
 log = logging.getLogger(__name__)
@@ -407,8 +414,6 @@ class MoEDiffuSeq(pl.LightningModule):
 
     def predict_step(self, batch: Seq2SeqBatch, batch_idx: int) -> list[dict[str, Any]]:
         """Sample the target region of each row with the default sampler (seed = batch index)."""
-        from .callbacks import decode_sources
-
         cfg = self.sampling_config
         ids = self.sample_ids(batch, sampler=cfg.sampler, steps=cfg.steps, seed=batch_idx, clamp=cfg.clamp, spacing=cfg.spacing)
         special = self._special()

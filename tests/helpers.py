@@ -7,6 +7,8 @@ import signal
 
 import lightning.pytorch as pl
 
+from moe_diffuseq.callbacks import GlobalBatchSize
+
 
 class KillAtStep(pl.Callback):
     """SIGKILL this process when a training batch starts after ``step`` optimizer steps
@@ -29,6 +31,15 @@ class SignalAtStep(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
+
+
+class GlobalBatchSizeSpy(GlobalBatchSize):
+    """GlobalBatchSize that records the accumulation it set, in ``GlobalBatchSizeSpy.seen``."""
+
+    seen: dict = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        GlobalBatchSizeSpy.seen["accumulate"] = trainer.accumulate_grad_batches
 
 
 def data_args(corpus, tokenizer) -> list[str]:

@@ -83,19 +83,18 @@ def test_backend_matches_brute_force(backend, length, window, dilation, globals_
 
 
 @pytest.mark.parametrize("length,window,dilation,globals_,padded,block", [GRID[1], GRID[3], GRID[6], GRID[7]])
-def test_banded_chunked_ops_in_one_block_chunks_match_brute_force(monkeypatch, length, window, dilation, globals_, padded, block):
+def test_banded_chunked_ops_in_one_block_chunks_match_brute_force(length, window, dilation, globals_, padded, block):
     """The chunked forward (off CPU) and the backward run long inputs in many chunks; force one
     block per chunk, and the chunked forward on CPU, so the chunk seams are tested."""
     from moe_diffuseq.attention import banded
 
-    monkeypatch.setattr(banded, "_CHUNK_ELEMENTS", 1)
-    monkeypatch.setattr(banded, "_FUSED_CPU_FORWARD", False)
     q, k, v, glob, pad = make_inputs(2, 2, length, 4, globals_, padded, seed=7)
     for t in (q, k, v):
         t.requires_grad_(True)
     ref, _ = brute_force(q, k, v, window, dilation, glob, pad)
     out = banded.banded_attention(
-        q, k, v, window=window, dilation=dilation, global_mask=glob, key_padding_mask=pad, block_size=block
+        q, k, v, window=window, dilation=dilation, global_mask=glob, key_padding_mask=pad, block_size=block,
+        fused_cpu_forward=False, chunk_elements=1,
     )
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     upstream = torch.randn_like(ref)

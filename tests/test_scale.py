@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import data_args
+from helpers import GlobalBatchSizeSpy, data_args
 
-from moe_diffuseq.callbacks import GlobalBatchSize
 from moe_diffuseq.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,22 +18,11 @@ TINY = REPO / "tests" / "configs" / "tiny.yaml"
 
 
 def test_global_batch_size_derives_accumulation(small_corpus, small_tokenizer_file, tmp_path):
-    seen = {}
-
-    class Spy(GlobalBatchSize):
-        def on_train_start(self, trainer, pl_module):
-            seen["accumulate"] = trainer.accumulate_grad_batches
-
-    import moe_diffuseq.callbacks as callbacks
-
-    callbacks.SpyGlobalBatchSize = Spy  # reachable by class path for the CLI
-    try:
-        main(["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
-              f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
-              "--trainer.callbacks+=moe_diffuseq.callbacks.SpyGlobalBatchSize", "--trainer.callbacks.global_batch_size=12"])
-    finally:
-        del callbacks.SpyGlobalBatchSize
-    assert seen["accumulate"] == 3  # 12 / (batch 4 x 1 device)
+    GlobalBatchSizeSpy.seen.clear()
+    main(["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
+          f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+          "--trainer.callbacks+=helpers.GlobalBatchSizeSpy", "--trainer.callbacks.global_batch_size=12"])
+    assert GlobalBatchSizeSpy.seen["accumulate"] == 3  # 12 / (batch 4 x 1 device)
     # An expected error reaches the user as one line (SystemExit), not a traceback.
     with pytest.raises(SystemExit, match="global_batch_size=10 is not a multiple of data.batch_size=4"):
         main(["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),

@@ -29,10 +29,6 @@ from .mask import band_reach, local_band
 _CHUNK_ELEMENTS = 1 << 18
 
 
-# The forward on CPU through PyTorch's fused attention kernel (False: the chunked ops, as on
-# other devices; the tests run both against the brute-force reference).
-_FUSED_CPU_FORWARD = True
-
 # Score of the "sink" key: far below any real score, yet finite (see _softmax_with_sink).
 _SINK = -1e30
 
@@ -60,10 +56,10 @@ class _BlockAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, k_glob, v_glob, local_ok, band, glob_ok, scale, chunk):  # noqa: D102
+    def forward(ctx, q, k, v, k_glob, v_glob, local_ok, band, glob_ok, scale, chunk, fused_cpu):  # noqa: D102
         with torch.autocast(q.device.type, enabled=False):
             q_blocks, k_pad, v_pad = _block_layout(q, k, v, band)
-            if q.device.type == "cpu" and _FUSED_CPU_FORWARD:
+            if q.device.type == "cpu" and fused_cpu:
                 out, lse = _fused_forward(q_blocks, k_pad, v_pad, k_glob, v_glob, local_ok, band, glob_ok, scale)
             else:
                 out, lse = _chunked_forward(q_blocks, k_pad, v_pad, k_glob, v_glob, local_ok, band, glob_ok, scale, chunk)
@@ -102,7 +98,7 @@ class _BlockAttention(torch.autograd.Function):
                     grad_kg += torch.einsum("bhcqg,bhcqd->bhgd", ds_glob, q_c)
         grad_q = grad_q.view(*q.shape[:2], -1, q.shape[-1])[:, :, :length]
         rows = slice(reach, reach + length)
-        return grad_q, grad_k[:, :, rows], grad_v[:, :, rows], grad_kg, grad_vg, None, None, None, None, None
+        return grad_q, grad_k[:, :, rows], grad_v[:, :, rows], grad_kg, grad_vg, None, None, None, None, None, None
 
 
 def _chunked_forward(q_blocks, k_pad, v_pad, k_glob, v_glob, local_ok, band, glob_ok, scale, chunk):
@@ -243,8 +239,14 @@ def banded_attention(
     global_mask: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
     block_size: int = 64,
+    fused_cpu_forward: bool = True,
+    chunk_elements: int = _CHUNK_ELEMENTS,
 ) -> torch.Tensor:
-    """q, k, v: (B, H, L, D). Returns (B, H, L, D); same result as the dense backend."""
+    """q, k, v: (B, H, L, D). Returns (B, H, L, D); same result as the dense backend.
+
+    ``fused_cpu_forward``: on CPU, run the forward through PyTorch's fused attention kernel (False:
+    the chunked ops, as on other devices). ``chunk_elements`` bounds the score elements of one chunk.
+    """
     batch, heads, length, dim = q.shape
     device = q.device
     compute_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
@@ -278,8 +280,9 @@ def banded_attention(
     band = local_band(rows[:, None] + reach, torch.arange(span, device=device)[None, :], window, dilation)
 
     per_block = batch * heads * block * (span + gidx.shape[1])
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, per_block))
-    out = _BlockAttention.apply(qf, kf, vf, k_glob, v_glob, local_ok.contiguous(), band, gvisible, scale, chunk)
+    chunk = max(1, chunk_elements // max(1, per_block))
+    out = _BlockAttention.apply(qf, kf, vf, k_glob, v_glob, local_ok.contiguous(), band, gvisible, scale, chunk,
+                                fused_cpu_forward)
     out = out[:, :, :length]
 
     if gidx.shape[1] > 0:

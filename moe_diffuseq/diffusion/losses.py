@@ -111,13 +111,3 @@ def diffusion_loss_terms(
         mse=mse, rounding=rounding, t_T=t_T, x0_hat=x0_hat, router_stats=stats, scored=scored, absorbed=absorbed,
         mask_norm=m.norm(), predicted_ids=predicted, x0_nll=x0_nll, x0_nll_coef=x0_nll_coef,
     )
-
-
-def router_losses(stats: list[RouterStats]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load-balance and z-loss, averaged over the MoE layers (zeros without MoE layers)."""
-    if not stats:
-        zero = torch.zeros(())
-        return zero, zero
-    balance = torch.stack([s.load_balancing_loss for s in stats]).mean()
-    z_loss = torch.stack([s.z_loss for s in stats]).mean()
-    return balance, z_loss

@@ -64,9 +64,25 @@ class LossSecondMomentSampler(UniformSampler):
                 self.loss_counts[step] = count + 1
 
 
+class HighNoiseSampler(UniformSampler):
+    """p_t proportional to t + 1 (mean t = 2T/3), importance weight 1: training time moves to the
+    high noise where the denoiser must write from the source, and the objective moves with it
+    (unlike loss_aware, whose importance weights keep the uniform objective)."""
+
+    def probabilities(self) -> torch.Tensor:
+        ramp = torch.arange(1, self.steps + 1, dtype=torch.float64)
+        return ramp / ramp.sum()
+
+    def sample(self, batch: int, device: torch.device, generator: torch.Generator | None = None):
+        t = torch.multinomial(self.probabilities().to(device), batch, replacement=True, generator=generator)
+        return t, torch.ones(batch, device=device)
+
+
 def make_timestep_sampler(name: str, steps: int) -> UniformSampler:
     if name == "uniform":
         return UniformSampler(steps)
     if name == "loss_aware":
         return LossSecondMomentSampler(steps)
-    raise ValueError(f"diffusion.timestep_sampler={name!r}: expected uniform or loss_aware")
+    if name == "high_noise":
+        return HighNoiseSampler(steps)
+    raise ValueError(f"diffusion.timestep_sampler={name!r}: expected uniform, loss_aware or high_noise")

@@ -2,7 +2,7 @@
 
 from .experts import Experts, looped_dispatch, sorted_dispatch
 from .layer import DenseFeedForward, MoEFeedForward, RouterStats, capacity_keep
-from .losses import load_balancing_loss, router_entropy, router_z_loss
+from .losses import load_balancing_loss, router_entropy, router_losses, router_z_loss
 from .router import Routing, TopKRouter
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "load_balancing_loss",
     "looped_dispatch",
     "router_entropy",
+    "router_losses",
     "router_z_loss",
     "sorted_dispatch",
 ]

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:  # layer.py imports this module
+    from .layer import RouterStats
 
 
 def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -32,3 +37,13 @@ def router_entropy(probs: torch.Tensor) -> torch.Tensor:
     if probs.shape[0] == 0:
         return probs.new_zeros(())
     return -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+
+
+def router_losses(stats: list[RouterStats]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load-balance and z-loss, averaged over the MoE layers (zeros without MoE layers)."""
+    if not stats:
+        zero = torch.zeros(())
+        return zero, zero
+    balance = torch.stack([s.load_balancing_loss for s in stats]).mean()
+    z_loss = torch.stack([s.z_loss for s in stats]).mean()
+    return balance, z_loss

@@ -34,6 +34,33 @@ Each verb has --help.
 """
 
 
+def _checkpoint_dirs(config) -> list[tuple[str, Path]]:
+    """(config key, folder) of every place fit will write checkpoints."""
+    trainer = config.get("trainer") or {}
+    found = []
+    callbacks = trainer.get("callbacks") or []
+    for i, callback in enumerate(callbacks if isinstance(callbacks, list) else [callbacks]):
+        path = str(callback.get("class_path", "")) if hasattr(callback, "get") else ""
+        dirpath = (callback.get("init_args") or {}).get("dirpath") if path.endswith("ModelCheckpoint") else None
+        if dirpath:
+            found.append((f"trainer.callbacks[{i}].init_args.dirpath", Path(dirpath)))
+    if trainer.get("default_root_dir"):
+        found.append(("trainer.default_root_dir", Path(trainer["default_root_dir"])))
+    return found
+
+
+def check_checkpoint_dirs(config) -> None:
+    """Before fit trains: every checkpoint folder can be created and written (else the first
+    checkpoint, minutes or hours in, would fail)."""
+    for key, folder in _checkpoint_dirs(config):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"{key}={folder}: cannot create the checkpoint folder ({err.strerror})") from None
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"{key}={folder}: the checkpoint folder is not writable")
+
+
 def _lightning_cli(args: list[str]):
     import jsonargparse
 
@@ -48,7 +75,13 @@ def _lightning_cli(args: list[str]):
     # LightningCLI warns when args are given explicitly and sys.argv also holds arguments;
     # from the console script they are the same list, so let it read sys.argv itself.
     args = None if args == sys.argv[1:] else args
-    return ResumeCheckingCLI(
+    class CLI(ResumeCheckingCLI):
+        def before_instantiate_classes(self) -> None:
+            super().before_instantiate_classes()
+            if self.config.get("subcommand") == "fit":
+                check_checkpoint_dirs(self.config["fit"])
+
+    return CLI(
         MoEDiffuSeq,
         pl.LightningDataModule,
         subclass_mode_model=False,

@@ -282,3 +282,22 @@ def test_a_too_long_source_is_truncated_with_a_warning_and_recorded(trained, tmp
     captured = capsys.readouterr()
     assert "1 of 2 sources exceed the model's 24-token source budget" in captured.err
     assert len(captured.out) < 3000  # the preview is clipped, not the whole 4,000-character source
+
+
+def test_fit_checks_its_checkpoint_folder_before_training(small_corpus, small_tokenizer_file, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions: a file in the way instead
+            locked.chmod(0o700)
+            locked.rmdir()
+            locked.write_text("a file where the folder should be")
+        with pytest.raises(SystemExit, match=r"trainer.callbacks\[0\].init_args.dirpath=.*locked/ckpt"):
+            main(["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
+                  f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1",
+                  "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                  f"--trainer.callbacks.dirpath={locked / 'ckpt'}"])
+    finally:
+        if locked.is_dir():
+            locked.chmod(0o700)

@@ -82,6 +82,13 @@ def test_tiny_model_learns_to_copy_from_a_source_of_varying_length(small_corpus,
     exact = sum(s.strip() == r["trg"].strip() for s, r in zip(samples, rows, strict=True)) / len(rows)
     assert exact >= 0.8, list(zip(samples[:8], [r["trg"] for r in rows[:8]], strict=True))
 
+    # Validation logs what the denoiser writes at fixed noise levels beside rounding z_t: at
+    # t = T-1 the input holds nothing (rounding ~0), and a model that copies is right anyway.
+    metrics = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=2).validate(model, datamodule=data, verbose=False)[0]
+    assert metrics["val/x0_acc_t1999"] >= 0.8 and metrics["val/round_acc_t1999"] <= 0.05
+    assert {f"val/x0_acc_t{t}" for t in (0, 250, 500, 1000, 1499, 1999)} <= set(metrics)
+
     # The probe: the same targets behind another row's source. Copying, the model now fails.
     special = SpecialIds.from_tokenizer(small_tokenizer)
     srcs, trgs = [r["src"] for r in rows], [r["trg"] for r in rows]

@@ -3,7 +3,7 @@
 This is the only module of ``moe_diffuseq`` that ``data_modules`` imports: it says how a
 (source, target) pair becomes token ids and how examples are collated into a batch.
 
-Layout of one example (METHOD.md section 1)::
+Layout of one example::
 
     [CLS] src ... [SEP] | trg ... [SEP] [PAD] ... [PAD]
     <---- source span -->|<---- target region: max_trg_len + 1 ---->

@@ -26,7 +26,7 @@ def _check(ok: bool, key: str, value: Any, why: str) -> None:
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """Longformer-style sparse self-attention (METHOD.md section 3)."""
+    """Longformer-style sparse self-attention."""
 
     window: int = 256
     """Local window: query i sees key j when |i - j| <= window // 2 (times ``dilation``)."""
@@ -53,7 +53,7 @@ class AttentionConfig:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """Mixture-of-experts feed-forward (METHOD.md section 4)."""
+    """Mixture-of-experts feed-forward."""
 
     num_experts: int = 8
     """Experts per MoE layer; 1 with top_k 1 is a dense feed-forward."""
@@ -109,7 +109,7 @@ def resolve_loss_on(loss_on: str, max_src_len: int | None) -> Literal["all", "ta
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """Forward process and training loss (METHOD.md section 5)."""
+    """Forward process and training loss."""
 
     steps: int = 2000
     """Number of diffusion steps T."""
@@ -165,7 +165,7 @@ DECODE_MODES = ("strip", "truncate")
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Defaults of ``generate`` and of validation-time samples (METHOD.md section 6)."""
+    """Defaults of ``generate`` and of validation-time samples."""
 
     sampler: SamplerName = "dpm_solver++"
     """Sampler: ancestral (all T steps, the reference), ddim or dpm_solver++."""

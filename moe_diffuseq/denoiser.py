@@ -1,4 +1,4 @@
-"""The x0-predicting network (METHOD.md section 2), readable top to bottom.
+"""The x0-predicting network, readable top to bottom.
 
     tokens/z_t (B, L, E) -> up-projection (B, L, H) + positions + timestep embedding
     -> N x [sparse self-attention -> residual + norm -> MoE FFN -> residual + norm]

@@ -1,4 +1,4 @@
-"""Text metrics for evaluation and MBR (METHOD.md section 7).
+"""Text metrics for evaluation and MBR.
 
 BLEU comes from torchmetrics; ROUGE-1/2/L/Lsum from rouge-score (torchmetrics' rougeLsum
 needs nltk data that cannot be fetched offline). Sentences for ROUGE-Lsum split on newlines.

@@ -1,4 +1,4 @@
-"""The one definition of who attends to whom (METHOD.md section 3).
+"""The one definition of who attends to whom.
 
 Query i sees key j when
   * |i - j| <= dilation * (window // 2) and (i - j) % dilation == 0  (the local band), or

@@ -60,8 +60,8 @@ def forward_process(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """z_t for training: noise, absorb, and restore the source (partial noising).
 
-    The replacement comes after the noise, as in DiffuSeq-v2's q_sample and in the order
-    METHOD.md lists the two parts: an absorbed position holds m exactly, a state the
+    The replacement comes after the noise, as in DiffuSeq-v2's q_sample (continuous part, then
+    discrete part): an absorbed position holds m exactly, a state the
     denoiser can tell apart from a noised token (replacing z0 before the noise would make
     it m + noise, like any noised token whose embedding is m).
 

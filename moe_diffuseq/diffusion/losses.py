@@ -1,4 +1,4 @@
-"""The training objective (METHOD.md section 5): mse + rounding NLL + tT, per example."""
+"""The training objective: mse + rounding NLL + tT, per example."""
 
 from __future__ import annotations
 

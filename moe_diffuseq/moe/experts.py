@@ -73,7 +73,7 @@ def looped_dispatch(
 
 
 def _use_grouped_mm(x: torch.Tensor) -> bool:
-    # Measured on CPU: no faster than the loop over contiguous slices (DESIGN.md), and its
+    # On CPU torch._grouped_mm is no faster than the loop over contiguous slices, and its
     # backward rejects stride-0 gradients; on CUDA (bf16) it is the fast path.
     return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 

@@ -38,7 +38,7 @@ def capacity_keep(expert_index: torch.Tensor, num_experts: int, capacity: int) -
 
 
 class MoEFeedForward(nn.Module):
-    """Top-k routed mixture of GELU MLP experts (METHOD.md section 4).
+    """Top-k routed mixture of GELU MLP experts.
 
     Args:
         d_model: width of the tokens.

@@ -1,4 +1,4 @@
-"""Router losses as pure functions (METHOD.md section 4). Padding is excluded by the caller."""
+"""Router losses as pure functions. Padding is excluded by the caller."""
 
 from __future__ import annotations
 

@@ -143,9 +143,8 @@ class MoEDiffuSeq(pl.LightningModule):
 
     @property
     def _pad_id(self) -> int:
-        """The [PAD] id: the tokenizer's, or 0 (``train_tokenizer``'s layout) for a model trained
-        without one (the benchmarks' random batches)."""
-        return 0 if self.tokenizer is None else SpecialIds.from_tokenizer(self.tokenizer).pad
+        """The [PAD] id, for a model trained without a tokenizer too (the benchmarks' random batches)."""
+        return self._special_or_layout().pad
 
     def _special_or_layout(self) -> SpecialIds:
         """The tokenizer's special ids, or ``train_tokenizer``'s layout (ids 0-4) without one."""

@@ -16,9 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import machine_info, print_table, write_json
-
-ROOT = Path(__file__).resolve().parents[1]
+from .common import ROOT, machine_info, print_table, write_json
 
 
 def finished(run: Path, steps: int) -> bool:
@@ -26,7 +24,9 @@ def finished(run: Path, steps: int) -> bool:
     import torch
 
     last = run / "checkpoints" / "last.ckpt"
-    return last.exists() and torch.load(last, map_location="cpu", weights_only=True)["global_step"] == steps
+    if not last.exists():
+        return False
+    return torch.load(last, map_location="cpu", weights_only=True)["global_step"] == steps
 
 
 def train(name: str, soft_absorbing: bool, steps: int, out: Path) -> float:
@@ -48,7 +48,8 @@ def train(name: str, soft_absorbing: bool, steps: int, out: Path) -> float:
         sys.executable, "-m", "moe_diffuseq", "fit", "--config", str(config_path),
         f"--model.diffusion.soft_absorbing={str(soft_absorbing).lower()}",
         f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={every}",
-        f"--trainer.default_root_dir={out / name}", f"--trainer.logger.init_args.save_dir={out / name}",
+        f"--trainer.default_root_dir={out / name}",
+        f"--trainer.logger.init_args.save_dir={out / name}",
         "--trainer.enable_progress_bar=false",
     ]
     start = time.perf_counter()
@@ -65,10 +66,12 @@ def curve(logdir: Path, tag: str) -> list[tuple[int, float]]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--runs", default="runs/absorbing")
-    parser.add_argument("--reuse", action="store_true", help="keep a finished run of the same steps instead of retraining")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep a finished run of the same steps instead of retraining")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     runs = ROOT / args.runs
@@ -76,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name, flag in (("on", True), ("off", False)):
         reused = args.reuse and finished(runs / name, args.steps)
         seconds = None if reused else train(name, flag, args.steps, runs)
-        logdir = max({p.parent for p in (runs / name).rglob("events.out.tfevents.*")}, key=lambda d: d.stat().st_mtime)
+        logdirs = {p.parent for p in (runs / name).rglob("events.out.tfevents.*")}
+        logdir = max(logdirs, key=lambda d: d.stat().st_mtime)
         results[name] = {
             "soft_absorbing": flag,
             "train_seconds": seconds,
@@ -87,8 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [[n, r["train_seconds"], r["val_loss"][-1][1] if r["val_loss"] else None,
              r["val_token_acc"][-1][1] if r["val_token_acc"] else None] for n, r in results.items()]
     print_table(["soft absorbing", "train s", "final val loss", "final val token acc"], rows)
-    payload = {"benchmark": "absorbing", "setup": {"steps": args.steps, "config": "lightning_configs/quickstart.yaml"},
-               "machine": machine_info(), "results": results}
+    setup = {"steps": args.steps, "config": "lightning_configs/quickstart.yaml"}
+    payload = {"benchmark": "absorbing", "setup": setup, "machine": machine_info(),
+               "results": results}
     path = write_json("absorbing", payload, args.out)
     plot(results, path.with_suffix(".png"))
     print(f"wrote {path}")
@@ -108,7 +113,8 @@ def plot(results: dict, path) -> None:
         if r["val_token_acc"]:
             ax_a.plot(*zip(*r["val_token_acc"], strict=True), "o-", label=f"soft absorbing {name}")
     ax_l.set(xlabel="step", ylabel="validation loss", title="validation loss")
-    ax_a.set(xlabel="step", ylabel="token accuracy (x0, mean over t)", title="validation token accuracy")
+    ax_a.set(xlabel="step", ylabel="token accuracy (x0, mean over t)",
+             title="validation token accuracy")
     ax_l.legend()
     ax_a.legend()
     fig.tight_layout()

@@ -18,6 +18,7 @@ import torch
 
 from . import MALLOC_TUNED
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -115,6 +116,18 @@ def _fmt(value: object) -> str:
     return "-" if value is None else str(value)
 
 
+def layout_tokenizer(vocab: int):
+    """A word-level tokenizer of ``vocab`` ids with the special tokens at 0-4, as ``train_tokenizer``
+    lays them out: what a model needs to score ``random_batch``'s ids without a trained tokenizer."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    from moe_diffuseq.batch import SPECIAL_TOKENS, UNK
+
+    words = list(SPECIAL_TOKENS) + [f"w{i}" for i in range(len(SPECIAL_TOKENS), vocab)]
+    return Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token=UNK))
+
+
 def random_batch(src_len: int, trg_len: int, vocab: int = 4096, batch: int = 1):
     """`batch` examples of random tokens laid out as [CLS] src [SEP] target-region (no padding)."""
     from moe_diffuseq.batch import Seq2SeqBatch
@@ -136,11 +149,13 @@ def train_step_fn(model, batch) -> Callable[[], torch.Tensor]:
     The optimizer is created here, so its state appears on the first call: time from the
     second call on, or count the first one's memory as part of a real step.
     """
+    if model.tokenizer is None:
+        model.set_tokenizer(layout_tokenizer(model.network_config.vocab_size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> torch.Tensor:
         t, w = model.timestep_sampler.sample(batch.input_ids.shape[0], torch.device("cpu"))
-        loss, _, _ = model._loss(model.denoiser, batch, t, w)
+        loss, _, _ = model.compute_loss(batch, t, w)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -149,9 +164,7 @@ def train_step_fn(model, batch) -> Callable[[], torch.Tensor]:
     return step
 
 
-# Which validation documents are scored: a fixed random sample, the same for every model and seed. The
-# splits are in corpus order, so their first documents come from one place (dialogue's first 32 are consecutive
-# long speeches of one play: 94.5 words per reference against the split's 38.9), which would reward length.
+# A fixed random sample, not the head: the splits are in corpus order, so their head is one place.
 DOCUMENT_SAMPLE_SEED = 0
 DOCUMENT_SAMPLE = f"random sample, seed {DOCUMENT_SAMPLE_SEED}"  # how the JSON names the rule
 
@@ -164,3 +177,15 @@ def scored_documents(path: Path, docs: int) -> list[dict]:
         chosen = sorted(random.Random(DOCUMENT_SAMPLE_SEED).sample(range(len(lines)), docs))
         lines = [lines[i] for i in chosen]
     return [json.loads(x) for x in lines]
+
+
+# bench.compare's models, by variant: the config each is built from (lightning_configs/model/).
+VARIANTS = {"moe": "moe_diffuseq", "sdpa": "diffuseq_baseline", "eager": "diffuseq_baseline"}
+# MoE-DiffuSeq with the soft absorbing state off: tells whether a quality gap comes from that state.
+ABLATION = "moe_no_absorbing"
+MODEL_NAMES = {"moe": "MoE-DiffuSeq", "sdpa": "baseline (sdpa)", "eager": "baseline (eager)",
+               ABLATION: "MoE-DiffuSeq, absorbing off"}
+# The quality runs' shape: short, so that a training budget holds many optimizer steps.
+QUALITY_SRC_LEN, QUALITY_TRG_LEN, QUALITY_BATCH = 256, 128, 16
+# Samples become text as in DiffuSeq's evaluation: every [SEP] and [PAD] dropped, the rest kept.
+DECODE = "strip"

@@ -33,20 +33,22 @@ from .common import machine_info, print_table, write_json
 
 # The recipe: the model of lightning_configs/quickstart.yaml.
 RECIPE: dict = {
-    "embed_dim": 64, "hidden_size": 128, "num_layers": 2, "num_heads": 4, "dropout": 0.0,
-    "positions": "target_relative",
-    "attention": {"window": 64, "target_global": True},
-    "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 128},
+    "network": {
+        "embed_dim": 64, "hidden_size": 128, "num_layers": 2, "num_heads": 4, "dropout": 0.0,
+        "positions": "target_relative",
+        "attention": {"window": 64, "target_global": True},
+        "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 128},
+    },
     "diffusion": {"steps": 2000, "soft_absorbing": False, "loss_on": "target"},
     "lr": 2e-3, "warmup_steps": 100, "lr_decay": "constant", "ema_decay": 0.0,
 }
 # One candidate changed at a time: a part of the recipe removed (back to DiffuSeq's setting), or a
 # candidate from the literature added.
 ABLATIONS: dict[str, dict] = {
-    "absolute_positions": {"positions": "absolute"},
+    "absolute_positions": {"network": {"positions": "absolute"}},
     "plus_self_conditioning": {"diffusion": {"self_conditioning": 0.5}},
     "plus_skip_connection": {"diffusion": {"skip_connection": True}},
-    "no_target_global": {"attention": {"target_global": False}},
+    "no_target_global": {"network": {"attention": {"target_global": False}}},
     "loss_on_all": {"diffusion": {"loss_on": "all"}},
     "absorbing_full_rate": {"diffusion": {"soft_absorbing": True, "denoise_rate": 0.5}},
 }
@@ -65,9 +67,10 @@ def corpus(task: str, max_chars: int) -> str:
 
 
 def merged(base: dict, change: dict) -> dict:
+    """``base`` with ``change`` merged in, nested dicts key by key."""
     out = dict(base)
     for key, value in change.items():
-        out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -125,7 +128,7 @@ def noise_table(model: MoEDiffuSeq, data: Seq2SeqDataModule, batches: int = 4) -
     for i, batch in enumerate(data.val_dataloader()):
         if i == batches:
             break
-        counts = counts + noise_level_counts(model.sampling_network, model.schedule, batch, model._special(), steps, generator)
+        counts = counts + noise_level_counts(model.sampling_network, model.schedule, batch, model.special_ids, steps, generator)
     return {str(t): v for t, v in accuracy_table(steps, counts).items()}
 
 
@@ -133,7 +136,7 @@ def run(task: str, config: dict, args, rows: list[dict], final: bool) -> dict:
     pl.seed_everything(args.seed, verbose=False)
     data = Seq2SeqDataModule(corpus=corpus(task, args.max_chars), data_dir=args.data_dir, batch_size=args.batch_size,
                              tokenizer_vocab_size=args.vocab, seed=args.seed, **budgets(task, args.max_chars))
-    model = MoEDiffuSeq(**config)
+    model = MoEDiffuSeq(**merged(config, {"network": budgets(task, args.max_chars)}))
     curve = LearningCurve(rows, args.minutes * 60, args.minutes * 60 / args.curve_points)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=10_000, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"longest source, in characters (default {DEFAULT_MAX_CHARS}; quick 600)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--model", type=json.loads, default={},
-                        help='JSON merged into the recipe, e.g. \'{"hidden_size": 512, "num_layers": 6}\' on a GPU')
+                        help='JSON merged into the recipe, e.g. \'{"network": {"hidden_size": 512}}\' on a GPU')
     args = parser.parse_args(argv)
     args.minutes = args.minutes or (3.0 if args.quick else 15.0)
     args.max_chars = args.max_chars or (600 if args.quick else DEFAULT_MAX_CHARS)

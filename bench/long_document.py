@@ -29,14 +29,14 @@ WIDTH = {"embed_dim": 64, "hidden_size": 128, "num_layers": 2, "num_heads": 4}  
 
 def one_step(backend: str, src_len: int, trg_len: int, window: int, vocab: int = 4096) -> dict:
     from moe_diffuseq import MoEDiffuSeq
-    from moe_diffuseq.config import AttentionConfig, MoEConfig
+    from moe_diffuseq.config import AttentionConfig, MoEConfig, NetworkConfig
 
     torch.manual_seed(0)
-    model = MoEDiffuSeq(
+    network = NetworkConfig(
         vocab_size=vocab, max_src_len=src_len, max_trg_len=trg_len, **WIDTH,
         attention=AttentionConfig(window=window, backend=backend), moe=MoEConfig(num_experts=4, expert_hidden=128),
-        ema_decay=0.0,
     )
+    model = MoEDiffuSeq(network=network, ema_decay=0.0)
     step = train_step_fn(model, random_batch(src_len, trg_len, vocab))
     reset_peak_rss()
     before = current_rss_mb()

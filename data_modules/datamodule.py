@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import os
 from collections import Counter
@@ -15,236 +13,12 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from moe_diffuseq.batch import Seq2SeqBatch, SpecialIds, collate_pairs, encode_pairs
-
 from .corpora import build, is_built, resolve
+from .pairs import LoadedBatch, PairDataset, ResumableRandomSampler, StreamingPairs, collate_rows
+from .rows import RowFilter, load_rows, scan_jsonl
 from .tokenization import load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
-
-_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
-
-
-class BadRowError(ValueError):
-    """A row that cannot become a training pair; the message names its file and row."""
-
-
-def _builder_for(path: str) -> str:
-    suffix = Path(path.replace("*", "x")).suffix.lower()
-    if suffix not in _FORMATS:
-        raise ValueError(f"{path}: unknown file type {suffix!r}; expected one of {sorted(_FORMATS)}")
-    return _FORMATS[suffix]
-
-
-def scan_jsonl(path: str, policy: str, cache_dir: Path) -> tuple[str, Counter[str]]:
-    """Check every line of a jsonl file: UTF-8, JSON, an object. Errors name the line.
-
-    With policy "skip", bad lines are dropped into a cleaned copy under cache_dir (the
-    returned path) and counted per reason; with "raise", the first bad line is an error.
-    """
-    bad: Counter[str] = Counter()
-    good_lines: list[bytes] = []
-    rows = 0
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, 1):
-            if not raw.strip():
-                continue
-            reason = None
-            try:
-                value = json.loads(raw.decode("utf-8"))
-                if not isinstance(value, dict):
-                    reason = "not a JSON object"
-            except UnicodeDecodeError as err:
-                reason = f"not UTF-8 (byte {err.start})"
-            except json.JSONDecodeError as err:
-                reason = f"not JSON ({err.msg})"
-            if reason is None:
-                rows += 1
-                good_lines.append(raw if raw.endswith(b"\n") else raw + b"\n")
-                continue
-            if policy == "raise":
-                raise BadRowError(f"{path}, line {number}: {reason} (set on_bad_row: skip to skip such lines)")
-            bad[reason.split(" (")[0]] += 1
-    if rows == 0:
-        raise ValueError(f"{path}: no rows (the file is empty or every line is bad)")
-    if not bad:
-        return path, bad
-    log.warning("%s: skipped lines %s", path, dict(bad))
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha1(f"{Path(path).resolve()}:{os.path.getmtime(path)}".encode()).hexdigest()[:12]
-    cleaned = cache_dir / f"{Path(path).stem}.{digest}.clean.jsonl"
-    if not cleaned.exists():
-        tmp = cleaned.with_suffix(".tmp")
-        tmp.write_bytes(b"".join(good_lines))
-        os.replace(tmp, cleaned)
-    return str(cleaned), bad
-
-
-HUB_PREFIX = "hub:"
-
-
-def load_rows(path: str, streaming: bool, cache_dir: str | None):
-    """A ``datasets`` table (or stream) of the rows in a local file/glob, or of a hub
-    dataset named ``hub:NAME[:SPLIT]`` (e.g. ``hub:ccdv/arxiv-summarization:train``)."""
-    import datasets
-
-    if path.startswith(HUB_PREFIX):
-        name, _, split = path[len(HUB_PREFIX) :].partition(":")
-        try:
-            return datasets.load_dataset(name, split=split or "train", streaming=streaming, cache_dir=cache_dir)
-        except Exception as err:  # offline, unknown name, gated: say which dataset and why
-            raise ValueError(
-                f"{path}: the hub dataset {name!r} (split {split or 'train'!r}) could not be loaded "
-                f"({type(err).__name__}: {err}); local files always work"
-            ) from err
-    if not any(ch in path for ch in "*?[") and not Path(path).exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        return datasets.load_dataset(
-            _builder_for(path), data_files=path, split="train", streaming=streaming, cache_dir=cache_dir
-        )
-    except (FileNotFoundError, ValueError):
-        raise
-    except Exception as err:  # pyarrow / datasets parse errors do not name the file
-        raise ValueError(f"{path}: could not be read as {_builder_for(path)} ({type(err).__name__}: {err})") from err
-
-
-def example_id(source: str, row: dict[str, Any], index: int) -> str:
-    """``file:id`` from the row's own "id" column, else ``file:row number``."""
-    own = row.get("id")
-    return f"{source}:{own}" if isinstance(own, (str, int)) and own != "" else f"{source}:{index + 1}"
-
-
-class RowFilter:
-    """Checks each row and applies ``on_bad_row``; counts skipped rows per reason."""
-
-    def __init__(self, src_key: str, trg_key: str, policy: str, source: str) -> None:
-        self.src_key, self.trg_key, self.policy, self.source = src_key, trg_key, policy, source
-        self.skipped: Counter[str] = Counter()
-
-    def check_columns(self, columns: list[str] | None) -> None:
-        if columns is None:
-            return
-        missing = [k for k in (self.src_key, self.trg_key) if k and k not in columns]
-        if missing:
-            raise KeyError(f"{self.source}: missing column(s) {missing}; the file has {sorted(columns)}")
-
-    def __call__(self, row: dict[str, Any], index: int) -> tuple[str, str] | None:
-        src = row.get(self.src_key, "") if self.src_key else ""
-        trg = row.get(self.trg_key)
-        reason = None
-        if src is None or trg is None:
-            reason = "missing src/trg value"
-        elif not isinstance(src, str) or not isinstance(trg, str):
-            reason = "non-string src/trg"
-        elif not trg.strip():
-            reason = "empty target"
-        elif self.src_key and not src.strip():
-            reason = "empty source"
-        if reason is None:
-            return src, trg
-        if self.policy == "raise":
-            raise BadRowError(f"{self.source}, row {index + 1}: {reason} (set on_bad_row: skip to skip such rows)")
-        self.skipped[reason] += 1
-        return None
-
-
-class PairDataset(Dataset):
-    """Map-style view of a table: the valid (index, src, trg) rows."""
-
-    def __init__(self, table, row_filter: RowFilter, source: str) -> None:
-        row_filter.check_columns(table.column_names)
-        self.items = []
-        for index, row in enumerate(table):
-            pair = row_filter(row, index)
-            if pair is not None:
-                self.items.append((example_id(source, row, index), *pair))
-        if row_filter.skipped:
-            log.warning("%s: skipped rows %s", source, dict(row_filter.skipped))
-        if not self.items:
-            raise ValueError(f"{source}: no usable rows")
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        return self.items[i]
-
-
-class StreamingPairs(IterableDataset):
-    """Iterable view of a ``datasets`` stream, sharded by rank (split_dataset_by_node)."""
-
-    def __init__(self, stream, row_filter: RowFilter, source: str, rank: int, world_size: int, shuffle_seed: int | None, buffer: int) -> None:
-        from datasets.distributed import split_dataset_by_node
-
-        row_filter.check_columns(list(stream.column_names) if stream.column_names else None)
-        if shuffle_seed is not None and buffer > 0:
-            stream = stream.shuffle(seed=shuffle_seed, buffer_size=buffer)
-        self.stream = split_dataset_by_node(stream, rank=rank, world_size=world_size) if world_size > 1 else stream
-        self.row_filter, self.source = row_filter, source
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.stream.set_epoch(epoch)
-
-    def __iter__(self):
-        # Positions count within this rank's and worker's part of the stream; a row's own
-        # "id" column, when there is one, names it exactly.
-        for index, row in enumerate(self.stream):
-            pair = self.row_filter(row, index)
-            if pair is not None:
-                yield (example_id(self.source, row, index), *pair)
-
-
-class ResumableRandomSampler(torch.utils.data.Sampler[int]):
-    """A random permutation per epoch (seed + epoch) that can start part-way through, so a
-    run resumed mid-epoch reads exactly the examples an uninterrupted run would read next."""
-
-    def __init__(self, size: int, seed: int, lengths: list[int] | None = None, batch_size: int = 1, pool: int = 50) -> None:
-        self.size, self.seed = size, seed
-        # Length bucketing: within pools of pool * batch_size examples, sort by length so that
-        # each batch holds similar lengths (less padding), then shuffle the batches' order.
-        self.lengths, self.batch_size, self.pool = lengths, batch_size, pool
-        self.epoch = 0
-        self.start = 0
-        self._epoch_set = True  # whether set_epoch came since the last pass
-        self._passes = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.start = 0  # a new epoch starts from its beginning
-        self.epoch = epoch
-        self._epoch_set = True
-
-    def __iter__(self):
-        # Under DDP Lightning wraps this sampler and calls set_epoch on the wrapper only:
-        # then each new pass is the next epoch.
-        if self._passes and not self._epoch_set:
-            self.epoch += 1
-            self.start = 0
-        self._passes += 1
-        self._epoch_set = False
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
-        if self.lengths is not None:
-            order = self._bucketed(order, generator)
-        start, self.start = self.start, 0
-        return iter(order[start:])
-
-    def _bucketed(self, order: list[int], generator: torch.Generator) -> list[int]:
-        span = self.pool * self.batch_size
-        out: list[int] = []
-        for begin in range(0, len(order), span):
-            pool = sorted(order[begin : begin + span], key=lambda i: self.lengths[i])
-            batches = [pool[i : i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
-            for b in torch.randperm(len(batches), generator=generator).tolist():
-                out += batches[b]
-        return out
-
-    def __len__(self) -> int:
-        return self.size - self.start
-
 
 class Seq2SeqDataModule(pl.LightningDataModule):
     """Pairs of (source, target) texts from jsonl/json/parquet/csv/text files.
@@ -331,7 +105,7 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         self._resume: dict[str, Any] = {}  # data position restored from a checkpoint
         self._reload_setting: int | None = None  # the trainer's own reload_dataloaders_every_n_epochs
-        self._stream_state: dict | None = None  # stream position after the last consumed batch
+        self._stream_position: tuple[int, int] | None = None  # (epoch, batches consumed) of a stream
         self._train_sampler: ResumableRandomSampler | None = None
         self._consumed = 0  # training examples read in the current epoch (this rank)
         self._consumed_epoch = 0  # the epoch that _consumed counts
@@ -401,41 +175,17 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         return dataset
 
     # --------------------------------------------------------------- loading
-    def collate(self, items: list[tuple[str, str, str]], stream: StreamingPairs | None = None) -> Seq2SeqBatch:
-        ids, sources, targets = zip(*items, strict=True)
-        pairs = encode_pairs(self.tokenizer, sources, targets, self.max_src_len, self.max_trg_len)
-        policy = self.hparams.on_too_long
-        keep = []
-        for example, pair in zip(ids, pairs, strict=True):
-            cut = pair.src_truncated > 0 or pair.trg_truncated > 0
-            if cut and policy == "raise":
-                raise BadRowError(
-                    f"{example}: longer than the budget (source +{pair.src_truncated}, target "
-                    f"+{pair.trg_truncated} tokens over max_src_len={self.max_src_len}, max_trg_len={self.max_trg_len})"
-                )
-            keep.append(not (cut and policy == "skip"))
-        if not any(keep):
-            keep[0] = True  # never an empty batch: keep one, truncated
-        batch = collate_pairs(
-            [p for p, k in zip(pairs, keep, strict=True) if k],
-            SpecialIds.from_tokenizer(self.tokenizer),
-            self.max_trg_len,
-            [i for i, k in zip(ids, keep, strict=True) if k],
-        )
-        if stream is not None:
-            # Collation runs right after this batch's rows were read (num_workers=0), so the
-            # stream's state now is "just after this batch": where a resumed run continues.
-            batch.stream_state = stream.stream.state_dict()
-        batch.src_truncated = torch.tensor([p.src_truncated > 0 for p in pairs]).sum().view(1)
-        batch.trg_truncated = torch.tensor([p.trg_truncated > 0 for p in pairs]).sum().view(1)
-        batch.dropped = torch.tensor([not k for k in keep]).sum().view(1)
-        return batch
+    def collate(self, items: list[tuple[str, str, str]], stream: StreamingPairs | None = None) -> LoadedBatch:
+        """Tokenize and collate (example id, source, target) items under this module's budgets."""
+        return collate_rows(items, self.tokenizer, self.max_src_len, self.max_trg_len, self.hparams.on_too_long, stream)
 
     def state_dict(self) -> dict[str, Any]:
         """Where training is in the current epoch, for mid-epoch resume: the sampler's
-        position (map-style data) or the stream's state (streaming, num_workers=0)."""
-        if self._stream_state is not None:
-            return {"stream": self._stream_state}
+        position (map-style data) or the stream's epoch and batches consumed (streaming,
+        num_workers=0; every rank consumes as many batches, each of batch_size pairs read)."""
+        if self._stream_position is not None:
+            epoch, batches = self._stream_position
+            return {"stream_epoch": epoch, "stream_batches": batches}
         sampler = self._train_sampler
         if sampler is None:
             return {}
@@ -445,11 +195,12 @@ class Seq2SeqDataModule(pl.LightningDataModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume = dict(state)
 
-    def on_after_batch_transfer(self, batch: Seq2SeqBatch, dataloader_idx: int) -> Seq2SeqBatch:
+    def on_after_batch_transfer(self, batch: LoadedBatch, dataloader_idx: int) -> LoadedBatch:
         # Runs in the main process (collation may run in workers), so the counts add up here.
         if self.trainer is not None and self.trainer.training:
-            if batch.stream_state is not None:
-                self._stream_state = batch.stream_state
+            if batch.stream_epoch is not None:
+                epoch, batches = self._stream_position or (batch.stream_epoch, 0)
+                self._stream_position = (batch.stream_epoch, batches + 1 if epoch == batch.stream_epoch else 1)
             sampler = self._train_sampler
             if sampler is not None:
                 if sampler.epoch != self._consumed_epoch:  # a new epoch: count from its start
@@ -468,8 +219,12 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         if split not in self.datasets:
             raise RuntimeError(f"no {split} data: set data.{ {'train': 'train_path', 'validation': 'val_path', 'test': 'test_path'}[split] }")
         dataset = self.datasets[split]
-        if split == "train" and isinstance(dataset, StreamingPairs) and "stream" in self._resume:
-            dataset.stream.load_state_dict(self._resume.pop("stream"))
+        if split == "train" and isinstance(dataset, StreamingPairs):
+            if "stream_epoch" in self._resume:
+                self._stream_position = (self._resume.pop("stream_epoch"), self._resume.pop("stream_batches"))
+                dataset.resume(self._stream_position[0], self._stream_position[1] * self.hparams.batch_size)
+            else:
+                dataset.set_epoch(getattr(self.trainer, "current_epoch", 0))
         # The training stream's position is tracked where collation sees it: in this process.
         tracked = dataset if split == "train" and isinstance(dataset, StreamingPairs) and self.hparams.num_workers == 0 else None
         sampler = None

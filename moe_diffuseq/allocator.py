@@ -3,10 +3,8 @@
 glibc serves every allocation above its mmap threshold (dynamic, up to 32 MiB) with a
 fresh mmap and returns it to the OS on free, and it trims the heap top whenever more than
 the trim threshold is free. A training or sampling step frees and re-allocates the same
-few-MB activations every time, so each step page-faults them in again: measured here, a
-16384 x 512 gather took 9.5 ms with fresh pages against 1.8 ms with recycled ones, and a
-MoE-DiffuSeq denoiser step at 1.3k tokens varied between 56 and 68 ms run to run, steady
-at 55 ms with the thresholds raised. Raising both thresholds (the documented
+few-MB activations every time, so each step page-faults them in again (slower, and noisy
+from run to run). Raising both thresholds (the documented
 ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` knobs, set through ``mallopt``
 because the environment is read only at process start) keeps those pages mapped; the cost
 is that freed memory stays with the process instead of going back to the OS.

@@ -56,11 +56,6 @@ class Seq2SeqBatch:
     global_mask: torch.Tensor  # bool: [CLS] and the source's [SEP] (the model may add source tokens)
     src_len: torch.Tensor  # (batch,) long: source tokens kept after truncation
     example_ids: list[str] = field(default_factory=list)  # where each row came from, for errors
-    # Counts over the examples collated into this batch (each (1,) long), for data reports.
-    src_truncated: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))
-    trg_truncated: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))
-    dropped: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))
-    stream_state: dict | None = None  # position of a streaming source after this batch
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

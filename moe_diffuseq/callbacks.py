@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_only
 
-from .batch import SpecialIds, decode_sources, decode_targets
+from .generation import sample_rows
 
 
 class ValidationSamples(pl.Callback):
@@ -36,23 +36,15 @@ class ValidationSamples(pl.Callback):
         if batch is None or trainer.sanity_checking or pl_module.tokenizer is None:
             return
         batch = batch.rows(self.num_samples)
-        cfg = pl_module.sampling_config
-        ids = pl_module.sample_ids(batch, sampler=cfg.sampler, steps=cfg.steps, seed=self.seed, spacing=cfg.spacing)
-        special = SpecialIds.from_tokenizer(pl_module.tokenizer)
-        samples = decode_targets(pl_module.tokenizer, ids.cpu(), batch, special, cfg.decode)
-        references = decode_targets(pl_module.tokenizer, batch.input_ids.cpu(), batch, special, cfg.decode)
-        sources = decode_sources(pl_module.tokenizer, batch, special)
-        text = "\n\n".join(
-            f"**source**\n```\n{s}\n```\n**reference**\n```\n{r}\n```\n**sample**\n```\n{g}\n```"
-            for s, r, g in zip(sources, references, samples, strict=True)
-        )
+        rows = sample_rows(pl_module, batch, pl_module.sampling_config, seed=self.seed)
+        columns = ["source", "reference", "sample"]
+        text = "\n\n".join("\n".join(f"**{c}**\n```\n{row[c]}\n```" for c in columns) for row in rows)
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_text"):  # TensorBoard
                 experiment.add_text("val/samples", text, global_step=trainer.global_step)
             elif hasattr(logger, "log_text"):  # e.g. W&B
-                logger.log_text("val/samples", columns=["source", "reference", "sample"],
-                                data=[list(x) for x in zip(sources, references, samples, strict=True)])
+                logger.log_text("val/samples", columns=columns, data=[[row[c] for c in columns] for row in rows])
 
 
 class JsonlPredictionWriter(BasePredictionWriter):

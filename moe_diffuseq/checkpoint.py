@@ -17,7 +17,21 @@ def describe_load_error(path: str | Path, err: BaseException) -> str:
     return f"{path}: not a MoE-DiffuSeq checkpoint, or truncated ({type(err).__name__}: {first})"
 
 
-LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError)
+# What torch.load raises on random, truncated or foreign bytes (the weights-only unpickler may also
+# index past its stack, an IndexError).
+LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, LookupError, TypeError, AttributeError)
+
+
+def named_load_errors(load, path, *args, **kwargs):
+    """``load(path, ...)`` (Lightning's ``load_from_checkpoint``); a missing, foreign, truncated or corrupt
+    file raises one error that names it."""
+    local = isinstance(path, str | Path) and "://" not in str(path)
+    if local and not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        return load(path, *args, **kwargs)
+    except LOAD_ERRORS as err:
+        raise ValueError(describe_load_error(path, err)) from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):

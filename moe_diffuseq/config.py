@@ -6,11 +6,12 @@ value fails at parse time with the key that holds it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, TypeVar
 
 AttentionBackend = Literal["auto", "dense", "banded", "flex", "xformers", "full_sdpa", "full_eager"]
 SamplerName = Literal["ancestral", "ddim", "dpm_solver++"]
+PositionMode = Literal["target_relative", "absolute"]
 
 T = TypeVar("T")
 
@@ -45,10 +46,10 @@ class AttentionConfig:
     """Query block size of the banded backend."""
 
     def __post_init__(self) -> None:
-        _check(self.window >= 1, "attention.window", self.window, "must be >= 1")
-        _check(self.dilation >= 1, "attention.dilation", self.dilation, "must be >= 1")
-        _check(self.num_global >= 0, "attention.num_global", self.num_global, "must be >= 0")
-        _check(self.block_size >= 1, "attention.block_size", self.block_size, "must be >= 1")
+        _check(self.window >= 1, "network.attention.window", self.window, "must be >= 1")
+        _check(self.dilation >= 1, "network.attention.dilation", self.dilation, "must be >= 1")
+        _check(self.num_global >= 0, "network.attention.num_global", self.num_global, "must be >= 0")
+        _check(self.block_size >= 1, "network.attention.block_size", self.block_size, "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -77,21 +78,94 @@ class MoEConfig:
     """Add one shared expert that every token uses (DeepSeek-style)."""
 
     def __post_init__(self) -> None:
-        _check(self.num_experts >= 1, "moe.num_experts", self.num_experts, "must be >= 1")
+        _check(self.num_experts >= 1, "network.moe.num_experts", self.num_experts, "must be >= 1")
         _check(
             1 <= self.top_k <= self.num_experts,
-            "moe.top_k",
+            "network.moe.top_k",
             self.top_k,
             f"must be in [1, num_experts={self.num_experts}]",
         )
-        _check(self.expert_hidden >= 1, "moe.expert_hidden", self.expert_hidden, "must be >= 1")
+        _check(self.expert_hidden >= 1, "network.moe.expert_hidden", self.expert_hidden, "must be >= 1")
         _check(
             self.capacity_factor is None or self.capacity_factor > 0,
-            "moe.capacity_factor",
+            "network.moe.capacity_factor",
             self.capacity_factor,
             "must be None or > 0",
         )
-        _check(self.jitter >= 0, "moe.jitter", self.jitter, "must be >= 0")
+        _check(self.jitter >= 0, "network.moe.jitter", self.jitter, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """The denoiser's shape, passed whole to ``Denoiser``."""
+
+    vocab_size: int | None = None
+    """Vocabulary size; None: the tokenizer's (the data module's, or the checkpoint's)."""
+    max_src_len: int | None = None
+    """Source token budget (the CLI links it from data.max_src_len)."""
+    max_trg_len: int | None = None
+    """Target token budget (the CLI links it from data.max_trg_len)."""
+    embed_dim: int = 128
+    """Width of the word embedding that is diffused (DiffuSeq: 128)."""
+    hidden_size: int = 256
+    """Width of the transformer blocks."""
+    num_layers: int = 4
+    """Number of transformer blocks."""
+    num_heads: int = 4
+    """Attention heads per block."""
+    dropout: float = 0.1
+    """Dropout rate inside the denoiser."""
+    positions: PositionMode = "target_relative"
+    """Position embeddings: target_relative (absolute on the source, the offset from the target
+    region's start on the target, so an output slot does not move with the source's length) or
+    absolute (DiffuSeq's single table)."""
+    ffn_hidden: int | None = None
+    """Hidden width of the dense feed-forward of blocks without experts; None: moe.top_k x
+    moe.expert_hidden, the active width of an MoE block."""
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    """Sparse attention settings."""
+    moe: MoEConfig | None = field(default_factory=MoEConfig)
+    """Mixture-of-experts settings; null: a dense feed-forward (ffn_hidden wide) in every block."""
+
+    def __post_init__(self) -> None:
+        # Nested settings may arrive as dicts (a checkpoint's hyperparameters).
+        object.__setattr__(self, "attention", coerce(AttentionConfig, self.attention, "network.attention"))
+        if self.moe is not None:
+            object.__setattr__(self, "moe", coerce(MoEConfig, self.moe, "network.moe"))
+        for key in ("vocab_size", "max_src_len", "max_trg_len", "ffn_hidden"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, f"network.{key}", value, "must be None or >= 1")
+        for key in ("embed_dim", "hidden_size", "num_layers", "num_heads"):
+            _check(getattr(self, key) >= 1, f"network.{key}", getattr(self, key), "must be >= 1")
+        _check(self.hidden_size % self.num_heads == 0, "network.hidden_size", self.hidden_size,
+               f"must be divisible by num_heads={self.num_heads}")
+        _check(0.0 <= self.dropout < 1.0, "network.dropout", self.dropout, "must be in [0, 1)")
+        _check(self.positions in ("target_relative", "absolute"), "network.positions", self.positions,
+               "expected target_relative or absolute")
+        _check(self.moe is not None or self.ffn_hidden is not None, "network.ffn_hidden", self.ffn_hidden,
+               "must be set when network.moe is null (every block is dense)")
+        if self.moe is not None and self.moe.moe_layers is not None:
+            bad = sorted(i for i in self.moe.moe_layers if not 0 <= i < self.num_layers)
+            _check(not bad, "network.moe.moe_layers", self.moe.moe_layers, f"{bad} outside [0, num_layers={self.num_layers})")
+
+    @property
+    def sizes_known(self) -> bool:
+        """Whether the vocabulary and both length budgets are set, so the network can be built."""
+        return None not in (self.vocab_size, self.max_src_len, self.max_trg_len)
+
+    @property
+    def max_length(self) -> int:
+        """Longest sequence: [CLS] src [SEP] + target region (max_trg_len + 1)."""
+        return self.max_src_len + self.max_trg_len + 3
+
+    @property
+    def dense_hidden(self) -> int:
+        """Hidden width of a block without experts."""
+        return self.ffn_hidden if self.ffn_hidden is not None else self.moe.top_k * self.moe.expert_hidden
+
+    def routed(self, layer: int) -> bool:
+        """Whether block ``layer`` has a mixture-of-experts feed-forward."""
+        return self.moe is not None and (self.moe.moe_layers is None or layer in self.moe.moe_layers)
 
 
 # Longest source that ``loss_on: auto`` still scores: DiffuSeq's own limit (BERT's 512 positions).
@@ -148,6 +222,16 @@ class DiffusionConfig:
     own first x0 estimate, as each sampling step reads the previous one's; 0 turns it off (and the
     network has no such input)."""
 
+    def denoise_rate_at(self, step: int | None) -> float:
+        """gamma at optimizer step ``step`` (None: the full rate), 0 without the soft absorbing state.
+        It ramps up over ``denoise_warmup_steps``: early in training the network cannot yet fill a
+        replaced token from its context, and each replacement only takes signal away."""
+        if not self.soft_absorbing:
+            return 0.0
+        if step is None or self.denoise_warmup_steps == 0:
+            return self.denoise_rate
+        return self.denoise_rate * min(1.0, step / self.denoise_warmup_steps)
+
     def __post_init__(self) -> None:
         _check(self.steps >= 2, "diffusion.steps", self.steps, "must be >= 2")
         _check(0.0 <= self.denoise_rate <= 1.0, "diffusion.denoise_rate", self.denoise_rate, "must be in [0, 1]")
@@ -165,7 +249,8 @@ DECODE_MODES = ("strip", "truncate")
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Defaults of ``generate`` and of validation-time samples."""
+    """Sampling settings, stored in the checkpoint as the defaults of generation; unset options of
+    ``generate`` and ``evaluate`` take the checkpoint's."""
 
     sampler: SamplerName = "dpm_solver++"
     """Sampler: ancestral (all T steps, the reference), ddim or dpm_solver++."""
@@ -174,7 +259,9 @@ class SamplingConfig:
     spacing: Literal["time_uniform", "logsnr"] = "logsnr"
     """How the sampling timesteps are spread over [0, T)."""
     clamp: bool = False
-    """Snap each predicted x0 to its nearest word embedding."""
+    """Snap each predicted x0 to its nearest word embedding at every step (DiffuSeq's clamping)."""
+    variance: Literal["posterior", "fixed_large"] = "posterior"
+    """Noise of each ancestral step: the true posterior's variance, or DiffuSeq's fixed_large (beta_t)."""
     num_candidates: int = 1
     """Seeds per source; more than 1 picks one by MBR with sentence-BLEU."""
     batch_size: int = 16

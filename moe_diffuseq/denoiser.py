@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import sparse_attention
-from .config import AttentionConfig, MoEConfig
+from .config import AttentionConfig, NetworkConfig
 from .moe import DenseFeedForward, MoEFeedForward, RouterStats
 
 
@@ -74,74 +74,57 @@ class Block(nn.Module):
         return self.norm2(x + self.dropout(y)), stats
 
 
-POSITION_MODES = ("target_relative", "absolute")
-
-
 class Denoiser(nn.Module):
-    """Predicts the clean embedding sequence x0 from z_t and t."""
+    """Predicts the clean embedding sequence x0 from z_t and t.
+
+    Args:
+        config: The network's shape; its vocabulary and length budgets must be set.
+        soft_absorbing: Learn DiffuSeq-v2's absorbing state m (else m is a fixed zero vector).
+        self_conditioning: Read the previous x0 estimate as a second input.
+        skip_alpha_bar: The schedule's alpha_bar (T,) for the EDM-style skip connection; None: off.
+    """
 
     def __init__(
         self,
-        vocab_size: int,
-        max_length: int,
-        embed_dim: int = 128,
-        hidden_size: int = 256,
-        num_layers: int = 4,
-        num_heads: int = 4,
-        dropout: float = 0.1,
-        attention: AttentionConfig | None = None,
-        moe: MoEConfig | None = None,
+        config: NetworkConfig,
+        *,
         soft_absorbing: bool = True,
-        max_target_length: int | None = None,
-        positions: str = "target_relative",
         self_conditioning: bool = False,
         skip_alpha_bar: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        if positions not in POSITION_MODES:
-            raise ValueError(f"positions={positions!r}: expected one of {POSITION_MODES}")
-        attention = attention or AttentionConfig()
-        moe = moe or MoEConfig()
-        self.max_length = max_length
-        self.word_embedding = nn.Embedding(vocab_size, embed_dim)
-        self.lm_head = nn.Linear(embed_dim, vocab_size, bias=False)
+        if not config.sizes_known:
+            raise ValueError("network.vocab_size, max_src_len and max_trg_len must be set to build the denoiser")
+        self.config = config
+        embed_dim, hidden = config.embed_dim, config.hidden_size
+        self.max_length = config.max_length
+        self.word_embedding = nn.Embedding(config.vocab_size, embed_dim)
+        self.lm_head = nn.Linear(embed_dim, config.vocab_size, bias=False)
         self.lm_head.weight = self.word_embedding.weight  # tied: rounding reads the same table
-        self.up = nn.Sequential(nn.Linear(embed_dim, hidden_size), nn.Tanh(), nn.Linear(hidden_size, hidden_size))
-        self.time_mlp = nn.Sequential(
-            nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, hidden_size)
-        )
-        self.position = nn.Embedding(max_length, hidden_size)
-        self.positions = positions
+        self.up = nn.Sequential(nn.Linear(embed_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden))
+        self.time_mlp = nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, hidden))
+        self.position = nn.Embedding(config.max_length, hidden)
         # The target region's own table, indexed by the offset from its first position: a target
         # token knows which output slot it is wherever a source of varying length ends.
-        self.target_position = (
-            nn.Embedding(max_target_length or max_length, hidden_size) if positions == "target_relative" else None
-        )
+        relative = config.positions == "target_relative"
+        self.target_position = nn.Embedding(config.max_trg_len + 1, hidden) if relative else None
         # Self-conditioning (Analog Bits): the previous x0 estimate is a second input, so a step
         # refines the last answer instead of starting again from z_t alone.
-        self.self_condition = nn.Linear(embed_dim, hidden_size) if self_conditioning else None
-        self.input_norm = nn.LayerNorm(hidden_size)
-        self.dropout = nn.Dropout(dropout)
-        moe_layers = set(range(num_layers) if moe.moe_layers is None else moe.moe_layers)
-        bad = sorted(i for i in moe_layers if not 0 <= i < num_layers)
-        if bad:
-            raise ValueError(f"moe.moe_layers has {bad}, outside [0, num_layers={num_layers})")
+        self.self_condition = nn.Linear(embed_dim, hidden) if self_conditioning else None
+        self.input_norm = nn.LayerNorm(hidden)
+        self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
-            Block(hidden_size, num_heads, attention, self._ffn(hidden_size, moe, i in moe_layers), dropout)
-            for i in range(num_layers)
+            Block(hidden, config.num_heads, config.attention, self._ffn(config, i), config.dropout)
+            for i in range(config.num_layers)
         )
-        self.down = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, embed_dim))
+        self.down = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, embed_dim))
         self.embed_dim = embed_dim
-        # Skip connection (EDM-style preconditioning for a variance-preserving process): with the
-        # schedule's alpha_bar, x0_hat = m + sqrt(ab_t) (z_t - m) + sqrt(1 - ab_t) F, the best linear
-        # guess plus a learned residual. Low noise is then solved by the skip, and the network's
-        # capacity goes to high noise, where it must write from the source.
+        # Skip connection (EDM-style preconditioning for a variance-preserving process): low noise
+        # is solved by the skip, and the network's capacity goes to high noise.
         if skip_alpha_bar is not None:
             self.register_buffer("skip_alpha_bar", skip_alpha_bar.float().clone(), persistent=False)
         else:
             self.skip_alpha_bar = None
-        self.num_global = attention.num_global
-        self.target_global = attention.target_global
         # The soft absorbing state m (DiffuSeq-v2), learned; a fixed zero vector without it.
         if soft_absorbing:
             self.absorbing_state = nn.Parameter(torch.randn(embed_dim) / math.sqrt(embed_dim))
@@ -149,19 +132,21 @@ class Denoiser(nn.Module):
             self.register_buffer("absorbing_state", torch.zeros(embed_dim))
 
     @staticmethod
-    def _ffn(hidden: int, moe: MoEConfig, routed: bool) -> nn.Module:
-        if not routed:
-            return DenseFeedForward(hidden, moe.expert_hidden * moe.top_k)
-        return MoEFeedForward(
-            hidden,
-            moe.expert_hidden,
-            moe.num_experts,
-            moe.top_k,
-            capacity_factor=moe.capacity_factor,
-            jitter=moe.jitter,
-            dispatch=moe.dispatch,
-            shared_expert=moe.shared_expert,
-        )
+    def _ffn(config: NetworkConfig, layer: int) -> nn.Module:
+        if config.routed(layer):
+            return MoEFeedForward.from_config(config.hidden_size, config.moe)
+        return DenseFeedForward(config.hidden_size, config.dense_hidden)
+
+    def fully_shard(self, mesh) -> None:
+        """Shard for FSDP2 over ``mesh``'s data-parallel dimension: each block is a unit, the root
+        holds the rest, and ``run`` is registered as a forward method (see ``run``)."""
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        for block in self.blocks:
+            fully_shard(block, mesh=dp_mesh)
+        fully_shard(self, mesh=dp_mesh, reshard_after_forward=False)
+        register_fsdp_forward_method(self, "run")
 
     def run(self, fn, *args, **kwargs):
         """Call ``fn(self, *args, **kwargs)`` as one forward pass of this module.
@@ -183,12 +168,13 @@ class Denoiser(nn.Module):
     def global_tokens(self, global_mask: torch.Tensor, target_mask: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         """Structural globals, the first ``num_global`` source tokens (positions 1..n) and, with
         ``target_global``, the whole target region."""
-        if self.target_global:
+        if self.config.attention.target_global:
             global_mask = global_mask | (target_mask & ~padding_mask)
-        if self.num_global == 0:
+        num_global = self.config.attention.num_global
+        if num_global == 0:
             return global_mask
         pos = torch.arange(global_mask.shape[1], device=global_mask.device)
-        leading = (pos >= 1) & (pos <= self.num_global)
+        leading = (pos >= 1) & (pos <= num_global)
         return global_mask | (leading[None] & ~target_mask & ~padding_mask)
 
     def position_embedding(self, target_mask: torch.Tensor) -> torch.Tensor:

@@ -38,3 +38,14 @@ def markdown_report(title: str, settings: dict, scores: dict[str, float]) -> str
     lines += ["", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" for k, v in scores.items()]
     return "\n".join(lines) + "\n"
+
+
+def gather_objects(items: list) -> list:
+    """Every rank's ``items``, concatenated in rank order (the list itself without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return items
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]

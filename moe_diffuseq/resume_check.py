@@ -1,7 +1,7 @@
 """A resumed run may not silently change the model it resumes.
 
 LightningCLI puts a checkpoint's model arguments in place of the command line's when
-``--ckpt_path`` is given, so ``--model.hidden_size 256`` on resume would train the
+``--ckpt_path`` is given, so ``--model.network.hidden_size 256`` on resume would train the
 checkpoint's 128 without a word. ``ResumeCheckingCLI`` compares the two before anything is
 built: keys that may change on resume (optimisation and sampling settings) pass with a
 warning; any other difference is an error that names each key, old and new value.
@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 # Model arguments a resumed run may change: how it is optimised and how it samples.
 MAY_CHANGE = ("lr", "weight_decay", "warmup_steps", "lr_decay", "min_lr_ratio", "max_nonfinite_steps", "sampling.")
-# Filled in from the data module when left unset: None on the command line is no change.
-LEARNED_LATE = ("vocab_size", "max_src_len", "max_trg_len")
+# Learned from the tokenizer when left unset: None on the command line is no change.
+LEARNED_LATE = ("network.vocab_size",)
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from moe_diffuseq.attention import resolve_backend, sparse_attention, sparse_mask
+from moe_diffuseq.attention import BACKENDS, KERNELS, resolve_backend, sparse_attention, sparse_mask
 
 
 def brute_force(q, k, v, window, dilation, global_mask, key_padding_mask):
@@ -130,6 +130,21 @@ def test_flex_forward_matches_brute_force_on_cpu(length, window, dilation, globa
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_compiled_flex_forward_matches_brute_force_on_cpu():
+    # As production runs it: through torch.compile (inductor's CPU backend), not the eager fallback.
+    from moe_diffuseq.attention.flex import flex_sparse_attention
+
+    length, window, dilation, globals_, padded, _ = GRID[3]
+    q, k, v, glob, pad = make_inputs(2, 2, length, 8, globals_, padded, seed=3)
+    ref, _ = brute_force(q, k, v, window, dilation, glob, pad)
+    with torch.no_grad():
+        out = flex_sparse_attention(q.float(), k.float(), v.float(), window=window, dilation=dilation,
+                                    global_mask=glob, key_padding_mask=pad)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_flex_refuses_backward_on_cpu_with_clear_error():
     q, k, v, glob, pad = make_inputs(1, 1, 8, 4, "none", False, 0)
     q = q.float().requires_grad_(True)
@@ -209,3 +224,10 @@ def test_full_attention_baselines_match_brute_force_with_unbounded_window(backen
     grads_out = torch.autograd.grad(out.square().sum(), (q, k, v))
     for a, b in zip(grads_out, grads_ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+def test_every_configurable_backend_has_one_kernel():
+    # One registry: the config's choices are auto plus exactly the registered kernels.
+    assert BACKENDS[0] == "auto" and set(BACKENDS[1:]) == set(KERNELS)
+    with pytest.raises(ValueError, match="not one of"):
+        sparse_attention(*(torch.zeros(1, 1, 4, 2),) * 3, window=2, backend="sliding")

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from bench import attention, moe, report
+from bench.common import ABLATION, QUALITY_BATCH, QUALITY_SRC_LEN, QUALITY_TRG_LEN
 
 
 def test_readme_results_section_is_generated_from_the_json():
@@ -18,155 +19,174 @@ def test_attention_bench_tiny_run_writes_json_and_plot(tmp_path):
     attention.main(["--lengths", "256", "512", "--repeats", "1", "--no-flex", "--out", str(out)])
     payload = json.loads(out.read_text())
     assert [r["length"] for r in payload["results"]] == [256, 512]
-    assert all(r["dense_peak_mb"] is not None and r["banded_fwd_bwd_s"] > 0 for r in payload["results"])
+    assert all(r["dense_peak_mb"] is not None and r["banded_fwd_bwd_s"] > 0
+               for r in payload["results"])
     assert out.with_suffix(".png").stat().st_size > 0
 
 
 def test_moe_bench_tiny_run_writes_json(tmp_path):
     out = tmp_path / "moe.json"
-    moe.main(["--tokens", "256", "--d-model", "32", "--expert-hidden", "32", "--repeats", "1", "--out", str(out)])
+    moe.main(["--tokens", "256", "--d-model", "32", "--expert-hidden", "32", "--repeats", "1",
+              "--out", str(out)])
     payload = json.loads(out.read_text())
-    assert {r["variant"] for r in payload["results"]} == {"dense_ffn", "moe_sorted", "moe_looped", "all_experts"}
+    variants = {r["variant"] for r in payload["results"]}
+    assert variants == {"dense_ffn", "moe_sorted", "moe_looped", "all_experts"}
     assert set(payload["checks"]) == {"moe_speed_vs_dense_float32", "moe_speed_vs_dense_bfloat16"}
 
 
-def test_compare_bench_tiny_run_covers_every_part(tmp_path, small_corpus):
-    from bench import compare
+def _built_code_corpus(tmp_path, small_corpus, extra_train_row: str = ""):
+    """tmp_path/data/code from the small corpus, marked built so prepare_data keeps it."""
     from data_modules.corpora import MARKER, VERSIONS
 
     data = tmp_path / "data" / "code"
     data.mkdir(parents=True)
-    for split in ("train", "validation"):
-        (data / f"{split}.jsonl").write_text((small_corpus / f"{split}.jsonl").read_text())
-    (data / MARKER).write_text(VERSIONS["code"] + "\n")  # "built": prepare_data must not rebuild it
+    (data / "train.jsonl").write_text((small_corpus / "train.jsonl").read_text() + extra_train_row)
+    (data / "validation.jsonl").write_text((small_corpus / "validation.jsonl").read_text())
+    (data / MARKER).write_text(VERSIONS["code"] + "\n")
+    return data
+
+
+def test_compare_bench_tiny_run_covers_every_part(tmp_path, small_corpus):
+    from bench import compare
+    from bench.compare_models import model_args
+
+    _built_code_corpus(tmp_path, small_corpus)
     out = tmp_path / "compare.json"
-    compare.main(["--lengths", "64", "--trg-len", "16", "--hidden", "32", "--layers", "1", "--repeats", "1",
-                  "--efficiency-length", "64", "--tasks", "code", "--budget", "2", "--docs", "2", "--seeds", "0", "1",
+    compare.main(["--lengths", "64", "--trg-len", "16", "--hidden", "32", "--layers", "1",
+                  "--repeats", "1", "--efficiency-length", "64", "--tasks", "code",
+                  "--budget", "2", "--docs", "2", "--seeds", "0", "1",
                   "--data-dir", str(tmp_path / "data"), "--out", str(out)])
     payload = json.loads(out.read_text())
     summary = payload["summary"]
     assert summary["sampling_speedup"] > 0 and set(summary["sampling_speedup_by_length"]) == {"64"}
     for model in ("moe", "sdpa"):
         assert all(v > 0 for v in payload["peak_memory_mb"]["64"].values())
-        assert 0 < summary["linear_efficiency"][model]["ffn"] and 0 < summary["linear_efficiency"][model]["projections"]
-    for model in ("moe", "sdpa", compare.ABLATION):  # the ablation runs by default, first seed only
+        efficiency = summary["linear_efficiency"][model]
+        assert 0 < efficiency["ffn"] and 0 < efficiency["projections"]
+    for model in ("moe", "sdpa", ABLATION):  # the ablation runs by default, first seed only
         quality = payload["quality"]["code"][model]
-        assert quality["steps"] > 0 and quality["train_loss_vs_seconds"] and quality["seconds_per_step_calibrated"] > 0
-        assert [r["seed"] for r in quality["runs"]] == ([0] if model == compare.ABLATION else [0, 1])
-        # Steps come from the calibrated s/step (the 1.5x time limit may cut a run short on a slow spell).
-        assert all(0 < r["steps"] <= r["planned_steps"] == int(2 / quality["seconds_per_step_calibrated"]) for r in quality["runs"])
-        assert quality["rougeL"] == sum(r["rougeL"] for r in quality["runs"]) / len(quality["runs"])
+        assert quality["steps"] > 0 and quality["train_loss_vs_seconds"]
+        assert quality["seconds_per_step_calibrated"] > 0
+        assert [r["seed"] for r in quality["runs"]] == ([0] if model == ABLATION else [0, 1])
+        # Steps come from the calibrated s/step (the 1.5x time limit may cut a run short).
+        planned = max(1, int(2 / quality["seconds_per_step_calibrated"]))
+        figures = [(r["steps"], r["planned_steps"]) for r in quality["runs"]]
+        assert all(0 < steps <= planned_steps == planned for steps, planned_steps in figures), (
+            model, quality["seconds_per_step_calibrated"], figures)
+        runs = quality["runs"]
+        assert quality["rougeL"] == sum(r["rougeL"] for r in runs) / len(runs)
         assert len(quality["rougeL_per_document"]) == 2
-        assert quality["generated_words"] == sum(r["generated_words"] for r in quality["runs"]) / len(quality["runs"])
-        assert all(r["reference_words"] == quality["reference_words"] > 0 for r in quality["runs"])
+        assert quality["generated_words"] == sum(r["generated_words"] for r in runs) / len(runs)
+        assert all(r["reference_words"] == quality["reference_words"] > 0 for r in runs)
     low, high = summary["quality"]["code"]["rougeL_difference_ci95"]
     assert low <= high and summary["quality"]["code"]["seeds"] == 2
     assert "moe_no_absorbing_rougeL" in summary["quality"]["code"]
-    # moe_diffuseq.yaml ramps gamma over its warm-up: a 2 s budget ends early in it; the baseline has none.
-    moe_quality, base_quality = payload["quality"]["code"]["moe"], payload["quality"]["code"]["sdpa"]
+    # moe_diffuseq.yaml ramps gamma over its warm-up: a 2 s budget ends early in it; the baseline
+    # has none.
+    moe_quality, base_quality = (payload["quality"]["code"][v] for v in ("moe", "sdpa"))
     assert 0 <= moe_quality["denoise_rate_at_end"] < moe_quality["denoise_rate_full"] == 0.5
     assert base_quality["denoise_rate_at_end"] == base_quality["denoise_rate_full"] == 0.0
     section = "\n".join(report._compare_section("compare", payload))
-    assert "early in that ramp" in section and "means over seeds 0, 1" in section and "paired bootstrap interval" in section
+    assert "early in that ramp" in section and "means over seeds 0, 1" in section
+    assert "paired bootstrap interval" in section
     assert payload["scoring"]["decode"] == "strip" and "as in DiffuSeq's evaluation" in section
     assert "| sample words | reference words |" in section
-    assert "2 validation documents per task drawn at random from each split (random sample, seed 0; the same documents" in section
-    assert compare.model_args(compare.ABLATION, 32, 1, 64, 16, None)["diffusion"]["soft_absorbing"] is False
-    assert compare.model_args("moe", 32, 1, 64, 16, None)["diffusion"]["soft_absorbing"] is True
+    assert ("2 validation documents per task drawn at random from each split (random sample, "
+            "seed 0; the same documents") in section
+    assert model_args(ABLATION, 32, 1, 64, 16, None)["diffusion"]["soft_absorbing"] is False
+    assert model_args("moe", 32, 1, 64, 16, None)["diffusion"]["soft_absorbing"] is True
     assert "sampling_speedup" in payload["checks"] and "quality_code" in payload["checks"]
     missed = {name for name, c in payload["checks"].items() if not c["met"]}
     assert set(payload["profiles"]) == missed
     assert all("Self CPU" in table for table in payload["profiles"].values())
-    assert out.with_suffix(".png").stat().st_size > 0 and (tmp_path / "compare_quality.png").stat().st_size > 0
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert (tmp_path / "compare_quality.png").stat().st_size > 0
     assert not out.with_suffix(".partial.json").exists()  # a finished run leaves only its JSON
 
 
-def test_quality_miss_reports_sample_lengths_and_their_correlation_with_rouge():
-    from bench import compare
+def test_mean_words_counts_whitespace_separated_words():
+    from bench.compare_quality import mean_words
 
-    assert compare.mean_words(["a b  c", "", "d\ne"]) == pytest.approx(5 / 3)
-    runs = {"moe": [(10.0, 5.0), (20.0, 9.0)], "sdpa": [(30.0, 11.0), (25.0, 10.0)], compare.ABLATION: [(15.0, 8.0)]}
-    q = {v: {"generated_words": sum(w for w, _ in rs) / len(rs), "reference_words": 90.0,
-             "runs": [{"generated_words": w, "rougeL": r} for w, r in rs]} for v, rs in runs.items()}
-    text = report._length_effect(q)
-    words = [w for rs in runs.values() for w, _ in rs]
-    rouge = [r for rs in runs.values() for _, r in rs]
-    mw, mr = sum(words) / 5, sum(rouge) / 5
-    r = sum((w - mw) * (x - mr) for w, x in zip(words, rouge, strict=True)) / (
-        sum((w - mw) ** 2 for w in words) * sum((x - mr) ** 2 for x in rouge)) ** 0.5
-    assert f"Pearson r = {r:.2g}" in text and "Over the task's 5 runs" in text
-    assert "Mean words per sample: MoE-DiffuSeq 15, the baseline 27.5, the ablation 15; the references 90. " in text
-    assert "mostly by its recall" in text  # every sample under half its reference's length
-    q["moe"]["reference_words"] = 40.0
-    assert "recall" not in report._length_effect(q)
-    assert report._pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None  # no spread: no correlation to report
+    assert mean_words(["a b  c", "", "d\ne"]) == pytest.approx(5 / 3)
+    assert mean_words([]) == 0
 
 
 def test_quality_scores_a_fixed_random_sample_of_the_validation_split(tmp_path):
     from bench import common
 
     path = tmp_path / "validation.jsonl"
-    path.write_text("".join(json.dumps({"src": f"s{i}", "trg": f"t{i}"}) + "\n" + ("\n" if i == 3 else "") for i in range(40)))
+    path.write_text("".join(json.dumps({"src": f"s{i}", "trg": f"t{i}"}) + "\n"
+                            + ("\n" if i == 3 else "") for i in range(40)))
     picked = [int(r["src"][1:]) for r in common.scored_documents(path, 8)]
-    assert picked == sorted(picked) and len(set(picked)) == 8 and picked != list(range(8))  # not the split's head
-    assert common.scored_documents(path, 8) == common.scored_documents(path, 8)  # the same for every model and seed
-    assert [r["src"] for r in common.scored_documents(path, 100)] == [f"s{i}" for i in range(40)]  # a small split: whole
+    # Sorted, distinct, and not the split's head.
+    assert picked == sorted(picked) and len(set(picked)) == 8 and picked != list(range(8))
+    # The same for every model and seed.
+    assert common.scored_documents(path, 8) == common.scored_documents(path, 8)
+    # A small split: whole.
+    assert [r["src"] for r in common.scored_documents(path, 100)] == [f"s{i}" for i in range(40)]
 
 
 def test_quality_miss_profiles_both_models_at_the_quality_runs_shape():
     from argparse import Namespace
 
-    from bench import compare
+    from bench.compare_profile import profile_table
 
-    table = compare.profile_table("quality_code", {}, Namespace(hidden=32, layers=1, trg_len=16))
-    shape = f"source {compare.QUALITY_SRC_LEN}, target {compare.QUALITY_TRG_LEN}, batch {compare.QUALITY_BATCH}, one training step"
+    table = profile_table("quality_code", {}, Namespace(hidden=32, layers=1, trg_len=16))
+    shape = (f"source {QUALITY_SRC_LEN}, target {QUALITY_TRG_LEN}, batch {QUALITY_BATCH}, "
+             "one training step")
     assert f"MoE-DiffuSeq, {shape}" in table and f"baseline (sdpa), {shape}" in table
     assert table.count("Self CPU time total") == 2
 
 
 def test_compare_bench_checks_every_task_before_measuring(tmp_path, small_corpus):
     from bench import compare
-    from data_modules.corpora import MARKER, VERSIONS
-    from data_modules.datamodule import BadRowError
+    from data_modules.rows import BadRowError
 
-    data = tmp_path / "data" / "code"
-    data.mkdir(parents=True)
-    (data / "train.jsonl").write_text((small_corpus / "train.jsonl").read_text() + json.dumps({"src": "x", "trg": " "}) + "\n")
-    (data / "validation.jsonl").write_text((small_corpus / "validation.jsonl").read_text())
-    (data / MARKER).write_text(VERSIONS["code"] + "\n")
+    bad_row = json.dumps({"src": "x", "trg": " "}) + "\n"
+    data = _built_code_corpus(tmp_path, small_corpus, extra_train_row=bad_row)
     out = tmp_path / "compare.json"
     rows = len((data / "train.jsonl").read_text().splitlines())
     with pytest.raises(BadRowError, match=f"train.jsonl, row {rows}: empty target"):
-        compare.main(["--lengths", "64", "--trg-len", "16", "--hidden", "32", "--layers", "1", "--tasks", "code",
-                      "--data-dir", str(tmp_path / "data"), "--out", str(out)])
-    assert not out.exists() and not out.with_suffix(".partial.json").exists()  # nothing measured yet
+        compare.main(["--lengths", "64", "--trg-len", "16", "--hidden", "32", "--layers", "1",
+                      "--tasks", "code", "--data-dir", str(tmp_path / "data"), "--out", str(out)])
+    # Nothing measured yet.
+    assert not out.exists() and not out.with_suffix(".partial.json").exists()
 
 
-def test_diffusion_validation_loss_is_the_diffusion_terms_at_the_trained_gamma(tmp_path, small_corpus, small_tokenizer_file):
+def test_diffusion_validation_loss_is_the_diffusion_terms_at_the_trained_gamma(
+        tmp_path, small_corpus, small_tokenizer_file):
+    from dataclasses import replace
+
     import lightning.pytorch as pl
 
-    from bench import compare
+    from bench.compare_models import model_args
+    from bench.compare_quality import diffusion_validation_loss
     from data_modules import Seq2SeqDataModule
     from moe_diffuseq import MoEDiffuSeq
 
-    dm = Seq2SeqDataModule(train_path=str(small_corpus / "train.jsonl"), val_path=str(small_corpus / "validation.jsonl"),
-                           tokenizer_path=str(small_tokenizer_file), max_src_len=32, max_trg_len=16, batch_size=4)
-    model = MoEDiffuSeq(**compare.model_args("moe", 32, 1, 32, 16, None))
-    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         limit_val_batches=2, num_sanity_val_steps=0, enable_model_summary=False)
+    dm = Seq2SeqDataModule(train_path=str(small_corpus / "train.jsonl"),
+                           val_path=str(small_corpus / "validation.jsonl"),
+                           tokenizer_path=str(small_tokenizer_file), max_src_len=32, max_trg_len=16,
+                           batch_size=4)
+    model = MoEDiffuSeq(**model_args("moe", 32, 1, 32, 16, None))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, limit_val_batches=2, num_sanity_val_steps=0,
+                         enable_model_summary=False)
     trainer.fit(model, datamodule=dm)
     before = model.diffusion_config
-    loss = compare.diffusion_validation_loss(model, trainer, dm)
-    assert model.diffusion_config is before  # restored: generation and later fits see the configured ramp
-    # By hand: validate at the gamma of step 2 with no ramp, and take the regularisers out of val/loss.
-    from dataclasses import replace
-
+    loss = diffusion_validation_loss(model, trainer, dm)
+    # Restored: generation and later fits see the configured ramp.
+    assert model.diffusion_config is before
+    # By hand: validate at the gamma of step 2 with no ramp, and take the regularisers out of
+    # val/loss.
     gamma = model.denoise_rate(2)
     assert 0 < gamma < before.denoise_rate
     model.diffusion_config = replace(before, denoise_rate=gamma, denoise_warmup_steps=0)
     val = trainer.validate(model, datamodule=dm, verbose=False)[0]
     model.diffusion_config = before
-    regularisers = (model.moe_config.load_balance_coef * val["val/load_balance"] + model.moe_config.z_loss_coef * val["val/z_loss"]
+    moe = model.network_config.moe
+    regularisers = (moe.load_balance_coef * val["val/load_balance"]
+                    + moe.z_loss_coef * val["val/z_loss"]
                     + before.mask_reg_coef * val["val/mask_norm"])
     assert regularisers > 0 and loss == pytest.approx(val["val/loss"] - regularisers)
     full = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/loss"]
@@ -180,17 +200,21 @@ def test_learn_bench_tiny_run_writes_summary_curve_and_plot(tmp_path):
 
     build("code-outline-600", tmp_path / "data" / "code-outline-600", root=stdlib_root() / "email")
     out = tmp_path / "learn.json"
-    tiny = {"embed_dim": 16, "hidden_size": 32, "num_layers": 1, "moe": {"expert_hidden": 32},
+    tiny = {"network": {"embed_dim": 16, "hidden_size": 32, "num_layers": 1,
+                        "moe": {"expert_hidden": 32}},
             "diffusion": {"steps": 20}}
-    learn.main(["--tasks", "code-outline", "--max_chars", "600", "--minutes", "0.05", "--curve_points", "2",
-                "--docs", "4", "--ancestral_docs", "2", "--vocab", "300", "--ablations", "absolute_positions",
-                "--data_dir", str(tmp_path / "data"), "--model", json.dumps(tiny), "--out", str(out)])
+    learn.main(["--tasks", "code-outline", "--max_chars", "600", "--minutes", "0.05",
+                "--curve_points", "2", "--docs", "4", "--ancestral_docs", "2", "--vocab", "300",
+                "--ablations", "absolute_positions", "--data_dir", str(tmp_path / "data"),
+                "--model", json.dumps(tiny), "--out", str(out)])
     payload = json.loads(out.read_text())
     assert [r["name"] for r in payload["runs"]] == ["recipe", "absolute_positions"]
     recipe = payload["runs"][0]
     assert recipe["steps"] >= 1 and len(recipe["curve"]) >= 1
     assert set(recipe["sampling"]) == {"dpm20", "dpm10", "ddim200", "ancestral"}
-    assert set(recipe["noise_levels"]) == {"0", "2", "5", "10", "14", "19"}  # t = f * (T - 1), T = 20
-    assert 0.0 <= payload["summary"]["outline_item_f1"] <= 1.0 and payload["summary"]["cast_item_f1"] is None
+    # t = f * (T - 1), T = 20
+    assert set(recipe["noise_levels"]) == {"0", "2", "5", "10", "14", "19"}
+    summary = payload["summary"]
+    assert 0.0 <= summary["outline_item_f1"] <= 1.0 and summary["cast_item_f1"] is None
     assert len(payload["runs"][1]["f1_minus_recipe_interval"]) == 2
     assert out.with_suffix(".png").stat().st_size > 0

@@ -40,8 +40,8 @@ def test_fit_writes_a_self_contained_checkpoint(trained):
     state = torch.load(trained, map_location="cpu", weights_only=True)  # plain types only
     assert state["global_step"] == 3
     assert "moe_diffuseq_tokenizer" in state
-    assert state["hyper_parameters"]["vocab_size"] == 400
-    assert isinstance(state["hyper_parameters"]["moe"], dict)
+    assert state["hyper_parameters"]["network"]["vocab_size"] == 400
+    assert isinstance(state["hyper_parameters"]["network"]["moe"], dict)
     assert any(k.startswith("ema.") for k in state["state_dict"])
 
 
@@ -72,13 +72,15 @@ def test_generate_command_jsonl_and_stdin(trained, tmp_path, small_corpus):
 
 
 def test_samplers_run_from_a_checkpoint(trained):
+    from moe_diffuseq import generation
     from moe_diffuseq.checkpoint import load_checkpoint
 
     model = load_checkpoint(trained)
     for sampler in ("ancestral", "ddim", "dpm_solver++"):
         (text,) = model.generate(["def g():\n    ..."], sampler=sampler, steps=4)
         assert isinstance(text, str)
-    candidates = model.generate_candidates(["def g():\n    ..."], num_candidates=3, steps=3)
+    settings = generation.sampling_settings(model.sampling_config, num_candidates=3, steps=3)
+    candidates = generation.generate_candidates(model, ["def g():\n    ..."], settings)
     assert len(candidates[0][0]) == 3
     # decode: the same sample as text, whole (strip, the default) or up to its first [SEP]/[PAD].
     (stripped,) = model.generate(["def g():\n    ..."], steps=3, seed=5)
@@ -114,7 +116,7 @@ def test_print_config_shows_documented_options():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", "moe_diffuseq", "fit", "--help"], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "--model.attention.window" in done.stdout
+    assert "--model.network.attention.window" in done.stdout
     assert "Local window" in done.stdout  # the dataclass field docstring became help text
     assert "Peak learning rate" in done.stdout
 
@@ -138,7 +140,7 @@ def test_every_config_parses(config, capsys):
 
 def test_bad_config_value_names_the_key(capsys):
     with pytest.raises(SystemExit, match=r"moe.top_k=9: must be in \[1, num_experts=4\]"):
-        main(["fit", "--config", str(TINY), "--model.moe.top_k=9", "--data.init_args.train_path=x.jsonl"])
+        main(["fit", "--config", str(TINY), "--model.network.moe.top_k=9", "--data.init_args.train_path=x.jsonl"])
 
 
 def test_evaluate_command_writes_json_and_markdown(trained, small_corpus, tmp_path):
@@ -191,15 +193,17 @@ def test_validation_samples_reach_tensorboard(small_corpus, small_tokenizer_file
 
 
 def test_infilling_keeps_given_tokens_and_source_fixed(trained):
+    from moe_diffuseq import generation
     from moe_diffuseq.checkpoint import load_checkpoint
 
     model = load_checkpoint(trained)
     sources = ["def add(a, b):\n    ...", "def g():\n    ..."]
     templates = ["def add(a, b):\n[MASK][MASK][MASK]    return a + b", "[MASK][MASK] g():"]
-    batch, fixed = model.encode(sources, templates)
+    batch, fixed = generation.encode(model, sources, templates)
     assert fixed.any() and not (fixed & ~batch.input_mask).any()
     for sampler in ("dpm_solver++", "ancestral"):
-        ids = model.sample_ids(batch, sampler=sampler, steps=4, seed=1, fixed_mask=fixed)
+        settings = generation.sampling_settings(model.sampling_config, sampler=sampler, steps=4)
+        ids = generation.sample_ids(model, batch, settings, seed=1, fixed_mask=fixed)
         assert torch.equal(ids[fixed], batch.input_ids[fixed])
         source = ~batch.input_mask
         assert torch.equal(ids[source], batch.input_ids[source])
@@ -301,3 +305,13 @@ def test_fit_checks_its_checkpoint_folder_before_training(small_corpus, small_to
     finally:
         if locked.is_dir():
             locked.chmod(0o700)
+
+
+def test_a_bad_option_is_one_line_without_the_usage_dump(capsys):
+    with pytest.raises(SystemExit, match=r"unrecognized arguments: --model.network.hidden_sise=9") as caught:
+        main(["fit", "--config", str(TINY), "--model.network.hidden_sise=9"])
+    assert "\n" not in str(caught.value)
+    with pytest.raises(SystemExit, match=r'moe-diffuseq generate: Parser key "steps": Expected a .*int.* Got value: abc'):
+        main(["generate", "--ckpt", "x.ckpt", "--steps", "abc"])
+    printed = capsys.readouterr()
+    assert "usage:" not in printed.out + printed.err and len((printed.out + printed.err).splitlines()) <= 3

@@ -9,7 +9,7 @@ import torch
 
 from data_modules import Seq2SeqDataModule, load_tokenizer
 from data_modules.corpora.code import build_code_corpus, split_of, stdlib_root
-from data_modules.datamodule import BadRowError
+from data_modules.rows import BadRowError
 from moe_diffuseq.batch import (
     SPECIAL_TOKENS,
     SpecialIds,
@@ -223,7 +223,7 @@ def test_streaming_two_ranks_two_workers_read_each_example_once(small_corpus, sm
 
 
 def test_resumable_sampler_restarts_mid_epoch_and_moves_on():
-    from data_modules.datamodule import ResumableRandomSampler
+    from data_modules.pairs import ResumableRandomSampler
 
     sampler = ResumableRandomSampler(10, seed=3)
     full = list(sampler)
@@ -253,13 +253,13 @@ def test_checkpoint_tokenizer_mismatch_is_an_error(small_corpus, small_tokenizer
     from data_modules import train_tokenizer
     from moe_diffuseq import MoEDiffuSeq
 
-    model = MoEDiffuSeq(vocab_size=400, max_src_len=32, max_trg_len=24, embed_dim=8, hidden_size=16,
-                        num_layers=1, num_heads=2)
+    network = {"vocab_size": 400, "max_src_len": 32, "max_trg_len": 24, "embed_dim": 8, "hidden_size": 16,
+               "num_layers": 1, "num_heads": 2}
+    model = MoEDiffuSeq(network=network)
     model.set_tokenizer(load_tokenizer(small_tokenizer_file))
     checkpoint: dict = {}
     model.on_save_checkpoint(checkpoint)
-    other = MoEDiffuSeq(vocab_size=400, max_src_len=32, max_trg_len=24, embed_dim=8, hidden_size=16,
-                        num_layers=1, num_heads=2)
+    other = MoEDiffuSeq(network=network)
     other.tokenizer = train_tokenizer(["completely different text " * 20] * 5, vocab_size=400)
     with pytest.raises(ValueError, match="tokenizer differs"):
         other.on_load_checkpoint(checkpoint)
@@ -293,3 +293,26 @@ def test_hub_dataset_names_fail_offline_with_a_clear_message(small_corpus, small
              src_key="article", trg_key="abstract")
     with pytest.raises(ValueError, match=r"hub dataset 'ccdv/arxiv-summarization' \(split 'validation'\) could not be loaded"):
         dm.setup("validate")
+
+
+def test_streaming_reshuffles_every_epoch_and_each_epoch_reads_every_row_once(small_corpus, small_tokenizer_file, tmp_path):
+    from types import SimpleNamespace
+
+    rows = [{"id": f"r{i}", "src": f"source {i}", "trg": f"target {i}"} for i in range(64)]
+    for shard in range(2):  # two files, so each rank streams one
+        (tmp_path / f"part-{shard}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[shard::2]))
+
+    def epochs(rank: int) -> list[list[str]]:
+        dm = _dm(small_corpus, small_tokenizer_file, train_path=str(tmp_path / "part-*.jsonl"), streaming=True,
+                 shuffle_buffer=64, batch_size=8, data_dir=str(tmp_path / "work"))
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, training=False, current_epoch=0)
+        dm.setup("fit")
+        loader = dm.train_dataloader()  # one loader, iterated once per epoch, as the fit loop does
+        return [[i.rsplit(":", 1)[-1] for batch in loader for i in batch.example_ids] for _ in range(2)]
+
+    ranks = [epochs(0), epochs(1)]
+    for epoch in range(2):
+        assert sorted(ranks[0][epoch] + ranks[1][epoch]) == sorted(r["id"] for r in rows)  # each row once
+    for rank in ranks:
+        assert rank[0] != rank[1] and sorted(rank[0]) == sorted(rank[1])  # a new order each epoch
+    assert epochs(0) == ranks[0]  # seeded: a rerun reads the same orders

@@ -14,6 +14,7 @@ from moe_diffuseq.diffusion import (
     SamplingProblem,
     absorb,
     forward_process,
+    losses,
     run_sampler,
     timesteps,
 )
@@ -117,24 +118,33 @@ def test_only_absorbable_positions_are_replaced(schedule):
 
 
 @pytest.mark.parametrize("absorb_padding", [False, True])
-def test_training_absorbs_padding_only_when_asked(small_tokenizer, absorb_padding):
+def test_training_absorbs_padding_only_when_asked(small_tokenizer, absorb_padding, monkeypatch):
     # A short target leaves [PAD] in the target region; by default m replaces text tokens (and the
     # closing [SEP]) only, so the denoiser never learns "m means the text has ended".
-    model = MoEDiffuSeq(max_src_len=8, max_trg_len=12, embed_dim=8, hidden_size=16, num_layers=1, num_heads=2,
-                        moe={"num_experts": 2, "top_k": 1, "expert_hidden": 16},
+    model = MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 12, "embed_dim": 8, "hidden_size": 16, "num_layers": 1,
+                                 "num_heads": 2, "moe": {"num_experts": 2, "top_k": 1, "expert_hidden": 16}},
                         diffusion={"denoise_rate": 1.0, "absorb_padding": absorb_padding})
     model.set_tokenizer(small_tokenizer)
-    model._build()
+    model.configure_model()
     special = SpecialIds.from_tokenizer(small_tokenizer)
     batch = collate_pairs(encode_pairs(small_tokenizer, ["the source"] * 8, ["a short target"] * 8, 8, 12), special, 12)
     pad = batch.input_mask & (batch.input_ids == special.pad)
     assert pad.any() and (batch.input_mask & ~pad).any()
     t = torch.full((8,), 1999)
-    _, _, terms = model._loss(model.denoiser, batch, t, torch.ones(8), torch.Generator().manual_seed(0))
+    absorbed: list[torch.Tensor] = []  # which positions the real forward process replaced by m
+
+    def recording(*args, **kwargs):
+        z_t, replaced = forward_process(*args, **kwargs)
+        absorbed.append(replaced)
+        return z_t, replaced
+
+    monkeypatch.setattr(losses, "forward_process", recording)
+    model.compute_loss(batch, t, torch.ones(8), generator=torch.Generator().manual_seed(0))
+    (absorbed,) = absorbed
     text = batch.input_mask & ~pad
-    assert terms.absorbed[text].float().mean() > 0.9
-    assert terms.absorbed[pad].any() == absorb_padding
-    assert not terms.absorbed[~batch.input_mask].any()
+    assert absorbed[text].float().mean() > 0.9
+    assert absorbed[pad].any() == absorb_padding
+    assert not absorbed[~batch.input_mask].any()
 
 
 def test_without_absorbing_state_it_is_plain_diffuseq(schedule):
@@ -222,7 +232,8 @@ def test_ddim_reaches_the_exact_flow_endpoint_as_steps_grow():
     assert errors[3] < 2e-3 and 1.7 < errors[1] / errors[2] < 2.3
 
 
-def test_ancestral_final_mean_and_variance_match_the_chain_in_closed_form():
+@pytest.mark.parametrize("variance", ["posterior", "fixed_large"])
+def test_ancestral_final_mean_and_variance_match_the_chain_in_closed_form(variance):
     # x0 ~ N(mu, sd^2) per coordinate: the exact denoiser is affine in z_t, so each reverse step
     # z_{t-1} = c_x0 x0_hat(z_t) + c_xt z_t + sigma_t eps is affine plus Gaussian noise, and the
     # chain's final mean and variance follow in closed form. Over 8,192 draws the sampler's
@@ -243,15 +254,18 @@ def test_ancestral_final_mean_and_variance_match_the_chain_in_closed_form():
         c0, ct = schedule.posterior_coef_x0[t], schedule.posterior_coef_xt[t]
         a = c0 * gain(t) + ct
         mean = a * mean + c0 * (mu - gain(t) * ab[t].sqrt() * mu)
-        var = a**2 * var + schedule.posterior_log_var[t].exp()
+        step_var = schedule.posterior_log_var[t].exp() if variance == "posterior" else schedule.betas[t]
+        var = a**2 * var + step_var
     final_mean = mu + gain(0) * (mean - ab[0].sqrt() * mu)
     final_var = gain(0) ** 2 * var
-    out = run_sampler("ancestral", denoise, problem, schedule, generator=torch.Generator().manual_seed(0))
+    out = run_sampler("ancestral", denoise, problem, schedule, generator=torch.Generator().manual_seed(0),
+                      variance=variance)
     assert abs(out.mean().item() - final_mean.item()) < 0.01
     assert abs(out.var().item() / final_var.item() - 1) < 0.05
-    # DDPM with the posterior variance under-disperses a little: not the data's own spread.
+    # DDPM with the posterior variance under-disperses a little: not the data's own spread; the
+    # fixed-large variance (beta_t >= the posterior's) spreads more.
     data_var = (gain(0) ** 2 * (ab[0] * sd**2 + 1 - ab[0])).item()
-    assert final_var.item() < data_var
+    assert (final_var.item() < data_var) == (variance == "posterior")
 
 
 @pytest.mark.parametrize("sampler", ["ancestral", "ddim", "dpm_solver++"])
@@ -305,41 +319,86 @@ def _tiny_batch(src_len: int, trg_len: int, vocab: int) -> Seq2SeqBatch:
 
 @pytest.mark.parametrize("loss_on", ["all", "target"])
 def test_loss_on_scores_only_its_positions(schedule, loss_on):
-    model = MoEDiffuSeq(vocab_size=40, max_src_len=6, max_trg_len=5, embed_dim=8, hidden_size=16, num_layers=1,
-                        num_heads=2, moe={"num_experts": 2, "top_k": 1, "expert_hidden": 16})
+    model = MoEDiffuSeq(network={"vocab_size": 40, "max_src_len": 6, "max_trg_len": 5, "embed_dim": 8, "hidden_size": 16,
+                                 "num_layers": 1, "num_heads": 2, "moe": {"num_experts": 2, "top_k": 1, "expert_hidden": 16}})
     batch = _tiny_batch(6, 5, 40)
     t = torch.tensor([3, 1500])
+    denoise = model.denoiser.forward
+    outputs: list[torch.Tensor] = []  # what the denoiser wrote (x0_hat), recorded as it runs
+    model.denoiser.forward = lambda *args: outputs.append(denoise(*args)[0]) or (outputs[-1], [])
     terms = diffusion_loss_terms(model.denoiser, schedule, batch, t, denoise_rate=0.5, loss_on=loss_on,
                                  generator=torch.Generator().manual_seed(0))
     expected = ~batch.padding_mask & (batch.input_mask if loss_on == "target" else True)
-    assert torch.equal(terms.scored, expected)
+    (x0_hat,) = outputs
     # Rebuild the mse from x0_hat by hand: the scored positions only, the same noise draw.
     emb = model.denoiser.embed(batch.input_ids)
     noise = torch.randn(emb.shape, generator=torch.Generator().manual_seed(0))
     z0 = noised_start(emb, schedule, noise)
     target = torch.where((t == 0)[:, None, None], emb, z0)
-    per_position = (terms.x0_hat - target).square().mean(-1)
+    per_position = (x0_hat - target).square().mean(-1)
     for row in range(2):
         assert terms.mse[row].item() == pytest.approx(per_position[row][expected[row]].mean().item(), rel=1e-5)
 
 
 def test_loss_on_auto_scores_the_source_up_to_512_tokens():
     assert DiffusionConfig().loss_on == "auto"
-    short = MoEDiffuSeq(max_src_len=LONG_SOURCE_TOKENS, max_trg_len=8)
-    long = MoEDiffuSeq(max_src_len=LONG_SOURCE_TOKENS + 1, max_trg_len=8)
+    short = MoEDiffuSeq(network={"max_src_len": LONG_SOURCE_TOKENS, "max_trg_len": 8})
+    long = MoEDiffuSeq(network={"max_src_len": LONG_SOURCE_TOKENS + 1, "max_trg_len": 8})
     assert (short.loss_on, long.loss_on) == ("all", "target")
-    pinned = MoEDiffuSeq(max_src_len=8, max_trg_len=8, diffusion={"loss_on": "target"})
+    pinned = MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 8}, diffusion={"loss_on": "target"})
     assert pinned.loss_on == "target"
     with pytest.raises(ValueError, match="diffusion.loss_on"):
-        MoEDiffuSeq(max_src_len=8, max_trg_len=8, diffusion={"loss_on": "source"})
+        MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 8}, diffusion={"loss_on": "source"})
 
 
 def test_denoise_rate_ramps_over_its_warmup_and_validation_uses_the_full_rate():
-    model = MoEDiffuSeq(max_src_len=8, max_trg_len=8, diffusion={"denoise_rate": 0.4, "denoise_warmup_steps": 100})
+    model = MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 8}, diffusion={"denoise_rate": 0.4, "denoise_warmup_steps": 100})
     assert [model.denoise_rate(s) for s in (0, 25, 100, 5000)] == pytest.approx([0.0, 0.1, 0.4, 0.4])
     assert model.denoise_rate(None) == 0.4
-    assert MoEDiffuSeq(max_src_len=8, max_trg_len=8, diffusion={"denoise_rate": 0.4}).denoise_rate(0) == 0.4
-    off = MoEDiffuSeq(max_src_len=8, max_trg_len=8, diffusion={"soft_absorbing": False, "denoise_warmup_steps": 100})
+    assert MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 8}, diffusion={"denoise_rate": 0.4}).denoise_rate(0) == 0.4
+    off = MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 8}, diffusion={"soft_absorbing": False, "denoise_warmup_steps": 100})
     assert off.denoise_rate(50) == off.denoise_rate(None) == 0.0
     with pytest.raises(ValueError, match="diffusion.denoise_warmup_steps"):
-        MoEDiffuSeq(max_src_len=8, max_trg_len=8, diffusion={"denoise_warmup_steps": -1})
+        MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 8}, diffusion={"denoise_warmup_steps": -1})
+
+
+def test_forward_process_at_intermediate_t_with_an_absorbing_vector_matches_the_formula(schedule):
+    z0, target, m = _toy(batch=4)
+    t = torch.tensor([0, 300, 1200, 1999])
+    gamma = 0.7
+    z_t, replaced = forward_process(z0, t, target, m, schedule, gamma, torch.Generator().manual_seed(5))
+    # The same draws, in forward_process's order: one uniform per position, then the noise.
+    gen = torch.Generator().manual_seed(5)
+    uniform = torch.rand(z0.shape[:2], generator=gen)
+    noise = torch.randn(z0.shape, generator=gen)
+    ab = schedule.alpha_bar.double()[t][:, None, None]
+    continuous = ab.sqrt() * (z0.double() - m.double()) + (1 - ab).sqrt() * noise.double() + m.double()
+    expected_replaced = target & (uniform.double() < gamma * (1 - ab[:, :, 0]).sqrt())
+    expected = torch.where(expected_replaced[..., None], m.double(), continuous)
+    expected = torch.where(target[..., None], expected, z0.double())
+    assert torch.equal(replaced, expected_replaced)
+    assert 0 < int(replaced[1:3].sum()) < int(target[1:3].sum())  # t = 300 and 1200 absorb some, not all
+    torch.testing.assert_close(z_t.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rounding_and_tT_losses_match_their_formulas(schedule):
+    model = MoEDiffuSeq(network={"vocab_size": 40, "max_src_len": 6, "max_trg_len": 5, "embed_dim": 8, "hidden_size": 16,
+                                 "num_layers": 1, "num_heads": 2, "moe": {"num_experts": 2, "top_k": 1, "expert_hidden": 16}},
+                        diffusion={"soft_absorbing": True})
+    with torch.no_grad():
+        model.denoiser.absorbing_state.add_(0.5)  # m far from 0: the tT term must measure z0 - m
+    batch = _tiny_batch(6, 5, 40)
+    t = torch.tensor([3, 1500])
+    terms = diffusion_loss_terms(model.denoiser, schedule, batch, t, denoise_rate=0.0, loss_on="all",
+                                 generator=torch.Generator().manual_seed(0))
+    table = model.denoiser.word_embedding.weight.double()
+    m = model.denoiser.absorbing_state.double()
+    noise = torch.randn((2, batch.input_ids.shape[1], 8), generator=torch.Generator().manual_seed(0)).double()
+    z0 = table[batch.input_ids] + (1 - schedule.alpha_bar.double()[0]).sqrt() * noise
+    logits = z0 @ table.T  # the rounding head is the tied embedding
+    nll = torch.logsumexp(logits, -1) - logits.gather(-1, batch.input_ids[..., None])[..., 0]
+    t_T = (schedule.alpha_bar.double()[-1] * (z0 - m).square()).mean(-1)
+    for row in range(2):
+        scored = ~batch.padding_mask[row]
+        assert terms.rounding[row].item() == pytest.approx(nll[row][scored].mean().item(), rel=1e-5)
+        assert terms.t_T[row].item() == pytest.approx(t_T[row][scored].mean().item(), rel=1e-5)

@@ -66,8 +66,8 @@ def test_tiny_model_learns_to_copy_from_a_source_of_varying_length(small_corpus,
         data_dir=str(tmp_path / "work"),
     )
     model = MoEDiffuSeq(
-        embed_dim=32, hidden_size=64, num_layers=2, num_heads=4, dropout=0.0,
-        attention={"window": 64}, moe={"num_experts": 2, "top_k": 1, "expert_hidden": 128},
+        network={"max_src_len": 32, "max_trg_len": 6, "embed_dim": 32, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
+                 "dropout": 0.0, "attention": {"window": 64}, "moe": {"num_experts": 2, "top_k": 1, "expert_hidden": 128}},
         diffusion={"steps": 2000, "soft_absorbing": False, "loss_on": "target"},
         lr=2e-3, warmup_steps=20, lr_decay="constant", ema_decay=0.0,
     )

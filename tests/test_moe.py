@@ -175,14 +175,25 @@ def test_bad_top_k_is_a_clear_error():
 def test_autocast_bf16_forward_and_backward_run_in_both_dispatches():
     torch.manual_seed(0)
     moe = MoEFeedForward(16, 16, num_experts=4, top_k=2)
-    x = torch.randn(2, 5, 16, requires_grad=True)
+    x = torch.randn(2, 5, 16)
     padding = torch.zeros(2, 5, dtype=torch.bool)
     padding[1, 3:] = True
-    outs = []
-    for dispatch in ("looped", "sorted"):
+    weight = torch.randn(2, 5, 16)  # a loss whose gradient differs per position
+
+    def run(dispatch: str, bf16: bool):
         moe.dispatch = dispatch
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y, _ = moe(x, padding)
-        y.float().sum().backward()
-        outs.append(y.float())
-    torch.testing.assert_close(outs[0], outs[1], atol=2e-2, rtol=2e-2)
+        moe.zero_grad(set_to_none=True)
+        inputs = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y, _ = moe(inputs, padding)
+        (y.float() * weight).sum().backward()
+        grads = {"input": inputs.grad, **{n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}}
+        return y.float(), grads
+
+    reference_out, reference_grads = run("looped", bf16=False)
+    for dispatch in ("looped", "sorted"):
+        out, grads = run(dispatch, bf16=True)
+        torch.testing.assert_close(out, reference_out, atol=3e-2, rtol=3e-2)
+        assert grads.keys() == reference_grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, reference_grads[name], atol=5e-2, rtol=5e-2, msg=f"{dispatch} {name}")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import data_args
 
@@ -37,21 +38,26 @@ def _losses(root: Path, version: str) -> dict[int, tuple[int, float]]:
         return {int(r["step"]): (int(r["epoch"]), float(r["train/loss"])) for r in csv.DictReader(handle) if r.get("train/loss")}
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run_across_epochs(tmp_path, small_corpus, small_tokenizer_file):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_sigkill_then_resume_matches_uninterrupted_run_across_epochs(tmp_path, small_corpus, small_tokenizer_file,
+                                                                     streaming):
     # 24 training rows at batch 4: 6 steps an epoch. Killed at step 3 (mid-epoch 0), resumed, run to
     # step 18: the resumed run must see the same batches in the same epochs for two more epochs.
+    # Streamed, the rows pass through a shuffle buffer reseeded every epoch.
     rows = (small_corpus / "train.jsonl").read_text().splitlines()[:24]
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "train.jsonl").write_text("\n".join(rows) + "\n")
     (corpus / "validation.jsonl").write_text((small_corpus / "validation.jsonl").read_text())
-    steps = "--trainer.max_steps=18"
-    full = _fit(tmp_path / "full", corpus, small_tokenizer_file, "full", steps)
+    steps = ["--trainer.max_steps=18"]
+    if streaming:
+        steps += ["--data.init_args.streaming=true", "--data.init_args.shuffle_buffer=16"]
+    full = _fit(tmp_path / "full", corpus, small_tokenizer_file, "full", *steps)
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = _fit(tmp_path / "cut", corpus, small_tokenizer_file, "first", steps,
+    killed = _fit(tmp_path / "cut", corpus, small_tokenizer_file, "first", *steps,
                   "--trainer.callbacks+=helpers.KillAtStep", "--trainer.callbacks.step=3")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = _fit(tmp_path / "cut", corpus, small_tokenizer_file, "resumed", steps, "--ckpt_path=last")
+    resumed = _fit(tmp_path / "cut", corpus, small_tokenizer_file, "resumed", *steps, "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     reference, after = _losses(tmp_path / "full", "full"), _losses(tmp_path / "cut", "resumed")
     assert sorted(after) == list(range(3, 18)) and set(after) <= set(reference)
@@ -82,10 +88,10 @@ def test_resuming_with_a_changed_model_setting_names_it(tmp_path, small_corpus, 
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt = str(tmp_path / "ckpt" / "last.ckpt")
     changed = _fit(tmp_path, small_corpus, small_tokenizer_file, "changed", "--trainer.max_steps=3",
-                   f"--ckpt_path={ckpt}", "--model.hidden_size=64", "--model.attention.window=16")
+                   f"--ckpt_path={ckpt}", "--model.network.hidden_size=64", "--model.network.attention.window=16")
     assert changed.returncode != 0
     message = changed.stderr.strip().splitlines()[-1]
-    assert "model.hidden_size: 32 -> 64" in message and "model.attention.window: 8 -> 16" in message
+    assert "model.network.hidden_size: 32 -> 64" in message and "model.network.attention.window: 8 -> 16" in message
     assert "Traceback" not in changed.stderr  # one clear line
     allowed = _fit(tmp_path, small_corpus, small_tokenizer_file, "allowed", "--trainer.max_steps=3",
                    f"--ckpt_path={ckpt}", "--model.lr=0.01")

@@ -7,8 +7,12 @@ shape (batch, length), bool, True on global tokens / padding keys.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import get_args
+
 import torch
 
+from ..config import AttentionBackend
 from .banded import banded_attention
 from .dense import dense_attention
 from .flex import flex_available, flex_sparse_attention
@@ -16,7 +20,18 @@ from .full import full_eager_attention, full_sdpa_attention
 from .mask import band_reach, sparse_mask
 from .xformers_backend import xformers_attention, xformers_available
 
-BACKENDS = ("auto", "dense", "banded", "flex", "xformers", "full_sdpa", "full_eager")
+# The kernels by name; ``auto`` stands for one of them (``pick_backend``). ``full_sdpa`` and
+# ``full_eager`` ignore the window and globals: they are the full-attention baseline.
+KERNELS: dict[str, Callable[..., torch.Tensor]] = {
+    "dense": dense_attention,
+    "banded": banded_attention,
+    "flex": flex_sparse_attention,
+    "xformers": xformers_attention,
+    "full_sdpa": full_sdpa_attention,
+    "full_eager": full_eager_attention,
+}
+# The names a config may give (the CLI's choices come from the same Literal).
+BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 
 
 def pick_backend(device_type: str, dtype: torch.dtype, length: int, *, window: int, dilation: int = 1,
@@ -73,17 +88,9 @@ def sparse_attention(
     kwargs = dict(window=window, dilation=dilation, global_mask=global_mask, key_padding_mask=key_padding_mask)
     padded = key_padding_mask is not None and bool(key_padding_mask.any())
     name = resolve_backend(backend, q, window=window, dilation=dilation, block_size=block_size, key_padding=padded)
-    if name == "dense":
-        return dense_attention(q, k, v, **kwargs)
-    if name == "banded":
-        return banded_attention(q, k, v, block_size=block_size, **kwargs)
-    if name == "flex":
-        return flex_sparse_attention(q, k, v, **kwargs)
-    if name == "full_sdpa":  # the DiffuSeq baseline: window and globals do not apply
-        return full_sdpa_attention(q, k, v, **kwargs)
-    if name == "full_eager":
-        return full_eager_attention(q, k, v, **kwargs)
-    return xformers_attention(q, k, v, **kwargs)
+    if name == "banded":  # the one kernel that blocks its queries
+        kwargs["block_size"] = block_size
+    return KERNELS[name](q, k, v, **kwargs)
 
 
-__all__ = ["BACKENDS", "pick_backend", "resolve_backend", "sparse_attention", "sparse_mask"]
+__all__ = ["BACKENDS", "KERNELS", "pick_backend", "resolve_backend", "sparse_attention", "sparse_mask"]

@@ -9,8 +9,7 @@ strided views of the key spans; elsewhere, and in the backward, blocks are proce
 chunks so that no tensor grows with length squared. Like FlashAttention, the block part
 keeps only its inputs, its output and one log-sum-exp per row for the backward, which
 recomputes the scores chunk by chunk: the saved state is O(length * head_dim), not
-O(length * span) (bench/compare.py measured the probabilities and the materialised
-key/value spans at ~3/4 of a layer's saved memory).
+O(length * span) (the probabilities and the materialised key/value spans).
 """
 
 from __future__ import annotations
@@ -22,10 +21,9 @@ import torch.nn.functional as F
 
 from .mask import band_reach, local_band
 
-# Score elements per chunk (batch * heads * rows * keys); bounds the transient working set.
-# 1 MB chunks measured fastest on CPU (bench/attention.py at 4k-8k: 2^18 -> 0.107 s, 2^24 ->
-# 0.203 s at 8k): small transients stay in cache and in the allocator's free lists, where
-# large ones are mmapped and page-faulted afresh each time.
+# Score elements per chunk (batch * heads * rows * keys); bounds the transient working set. Small
+# transients stay in cache and in the allocator's free lists, where large ones are mmapped and
+# page-faulted afresh each time (bench/attention.py times the choice).
 _CHUNK_ELEMENTS = 1 << 18
 
 
@@ -119,7 +117,6 @@ def _fused_forward(q_blocks, k_pad, v_pad, k_glob, v_glob, local_ok, band, glob_
     view of the padded keys (no copy), under an additive mask of the band and the visible
     keys; one call per batch row, since the mask differs per row but not per head. The
     global keys are a second call, merged with the local part through the log-sum-exps.
-    At 1.3k tokens (4 heads) a layer's banded forward went from 9.4 to 4.6 ms with it.
     """
     batch, heads, n_blocks, block, dim = q_blocks.shape
     span = band.shape[1]
@@ -291,8 +288,8 @@ def banded_attention(
         scores = torch.matmul(q_glob, kf.transpose(-1, -2)) * scale  # (B, H, G, L)
         probs = _masked_softmax(scores, key_ok[:, None, None, :])
         out_glob = torch.matmul(probs, vf)  # (B, H, G, D)
-        # Written over the global rows in one indexed copy (a scatter into zeros and a
-        # where() over the whole output measured 1.1 ms of 4.8 at 1.3k tokens).
+        # Written over the global rows in one indexed copy: a scatter into zeros and a where()
+        # over the whole output would touch every row.
         row, slot = gvalid.nonzero(as_tuple=True)
         position = gidx[row, slot]
         out = out.transpose(1, 2).index_put((row, position), out_glob.transpose(1, 2)[row, slot]).transpose(1, 2)

@@ -20,10 +20,7 @@ class DiffusionLossTerms:
     mse: torch.Tensor
     rounding: torch.Tensor
     t_T: torch.Tensor
-    x0_hat: torch.Tensor  # (B, L, E)
     router_stats: list[RouterStats]
-    scored: torch.Tensor  # (B, L) bool: positions the mse / rounding losses average over
-    absorbed: torch.Tensor  # (B, L) bool: positions the soft absorbing state replaced by m
     mask_norm: torch.Tensor  # ||m||_2 of the absorbing state (its regulariser)
     predicted_ids: torch.Tensor | None  # (B, L) argmax of the rounding head on x0_hat, if asked
     x0_nll: torch.Tensor | None = None  # (B,) cross-entropy of the rounding head on x0_hat, if weighted
@@ -68,7 +65,7 @@ def diffusion_loss_terms(
     noise = torch.randn(emb.shape, device=emb.device, dtype=emb.dtype, generator=generator)
     z0 = noised_start(emb, schedule, noise)
     m = denoiser.absorbing_state
-    z_t, absorbed = forward_process(z0, t, target_mask, m, schedule, denoise_rate, generator=generator,
+    z_t, _ = forward_process(z0, t, target_mask, m, schedule, denoise_rate, generator=generator,
                                    absorbable=absorbable)
     global_mask = denoiser.global_tokens(batch.global_mask, target_mask, batch.padding_mask)
     x0_prev = None
@@ -108,6 +105,5 @@ def diffusion_loss_terms(
         with torch.no_grad():
             predicted = denoiser.logits(x0_hat).argmax(-1)
     return DiffusionLossTerms(
-        mse=mse, rounding=rounding, t_T=t_T, x0_hat=x0_hat, router_stats=stats, scored=scored, absorbed=absorbed,
-        mask_norm=m.norm(), predicted_ids=predicted, x0_nll=x0_nll, x0_nll_coef=x0_nll_coef,
+        mse=mse, rounding=rounding, t_T=t_T, router_stats=stats, mask_norm=m.norm(), predicted_ids=predicted, x0_nll=x0_nll, x0_nll_coef=x0_nll_coef,
     )

@@ -16,6 +16,7 @@ import torch
 
 from .schedule import NoiseSchedule
 
+VARIANCES = ("posterior", "fixed_large")
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z_t (B,L,D), t (B,)) -> x0_hat
 
 
@@ -80,8 +81,12 @@ def _predict(denoise: Denoise, problem: SamplingProblem, y: torch.Tensor, t: int
     return problem.anchored(denoise(problem.anchored(y) + m, t_batch) - m)
 
 
-def ancestral(denoise, problem, schedule, steps, spacing, generator, progress) -> torch.Tensor:
-    """DDPM ancestral sampling over every one of the T steps (``steps`` is ignored)."""
+def ancestral(denoise, problem, schedule, steps, spacing, generator, progress, variance="posterior") -> torch.Tensor:
+    """DDPM ancestral sampling over every one of the T steps (``steps`` is ignored), with the
+    posterior's variance or DiffuSeq's ``fixed_large`` one (beta_t)."""
+    if variance not in VARIANCES:
+        raise ValueError(f"sampling.variance={variance!r}: expected one of {VARIANCES}")
+    log_var = f"{variance}_log_var"
     y = problem.anchored(torch.randn(problem.anchor.shape, generator=generator, device=problem.anchor.device))
     x0 = y
     for t in _progress(range(schedule.steps - 1, -1, -1), progress, "ancestral"):
@@ -90,7 +95,7 @@ def ancestral(denoise, problem, schedule, steps, spacing, generator, progress) -
         mean = schedule.at("posterior_coef_x0", t_b, y) * x0 + schedule.at("posterior_coef_xt", t_b, y) * y
         if t > 0:
             noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
-            y = problem.anchored(mean + (0.5 * schedule.at("posterior_log_var", t_b, y)).exp() * noise)
+            y = problem.anchored(mean + (0.5 * schedule.at(log_var, t_b, y)).exp() * noise)
     return x0 + problem.mask_vector
 
 
@@ -158,9 +163,12 @@ def run_sampler(
     spacing: str = "time_uniform",
     generator: torch.Generator | None = None,
     progress: bool = False,
+    variance: str = "posterior",
 ) -> torch.Tensor:
-    """Run the named sampler; returns the final x0 estimate in z coordinates (B, L, D)."""
+    """Run the named sampler; returns the final x0 estimate in z coordinates (B, L, D).
+    ``variance`` applies to ``ancestral``, the one stochastic sampler."""
     if name not in SAMPLERS:
         raise ValueError(f"sampler={name!r} is not one of {sorted(SAMPLERS)}")
+    options = {"variance": variance} if name == "ancestral" else {}
     with torch.no_grad():
-        return SAMPLERS[name](denoise, problem, schedule, steps, spacing, generator, progress)
+        return SAMPLERS[name](denoise, problem, schedule, steps, spacing, generator, progress, **options)

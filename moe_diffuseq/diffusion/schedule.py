@@ -47,6 +47,8 @@ class NoiseSchedule(nn.Module):
             "posterior_var": posterior_var,
             # log variance clipped at t=0, where the posterior variance is 0 (as DiffuSeq)
             "posterior_log_var": torch.log(torch.cat([posterior_var[1:2], posterior_var[1:]])),
+            # DiffuSeq's "fixed large" variance: beta_t (the posterior's at t = 0).
+            "fixed_large_log_var": torch.log(torch.cat([posterior_var[1:2], betas[1:]])),
             "posterior_coef_x0": betas * ab_prev.sqrt() / (1.0 - ab),
             "posterior_coef_xt": (1.0 - ab_prev) * (1.0 - betas).sqrt() / (1.0 - ab),
         }

@@ -1,7 +1,7 @@
 """Mixture-of-experts feed-forward: router, experts and dispatch, losses, the layer."""
 
 from .experts import Experts, looped_dispatch, sorted_dispatch
-from .layer import DenseFeedForward, MoEFeedForward, RouterStats, capacity_keep
+from .layer import DenseFeedForward, MoEFeedForward, RouterStats, capacity_keep, router_metrics
 from .losses import load_balancing_loss, router_entropy, router_losses, router_z_loss
 from .router import Routing, TopKRouter
 
@@ -17,6 +17,7 @@ __all__ = [
     "looped_dispatch",
     "router_entropy",
     "router_losses",
+    "router_metrics",
     "router_z_loss",
     "sorted_dispatch",
 ]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import MoEConfig
 from .experts import DISPATCH, Experts
 from .losses import load_balancing_loss, router_entropy, router_z_loss
 from .router import TopKRouter
@@ -77,6 +78,14 @@ class MoEFeedForward(nn.Module):
         self.experts = Experts(num_experts, d_model, d_hidden)
         self.shared = DenseFeedForward(d_model, d_hidden) if shared_expert else None
 
+    @classmethod
+    def from_config(cls, d_model: int, config: MoEConfig) -> MoEFeedForward:
+        """The layer that ``config`` describes, at width ``d_model``."""
+        return cls(
+            d_model, config.expert_hidden, config.num_experts, config.top_k, capacity_factor=config.capacity_factor,
+            jitter=config.jitter, dispatch=config.dispatch, shared_expert=config.shared_expert,
+        )
+
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
         """x: (..., d_model); padding_mask: x.shape[:-1] bool, True on padding (output 0 there)."""
         shape = x.shape
@@ -124,3 +133,14 @@ class DenseFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
         return self.fc2(F.gelu(self.fc1(x))), None
+
+
+def router_metrics(stats: list[RouterStats]) -> dict[str, torch.Tensor | float]:
+    """Per-layer expert load, mean router entropy and dropped fraction, named for logging."""
+    metrics: dict[str, torch.Tensor | float] = {}
+    for layer, s in enumerate(stats):
+        for e, frac in enumerate(s.expert_fraction.tolist()):
+            metrics[f"moe/layer{layer}/load_e{e}"] = frac
+    metrics["moe/entropy"] = torch.stack([s.entropy for s in stats]).mean()
+    metrics["moe/dropped_fraction"] = torch.stack([s.dropped_fraction for s in stats]).mean()
+    return metrics

@@ -1,0 +1,81 @@
+"""AdamW with linear warm-up and a decay to ``min_lr_ratio * lr``; the EMA of the weights; the guard
+that skips non-finite steps."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def lr_factor(step: int, warmup: int, total: int, decay: str, min_lr_ratio: float) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+
+def adamw_with_schedule(
+    net: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    warmup_steps: int,
+    lr_decay: str,
+    min_lr_ratio: float,
+    estimated_steps: float,
+) -> dict:
+    """Lightning's ``configure_optimizers`` answer: AdamW (no decay on biases and norms) and a
+    per-step schedule."""
+    decay, no_decay = [], []
+    for name, param in net.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.dim() < 2 or "norm" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    # A run bounded only by time has no known length: warm up, then keep the peak rate.
+    known = math.isfinite(estimated_steps)
+    total = max(1, int(estimated_steps)) if known else warmup_steps + 1
+    warmup = min(warmup_steps, max(0, total - 1))
+    shape = lr_decay if known else "constant"
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup, total, shape, min_lr_ratio)
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+@torch.no_grad()
+def update_ema(average: nn.Module, current: nn.Module, decay: float, step: int) -> None:
+    """Move ``average``'s weights toward ``current``'s. The decay warms up, (1 + step) / (10 + step),
+    so that early averages are not dominated by the random initialisation."""
+    decay = min(decay, (1 + step) / (10 + step))
+    for avg, cur in zip(average.parameters(), current.parameters(), strict=True):
+        avg.lerp_(cur.detach(), 1.0 - decay)
+
+
+class NonFiniteGuard:
+    """Skips steps whose loss is NaN/inf, with a warning naming the batch's examples, and stops the
+    run (FloatingPointError) after ``max_in_a_row`` such steps in a row."""
+
+    def __init__(self, max_in_a_row: int) -> None:
+        self.max_in_a_row = max_in_a_row
+        self.in_a_row = 0
+
+    def skip(self, bad: bool, loss: torch.Tensor, step: int, example_ids: list[str]) -> bool:
+        """Whether to skip this step (``bad``: its loss, reduced over ranks, is not finite)."""
+        if not bad:
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        log.warning("non-finite loss %s at step %d (examples %s); step skipped", loss.item(), step, example_ids[:8])
+        if self.in_a_row >= self.max_in_a_row:
+            raise FloatingPointError(f"{self.in_a_row} consecutive non-finite losses; last batch's examples: {example_ids}")
+        return True

@@ -30,7 +30,8 @@ from .common import (
     write_json,
 )
 
-SETUP = {"batch": 1, "heads": 2, "head_dim": 64, "window": 256, "dilation": 1, "globals": 2, "block_size": 64}
+SETUP = {"batch": 1, "heads": 2, "head_dim": 64, "window": 256, "dilation": 1, "globals": 2,
+         "block_size": 64}
 
 
 def inputs(length: int, requires_grad: bool = True, seed: int = 0, batch: int = SETUP["batch"]):
@@ -65,8 +66,8 @@ def short_sequences(repeats: int) -> list[dict]:
         q, k, v, glob = inputs(length, requires_grad=False, batch=batch)
         pad = torch.zeros(batch, length, dtype=torch.bool)
         pad[1:, length - length // 5 :] = True  # rows of different lengths, as in a real batch
-        kwargs = dict(window=SETUP["window"], dilation=SETUP["dilation"], global_mask=glob, key_padding_mask=pad,
-                      block_size=SETUP["block_size"])
+        kwargs = dict(window=SETUP["window"], dilation=SETUP["dilation"], global_mask=glob,
+                      key_padding_mask=pad, block_size=SETUP["block_size"])
 
         def run(backend: str, backward: bool) -> None:
             qq, kk, vv = (t.detach().requires_grad_(backward) for t in (q, k, v))
@@ -76,11 +77,13 @@ def short_sequences(repeats: int) -> list[dict]:
                     out.sum().backward()
 
         record = {"batch": batch, "length": length,
-                  "auto": resolve_backend("auto", q, window=SETUP["window"], dilation=SETUP["dilation"],
+                  "auto": resolve_backend("auto", q, window=SETUP["window"],
+                                          dilation=SETUP["dilation"],
                                           block_size=SETUP["block_size"])}
         for backend in ("dense", "banded"):
             record[f"{backend}_fwd_s"] = time_call(lambda b=backend: run(b, False), repeats=repeats)
-            record[f"{backend}_fwd_bwd_s"] = time_call(lambda b=backend: run(b, True), repeats=repeats)
+            record[f"{backend}_fwd_bwd_s"] = time_call(lambda b=backend: run(b, True),
+                                                       repeats=repeats)
         record["fwd_bwd_faster"] = min(("dense", "banded"), key=lambda b: record[f"{b}_fwd_bwd_s"])
         records.append(record)
     return records
@@ -96,11 +99,13 @@ def memory_child(backend: str, length: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="lengths 1k-4k, one repeat")
-    parser.add_argument("--no-flex", action="store_true", help="skip the flex forward (its compile takes ~20 s)")
+    parser.add_argument("--no-flex", action="store_true",
+                        help="skip the flex forward (it compiles first)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", nargs=2, metavar=("BACKEND", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -116,14 +121,18 @@ def main(argv: list[str] | None = None) -> dict:
         times = {"dense": [], "banded": []}
         for _ in range(repeats):  # interleaved
             for backend in times:
-                times[backend].append(time_call(lambda b=backend: run_once(b, length), repeats=1, warmup=0))
+                times[backend].append(time_call(lambda b=backend: run_once(b, length),
+                                                repeats=1, warmup=0))
         dense_s, banded_s = (sorted(v)[len(v) // 2] for v in times.values())
         flex_s = None
         if not args.no_flex:
             run_once("flex", length, backward=False)  # compile + block mask for this length
-            flex_s = time_call(lambda: run_once("flex", length, backward=False), repeats=repeats, warmup=0)
-        dense_fwd = time_call(lambda: run_once("dense", length, backward=False), repeats=repeats, warmup=0)
-        mem = {b: measure_in_subprocess("bench.attention", ["--child", b, str(length)]) for b in ("dense", "banded")}
+            flex_s = time_call(lambda: run_once("flex", length, backward=False), repeats=repeats,
+                               warmup=0)
+        dense_fwd = time_call(lambda: run_once("dense", length, backward=False), repeats=repeats,
+                              warmup=0)
+        mem = {b: measure_in_subprocess("bench.attention", ["--child", b, str(length)])
+               for b in ("dense", "banded")}
         record = {
             "length": length,
             "dense_fwd_bwd_s": dense_s,
@@ -151,16 +160,21 @@ def main(argv: list[str] | None = None) -> dict:
                                        "met": by_len[8192]["memory_ratio"] <= 1.0}
     if 8192 in by_len and 16384 in by_len and by_len[8192].get("banded_peak_mb"):
         growth = by_len[16384]["banded_peak_mb"] / by_len[8192]["banded_peak_mb"]
-        checks["banded_memory_growth_8k_to_16k"] = {"target": 2.0, "measured": growth, "met": growth <= 2.2}
+        checks["banded_memory_growth_8k_to_16k"] = {"target": 2.0, "measured": growth,
+                                                    "met": growth <= 2.2}
 
-    print_table(["length", "dense s", "banded s", "speedup", "dense fwd s", "flex fwd s", "dense MB", "banded MB", "mem ratio"], rows)
-    print_table(["batch", "length", "dense fwd s", "banded fwd s", "dense fwd+bwd s", "banded fwd+bwd s", "auto picks"],
-                [[r["batch"], r["length"], r["dense_fwd_s"], r["banded_fwd_s"], r["dense_fwd_bwd_s"], r["banded_fwd_bwd_s"], r["auto"]]
+    print_table(["length", "dense s", "banded s", "speedup", "dense fwd s", "flex fwd s",
+                 "dense MB", "banded MB", "mem ratio"], rows)
+    print_table(["batch", "length", "dense fwd s", "banded fwd s", "dense fwd+bwd s",
+                 "banded fwd+bwd s", "auto picks"],
+                [[r["batch"], r["length"], r["dense_fwd_s"], r["banded_fwd_s"],
+                  r["dense_fwd_bwd_s"], r["banded_fwd_bwd_s"], r["auto"]]
                  for r in short])
     for name, check in checks.items():
-        print(f"{name}: {check['measured']:.3g} (target {check['target']}) {'OK' if check['met'] else 'MISSED'}")
-    payload = {"benchmark": "attention", "setup": SETUP, "machine": machine_info(), "results": records, "checks": checks,
-               "short": short}
+        print(f"{name}: {check['measured']:.3g} (target {check['target']}) "
+              f"{'OK' if check['met'] else 'MISSED'}")
+    payload = {"benchmark": "attention", "setup": SETUP, "machine": machine_info(),
+               "results": records, "checks": checks, "short": short}
     path = write_json("attention", payload, args.out)
     plot(records, path.with_suffix(".png"))
     print(f"wrote {path}")

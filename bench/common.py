@@ -90,7 +90,8 @@ def measure_in_subprocess(module: str, args: list[str], timeout: int = 900) -> d
         cwd=Path(__file__).resolve().parents[1],
     )
     if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip()
+                else f"exit {done.returncode}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -117,8 +118,9 @@ def _fmt(value: object) -> str:
 
 
 def layout_tokenizer(vocab: int):
-    """A word-level tokenizer of ``vocab`` ids with the special tokens at 0-4, as ``train_tokenizer``
-    lays them out: what a model needs to score ``random_batch``'s ids without a trained tokenizer."""
+    """A word-level tokenizer of ``vocab`` ids with the special tokens at 0-4, as
+    ``train_tokenizer`` lays them out: what a model needs to score ``random_batch``'s ids without
+    a trained tokenizer."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
 
@@ -138,7 +140,8 @@ def random_batch(src_len: int, trg_len: int, vocab: int = 4096, batch: int = 1):
     input_mask = torch.zeros(batch, length, dtype=torch.bool)
     input_mask[:, src_len + 2 :] = True
     return Seq2SeqBatch(
-        input_ids=ids, input_mask=input_mask, padding_mask=torch.zeros(batch, length, dtype=torch.bool),
+        input_ids=ids, input_mask=input_mask,
+        padding_mask=torch.zeros(batch, length, dtype=torch.bool),
         global_mask=(ids == 1) | (ids == 2), src_len=torch.full((batch,), src_len),
     )
 
@@ -170,8 +173,8 @@ DOCUMENT_SAMPLE = f"random sample, seed {DOCUMENT_SAMPLE_SEED}"  # how the JSON 
 
 
 def scored_documents(path: Path, docs: int) -> list[dict]:
-    """`docs` rows of the jsonl file at `path`, drawn at random (seed DOCUMENT_SAMPLE_SEED) and kept in
-    file order; all of them when the file has no more than `docs`."""
+    """`docs` rows of the jsonl file at `path`, drawn at random (seed DOCUMENT_SAMPLE_SEED) and kept
+    in file order; all of them when the file has no more than `docs`."""
     lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
     if len(lines) > docs:
         chosen = sorted(random.Random(DOCUMENT_SAMPLE_SEED).sample(range(len(lines)), docs))

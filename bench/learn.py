@@ -70,7 +70,8 @@ def merged(base: dict, change: dict) -> dict:
     """``base`` with ``change`` merged in, nested dicts key by key."""
     out = dict(base)
     for key, value in change.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (merged(out[key], value)
+                    if isinstance(value, dict) and isinstance(out.get(key), dict) else value)
     return out
 
 
@@ -78,7 +79,8 @@ def validation_rows(name: str, data_dir: str, docs: int) -> list[dict]:
     """The first ``docs`` rows of a fixed random sample (seed 0) of a corpus's validation split."""
     import random
 
-    rows = [json.loads(line) for line in (Path(data_dir) / name / "validation.jsonl").read_text().splitlines()]
+    rows = [json.loads(line)
+            for line in (Path(data_dir) / name / "validation.jsonl").read_text().splitlines()]
     random.Random(0).shuffle(rows)
     return rows[:docs]
 
@@ -88,8 +90,10 @@ def score(model: MoEDiffuSeq, rows: list[dict], **sampling) -> dict:
     samples = model.generate([r["src"] for r in rows], seed=0, **sampling)
     per_doc = [item_scores(s, r["trg"]) for s, r in zip(samples, rows, strict=True)]
     means = mean_item_scores(samples, [r["trg"] for r in rows])
-    return {**means, "seconds": time.perf_counter() - start, "per_doc_f1": [d["item_f1"] for d in per_doc],
-            "examples": [{"sample": s, "reference": r["trg"]} for s, r in zip(samples[:4], rows[:4], strict=True)]}
+    return {**means, "seconds": time.perf_counter() - start,
+            "per_doc_f1": [d["item_f1"] for d in per_doc],
+            "examples": [{"sample": s, "reference": r["trg"]}
+                         for s, r in zip(samples[:4], rows[:4], strict=True)]}
 
 
 
@@ -114,8 +118,8 @@ class LearningCurve(pl.Callback):
             pl_module.train()
             self.points.append({"seconds": round(self.trained_s, 1), "step": trainer.global_step,
                                 "item_f1": result["item_f1"], "exact_match": result["exact_match"]})
-            print(f"    {self.trained_s:6.0f}s step {trainer.global_step:5d}  item F1 {result['item_f1']:.3f}  "
-                  f"exact {result['exact_match']:.3f}", flush=True)
+            print(f"    {self.trained_s:6.0f}s step {trainer.global_step:5d}  "
+                  f"item F1 {result['item_f1']:.3f}  exact {result['exact_match']:.3f}", flush=True)
         if self.trained_s >= self.budget_s:
             trainer.should_stop = True
 
@@ -128,57 +132,71 @@ def noise_table(model: MoEDiffuSeq, data: Seq2SeqDataModule, batches: int = 4) -
     for i, batch in enumerate(data.val_dataloader()):
         if i == batches:
             break
-        counts = counts + noise_level_counts(model.sampling_network, model.schedule, batch, model.special_ids, steps, generator)
+        counts = counts + noise_level_counts(model.sampling_network, model.schedule, batch,
+                                             model.special_ids, steps, generator)
     return {str(t): v for t, v in accuracy_table(steps, counts).items()}
 
 
 def run(task: str, config: dict, args, rows: list[dict], final: bool) -> dict:
     pl.seed_everything(args.seed, verbose=False)
-    data = Seq2SeqDataModule(corpus=corpus(task, args.max_chars), data_dir=args.data_dir, batch_size=args.batch_size,
-                             tokenizer_vocab_size=args.vocab, seed=args.seed, **budgets(task, args.max_chars))
+    data = Seq2SeqDataModule(corpus=corpus(task, args.max_chars), data_dir=args.data_dir,
+                             batch_size=args.batch_size, tokenizer_vocab_size=args.vocab,
+                             seed=args.seed, **budgets(task, args.max_chars))
     model = MoEDiffuSeq(**merged(config, {"network": budgets(task, args.max_chars)}))
     curve = LearningCurve(rows, args.minutes * 60, args.minutes * 60 / args.curve_points)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=10_000, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=10_000, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0,
                          num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=[curve])
     trainer.fit(model, datamodule=data)
-    out = {"task": task, "steps": trainer.global_step, "trained_s": round(curve.trained_s, 1), "curve": curve.points}
+    out = {"task": task, "steps": trainer.global_step, "trained_s": round(curve.trained_s, 1),
+           "curve": curve.points}
     out["noise_levels"] = noise_table(model, data)
     samplers = {"dpm20": {"sampler": "dpm_solver++", "steps": 20}}
     if final:
-        samplers |= {"dpm10": {"sampler": "dpm_solver++", "steps": 10}, "ddim200": {"sampler": "ddim", "steps": 200}}
+        samplers |= {"dpm10": {"sampler": "dpm_solver++", "steps": 10},
+                     "ddim200": {"sampler": "ddim", "steps": 200}}
     out["sampling"] = {name: score(model, rows, **kw) for name, kw in samplers.items()}
     if final:
-        out["sampling"]["ancestral"] = score(model, rows[: args.ancestral_docs], sampler="ancestral")
+        out["sampling"]["ancestral"] = score(model, rows[: args.ancestral_docs],
+                                             sampler="ancestral")
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="code-outline only, 3 minutes, no ablations")
-    parser.add_argument("--minutes", type=float, default=None, help="training minutes per run (default 15; quick 3)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="code-outline only, 3 minutes, no ablations")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="training minutes per run (default 15; quick 3)")
     parser.add_argument("--tasks", nargs="+", default=None, choices=sorted(TASKS))
     parser.add_argument("--ablations", nargs="*", default=None, choices=sorted(ABLATIONS),
                         help="ablations to run on code-outline (default: all; quick: none)")
-    parser.add_argument("--docs", type=int, default=None, help="validation documents scored (default 128; quick 32)")
-    parser.add_argument("--ancestral_docs", type=int, default=None, help="documents for the 2000-step sampler")
+    parser.add_argument("--docs", type=int, default=None,
+                        help="validation documents scored (default 128; quick 32)")
+    parser.add_argument("--ancestral_docs", type=int, default=None,
+                        help="documents for the 2000-step sampler")
     parser.add_argument("--curve_points", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data_dir", default="data")
     parser.add_argument("--max_chars", type=int, default=None,
-                        help=f"longest source, in characters (default {DEFAULT_MAX_CHARS}; quick 600)")
+                        help=f"longest source, in characters (default {DEFAULT_MAX_CHARS}; "
+                             "quick 600)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--model", type=json.loads, default={},
-                        help='JSON merged into the recipe, e.g. \'{"network": {"hidden_size": 512}}\' on a GPU')
+                        help='JSON merged into the recipe, e.g. '
+                             '\'{"network": {"hidden_size": 512}}\' on a GPU')
     args = parser.parse_args(argv)
     args.minutes = args.minutes or (3.0 if args.quick else 15.0)
     args.max_chars = args.max_chars or (600 if args.quick else DEFAULT_MAX_CHARS)
     args.docs = args.docs or (32 if args.quick else 128)
     args.ancestral_docs = args.ancestral_docs or (8 if args.quick else 64)
     tasks = args.tasks or (["code-outline"] if args.quick else list(TASKS))
-    ablations = args.ablations if args.ablations is not None else ([] if args.quick else list(ABLATIONS))
+    ablations = (args.ablations if args.ablations is not None
+                 else ([] if args.quick else list(ABLATIONS)))
     recipe = merged(RECIPE, args.model)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -194,18 +212,22 @@ def main(argv: list[str] | None = None) -> dict:
     outline_rows = validation_rows(corpus("code-outline", args.max_chars), args.data_dir, args.docs)
     for name in ablations:
         print(f"== code-outline: ablation {name}, {args.minutes:g} min", flush=True)
-        runs.append({"name": name, **run("code-outline", merged(recipe, ABLATIONS[name]), args, outline_rows, final=False)})
+        runs.append({"name": name, **run("code-outline", merged(recipe, ABLATIONS[name]), args,
+                                         outline_rows, final=False)})
 
     recipe = {r["task"]: r for r in runs if r["name"] == "recipe"}
     table = []
     for r in runs:
         s = r["sampling"]
-        table.append([r["task"], r["name"], r["steps"], s["dpm20"]["item_f1"], s["dpm20"]["exact_match"],
-                      s.get("ancestral", {}).get("item_f1"), list(r["noise_levels"].values())[-1]["denoiser"]])
+        table.append([r["task"], r["name"], r["steps"], s["dpm20"]["item_f1"],
+                      s["dpm20"]["exact_match"], s.get("ancestral", {}).get("item_f1"),
+                      list(r["noise_levels"].values())[-1]["denoiser"]])
         if r["name"] != "recipe" and "code-outline" in recipe:  # paired over the same documents
             base = recipe["code-outline"]["sampling"]["dpm20"]["per_doc_f1"]
-            r["f1_minus_recipe_interval"] = paired_bootstrap_interval(s["dpm20"]["per_doc_f1"], base)
-    print_table(["task", "run", "steps", "dpm20 F1", "dpm20 exact", "ancestral F1", "x0 acc t=T-1"], table)
+            r["f1_minus_recipe_interval"] = paired_bootstrap_interval(s["dpm20"]["per_doc_f1"],
+                                                                      base)
+    print_table(["task", "run", "steps", "dpm20 F1", "dpm20 exact", "ancestral F1",
+                 "x0 acc t=T-1"], table)
 
     def pick(task: str, sampler: str, key: str):
         return recipe[task]["sampling"][sampler][key] if task in recipe else None
@@ -221,8 +243,10 @@ def main(argv: list[str] | None = None) -> dict:
         # Same checkpoint, the ancestral documents only: the ratio compares like with like.
         n = len(s["ancestral"]["per_doc_f1"])
         dpm_f1 = sum(s["dpm20"]["per_doc_f1"][:n]) / n
-        summary["dpm20_vs_ancestral_f1"] = dpm_f1 / s["ancestral"]["item_f1"] if s["ancestral"]["item_f1"] else None
-    payload = {"machine": machine_info(), "settings": {**vars(args), "recipe": recipe, "tasks": TASKS},
+        summary["dpm20_vs_ancestral_f1"] = (dpm_f1 / s["ancestral"]["item_f1"]
+                                            if s["ancestral"]["item_f1"] else None)
+    payload = {"machine": machine_info(),
+               "settings": {**vars(args), "recipe": recipe, "tasks": TASKS},
                "runs": runs, "summary": summary}
     path = write_json("learn", payload, args.out)
     plot(runs, path.with_suffix(".png"))
@@ -239,8 +263,8 @@ def plot(runs: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in runs:
         if r["curve"]:
-            ax.plot([p["seconds"] / 60 for p in r["curve"]], [p["item_f1"] for p in r["curve"]], marker="o",
-                    label=f"{r['task']} {r['name']}")
+            ax.plot([p["seconds"] / 60 for p in r["curve"]], [p["item_f1"] for p in r["curve"]],
+                    marker="o", label=f"{r['task']} {r['name']}")
     ax.set_xlabel("training minutes (2-core CPU)")
     ax.set_ylabel("item F1, DPM-Solver++ 20 steps")
     ax.set_ylim(0, 1)

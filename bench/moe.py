@@ -23,7 +23,8 @@ from .common import machine_info, print_table, time_call, write_json
 def compute_all_experts(moe: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
     """Every expert on every token, combined with the (sparse) top-k weights."""
     routing = moe.router(x)
-    dense_weights = torch.zeros_like(routing.probs).scatter(1, routing.expert_index, routing.expert_weight)
+    dense_weights = torch.zeros_like(routing.probs).scatter(1, routing.expert_index,
+                                                            routing.expert_weight)
     ex = moe.experts
     hidden = F.gelu(torch.einsum("nd,edh->enh", x, ex.w1) + ex.b1[:, None])
     out = torch.einsum("enh,ehd->end", hidden, ex.w2) + ex.b2[:, None]
@@ -31,7 +32,8 @@ def compute_all_experts(moe: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--expert-hidden", type=int, default=1024)
@@ -70,23 +72,29 @@ def main(argv: list[str] | None = None) -> dict:
                 times[name].append(time_call(lambda f=fn: fwd_bwd(f), repeats=1, warmup=0))
         medians = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
         for name, seconds in medians.items():
-            record = {"dtype": str(dtype).removeprefix("torch."), "variant": name, "fwd_bwd_s": seconds,
-                      "tokens_per_s": args.tokens / seconds, "speed_vs_dense": medians["dense_ffn"] / seconds}
+            record = {"dtype": str(dtype).removeprefix("torch."), "variant": name,
+                      "fwd_bwd_s": seconds, "tokens_per_s": args.tokens / seconds,
+                      "speed_vs_dense": medians["dense_ffn"] / seconds}
             records.append(record)
-            rows.append([record["dtype"], name, seconds, record["tokens_per_s"], record["speed_vs_dense"]])
+            rows.append([record["dtype"], name, seconds, record["tokens_per_s"],
+                         record["speed_vs_dense"]])
 
     targets = {"float32": 0.95, "bfloat16": 0.85}
     checks = {}
     for r in records:
         if r["variant"] == "moe_sorted":
             target = targets[r["dtype"]]
-            checks[f"moe_speed_vs_dense_{r['dtype']}"] = {"target": target, "measured": r["speed_vs_dense"],
+            checks[f"moe_speed_vs_dense_{r['dtype']}"] = {"target": target,
+                                                          "measured": r["speed_vs_dense"],
                                                           "met": r["speed_vs_dense"] >= target}
     print_table(["dtype", "variant", "fwd+bwd s", "tokens/s", "speed vs dense"], rows)
     for name, check in checks.items():
-        print(f"{name}: {check['measured']:.3f} (target {check['target']}) {'OK' if check['met'] else 'MISSED'}")
-    setup = {k: getattr(args, k) for k in ("tokens", "d_model", "expert_hidden", "experts", "top_k", "repeats")}
-    payload = {"benchmark": "moe", "setup": setup, "machine": machine_info(), "results": records, "checks": checks}
+        print(f"{name}: {check['measured']:.3f} (target {check['target']}) "
+              f"{'OK' if check['met'] else 'MISSED'}")
+    setup = {k: getattr(args, k)
+             for k in ("tokens", "d_model", "expert_hidden", "experts", "top_k", "repeats")}
+    payload = {"benchmark": "moe", "setup": setup, "machine": machine_info(), "results": records,
+               "checks": checks}
     path = write_json("moe", payload, args.out)
     plot(records, path.with_suffix(".png"))
     print(f"wrote {path}")
@@ -112,7 +120,8 @@ def plot(records: list[dict], path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(dtypes)
     for i, dtype in enumerate(dtypes):
-        values = [next(r["tokens_per_s"] for r in records if r["dtype"] == dtype and r["variant"] == v) for v in variants]
+        values = [next(r["tokens_per_s"] for r in records
+                       if r["dtype"] == dtype and r["variant"] == v) for v in variants]
         ax.bar([j + i * width for j in range(len(variants))], values, width, label=dtype)
     ax.set_xticks([j + width * (len(dtypes) - 1) / 2 for j in range(len(variants))], variants)
     ax.set(ylabel="tokens/s (fwd+bwd)", title="MoE FFN vs dense FFN (same active parameters)")

@@ -28,9 +28,9 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             set: ``data_dir/<corpus>/train.jsonl``.
         val_path: Validation file or glob (same default rule, ``validation.jsonl``).
         test_path: Test file or glob (same default rule, ``test.jsonl``).
-        corpus: Name of a built-in corpus (code, dialogue, scientific) or exact-answer task (code-outline,
-            code-lookup, dialogue-cast; ``code-outline-4000`` for sources of up to 4000 characters) that
-            ``prepare_data`` builds when missing.
+        corpus: Name of a built-in corpus (code, dialogue, scientific) or exact-answer task
+            (code-outline, code-lookup, dialogue-cast; ``code-outline-4000`` for sources of up to
+            4000 characters) that ``prepare_data`` builds when missing.
         data_dir: Where built corpora, the tokenizer and caches live.
         src_key: Column with the source text ("" for unconditional modelling: empty source).
         trg_key: Column with the target text.
@@ -40,9 +40,10 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers.
         streaming: Stream the files instead of loading them into memory.
         shuffle_buffer: Buffer size of the streaming shuffle (0: read in file order).
-        tokenizer_path: A tokenizer.json to use; None trains one on the training split
-            and caches it as ``data_dir/<corpus or 'custom'>/tokenizer-<tokenizer_vocab_size>.json``.
-        tokenizer_vocab_size: Vocabulary size when training a tokenizer (a given tokenizer_path keeps its own).
+        tokenizer_path: A tokenizer.json to use; None trains one on the training split and
+            caches it as ``data_dir/<corpus or 'custom'>/tokenizer-<tokenizer_vocab_size>.json``.
+        tokenizer_vocab_size: Vocabulary size when training a tokenizer (a given tokenizer_path
+            keeps its own).
         tokenizer_train_rows: Training rows the tokenizer is trained on (None: all).
         on_bad_row: "raise" names the file and row of a bad row; "skip" counts and logs them.
         on_too_long: A pair longer than a budget is truncated (and counted), skipped (and
@@ -82,8 +83,10 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             except ValueError as err:
                 raise ValueError(f"data.corpus: {err}") from None
         if corpus is None and train_path is None and tokenizer_path is None:
-            raise ValueError("data: give train_path (or corpus) so a tokenizer can be trained, or tokenizer_path")
-        for key, value in (("max_src_len", max_src_len), ("max_trg_len", max_trg_len), ("batch_size", batch_size)):
+            raise ValueError("data: give train_path (or corpus) so a tokenizer can be trained, "
+                             "or tokenizer_path")
+        for key, value in (("max_src_len", max_src_len), ("max_trg_len", max_trg_len),
+                           ("batch_size", batch_size)):
             if value < 1 and not (key == "max_src_len" and value == 0):
                 raise ValueError(f"data.{key}={value}: must be >= 1")
         if on_bad_row not in ("raise", "skip"):
@@ -98,14 +101,17 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             "validation": val_path or (str(corpus_dir / "validation.jsonl") if corpus else None),
             "test": test_path or (str(corpus_dir / "test.jsonl") if corpus else None),
         }
-        self.tokenizer_file = Path(tokenizer_path) if tokenizer_path else corpus_dir / f"tokenizer-{tokenizer_vocab_size}.json"
+        self.tokenizer_file = (Path(tokenizer_path) if tokenizer_path
+                               else corpus_dir / f"tokenizer-{tokenizer_vocab_size}.json")
         self.max_src_len = max_src_len
         self.max_trg_len = max_trg_len
         self.tokenizer = None
         self.datasets: dict[str, Dataset] = {}
         self._resume: dict[str, Any] = {}  # data position restored from a checkpoint
-        self._reload_setting: int | None = None  # the trainer's own reload_dataloaders_every_n_epochs
-        self._stream_position: tuple[int, int] | None = None  # (epoch, batches consumed) of a stream
+        # the trainer's own reload_dataloaders_every_n_epochs
+        self._reload_setting: int | None = None
+        # (epoch, batches consumed) of a stream
+        self._stream_position: tuple[int, int] | None = None
         self._train_sampler: ResumableRandomSampler | None = None
         self._consumed = 0  # training examples read in the current epoch (this rank)
         self._consumed_epoch = 0  # the epoch that _consumed counts
@@ -119,7 +125,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         if hp.corpus is not None and not is_built(hp.corpus, self.corpus_dir):
             log.info("building the %s corpus in %s", hp.corpus, self.corpus_dir)
             counts = build(hp.corpus, self.corpus_dir)
-            log.info("built %s", counts)  # build() removed the tokenizers cached from the old corpus
+            # build() removed the tokenizers cached from the old corpus
+            log.info("built %s", counts)
         if not self.tokenizer_file.exists():
             if hp.tokenizer_path:
                 raise FileNotFoundError(f"data.tokenizer_path={hp.tokenizer_path}: no such file")
@@ -150,9 +157,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             if not self.tokenizer_file.exists():
                 self.prepare_data()  # e.g. setup() called by a script without a Trainer
             self.tokenizer = load_tokenizer(self.tokenizer_file)
-        wanted = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",)}.get(
-            stage or "fit", ("train", "validation", "test")
-        )
+        wanted = {"fit": ("train", "validation"), "validate": ("validation",),
+                  "test": ("test",)}.get(stage or "fit", ("train", "validation", "test"))
         for split in wanted:
             if split not in self.datasets and self.paths.get(split):
                 self.datasets[split] = self._dataset(split)
@@ -163,9 +169,11 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         row_filter = RowFilter(hp.src_key, hp.trg_key, hp.on_bad_row, path)
         cache = str(Path(hp.data_dir) / ".hf_cache")
         if hp.streaming:
-            rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+            rank, world = ((self.trainer.global_rank, self.trainer.world_size) if self.trainer
+                           else (0, 1))
             seed = hp.seed if split == "train" else None
-            return StreamingPairs(load_rows(path, True, cache), row_filter, path, rank, world, seed, hp.shuffle_buffer)
+            return StreamingPairs(load_rows(path, True, cache), row_filter, path, rank, world, seed,
+                                  hp.shuffle_buffer)
         readable = path
         if path.endswith(".jsonl") and Path(path).is_file():
             readable, bad_lines = scan_jsonl(path, hp.on_bad_row, Path(cache) / "clean")
@@ -175,9 +183,11 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         return dataset
 
     # --------------------------------------------------------------- loading
-    def collate(self, items: list[tuple[str, str, str]], stream: StreamingPairs | None = None) -> LoadedBatch:
+    def collate(self, items: list[tuple[str, str, str]],
+                stream: StreamingPairs | None = None) -> LoadedBatch:
         """Tokenize and collate (example id, source, target) items under this module's budgets."""
-        return collate_rows(items, self.tokenizer, self.max_src_len, self.max_trg_len, self.hparams.on_too_long, stream)
+        return collate_rows(items, self.tokenizer, self.max_src_len, self.max_trg_len,
+                            self.hparams.on_too_long, stream)
 
     def state_dict(self) -> dict[str, Any]:
         """Where training is in the current epoch, for mid-epoch resume: the sampler's
@@ -200,7 +210,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         if self.trainer is not None and self.trainer.training:
             if batch.stream_epoch is not None:
                 epoch, batches = self._stream_position or (batch.stream_epoch, 0)
-                self._stream_position = (batch.stream_epoch, batches + 1 if epoch == batch.stream_epoch else 1)
+                self._stream_position = (batch.stream_epoch,
+                                         batches + 1 if epoch == batch.stream_epoch else 1)
             sampler = self._train_sampler
             if sampler is not None:
                 if sampler.epoch != self._consumed_epoch:  # a new epoch: count from its start
@@ -213,29 +224,37 @@ class Seq2SeqDataModule(pl.LightningDataModule):
 
     def report(self) -> dict[str, int]:
         """Counts of rows skipped (per reason) and of examples cut by the budgets."""
-        return {**{f"skipped: {k}": v for k, v in self.skipped.items()}, **{k: v for k, v in self.truncated.items() if v}}
+        return {**{f"skipped: {k}": v for k, v in self.skipped.items()},
+                **{k: v for k, v in self.truncated.items() if v}}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
-            raise RuntimeError(f"no {split} data: set data.{ {'train': 'train_path', 'validation': 'val_path', 'test': 'test_path'}[split] }")
+            raise RuntimeError(
+                f"no {split} data: set data."
+                f"{ {'train': 'train_path', 'validation': 'val_path', 'test': 'test_path'}[split]}")
         dataset = self.datasets[split]
         if split == "train" and isinstance(dataset, StreamingPairs):
             if "stream_epoch" in self._resume:
-                self._stream_position = (self._resume.pop("stream_epoch"), self._resume.pop("stream_batches"))
-                dataset.resume(self._stream_position[0], self._stream_position[1] * self.hparams.batch_size)
+                self._stream_position = (self._resume.pop("stream_epoch"),
+                                         self._resume.pop("stream_batches"))
+                dataset.resume(self._stream_position[0],
+                               self._stream_position[1] * self.hparams.batch_size)
             else:
                 dataset.set_epoch(getattr(self.trainer, "current_epoch", 0))
         # The training stream's position is tracked where collation sees it: in this process.
-        tracked = dataset if split == "train" and isinstance(dataset, StreamingPairs) and self.hparams.num_workers == 0 else None
+        tracked = (dataset if split == "train" and isinstance(dataset, StreamingPairs)
+                   and self.hparams.num_workers == 0 else None)
         sampler = None
         if shuffle and not isinstance(dataset, IterableDataset):
             # The target region has a fixed size: only the source length varies the padding.
-            lengths = [len(src) for _, src, _ in dataset.items] if self.hparams.length_bucketing else None
+            lengths = ([len(src) for _, src, _ in dataset.items] if self.hparams.length_bucketing
+                       else None)
             sampler = self._train_sampler = ResumableRandomSampler(
                 len(dataset), self.hparams.seed, lengths=lengths, batch_size=self.hparams.batch_size
             )
             current = self.trainer.current_epoch if self.trainer is not None else 0
-            sampler.epoch, sampler.start = self._resume.get("epoch", current), self._resume.get("consumed", 0)
+            sampler.epoch, sampler.start = (self._resume.get("epoch", current),
+                                            self._resume.get("consumed", 0))
             self._consumed, self._consumed_epoch, self._resume = sampler.start, sampler.epoch, {}
             self._reload_after_partial_epoch(sampler.start > 0)
         return DataLoader(
@@ -259,7 +278,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             self._reload_setting = self.trainer.reload_dataloaders_every_n_epochs
             self.trainer.reload_dataloaders_every_n_epochs = 1
         elif self._reload_setting is not None:
-            self.trainer.reload_dataloaders_every_n_epochs, self._reload_setting = self._reload_setting, None
+            self.trainer.reload_dataloaders_every_n_epochs, self._reload_setting = (
+                self._reload_setting, None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

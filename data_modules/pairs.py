@@ -43,13 +43,15 @@ class PairDataset(Dataset):
 class StreamingPairs(IterableDataset):
     """Iterable view of a ``datasets`` stream, sharded by rank (split_dataset_by_node)."""
 
-    def __init__(self, stream, row_filter: RowFilter, source: str, rank: int, world_size: int, shuffle_seed: int | None, buffer: int) -> None:
+    def __init__(self, stream, row_filter: RowFilter, source: str, rank: int, world_size: int,
+                 shuffle_seed: int | None, buffer: int) -> None:
         from datasets.distributed import split_dataset_by_node
 
         row_filter.check_columns(list(stream.column_names) if stream.column_names else None)
         if shuffle_seed is not None and buffer > 0:
             stream = stream.shuffle(seed=shuffle_seed, buffer_size=buffer)
-        self.stream = split_dataset_by_node(stream, rank=rank, world_size=world_size) if world_size > 1 else stream
+        self.stream = (split_dataset_by_node(stream, rank=rank, world_size=world_size)
+                       if world_size > 1 else stream)
         self.row_filter, self.source = row_filter, source
         self.epoch = 0
         self._passes = 0  # passes begun since set_epoch / resume
@@ -90,7 +92,8 @@ class ResumableRandomSampler(torch.utils.data.Sampler[int]):
     """A random permutation per epoch (seed + epoch) that can start part-way through, so a
     run resumed mid-epoch reads exactly the examples an uninterrupted run would read next."""
 
-    def __init__(self, size: int, seed: int, lengths: list[int] | None = None, batch_size: int = 1, pool: int = 50) -> None:
+    def __init__(self, size: int, seed: int, lengths: list[int] | None = None, batch_size: int = 1,
+                 pool: int = 50) -> None:
         self.size, self.seed = size, seed
         # Length bucketing: within pools of pool * batch_size examples, sort by length so that
         # each batch holds similar lengths (less padding), then shuffle the batches' order.
@@ -141,8 +144,9 @@ def _count() -> torch.Tensor:
 
 @dataclass
 class LoadedBatch(Seq2SeqBatch):
-    """A ``Seq2SeqBatch`` and the loader's bookkeeping, which the model never reads: counts over the
-    examples collated into it (each (1,) long), and the epoch of the streaming pass it came from."""
+    """A ``Seq2SeqBatch`` and the loader's bookkeeping, which the model never reads: counts over
+    the examples collated into it (each (1,) long), and the epoch of the streaming pass it came
+    from."""
 
     src_truncated: torch.Tensor = field(default_factory=_count)
     trg_truncated: torch.Tensor = field(default_factory=_count)
@@ -159,7 +163,8 @@ def collate_rows(
     stream: StreamingPairs | None = None,
 ) -> LoadedBatch:
     """Tokenize (example id, source, target) items and collate them. A pair over a budget is cut
-    (``on_too_long: truncate``), left out (``skip``; never every one) or an error naming it (``raise``)."""
+    (``on_too_long: truncate``), left out (``skip``; never every one) or an error naming it
+    (``raise``)."""
     ids, sources, targets = zip(*items, strict=True)
     pairs = encode_pairs(tokenizer, sources, targets, max_src_len, max_trg_len)
     keep = []
@@ -168,13 +173,15 @@ def collate_rows(
         if cut and on_too_long == "raise":
             raise BadRowError(
                 f"{example}: longer than the budget (source +{pair.src_truncated}, target "
-                f"+{pair.trg_truncated} tokens over max_src_len={max_src_len}, max_trg_len={max_trg_len})"
+                f"+{pair.trg_truncated} tokens over max_src_len={max_src_len}, "
+                f"max_trg_len={max_trg_len})"
             )
         keep.append(not (cut and on_too_long == "skip"))
     if not any(keep):
         keep[0] = True  # never an empty batch: keep one, truncated
     kept = [(p, i) for p, i, k in zip(pairs, ids, keep, strict=True) if k]
-    batch = collate_pairs([p for p, _ in kept], SpecialIds.from_tokenizer(tokenizer), max_trg_len, [i for _, i in kept])
+    batch = collate_pairs([p for p, _ in kept], SpecialIds.from_tokenizer(tokenizer), max_trg_len,
+                          [i for _, i in kept])
     return LoadedBatch(
         **{name: getattr(batch, name) for name in Seq2SeqBatch.__dataclass_fields__},
         src_truncated=torch.tensor([p.src_truncated > 0 for p in pairs]).sum().view(1),

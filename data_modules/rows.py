@@ -1,5 +1,5 @@
-"""Rows from files: jsonl/json/parquet/csv/text through ``datasets``, checked line by line, filtered
-into (example id, source, target) with errors that name the file and row."""
+"""Rows from files: jsonl/json/parquet/csv/text through ``datasets``, checked line by line,
+filtered into (example id, source, target) with errors that name the file and row."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ class BadRowError(ValueError):
 def _builder_for(path: str) -> str:
     suffix = Path(path.replace("*", "x")).suffix.lower()
     if suffix not in _FORMATS:
-        raise ValueError(f"{path}: unknown file type {suffix!r}; expected one of {sorted(_FORMATS)}")
+        raise ValueError(f"{path}: unknown file type {suffix!r}; "
+                         f"expected one of {sorted(_FORMATS)}")
     return _FORMATS[suffix]
 
 
@@ -54,7 +55,8 @@ def scan_jsonl(path: str, policy: str, cache_dir: Path) -> tuple[str, Counter[st
                 good_lines.append(raw if raw.endswith(b"\n") else raw + b"\n")
                 continue
             if policy == "raise":
-                raise BadRowError(f"{path}, line {number}: {reason} (set on_bad_row: skip to skip such lines)")
+                raise BadRowError(f"{path}, line {number}: {reason} "
+                                  "(set on_bad_row: skip to skip such lines)")
             bad[reason.split(" (")[0]] += 1
     if rows == 0:
         raise ValueError(f"{path}: no rows (the file is empty or every line is bad)")
@@ -62,7 +64,8 @@ def scan_jsonl(path: str, policy: str, cache_dir: Path) -> tuple[str, Counter[st
         return path, bad
     log.warning("%s: skipped lines %s", path, dict(bad))
     cache_dir.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha1(f"{Path(path).resolve()}:{os.path.getmtime(path)}".encode()).hexdigest()[:12]
+    digest = hashlib.sha1(
+        f"{Path(path).resolve()}:{os.path.getmtime(path)}".encode()).hexdigest()[:12]
     cleaned = cache_dir / f"{Path(path).stem}.{digest}.clean.jsonl"
     if not cleaned.exists():
         tmp = cleaned.with_suffix(".tmp")
@@ -82,28 +85,32 @@ def load_rows(path: str, streaming: bool, cache_dir: str | None):
     if path.startswith(HUB_PREFIX):
         name, _, split = path[len(HUB_PREFIX) :].partition(":")
         try:
-            return datasets.load_dataset(name, split=split or "train", streaming=streaming, cache_dir=cache_dir)
+            return datasets.load_dataset(name, split=split or "train", streaming=streaming,
+                                         cache_dir=cache_dir)
         except Exception as err:  # offline, unknown name, gated: say which dataset and why
             raise ValueError(
-                f"{path}: the hub dataset {name!r} (split {split or 'train'!r}) could not be loaded "
-                f"({type(err).__name__}: {err}); local files always work"
+                f"{path}: the hub dataset {name!r} (split {split or 'train'!r}) could not be "
+                f"loaded ({type(err).__name__}: {err}); local files always work"
             ) from err
     if not any(ch in path for ch in "*?[") and not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such file")
     try:
         return datasets.load_dataset(
-            _builder_for(path), data_files=path, split="train", streaming=streaming, cache_dir=cache_dir
+            _builder_for(path), data_files=path, split="train", streaming=streaming,
+            cache_dir=cache_dir,
         )
     except (FileNotFoundError, ValueError):
         raise
     except Exception as err:  # pyarrow / datasets parse errors do not name the file
-        raise ValueError(f"{path}: could not be read as {_builder_for(path)} ({type(err).__name__}: {err})") from err
+        raise ValueError(f"{path}: could not be read as {_builder_for(path)} "
+                         f"({type(err).__name__}: {err})") from err
 
 
 def example_id(source: str, row: dict[str, Any], index: int) -> str:
     """``file:id`` from the row's own "id" column, else ``file:row number``."""
     own = row.get("id")
-    return f"{source}:{own}" if isinstance(own, (str, int)) and own != "" else f"{source}:{index + 1}"
+    return (f"{source}:{own}" if isinstance(own, (str, int)) and own != ""
+            else f"{source}:{index + 1}")
 
 
 class RowFilter:
@@ -118,7 +125,8 @@ class RowFilter:
             return
         missing = [k for k in (self.src_key, self.trg_key) if k and k not in columns]
         if missing:
-            raise KeyError(f"{self.source}: missing column(s) {missing}; the file has {sorted(columns)}")
+            raise KeyError(f"{self.source}: missing column(s) {missing}; "
+                           f"the file has {sorted(columns)}")
 
     def __call__(self, row: dict[str, Any], index: int) -> tuple[str, str] | None:
         src = row.get(self.src_key, "") if self.src_key else ""
@@ -135,6 +143,7 @@ class RowFilter:
         if reason is None:
             return src, trg
         if self.policy == "raise":
-            raise BadRowError(f"{self.source}, row {index + 1}: {reason} (set on_bad_row: skip to skip such rows)")
+            raise BadRowError(f"{self.source}, row {index + 1}: {reason} "
+                              "(set on_bad_row: skip to skip such rows)")
         self.skipped[reason] += 1
         return None

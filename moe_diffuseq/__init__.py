@@ -1,6 +1,7 @@
 """MoE-DiffuSeq: long-document seq2seq text diffusion.
 
-``from moe_diffuseq import MoEDiffuSeq``; ``MoEDiffuSeq.load_from_checkpoint(path).generate([...])``.
+``from moe_diffuseq import MoEDiffuSeq``;
+``MoEDiffuSeq.load_from_checkpoint(path).generate([...])``.
 """
 
 from .lit_module import MoEDiffuSeq

@@ -42,7 +42,8 @@ class SpecialIds:
         ids = {name: tokenizer.token_to_id(name) for name in SPECIAL_TOKENS}
         missing = [name for name, i in ids.items() if i is None]
         if missing:
-            raise ValueError(f"tokenizer lacks the special tokens {missing}; expected {list(SPECIAL_TOKENS)}")
+            raise ValueError(f"tokenizer lacks the special tokens {missing}; "
+                             f"expected {list(SPECIAL_TOKENS)}")
         return cls(ids[PAD], ids[CLS], ids[SEP], ids[MASK], ids[UNK])
 
 
@@ -53,7 +54,8 @@ class Seq2SeqBatch:
     input_ids: torch.Tensor  # long
     input_mask: torch.Tensor  # bool: True on the target region (diffused), False on the source span
     padding_mask: torch.Tensor  # bool: True on batch padding (never attended, never scored)
-    global_mask: torch.Tensor  # bool: [CLS] and the source's [SEP] (the model may add source tokens)
+    # bool: [CLS] and the source's [SEP] (the model may add source tokens)
+    global_mask: torch.Tensor
     src_len: torch.Tensor  # (batch,) long: source tokens kept after truncation
     example_ids: list[str] = field(default_factory=list)  # where each row came from, for errors
 
@@ -62,7 +64,8 @@ class Seq2SeqBatch:
 
     def rows(self, n: int) -> Seq2SeqBatch:
         """The first n examples."""
-        return replace(self, **{k: getattr(self, k)[:n] for k in _ROW_TENSORS}, example_ids=self.example_ids[:n])
+        return replace(self, **{k: getattr(self, k)[:n] for k in _ROW_TENSORS},
+                       example_ids=self.example_ids[:n])
 
     def to(self, device: torch.device | str) -> Seq2SeqBatch:
         return replace(self, **{k: getattr(self, k).to(device) for k in _ROW_TENSORS})
@@ -126,7 +129,8 @@ def collate_pairs(
     padding_mask = torch.ones(batch, length, dtype=torch.bool)
     for row, pair in enumerate(pairs):
         if len(pair.trg_ids) > max_trg_len:
-            raise ValueError(f"target of {len(pair.trg_ids)} tokens exceeds max_trg_len={max_trg_len}")
+            raise ValueError(f"target of {len(pair.trg_ids)} tokens exceeds "
+                             f"max_trg_len={max_trg_len}")
         src = [special.cls, *pair.src_ids, special.sep]
         trg = [*pair.trg_ids, special.sep]
         start = len(src)
@@ -136,7 +140,8 @@ def collate_pairs(
         padding_mask[row, : start + region] = False
     # Only the [CLS] and the source's [SEP] are global: the target's [SEP] is not known at
     # sampling time, so marking it would make training and generation see different masks.
-    global_mask = ((input_ids == special.cls) | (input_ids == special.sep)) & ~input_mask & ~padding_mask
+    global_mask = (((input_ids == special.cls) | (input_ids == special.sep))
+                   & ~input_mask & ~padding_mask)
     return Seq2SeqBatch(
         input_ids=input_ids,
         input_mask=input_mask,
@@ -148,7 +153,8 @@ def collate_pairs(
 
 
 def decode_targets(
-    tokenizer: Tokenizer, ids: torch.Tensor, batch: Seq2SeqBatch, special: SpecialIds, mode: str = "strip"
+    tokenizer: Tokenizer, ids: torch.Tensor, batch: Seq2SeqBatch, special: SpecialIds,
+    mode: str = "strip",
 ) -> list[str]:
     """Text of each row's target region.
 
@@ -166,7 +172,8 @@ def decode_targets(
         if mode == "truncate":
             stop = next((i for i, tok in enumerate(region) if tok in ends), len(region))
             region = region[:stop]
-        texts.append(tokenizer.decode([tok for tok in region if tok not in ends], skip_special_tokens=True))
+        texts.append(tokenizer.decode([tok for tok in region if tok not in ends],
+                                      skip_special_tokens=True))
     return texts
 
 

@@ -26,7 +26,8 @@ class ValidationSamples(pl.Callback):
         self.seed = seed
         self._batch = None
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx=0) -> None:
         if batch_idx == 0 and self._batch is None:
             self._batch = batch
 
@@ -38,13 +39,15 @@ class ValidationSamples(pl.Callback):
         batch = batch.rows(self.num_samples)
         rows = sample_rows(pl_module, batch, pl_module.sampling_config, seed=self.seed)
         columns = ["source", "reference", "sample"]
-        text = "\n\n".join("\n".join(f"**{c}**\n```\n{row[c]}\n```" for c in columns) for row in rows)
+        text = "\n\n".join("\n".join(f"**{c}**\n```\n{row[c]}\n```" for c in columns)
+                           for row in rows)
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_text"):  # TensorBoard
                 experiment.add_text("val/samples", text, global_step=trainer.global_step)
             elif hasattr(logger, "log_text"):  # e.g. W&B
-                logger.log_text("val/samples", columns=columns, data=[[row[c] for c in columns] for row in rows])
+                logger.log_text("val/samples", columns=columns,
+                                data=[[row[c] for c in columns] for row in rows])
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
@@ -62,7 +65,8 @@ class JsonlPredictionWriter(BasePredictionWriter):
 
     def _path(self, trainer) -> Path:
         if trainer.world_size > 1:
-            return self.output_path.with_suffix(f".rank{trainer.global_rank}{self.output_path.suffix}")
+            return self.output_path.with_suffix(
+                f".rank{trainer.global_rank}{self.output_path.suffix}")
         return self.output_path
 
     def on_predict_start(self, trainer, pl_module) -> None:
@@ -70,7 +74,8 @@ class JsonlPredictionWriter(BasePredictionWriter):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = path.open("w", encoding="utf-8")
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx):
         for row in prediction:
             self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._handle.flush()
@@ -100,9 +105,11 @@ class ExpertLoadMonitor(pl.Callback):
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_figure"):
-                experiment.add_figure("moe/expert_load", expert_load_figure(load), global_step=trainer.global_step)
+                experiment.add_figure("moe/expert_load", expert_load_figure(load),
+                                      global_step=trainer.global_step)
                 for layer, row in enumerate(load):
-                    experiment.add_histogram(f"moe/layer{layer}/load", row, global_step=trainer.global_step)
+                    experiment.add_histogram(f"moe/layer{layer}/load", row,
+                                             global_step=trainer.global_step)
 
 
 def expert_load_figure(load):
@@ -127,7 +134,8 @@ class DataReport(pl.Callback):
     length budgets. Works with any data module that has a ``report() -> dict`` method."""
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        report = getattr(trainer.datamodule, "report", None) if trainer.datamodule is not None else None
+        report = (getattr(trainer.datamodule, "report", None) if trainer.datamodule is not None
+                  else None)
         if report is None:
             return
         counts = report()
@@ -156,14 +164,15 @@ class GlobalBatchSize(pl.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
             return
-        per_device = getattr(trainer.datamodule, "hparams", {}).get("batch_size") if trainer.datamodule else None
+        per_device = (getattr(trainer.datamodule, "hparams", {}).get("batch_size")
+                      if trainer.datamodule else None)
         if per_device is None:
             raise ValueError("GlobalBatchSize needs a data module with a batch_size setting")
         per_step = per_device * trainer.world_size
         if self.global_batch_size % per_step:
             raise ValueError(
-                f"global_batch_size={self.global_batch_size} is not a multiple of data.batch_size={per_device} "
-                f"x world size {trainer.world_size} (devices x nodes)"
+                f"global_batch_size={self.global_batch_size} is not a multiple of "
+                f"data.batch_size={per_device} x world size {trainer.world_size} (devices x nodes)"
             )
         trainer.accumulate_grad_batches = self.global_batch_size // per_step
 
@@ -199,12 +208,16 @@ class PreemptionCheckpoint(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._requested is None:
             return
-        folder = Path(self.dirpath or (trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None)
+        folder = Path(self.dirpath
+                      or (trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback
+                          else None)
                       or Path(trainer.default_root_dir) / "checkpoints")
-        trainer.save_checkpoint(folder / "last.ckpt")  # atomic (Lightning writes through a transaction)
+        # atomic (Lightning writes through a transaction)
+        trainer.save_checkpoint(folder / "last.ckpt")
         from lightning.pytorch.utilities import rank_zero_info
 
-        rank_zero_info(f"signal {self._requested}: saved {folder / 'last.ckpt'} at step {trainer.global_step}; stopping")
+        rank_zero_info(f"signal {self._requested}: saved {folder / 'last.ckpt'} "
+                       f"at step {trainer.global_step}; stopping")
         trainer.should_stop = True
         self._requested = None
 

@@ -6,25 +6,56 @@ import pickle
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
+
+from .config import NetworkConfig, to_plain
 
 
 def describe_load_error(path: str | Path, err: BaseException) -> str:
     """One line naming the file. torch's unpickling message is not repeated: it suggests
-    ``weights_only=False``, the unsafe workaround, for exactly the file that should not be trusted."""
+    ``weights_only=False``, the unsafe workaround, for exactly the file that should not be
+    trusted."""
     if isinstance(err, pickle.UnpicklingError):
-        return f"{path}: not a MoE-DiffuSeq checkpoint (not a torch file, or it holds objects other than tensors)"
+        return (f"{path}: not a MoE-DiffuSeq checkpoint "
+                "(not a torch file, or it holds objects other than tensors)")
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return f"{path}: not a MoE-DiffuSeq checkpoint, or truncated ({type(err).__name__}: {first})"
 
 
 # What torch.load raises on random, truncated or foreign bytes (the weights-only unpickler may also
 # index past its stack, an IndexError).
-LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, LookupError, TypeError, AttributeError)
+LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, LookupError,
+               TypeError, AttributeError)
+
+
+TOKENIZER_KEY = "moe_diffuseq_tokenizer"
+RNG_KEY = "moe_diffuseq_torch_rng"
+
+
+def write_extras(checkpoint: dict, tokenizer: Tokenizer | None, network: NetworkConfig) -> None:
+    """What a checkpoint holds beyond Lightning's state: the tokenizer, torch's RNG state and the
+    network as built (the vocabulary size filled in), so a script rebuilds the model from the
+    file."""
+    if tokenizer is not None:
+        checkpoint[TOKENIZER_KEY] = tokenizer.to_str()
+    # Timesteps, noise and dropout draw from torch's global generator: saving its state lets a
+    # resumed run continue with exactly the draws of an uninterrupted one.
+    checkpoint[RNG_KEY] = torch.get_rng_state()
+    checkpoint["hyper_parameters"] = {**checkpoint.get("hyper_parameters", {}),
+                                      "network": to_plain(network)}
+
+
+def read_extras(checkpoint: dict, restore_rng: bool) -> Tokenizer | None:
+    """The checkpoint's tokenizer (None when it has none); torch's RNG restored when asked."""
+    if restore_rng and RNG_KEY in checkpoint:
+        torch.set_rng_state(checkpoint[RNG_KEY])
+    text = checkpoint.get(TOKENIZER_KEY)
+    return None if text is None else Tokenizer.from_str(text)
 
 
 def named_load_errors(load, path, *args, **kwargs):
-    """``load(path, ...)`` (Lightning's ``load_from_checkpoint``); a missing, foreign, truncated or corrupt
-    file raises one error that names it."""
+    """``load(path, ...)`` (Lightning's ``load_from_checkpoint``); a missing, foreign, truncated or
+    corrupt file raises one error that names it."""
     local = isinstance(path, str | Path) and "://" not in str(path)
     if local and not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such checkpoint")
@@ -35,7 +66,8 @@ def named_load_errors(load, path, *args, **kwargs):
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
-    """``MoEDiffuSeq.load_from_checkpoint`` with ``weights_only=True`` and errors that name the file."""
+    """``MoEDiffuSeq.load_from_checkpoint`` with ``weights_only=True`` and errors that name the
+    file."""
     from .lit_module import MoEDiffuSeq
 
     path = Path(path)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Verb:
-    """One verb of the command: its one-line help, and the function that runs it (None: LightningCLI)."""
+    """One verb of the command: its one-line help, and the function that runs it (None:
+    LightningCLI)."""
 
     help: str
     function: str | None = None
@@ -29,25 +30,28 @@ class Verb:
 
 
 VERBS: dict[str, Verb] = {
-    "fit": Verb("train a model            (moe-diffuseq fit --config lightning_configs/quickstart.yaml)"),
+    "fit": Verb("train a model            "
+                "(moe-diffuseq fit --config lightning_configs/quickstart.yaml)"),
     "validate": Verb("run the validation loop  (LightningCLI; --help for its options)"),
     "test": Verb("run the test loop"),
     "predict": Verb("run the predict loop"),
-    "generate": Verb("sample targets for sources from a checkpoint (jsonl or text lines in, jsonl out)",
-                     "generate", samples=True),
-    "evaluate": Verb("generate for a jsonl of (src, trg) pairs and score: ROUGE, BLEU, dist-n, item F1",
-                     "evaluate", samples=True),
-    "consolidate": Verb("merge a sharded (FSDP/DCP) checkpoint folder into one loadable file", "consolidate",
-                        positional="--checkpoint"),
-    "prepare-data": Verb("build a corpus (code, dialogue, scientific) or an exact-answer task (code-outline, "
-                         "code-lookup, dialogue-cast)", "prepare_data", positional="--task"),
+    "generate": Verb("sample targets for sources from a checkpoint "
+                     "(jsonl or text lines in, jsonl out)", "generate", samples=True),
+    "evaluate": Verb("generate for a jsonl of (src, trg) pairs and score: "
+                     "ROUGE, BLEU, dist-n, item F1", "evaluate", samples=True),
+    "consolidate": Verb("merge a sharded (FSDP/DCP) checkpoint folder into one loadable file",
+                        "consolidate", positional="--checkpoint"),
+    "prepare-data": Verb("build a corpus (code, dialogue, scientific) or an exact-answer task "
+                         "(code-outline, code-lookup, dialogue-cast)", "prepare_data",
+                         positional="--task"),
 }
 
 
 def usage() -> str:
     lines = "".join(f"  {name:<13} {verb.help}\n" for name, verb in VERBS.items())
     return ("usage: moe-diffuseq VERB [options]    (python -m moe_diffuseq VERB ...)\n\n"
-            f"MoE-DiffuSeq: long-document seq2seq text diffusion.\n\nverbs:\n{lines}\nEach verb has --help.\n")
+            "MoE-DiffuSeq: long-document seq2seq text diffusion.\n\n"
+            f"verbs:\n{lines}\nEach verb has --help.\n")
 
 
 def _checkpoint_dirs(config) -> list[tuple[str, Path]]:
@@ -57,7 +61,8 @@ def _checkpoint_dirs(config) -> list[tuple[str, Path]]:
     callbacks = trainer.get("callbacks") or []
     for i, callback in enumerate(callbacks if isinstance(callbacks, list) else [callbacks]):
         path = str(callback.get("class_path", "")) if hasattr(callback, "get") else ""
-        dirpath = (callback.get("init_args") or {}).get("dirpath") if path.endswith("ModelCheckpoint") else None
+        dirpath = ((callback.get("init_args") or {}).get("dirpath")
+                   if path.endswith("ModelCheckpoint") else None)
         if dirpath:
             found.append((f"trainer.callbacks[{i}].init_args.dirpath", Path(dirpath)))
     if trainer.get("default_root_dir"):
@@ -72,7 +77,8 @@ def check_checkpoint_dirs(config) -> None:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise ValueError(f"{key}={folder}: cannot create the checkpoint folder ({err.strerror})") from None
+            raise ValueError(f"{key}={folder}: cannot create the checkpoint folder "
+                             f"({err.strerror})") from None
         if not os.access(folder, os.W_OK):
             raise ValueError(f"{key}={folder}: the checkpoint folder is not writable")
 
@@ -128,8 +134,10 @@ def _own_verb(name: str, args: list[str]) -> None:
     if verb.positional and args and not args[0].startswith("-"):
         args = [verb.positional, *args]
     # --max-chars reads as the docs write it; jsonargparse names the option after the argument.
-    args = [a.replace("--max-chars", "--max_chars", 1) if a.startswith("--max-chars") else a for a in args]
-    parser = jsonargparse.ArgumentParser(prog=f"moe-diffuseq {name}", description=function.__doc__.split("\n")[0],
+    args = [a.replace("--max-chars", "--max_chars", 1) if a.startswith("--max-chars") else a
+            for a in args]
+    parser = jsonargparse.ArgumentParser(prog=f"moe-diffuseq {name}",
+                                         description=function.__doc__.split("\n")[0],
                                          default_env=False, exit_on_error=False)
     parser.add_function_arguments(function, nested_key=None, skip={"sampling"})
     sampling = [f.name for f in fields(SamplingConfig)]
@@ -140,7 +148,8 @@ def _own_verb(name: str, args: list[str]) -> None:
     try:
         given = parser.parse_args(args).as_dict()
     except jsonargparse.ArgumentError as err:  # one line, not the usage dump before it
-        raise SystemExit(f"error: moe-diffuseq {name}: {' '.join(str(err).split())} (see --help)") from None
+        raise SystemExit(f"error: moe-diffuseq {name}: {' '.join(str(err).split())} "
+                         "(see --help)") from None
     if verb.samples:
         chosen = {key: given.pop(key) for key in sampling}
         given["sampling"] = {key: value for key, value in chosen.items() if value is not None}

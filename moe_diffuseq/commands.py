@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 
-def _read_sources(path: str | None, key: str, flag: str = "--input") -> tuple[list[str], list[dict]]:
+def _read_sources(path: str | None, key: str,
+                  flag: str = "--input") -> tuple[list[str], list[dict]]:
     """Sources from a jsonl file (column ``key``), a text file, or stdin (one per line).
 
     Errors name the option (``flag``), the file and the line at fault; no source is an error."""
@@ -35,7 +36,8 @@ def _read_sources(path: str | None, key: str, flag: str = "--input") -> tuple[li
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise SystemExit(f"error: {path}, line {number}: not UTF-8 (byte {err.start})") from None
+                raise SystemExit(f"error: {path}, line {number}: not UTF-8 "
+                                 f"(byte {err.start})") from None
             if not line.strip():
                 continue
             if file.suffix == ".jsonl":
@@ -64,7 +66,8 @@ def _writable(path: Path, flag: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise SystemExit(f"error: {flag} {path}: cannot create its folder ({err.strerror})") from None
+        raise SystemExit(f"error: {flag} {path}: cannot create its folder "
+                         f"({err.strerror})") from None
     target = path if path.exists() else path.parent
     if path.is_dir() or not os.access(target, os.W_OK):
         raise SystemExit(f"error: {flag} {path}: not writable")
@@ -79,14 +82,15 @@ def _column(rows: list[dict], key: str, path: str | None) -> list[str]:
 
 
 def _warn_truncated(model, sources: list[str]) -> list[int]:
-    """Tokens cut from each source by the model's source budget; a warning names how many sources."""
+    """Tokens cut from each source by the model's source budget; a warning names how many
+    sources."""
     budget = model.network_config.max_src_len
     lengths = [len(e.ids) for e in model.tokenizer.encode_batch(sources, add_special_tokens=False)]
     cut = [max(0, n - budget) for n in lengths]
     if any(cut):
-        print(f"warning: {sum(c > 0 for c in cut)} of {len(sources)} sources exceed the model's {budget}-token "
-              f"source budget and are truncated (longest: {max(lengths)} tokens); rows record src_truncated",
-              file=sys.stderr)
+        print(f"warning: {sum(c > 0 for c in cut)} of {len(sources)} sources exceed the model's "
+              f"{budget}-token source budget and are truncated (longest: {max(lengths)} tokens); "
+              "rows record src_truncated", file=sys.stderr)
     return cut
 
 
@@ -132,14 +136,17 @@ def generate(
     # The model reads at most max_src_len tokens of a source: say so before sampling, and record it.
     cut = _warn_truncated(model, sources)
     start = time.perf_counter()
-    results = generate_candidates(model, sources, settings, seed=seed, templates=templates, progress=True)
+    results = generate_candidates(model, sources, settings, seed=seed, templates=templates,
+                                  progress=True)
     seconds = time.perf_counter() - start
     out = open(output, "w", encoding="utf-8") if output else sys.stdout
     try:
-        for source, row, (candidates, pick), dropped in zip(sources, rows, results, cut, strict=True):
+        for source, row, (candidates, pick), dropped in zip(sources, rows, results, cut,
+                                                            strict=True):
             record = {
-                "source": source, "src_truncated": dropped, "sample": candidates[pick], "candidates": candidates,
-                "seed": seed, "sampler": settings.sampler, "steps": settings.steps, "decode": settings.decode,
+                "source": source, "src_truncated": dropped, "sample": candidates[pick],
+                "candidates": candidates, "seed": seed, "sampler": settings.sampler,
+                "steps": settings.steps, "decode": settings.decode,
                 "seconds": seconds / max(1, len(sources)),
             }
             if "trg" in row:
@@ -151,13 +158,16 @@ def generate(
     if output:
         for source, (candidates, pick) in list(zip(sources, results, strict=True))[:preview]:
             print(f"--- source ---\n{_clip(source)}\n--- sample ---\n{_clip(candidates[pick])}\n")
-        print(f"wrote {len(sources)} samples to {output} ({seconds:.1f} s, {seconds / max(1, len(sources)):.2f} s/document)")
+        print(f"wrote {len(sources)} samples to {output} "
+              f"({seconds:.1f} s, {seconds / max(1, len(sources)):.2f} s/document)")
 
 
 def _clip(text: str, lines: int = 12, chars: int = 1200) -> str:
     parts = text.splitlines()
-    shown = "\n".join(parts[:lines] + ([f"... ({len(parts) - lines} more lines)"] if len(parts) > lines else []))
-    return shown if len(shown) <= chars else shown[:chars] + f"... ({len(text) - chars} more characters)"
+    shown = "\n".join(parts[:lines] + ([f"... ({len(parts) - lines} more lines)"]
+                                       if len(parts) > lines else []))
+    return (shown if len(shown) <= chars
+            else shown[:chars] + f"... ({len(text) - chars} more characters)")
 
 
 def evaluate(
@@ -187,7 +197,8 @@ def evaluate(
         limit: Only the first ``limit`` rows.
         out: Report path without suffix (.json and .md are written).
         device: torch device.
-        show: Print the first ``show`` samples beside their references, with exact match and item F1.
+        show: Print the first ``show`` samples beside their references, with exact match and
+            item F1.
         sampling: Sampling settings over the checkpoint's (the sampling options).
     """
     from moe_diffuseq.checkpoint import load_checkpoint
@@ -215,9 +226,10 @@ def evaluate(
     candidates = [list(c) for c in zip(*per_seed, strict=True)]
     scores = score_generations(per_seed[0], references, candidates if seeds > 1 else None)
     scores["seconds_per_document"] = seconds / max(1, len(sources) * seeds)
-    settings_row = {"checkpoint": ckpt, "data": data, "documents": len(sources), "sampler": settings.sampler,
-                    "steps": settings.steps, "seeds": seeds}
-    if not out:  # named after the sampler actually used, now that the checkpoint's defaults are known
+    settings_row = {"checkpoint": ckpt, "data": data, "documents": len(sources),
+                    "sampler": settings.sampler, "steps": settings.steps, "seeds": seeds}
+    # named after the sampler actually used, now that the checkpoint's defaults are known
+    if not out:
         base = Path(ckpt).with_name(f"eval-{Path(data).stem}-{settings.sampler}-{settings.steps}")
     report = {"settings": settings_row, "scores": scores}
     base.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
@@ -260,7 +272,8 @@ def consolidate(checkpoint: str, output: str | None = None) -> str:
     target = Path(output) if output else folder.with_name(folder.name + ".consolidated")
     # Lightning's own converter (its documented command) reads its sharded layout.
     done = subprocess.run(
-        [sys.executable, "-m", "lightning.fabric.utilities.consolidate_checkpoint", str(folder), "--output_file", str(target)],
+        [sys.executable, "-m", "lightning.fabric.utilities.consolidate_checkpoint", str(folder),
+         "--output_file", str(target)],
         capture_output=True, text=True,
     )
     if done.returncode != 0 or not target.is_file():
@@ -286,7 +299,8 @@ def prepare_data(task: str = "code", data_dir: str = "data", max_chars: int | No
     from data_modules.corpora.tasks import TASKS
 
     if max_chars is not None and task not in TASKS:
-        raise SystemExit(f"error: --max-chars applies to the tasks {sorted(TASKS)}, not to {task!r}")
+        raise SystemExit(f"error: --max-chars applies to the tasks {sorted(TASKS)}, "
+                         f"not to {task!r}")
     name = task if max_chars is None else f"{task}-{max_chars}"
     out = Path(data_dir) / name
     try:

@@ -48,8 +48,10 @@ class AttentionConfig:
     def __post_init__(self) -> None:
         _check(self.window >= 1, "network.attention.window", self.window, "must be >= 1")
         _check(self.dilation >= 1, "network.attention.dilation", self.dilation, "must be >= 1")
-        _check(self.num_global >= 0, "network.attention.num_global", self.num_global, "must be >= 0")
-        _check(self.block_size >= 1, "network.attention.block_size", self.block_size, "must be >= 1")
+        _check(self.num_global >= 0, "network.attention.num_global", self.num_global,
+               "must be >= 0")
+        _check(self.block_size >= 1, "network.attention.block_size", self.block_size,
+               "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,8 @@ class MoEConfig:
     expert_hidden: int = 512
     """Hidden width of each expert's MLP."""
     capacity_factor: float | None = None
-    """None: dropless. Else each expert takes at most capacity_factor * tokens * top_k / experts slots."""
+    """None: dropless. Else each expert takes at most capacity_factor * tokens * top_k / experts
+    slots."""
     jitter: float = 0.0
     """Multiplicative uniform noise on router inputs during training (0 disables)."""
     load_balance_coef: float = 0.01
@@ -85,7 +88,8 @@ class MoEConfig:
             self.top_k,
             f"must be in [1, num_experts={self.num_experts}]",
         )
-        _check(self.expert_hidden >= 1, "network.moe.expert_hidden", self.expert_hidden, "must be >= 1")
+        _check(self.expert_hidden >= 1, "network.moe.expert_hidden", self.expert_hidden,
+               "must be >= 1")
         _check(
             self.capacity_factor is None or self.capacity_factor > 0,
             "network.moe.capacity_factor",
@@ -129,7 +133,8 @@ class NetworkConfig:
 
     def __post_init__(self) -> None:
         # Nested settings may arrive as dicts (a checkpoint's hyperparameters).
-        object.__setattr__(self, "attention", coerce(AttentionConfig, self.attention, "network.attention"))
+        object.__setattr__(self, "attention",
+                           coerce(AttentionConfig, self.attention, "network.attention"))
         if self.moe is not None:
             object.__setattr__(self, "moe", coerce(MoEConfig, self.moe, "network.moe"))
         for key in ("vocab_size", "max_src_len", "max_trg_len", "ffn_hidden"):
@@ -140,13 +145,14 @@ class NetworkConfig:
         _check(self.hidden_size % self.num_heads == 0, "network.hidden_size", self.hidden_size,
                f"must be divisible by num_heads={self.num_heads}")
         _check(0.0 <= self.dropout < 1.0, "network.dropout", self.dropout, "must be in [0, 1)")
-        _check(self.positions in ("target_relative", "absolute"), "network.positions", self.positions,
-               "expected target_relative or absolute")
-        _check(self.moe is not None or self.ffn_hidden is not None, "network.ffn_hidden", self.ffn_hidden,
-               "must be set when network.moe is null (every block is dense)")
+        _check(self.positions in ("target_relative", "absolute"), "network.positions",
+               self.positions, "expected target_relative or absolute")
+        _check(self.moe is not None or self.ffn_hidden is not None, "network.ffn_hidden",
+               self.ffn_hidden, "must be set when network.moe is null (every block is dense)")
         if self.moe is not None and self.moe.moe_layers is not None:
             bad = sorted(i for i in self.moe.moe_layers if not 0 <= i < self.num_layers)
-            _check(not bad, "network.moe.moe_layers", self.moe.moe_layers, f"{bad} outside [0, num_layers={self.num_layers})")
+            _check(not bad, "network.moe.moe_layers", self.moe.moe_layers,
+                   f"{bad} outside [0, num_layers={self.num_layers})")
 
     @property
     def sizes_known(self) -> bool:
@@ -161,11 +167,13 @@ class NetworkConfig:
     @property
     def dense_hidden(self) -> int:
         """Hidden width of a block without experts."""
-        return self.ffn_hidden if self.ffn_hidden is not None else self.moe.top_k * self.moe.expert_hidden
+        return (self.ffn_hidden if self.ffn_hidden is not None
+                else self.moe.top_k * self.moe.expert_hidden)
 
     def routed(self, layer: int) -> bool:
         """Whether block ``layer`` has a mixture-of-experts feed-forward."""
-        return self.moe is not None and (self.moe.moe_layers is None or layer in self.moe.moe_layers)
+        return self.moe is not None and (self.moe.moe_layers is None
+                                         or layer in self.moe.moe_layers)
 
 
 # Longest source that ``loss_on: auto`` still scores: DiffuSeq's own limit (BERT's 512 positions).
@@ -176,7 +184,8 @@ def resolve_loss_on(loss_on: str, max_src_len: int | None) -> Literal["all", "ta
     """The positions scored for ``diffusion.loss_on`` at this source length (auto resolved)."""
     if loss_on == "auto":
         if max_src_len is None:
-            raise ValueError("diffusion.loss_on=auto needs max_src_len (set by the data module's setup)")
+            raise ValueError("diffusion.loss_on=auto needs max_src_len "
+                             "(set by the data module's setup)")
         return "all" if max_src_len <= LONG_SOURCE_TOKENS else "target"
     return loss_on  # type: ignore[return-value]
 
@@ -194,14 +203,14 @@ class DiffusionConfig:
     denoise_rate: float = 0.5
     """gamma: a target token is replaced by m with probability gamma * sqrt(1 - alpha_bar_t)."""
     denoise_warmup_steps: int = 0
-    """Optimizer steps over which gamma ramps linearly from 0 to ``denoise_rate`` (0: full gamma from
-    the first step). Validation always scores with the full gamma."""
+    """Optimizer steps over which gamma ramps linearly from 0 to ``denoise_rate`` (0: full gamma
+    from the first step). Validation always scores with the full gamma."""
     absorb_padding: bool = False
     """Let m replace the [PAD] positions of the target region too (DiffuSeq-v2 replaces any target
-    position). Off by default: a denoiser that learns "m means [PAD]" predicts [PAD] on word positions
-    more often, and its samples come out short (dialogue, whose targets are two-thirds padding: 0.5-0.7x
-    the words at gamma <= 0.03). Off, m stands for a hidden text token and the length is left to the
-    continuous process, as in DiffuSeq."""
+    position). Off by default: a denoiser that learns "m means [PAD]" predicts [PAD] on word
+    positions more often, and its samples come out short (most of all where targets are mostly
+    padding). Off, m stands for a hidden text token and the length is left to the continuous
+    process, as in DiffuSeq."""
     mask_reg_coef: float = 0.01
     """Weight of the regulariser ||m||_2 on the absorbing state."""
     loss_on: Literal["auto", "all", "target"] = "auto"
@@ -209,11 +218,13 @@ class DiffusionConfig:
     auto: all for sources up to 512 tokens (DiffuSeq's own range), target for longer ones (scoring
     a long source costs a (source, vocabulary) logits tensor per example and every step)."""
     timestep_sampler: Literal["uniform", "loss_aware", "high_noise"] = "uniform"
-    """How training timesteps are drawn: uniform; loss_aware (the second-moment resampler, importance
-    weighted); high_noise (p_t proportional to t + 1, unweighted: more training where noise is high)."""
+    """How training timesteps are drawn: uniform; loss_aware (the second-moment resampler,
+    importance weighted); high_noise (p_t proportional to t + 1, unweighted: more training where
+    noise is high)."""
     x0_nll_coef: float = 0.0
-    """Weight of a cross-entropy of the rounding head on x0_hat at the target's positions (0: off, as
-    DiffuSeq): it scores the token the denoiser writes, where the mse scores an embedding distance."""
+    """Weight of a cross-entropy of the rounding head on x0_hat at the target's positions (0: off,
+    as DiffuSeq): it scores the token the denoiser writes, where the mse scores an embedding
+    distance."""
     skip_connection: bool = False
     """Predict x0 as m + sqrt(ab_t) (z_t - m) + sqrt(1 - ab_t) F(z_t): the best linear guess plus a
     learned residual (EDM-style preconditioning). False: the network's output is x0 (DiffuSeq)."""
@@ -223,9 +234,9 @@ class DiffusionConfig:
     network has no such input)."""
 
     def denoise_rate_at(self, step: int | None) -> float:
-        """gamma at optimizer step ``step`` (None: the full rate), 0 without the soft absorbing state.
-        It ramps up over ``denoise_warmup_steps``: early in training the network cannot yet fill a
-        replaced token from its context, and each replacement only takes signal away."""
+        """gamma at optimizer step ``step`` (None: the full rate), 0 without the soft absorbing
+        state. It ramps up over ``denoise_warmup_steps``: early in training the network cannot yet
+        fill a replaced token from its context, and each replacement only takes signal away."""
         if not self.soft_absorbing:
             return 0.0
         if step is None or self.denoise_warmup_steps == 0:
@@ -234,13 +245,17 @@ class DiffusionConfig:
 
     def __post_init__(self) -> None:
         _check(self.steps >= 2, "diffusion.steps", self.steps, "must be >= 2")
-        _check(0.0 <= self.denoise_rate <= 1.0, "diffusion.denoise_rate", self.denoise_rate, "must be in [0, 1]")
-        _check(self.denoise_warmup_steps >= 0, "diffusion.denoise_warmup_steps", self.denoise_warmup_steps, "must be >= 0")
-        _check(self.mask_reg_coef >= 0, "diffusion.mask_reg_coef", self.mask_reg_coef, "must be >= 0")
-        _check(0.0 <= self.self_conditioning <= 1.0, "diffusion.self_conditioning", self.self_conditioning,
+        _check(0.0 <= self.denoise_rate <= 1.0, "diffusion.denoise_rate", self.denoise_rate,
                "must be in [0, 1]")
+        _check(self.denoise_warmup_steps >= 0, "diffusion.denoise_warmup_steps",
+               self.denoise_warmup_steps, "must be >= 0")
+        _check(self.mask_reg_coef >= 0, "diffusion.mask_reg_coef", self.mask_reg_coef,
+               "must be >= 0")
+        _check(0.0 <= self.self_conditioning <= 1.0, "diffusion.self_conditioning",
+               self.self_conditioning, "must be in [0, 1]")
         _check(self.x0_nll_coef >= 0, "diffusion.x0_nll_coef", self.x0_nll_coef, "must be >= 0")
-        _check(self.loss_on in ("auto", "all", "target"), "diffusion.loss_on", self.loss_on, "expected auto, all or target")
+        _check(self.loss_on in ("auto", "all", "target"), "diffusion.loss_on", self.loss_on,
+               "expected auto, all or target")
 
 
 # How a sample becomes text (moe_diffuseq.batch.decode_targets).
@@ -261,7 +276,8 @@ class SamplingConfig:
     clamp: bool = False
     """Snap each predicted x0 to its nearest word embedding at every step (DiffuSeq's clamping)."""
     variance: Literal["posterior", "fixed_large"] = "posterior"
-    """Noise of each ancestral step: the true posterior's variance, or DiffuSeq's fixed_large (beta_t)."""
+    """Noise of each ancestral step: the true posterior's variance, or DiffuSeq's fixed_large
+    (beta_t)."""
     num_candidates: int = 1
     """Seeds per source; more than 1 picks one by MBR with sentence-BLEU."""
     batch_size: int = 16
@@ -272,9 +288,11 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "sampling.steps", self.steps, "must be >= 1")
-        _check(self.num_candidates >= 1, "sampling.num_candidates", self.num_candidates, "must be >= 1")
+        _check(self.num_candidates >= 1, "sampling.num_candidates", self.num_candidates,
+               "must be >= 1")
         _check(self.batch_size >= 1, "sampling.batch_size", self.batch_size, "must be >= 1")
-        _check(self.decode in DECODE_MODES, "sampling.decode", self.decode, f"expected one of {DECODE_MODES}")
+        _check(self.decode in DECODE_MODES, "sampling.decode", self.decode,
+               f"expected one of {DECODE_MODES}")
 
 
 def coerce(cls: type[T], value: T | dict[str, Any] | None, key: str) -> T:

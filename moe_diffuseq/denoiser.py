@@ -23,7 +23,8 @@ from .moe import DenseFeedForward, MoEFeedForward, RouterStats
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of integer steps t (B,) -> (B, dim)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period)
+                      * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return F.pad(emb, (0, dim % 2))
@@ -42,9 +43,11 @@ class SparseSelfAttention(nn.Module):
         self.out = nn.Linear(hidden, hidden)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, global_mask: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, global_mask: torch.Tensor,
+                padding_mask: torch.Tensor) -> torch.Tensor:
         batch, length, hidden = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads,
+                                   hidden // self.heads).permute(2, 0, 3, 1, 4)
         y = sparse_attention(
             q, k, v,  # (B, heads, L, head_dim)
             window=self.config.window,
@@ -60,7 +63,8 @@ class SparseSelfAttention(nn.Module):
 class Block(nn.Module):
     """Post-norm transformer block (BERT-style, as DiffuSeq): attention, then (MoE) FFN."""
 
-    def __init__(self, hidden: int, heads: int, attention: AttentionConfig, ffn: nn.Module, dropout: float) -> None:
+    def __init__(self, hidden: int, heads: int, attention: AttentionConfig, ffn: nn.Module,
+                 dropout: float) -> None:
         super().__init__()
         self.attn = SparseSelfAttention(hidden, heads, attention, dropout)
         self.norm1 = nn.LayerNorm(hidden)
@@ -94,7 +98,8 @@ class Denoiser(nn.Module):
     ) -> None:
         super().__init__()
         if not config.sizes_known:
-            raise ValueError("network.vocab_size, max_src_len and max_trg_len must be set to build the denoiser")
+            raise ValueError("network.vocab_size, max_src_len and max_trg_len must be set "
+                             "to build the denoiser")
         self.config = config
         embed_dim, hidden = config.embed_dim, config.hidden_size
         self.max_length = config.max_length
@@ -102,7 +107,8 @@ class Denoiser(nn.Module):
         self.lm_head = nn.Linear(embed_dim, config.vocab_size, bias=False)
         self.lm_head.weight = self.word_embedding.weight  # tied: rounding reads the same table
         self.up = nn.Sequential(nn.Linear(embed_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden))
-        self.time_mlp = nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, hidden))
+        self.time_mlp = nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(),
+                                      nn.Linear(4 * embed_dim, hidden))
         self.position = nn.Embedding(config.max_length, hidden)
         # The target region's own table, indexed by the offset from its first position: a target
         # token knows which output slot it is wherever a source of varying length ends.
@@ -117,7 +123,8 @@ class Denoiser(nn.Module):
             Block(hidden, config.num_heads, config.attention, self._ffn(config, i), config.dropout)
             for i in range(config.num_layers)
         )
-        self.down = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, embed_dim))
+        self.down = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(),
+                                  nn.Linear(hidden, embed_dim))
         self.embed_dim = embed_dim
         # Skip connection (EDM-style preconditioning for a variance-preserving process): low noise
         # is solved by the skip, and the network's capacity goes to high noise.
@@ -165,7 +172,8 @@ class Denoiser(nn.Module):
         """Rounding head: (B, L, E) -> (B, L, V)."""
         return self.lm_head(z)
 
-    def global_tokens(self, global_mask: torch.Tensor, target_mask: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    def global_tokens(self, global_mask: torch.Tensor, target_mask: torch.Tensor,
+                      padding_mask: torch.Tensor) -> torch.Tensor:
         """Structural globals, the first ``num_global`` source tokens (positions 1..n) and, with
         ``target_global``, the whole target region."""
         if self.config.attention.target_global:
@@ -184,7 +192,8 @@ class Denoiser(nn.Module):
         absolute = self.position(pos)[None]  # (1, L, H)
         if self.target_position is None:
             return absolute
-        offset = (target_mask.long().cumsum(1) - 1).clamp(0, self.target_position.num_embeddings - 1)  # (B, L)
+        offset = (target_mask.long().cumsum(1) - 1).clamp(
+            0, self.target_position.num_embeddings - 1)  # (B, L)
         return torch.where(target_mask[..., None], self.target_position(offset), absolute)
 
     def forward(
@@ -197,13 +206,17 @@ class Denoiser(nn.Module):
         x0_prev: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[RouterStats]]:
         """z_t: (B, L, E); t: (B,); masks (B, L); x0_prev: (B, L, E) the previous x0 estimate
-        (self-conditioning; None: zeros). Returns x0_hat (B, L, E) and one RouterStats per MoE layer."""
+        (self-conditioning; None: zeros). Returns x0_hat (B, L, E) and one RouterStats per MoE
+        layer."""
         length = z_t.shape[1]
         if length > self.max_length:
-            raise ValueError(f"sequence of {length} positions exceeds the model's max_length={self.max_length}")
-        h = self.up(z_t) + self.position_embedding(target_mask) + self.time_mlp(timestep_embedding(t, self.embed_dim))[:, None]
+            raise ValueError(f"sequence of {length} positions exceeds the model's "
+                             f"max_length={self.max_length}")
+        h = (self.up(z_t) + self.position_embedding(target_mask)
+             + self.time_mlp(timestep_embedding(t, self.embed_dim))[:, None])
         if self.self_condition is not None:
-            x0_prev = torch.zeros_like(z_t) if x0_prev is None else torch.where(target_mask[..., None], x0_prev, 0.0)
+            x0_prev = (torch.zeros_like(z_t) if x0_prev is None
+                       else torch.where(target_mask[..., None], x0_prev, 0.0))
             h = h + self.self_condition(x0_prev)
         h = self.dropout(self.input_norm(h))  # (B, L, H)
         stats: list[RouterStats] = []

@@ -21,7 +21,9 @@ def score_generations(
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     scores = rouge(hypotheses, references)
     scores["bleu"] = corpus_bleu(hypotheses, references)
-    scores["sentence_bleu"] = 100.0 * sum(sentence_bleu(h, r) for h, r in zip(hypotheses, references, strict=True)) / max(1, len(hypotheses))
+    scores["sentence_bleu"] = 100.0 * sum(
+        sentence_bleu(h, r) for h, r in zip(hypotheses, references, strict=True)
+    ) / max(1, len(hypotheses))
     scores["dist1"] = distinct_n(hypotheses, 1)
     scores["dist2"] = distinct_n(hypotheses, 2)
     ref_words = sum(len(r.split()) for r in references)
@@ -41,7 +43,8 @@ def markdown_report(title: str, settings: dict, scores: dict[str, float]) -> str
 
 
 def gather_objects(items: list) -> list:
-    """Every rank's ``items``, concatenated in rank order (the list itself without a process group)."""
+    """Every rank's ``items``, concatenated in rank order (the list itself without a process
+    group)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):

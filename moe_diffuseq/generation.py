@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 
 def sampling_settings(base: SamplingConfig, **overrides: Any) -> SamplingConfig:
-    """``base`` with the given fields replaced (None keeps the base's value); an unknown key is an error."""
+    """``base`` with the given fields replaced (None keeps the base's value); an unknown key is an
+    error."""
     known = {f.name for f in fields(SamplingConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -34,7 +35,8 @@ def sampling_settings(base: SamplingConfig, **overrides: Any) -> SamplingConfig:
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def encode(model: MoEDiffuSeq, sources: list[str], templates: list[str] | None = None) -> tuple[Seq2SeqBatch, torch.Tensor | None]:
+def encode(model: MoEDiffuSeq, sources: list[str],
+           templates: list[str] | None = None) -> tuple[Seq2SeqBatch, torch.Tensor | None]:
     """Collate sources for sampling. Returns the batch and, with templates, the (B, L) mask of
     target positions whose tokens are given.
 
@@ -54,7 +56,8 @@ def encode(model: MoEDiffuSeq, sources: list[str], templates: list[str] | None =
         fixed[row, start : start + len(tokens)] = tokens != special.mask
     # Positions after the template are free: reset them (collation put [SEP] [PAD]* there).
     free = batch.input_mask & ~fixed
-    batch.input_ids = torch.where(free, torch.full_like(batch.input_ids, special.pad), batch.input_ids)
+    batch.input_ids = torch.where(free, torch.full_like(batch.input_ids, special.pad),
+                                  batch.input_ids)
     return batch, fixed
 
 
@@ -88,15 +91,16 @@ def sample_ids(
         previous: list[torch.Tensor] = []  # the last x0 estimate, for self-conditioning
 
         def denoise(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x0, _ = net(z_t, t, global_mask, batch.padding_mask, batch.input_mask, previous[-1] if previous else None)
+            x0, _ = net(z_t, t, global_mask, batch.padding_mask, batch.input_mask,
+                        previous[-1] if previous else None)
             previous[:] = [x0]
             if sampling.clamp:  # snap to the nearest word embedding (DiffuSeq's clamping trick)
                 x0 = table[torch.cdist(x0, table[None].expand(x0.shape[0], -1, -1)).argmin(-1)]
             return x0
 
         problem = SamplingProblem(net.embed(batch.input_ids), anchor_mask, net.absorbing_state)
-        x0 = run_sampler(sampling.sampler, denoise, problem, model.schedule, sampling.steps, sampling.spacing,
-                         generator, progress, sampling.variance)
+        x0 = run_sampler(sampling.sampler, denoise, problem, model.schedule, sampling.steps,
+                         sampling.spacing, generator, progress, sampling.variance)
         # Round the free positions only: anchored ones keep their tokens, and the (N, V) logits
         # of a long source would cost more than the sampling steps themselves.
         free = ~anchor_mask
@@ -110,14 +114,18 @@ def sample_ids(
         net.train(was_training)
 
 
-def sample_rows(model: MoEDiffuSeq, batch: Seq2SeqBatch, sampling: SamplingConfig, seed: int) -> list[dict[str, str]]:
-    """Sample a collated batch's targets; per row its ``source``, ``reference`` and ``sample`` as text
-    (``sampling.decode``). The test loop, the predict loop and ``ValidationSamples`` share it."""
+def sample_rows(model: MoEDiffuSeq, batch: Seq2SeqBatch, sampling: SamplingConfig,
+                seed: int) -> list[dict[str, str]]:
+    """Sample a collated batch's targets; per row its ``source``, ``reference`` and ``sample`` as
+    text (``sampling.decode``). The test loop, the predict loop and ``ValidationSamples`` share
+    it."""
     tokenizer, special = model.tokenizer, model.special_ids
-    samples = decode_targets(tokenizer, sample_ids(model, batch, sampling, seed).cpu(), batch, special, sampling.decode)
+    samples = decode_targets(tokenizer, sample_ids(model, batch, sampling, seed).cpu(), batch,
+                             special, sampling.decode)
     references = decode_targets(tokenizer, batch.input_ids.cpu(), batch, special, sampling.decode)
     sources = decode_sources(tokenizer, batch, special)
-    return [{"source": s, "reference": r, "sample": g} for s, r, g in zip(sources, references, samples, strict=True)]
+    return [{"source": s, "reference": r, "sample": g}
+            for s, r, g in zip(sources, references, samples, strict=True)]
 
 
 def generate_candidates(
@@ -129,7 +137,8 @@ def generate_candidates(
     templates: list[str] | None = None,
     progress: bool = False,
 ) -> list[tuple[list[str], int]]:
-    """Per source: ``sampling.num_candidates`` samples (seeds seed, seed+1, ...) and the index MBR picks.
+    """Per source: ``sampling.num_candidates`` samples (seeds seed, seed+1, ...) and the index MBR
+    picks.
 
     With ``templates`` (one per source), given target tokens stay fixed and only the ``[MASK]``
     positions and the positions after the template are sampled (infilling).
@@ -144,10 +153,12 @@ def generate_candidates(
         chunks = tqdm(chunks, desc="documents", unit="batch")
     for start in chunks:
         end = start + sampling.batch_size
-        batch, fixed = encode(model, [str(s) for s in sources[start:end]], None if templates is None else templates[start:end])
+        batch, fixed = encode(model, [str(s) for s in sources[start:end]],
+                              None if templates is None else templates[start:end])
         per_seed = [
-            decode_targets(model.tokenizer, sample_ids(model, batch, sampling, seed + c, fixed, progress).cpu(), batch,
-                           model.special_ids, sampling.decode)
+            decode_targets(model.tokenizer,
+                           sample_ids(model, batch, sampling, seed + c, fixed, progress).cpu(),
+                           batch, model.special_ids, sampling.decode)
             for c in range(sampling.num_candidates)
         ]
         for candidates in zip(*per_seed, strict=True):

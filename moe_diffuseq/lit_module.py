@@ -1,6 +1,7 @@
-"""MoEDiffuSeq: the LightningModule that trains and validates the denoiser (sampling: ``generation``;
-the optimizer: ``optim``). The network is built in one place, ``configure_model``: at construction
-when every size is known, else by the Trainer once the data module's tokenizer gives the vocabulary."""
+"""MoEDiffuSeq: the LightningModule that trains and validates the denoiser (sampling:
+``generation``; the optimizer: ``optim``; the loss: ``diffusion.losses``). The network is built in
+one place, ``configure_model``: at construction when every size is known, else by the Trainer
+once the data module's tokenizer gives the vocabulary size."""
 
 from __future__ import annotations
 
@@ -23,13 +24,10 @@ from .config import (
     to_plain,
 )
 from .denoiser import Denoiser
-from .diffusion import NoiseSchedule, diffusion_loss_terms, make_timestep_sampler
-from .moe import router_losses, router_metrics
+from .diffusion import NoiseSchedule, make_timestep_sampler, training_loss
+from .moe import router_metrics
 from .optim import NonFiniteGuard, adamw_with_schedule, update_ema
 from .probes import AccuracyTally, noise_level_counts, probe_steps
-
-TOKENIZER_KEY = "moe_diffuseq_tokenizer"
-RNG_KEY = "moe_diffuseq_torch_rng"
 
 
 class MoEDiffuSeq(pl.LightningModule):
@@ -65,19 +63,20 @@ class MoEDiffuSeq(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.network_config = coerce(NetworkConfig, network, "network")
-        self.diffusion_config = coerce(DiffusionConfig, diffusion, "diffusion")
+        self.diffusion_config = diffusion = coerce(DiffusionConfig, diffusion, "diffusion")
         self.sampling_config = coerce(SamplingConfig, sampling, "sampling")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay={ema_decay}: must be in [0, 1)")
         # Plain types only, so checkpoints load with weights_only=True and scripts rebuild
         # the model from the file alone.
         self.save_hyperparameters(ignore=["network", "diffusion", "sampling"])
-        self.hparams.update(network=to_plain(self.network_config), diffusion=to_plain(self.diffusion_config),
-                            sampling=to_plain(self.sampling_config))
+        nested = {"network": self.network_config, "diffusion": diffusion,
+                  "sampling": self.sampling_config}
+        self.hparams.update({key: to_plain(value) for key, value in nested.items()})
         self.save_hyperparameters(dict(self.hparams))
         self.tokenizer: Tokenizer | None = None
-        self.schedule = NoiseSchedule(self.diffusion_config.schedule, self.diffusion_config.steps)
-        self.timestep_sampler = make_timestep_sampler(self.diffusion_config.timestep_sampler, self.diffusion_config.steps)
+        self.schedule = NoiseSchedule(diffusion.schedule, diffusion.steps)
+        self.timestep_sampler = make_timestep_sampler(diffusion.timestep_sampler, diffusion.steps)
         self.denoiser: Denoiser | None = None
         self.ema: Denoiser | None = None
         self._nonfinite = NonFiniteGuard(max_nonfinite_steps)
@@ -91,7 +90,7 @@ class MoEDiffuSeq(pl.LightningModule):
     # ----------------------------------------------------------------- construction
     @property
     def loss_on(self) -> str:
-        """Positions the losses score, ``diffusion.loss_on`` with auto resolved by ``max_src_len``."""
+        """Positions the losses score: ``diffusion.loss_on``, auto resolved by the source budget."""
         return resolve_loss_on(self.diffusion_config.loss_on, self.network_config.max_src_len)
 
     @property
@@ -102,29 +101,30 @@ class MoEDiffuSeq(pl.LightningModule):
         return SpecialIds.from_tokenizer(self.tokenizer)
 
     def set_tokenizer(self, tokenizer: Tokenizer) -> None:
-        """Attach the tokenizer (saved inside every checkpoint); it sets the vocabulary size. A model
-        holds one tokenizer: the data module's and a checkpoint's must be the same."""
+        """Attach the tokenizer (saved inside every checkpoint); it sets the vocabulary size. A
+        model holds one tokenizer: the data module's and a checkpoint's must be the same."""
         if self.tokenizer is not None and self.tokenizer.to_str() != tokenizer.to_str():
-            raise ValueError("the data module's tokenizer differs from the checkpoint's; point the data config at "
-                             "the checkpoint's tokenizer.json")
+            raise ValueError("the data module's tokenizer differs from the checkpoint's; point the "
+                             "data config at the checkpoint's tokenizer.json")
         SpecialIds.from_tokenizer(tokenizer)  # fails early if a special token is missing
         size = tokenizer.get_vocab_size()
         if self.network_config.vocab_size not in (None, size):
-            raise ValueError(f"network.vocab_size={self.network_config.vocab_size} but the tokenizer has {size} tokens")
+            given = self.network_config.vocab_size
+            raise ValueError(f"network.vocab_size={given} but the tokenizer has {size} tokens")
         self.network_config = replace(self.network_config, vocab_size=size)
         self.tokenizer = tokenizer
 
     def setup(self, stage: str) -> None:
-        """Take the tokenizer from the data module, and check its length budgets against the model's."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        """Take the tokenizer from the data module; check its length budgets against the model's."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
         if getattr(datamodule, "tokenizer", None) is not None:
             self.set_tokenizer(datamodule.tokenizer)
         if self.tokenizer is None and self.network_config.vocab_size is None:
-            raise RuntimeError("MoEDiffuSeq needs a data module with a tokenizer (or a loaded checkpoint)")
+            raise RuntimeError("MoEDiffuSeq needs a data module with a tokenizer, or a checkpoint")
         for key in ("max_src_len", "max_trg_len"):
             ours, data = getattr(self.network_config, key), getattr(datamodule, key, None)
             if ours is None:
-                raise ValueError(f"network.{key} is unset: give it (the CLI links it from data.{key})")
+                raise ValueError(f"network.{key} is unset: give it (the CLI links data.{key})")
             if data is not None and data > ours:
                 raise ValueError(f"data.{key}={data} exceeds the model's network.{key}={ours}")
 
@@ -132,12 +132,15 @@ class MoEDiffuSeq(pl.LightningModule):
         """Build the denoiser (and its EMA copy) once; shard it under FSDP2."""
         if self.denoiser is None:
             if not self.network_config.sizes_known:
-                raise RuntimeError("network.vocab_size, max_src_len and max_trg_len are unknown: give them or a data module")
+                raise RuntimeError("network.vocab_size, max_src_len and max_trg_len are unknown: "
+                                   "give them, or a data module")
             cfg = self.diffusion_config
+            skip = self.schedule.alpha_bar if cfg.skip_connection else None
             self.denoiser = Denoiser(self.network_config, soft_absorbing=cfg.soft_absorbing,
                                      self_conditioning=cfg.self_conditioning > 0,
-                                     skip_alpha_bar=self.schedule.alpha_bar if cfg.skip_connection else None)
-            self.ema = copy.deepcopy(self.denoiser).requires_grad_(False) if self.hparams.ema_decay > 0 else None
+                                     skip_alpha_bar=skip)
+            averaged = self.hparams.ema_decay > 0
+            self.ema = copy.deepcopy(self.denoiser).requires_grad_(False) if averaged else None
         mesh = self.device_mesh  # set by ModelParallelStrategy (FSDP2); None otherwise
         if mesh is not None and not self._sharded:
             # The EMA copy is sharded alike, so that its update is shard-by-shard.
@@ -152,29 +155,17 @@ class MoEDiffuSeq(pl.LightningModule):
         ``DiffusionConfig.denoise_rate_at``."""
         return self.diffusion_config.denoise_rate_at(step)
 
-    def compute_loss(self, batch: Seq2SeqBatch, t: torch.Tensor, weights: torch.Tensor, denoiser: Denoiser | None = None,
-                     generator: torch.Generator | None = None, predict_tokens: bool = False, step: int | None = None):
-        """The training objective at steps ``t`` (B,) with per-example ``weights``: returns the loss,
-        its named parts (for logging) and the per-example terms. ``denoiser``: the training weights
-        unless given; ``step``: the optimizer step (the absorbing rate's ramp; None: the full rate)."""
-        cfg, moe = self.diffusion_config, self.network_config.moe
-        denoiser = self.denoiser if denoiser is None else denoiser
-        terms = denoiser.run(
-            diffusion_loss_terms, self.schedule, batch, t, denoise_rate=self.denoise_rate(step), loss_on=self.loss_on,
-            generator=generator, predict_tokens=predict_tokens, x0_nll_coef=cfg.x0_nll_coef,
-            absorbable=None if cfg.absorb_padding else batch.input_ids != self.special_ids.pad,
-            # Evaluation always self-conditions, as sampling does; training on a share of examples.
-            self_condition_rate=cfg.self_conditioning if denoiser.training else float(cfg.self_conditioning > 0),
+    def compute_loss(self, batch: Seq2SeqBatch, t: torch.Tensor, weights: torch.Tensor,
+                     denoiser: Denoiser | None = None, generator: torch.Generator | None = None,
+                     predict_tokens: bool = False, step: int | None = None):
+        """``diffusion.training_loss`` of ``denoiser`` (the training weights unless given) at steps
+        ``t`` (B,): the loss, its named parts and the per-example terms."""
+        return training_loss(
+            self.denoiser if denoiser is None else denoiser, self.schedule, batch, t, weights,
+            diffusion=self.diffusion_config, moe=self.network_config.moe, loss_on=self.loss_on,
+            pad_id=self.special_ids.pad, step=step, generator=generator,
+            predict_tokens=predict_tokens,
         )
-        balance, z_loss = (x.to(self.device) for x in router_losses(terms.router_stats))
-        mask_reg = terms.mask_norm if cfg.soft_absorbing else torch.zeros((), device=self.device)
-        loss = (weights * terms.per_example).mean() + cfg.mask_reg_coef * mask_reg
-        if moe is not None:
-            loss = loss + moe.load_balance_coef * balance + moe.z_loss_coef * z_loss
-        parts = {"mse": terms.mse.mean(), "rounding": terms.rounding.mean(), "tT": terms.t_T.mean(),
-                 **({"x0_nll": terms.x0_nll.mean()} if terms.x0_nll is not None else {}),
-                 "load_balance": balance, "z_loss": z_loss, "mask_norm": mask_reg}
-        return loss, parts, terms
 
     def training_step(self, batch: Seq2SeqBatch, batch_idx: int):
         t, weights = self.timestep_sampler.sample(len(batch), self.device)
@@ -191,10 +182,10 @@ class MoEDiffuSeq(pl.LightningModule):
         if self.diffusion_config.soft_absorbing:
             self.log("train/denoise_rate", self.denoise_rate(self.global_step), batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs)
-        if terms.router_stats:
+        if stats := terms.router_stats:
             # (layers, experts) load of the last step, for ExpertLoadMonitor's heatmap.
-            self.last_expert_load = torch.stack([s.expert_fraction.detach() for s in terms.router_stats]).cpu()
-            self.log_dict(router_metrics(terms.router_stats), batch_size=bs)
+            self.last_expert_load = torch.stack([s.expert_fraction.detach() for s in stats]).cpu()
+            self.log_dict(router_metrics(stats), batch_size=bs)
         return loss
 
     def optimizer_step(self, *args, **kwargs) -> None:
@@ -219,20 +210,22 @@ class MoEDiffuSeq(pl.LightningModule):
 
     def _evaluate_step(self, batch: Seq2SeqBatch, batch_idx: int, prefix: str) -> None:
         # A fixed generator per batch: validation numbers are comparable across epochs.
-        generator = torch.Generator(device=self.device).manual_seed(1234 + batch_idx)
-        t = torch.randint(0, self.schedule.steps, (len(batch),), device=self.device, generator=generator)
-        weights = torch.ones(len(batch), device=self.device)
-        loss, parts, terms = self.compute_loss(batch, t, weights, self.sampling_network, generator, predict_tokens=True)
-        bs = len(batch)
+        bs, device, net = len(batch), self.device, self.sampling_network
+        generator = torch.Generator(device=device).manual_seed(1234 + batch_idx)
+        t = torch.randint(0, self.schedule.steps, (bs,), device=device, generator=generator)
+        weights = torch.ones(bs, device=device)
+        loss, parts, terms = self.compute_loss(batch, t, weights, net, generator, True)
         self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
         self.log_dict({f"{prefix}/{k}": v for k, v in parts.items()}, batch_size=bs, sync_dist=True)
         # Through run(): one forward of the root, so FSDP2 gathers the embedding table for it.
         steps = probe_steps(self.schedule.steps)
-        levels = self.sampling_network.run(noise_level_counts, self.schedule, batch, self.special_ids, steps, generator)
+        special = self.special_ids
+        levels = net.run(noise_level_counts, self.schedule, batch, special, steps, generator)
         self._tally.add(batch, terms.predicted_ids, self.network_config.vocab_size, levels)
 
     def _log_accuracy(self, prefix: str) -> None:
-        for name, (value, prog_bar) in self._tally.metrics(probe_steps(self.schedule.steps), self.all_gather).items():
+        metrics = self._tally.metrics(probe_steps(self.schedule.steps), self.all_gather)
+        for name, (value, prog_bar) in metrics.items():
             self.log(f"{prefix}/{name}", value, prog_bar=prog_bar, rank_zero_only=True)
 
     def on_validation_epoch_end(self) -> None:
@@ -252,13 +245,15 @@ class MoEDiffuSeq(pl.LightningModule):
         cfg = self.sampling_config
         rows = generation.sample_rows(self, batch, cfg, seed=batch_idx)
         ids = batch.example_ids or [""] * len(rows)
-        return [{"id": i, **row, "sampler": cfg.sampler, "steps": cfg.steps} for i, row in zip(ids, rows, strict=True)]
+        return [{"id": i, **row, "sampler": cfg.sampler, "steps": cfg.steps}
+                for i, row in zip(ids, rows, strict=True)]
 
     def configure_optimizers(self):
         hp = self.hparams
         return adamw_with_schedule(
-            self.denoiser, lr=hp.lr, weight_decay=hp.weight_decay, warmup_steps=hp.warmup_steps, lr_decay=hp.lr_decay,
-            min_lr_ratio=hp.min_lr_ratio, estimated_steps=self.trainer.estimated_stepping_batches,
+            self.denoiser, lr=hp.lr, weight_decay=hp.weight_decay, warmup_steps=hp.warmup_steps,
+            lr_decay=hp.lr_decay, min_lr_ratio=hp.min_lr_ratio,
+            estimated_steps=self.trainer.estimated_stepping_batches,
         )
 
     # ----------------------------------------------------------------- generation
@@ -268,31 +263,29 @@ class MoEDiffuSeq(pl.LightningModule):
         fields of the model's ``sampling`` settings (sampler, steps, spacing, clamp, num_candidates,
         batch_size, decode); see ``generation.generate_candidates`` for templates (infilling)."""
         settings = generation.sampling_settings(self.sampling_config, **sampling)
-        picks = generation.generate_candidates(self, sources, settings, seed=seed, templates=templates, progress=progress)
+        picks = generation.generate_candidates(self, sources, settings, seed=seed,
+                                               templates=templates, progress=progress)
         return [candidates[i] for candidates, i in picks]
 
     # ----------------------------------------------------------------- checkpoints
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs) -> MoEDiffuSeq:  # type: ignore[override]
-        """Lightning's loader, with one error naming the file when it is missing, foreign, truncated or corrupt."""
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs) -> MoEDiffuSeq:  # type: ignore
+        """Lightning's loader; a missing, foreign, truncated or corrupt file: an error naming it."""
         from .checkpoint import named_load_errors
 
         return named_load_errors(super().load_from_checkpoint, checkpoint_path, *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.tokenizer is not None:
-            checkpoint[TOKENIZER_KEY] = self.tokenizer.to_str()
-        # Timesteps, noise and dropout draw from torch's global generator: saving its state
-        # lets a resumed run continue with exactly the draws of an uninterrupted one.
-        checkpoint[RNG_KEY] = torch.get_rng_state()
-        # The network as built (the vocabulary size filled in), so a script rebuilds it from the file alone.
-        checkpoint["hyper_parameters"] = {**checkpoint.get("hyper_parameters", {}), "network": to_plain(self.network_config)}
+        from .checkpoint import write_extras
+
+        write_extras(checkpoint, self.tokenizer, self.network_config)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the RNG (when fitting) and attach the checkpoint's tokenizer. The network was
-        built before this hook, by ``configure_model``, from the sizes ``on_save_checkpoint`` recorded."""
-        if RNG_KEY in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
-            torch.set_rng_state(checkpoint[RNG_KEY])
-        if TOKENIZER_KEY in checkpoint:
-            self.set_tokenizer(Tokenizer.from_str(checkpoint[TOKENIZER_KEY]))
+        built before this hook, by ``configure_model``, from the sizes the checkpoint records."""
+        from .checkpoint import read_extras
 
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        tokenizer = read_extras(checkpoint, restore_rng=fitting)
+        if tokenizer is not None:
+            self.set_tokenizer(tokenizer)

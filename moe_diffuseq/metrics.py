@@ -29,7 +29,8 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
-def rouge_per_document(hypotheses: Sequence[str], references: Sequence[str]) -> list[dict[str, float]]:
+def rouge_per_document(hypotheses: Sequence[str],
+                       references: Sequence[str]) -> list[dict[str, float]]:
     """ROUGE-1/2/L/Lsum F1 in [0, 100] of each hypothesis against its reference, Porter stemming
     (per document, for intervals over documents)."""
     from rouge_score import rouge_scorer
@@ -50,7 +51,8 @@ def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, flo
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
     """Distinct n-grams over all n-grams in the texts (whitespace tokens)."""
-    grams = [tuple(tokens[i : i + n]) for tokens in (t.split() for t in texts) for i in range(len(tokens) - n + 1)]
+    grams = [tuple(tokens[i : i + n]) for tokens in (t.split() for t in texts)
+             for i in range(len(tokens) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -67,14 +69,16 @@ def mbr_select(candidates: Sequence[str]) -> int:
     if len(candidates) <= 1:
         return 0
     scores = [
-        sum(sentence_bleu(c, other) for j, other in enumerate(candidates) if j != i) / (len(candidates) - 1)
+        sum(sentence_bleu(c, other) for j, other in enumerate(candidates) if j != i)
+        / (len(candidates) - 1)
         for i, c in enumerate(candidates)
     ]
     return max(range(len(candidates)), key=lambda i: scores[i])
 
 
 def paired_bootstrap_interval(
-    scores_a: Sequence[float], scores_b: Sequence[float], confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+    scores_a: Sequence[float], scores_b: Sequence[float], confidence: float = 0.95,
+    resamples: int = 2000, seed: int = 0,
 ) -> tuple[float, float]:
     """Percentile interval of mean(a - b) over documents resampled with replacement.
 
@@ -83,7 +87,8 @@ def paired_bootstrap_interval(
     import torch
 
     if len(scores_a) != len(scores_b) or not scores_a:
-        raise ValueError(f"need two equal, non-empty score lists, got {len(scores_a)} and {len(scores_b)}")
+        raise ValueError(f"need two equal, non-empty score lists, got {len(scores_a)} and "
+                         f"{len(scores_b)}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
     diff = torch.tensor(scores_a, dtype=torch.float64) - torch.tensor(scores_b, dtype=torch.float64)
@@ -91,7 +96,8 @@ def paired_bootstrap_interval(
     picks = torch.randint(len(diff), (resamples, len(diff)), generator=generator)
     means = diff[picks].mean(dim=1)
     tail = (1.0 - confidence) / 2
-    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    low, high = torch.quantile(means,
+                               torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
     return low, high
 
 
@@ -99,7 +105,8 @@ ITEM_SEPARATOR = " ; "
 
 
 def split_items(text: str) -> list[str]:
-    """The ``ITEM_SEPARATOR``-separated items of an answer, whitespace-normalised, empties dropped."""
+    """The ``ITEM_SEPARATOR``-separated items of an answer, whitespace-normalised, empties
+    dropped."""
     return [" ".join(item.split()) for item in text.split(ITEM_SEPARATOR.strip()) if item.strip()]
 
 
@@ -119,7 +126,8 @@ def item_scores(hypothesis: str, reference: str) -> dict[str, float]:
 
     hyp, ref = split_items(hypothesis), split_items(reference)
     if not hyp and not ref:
-        return dict.fromkeys(("exact_match", "item_precision", "item_recall", "item_f1", "order_accuracy"), 1.0)
+        return dict.fromkeys(("exact_match", "item_precision", "item_recall", "item_f1",
+                              "order_accuracy"), 1.0)
     common = sum((Counter(hyp) & Counter(ref)).values())
     precision = common / len(hyp) if hyp else 0.0
     recall = common / len(ref) if ref else 0.0
@@ -138,4 +146,5 @@ def mean_item_scores(hypotheses: Sequence[str], references: Sequence[str]) -> di
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     per_doc = [item_scores(h, r) for h, r in zip(hypotheses, references, strict=True)]
-    return {key: sum(d[key] for d in per_doc) / max(1, len(per_doc)) for key in (per_doc[0] if per_doc else {})}
+    return {key: sum(d[key] for d in per_doc) / max(1, len(per_doc))
+            for key in (per_doc[0] if per_doc else {})}

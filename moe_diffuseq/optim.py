@@ -39,7 +39,8 @@ def adamw_with_schedule(
     for name, param in net.named_parameters():
         if param.requires_grad:
             (no_decay if param.dim() < 2 or "norm" in name else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=lr)
     # A run bounded only by time has no known length: warm up, then keep the peak rate.
     known = math.isfinite(estimated_steps)
@@ -54,8 +55,9 @@ def adamw_with_schedule(
 
 @torch.no_grad()
 def update_ema(average: nn.Module, current: nn.Module, decay: float, step: int) -> None:
-    """Move ``average``'s weights toward ``current``'s. The decay warms up, (1 + step) / (10 + step),
-    so that early averages are not dominated by the random initialisation."""
+    """Move ``average``'s weights toward ``current``'s. The decay warms up,
+    (1 + step) / (10 + step), so that early averages are not dominated by the random
+    initialisation."""
     decay = min(decay, (1 + step) / (10 + step))
     for avg, cur in zip(average.parameters(), current.parameters(), strict=True):
         avg.lerp_(cur.detach(), 1.0 - decay)
@@ -75,7 +77,9 @@ class NonFiniteGuard:
             self.in_a_row = 0
             return False
         self.in_a_row += 1
-        log.warning("non-finite loss %s at step %d (examples %s); step skipped", loss.item(), step, example_ids[:8])
+        log.warning("non-finite loss %s at step %d (examples %s); step skipped", loss.item(), step,
+                    example_ids[:8])
         if self.in_a_row >= self.max_in_a_row:
-            raise FloatingPointError(f"{self.in_a_row} consecutive non-finite losses; last batch's examples: {example_ids}")
+            raise FloatingPointError(f"{self.in_a_row} consecutive non-finite losses; "
+                                     f"last batch's examples: {example_ids}")
         return True

@@ -49,15 +49,18 @@ def noise_level_counts(
         t = torch.full((len(batch),), step, device=emb.device, dtype=torch.long)
         noise = torch.randn(emb.shape, device=emb.device, dtype=emb.dtype, generator=generator)
         z0 = noised_start(emb, schedule, noise)
-        z_t, _ = forward_process(z0, t, batch.input_mask, denoiser.absorbing_state, schedule, 0.0, generator=generator)
-        global_mask = denoiser.global_tokens(batch.global_mask, batch.input_mask, batch.padding_mask)
+        z_t, _ = forward_process(z0, t, batch.input_mask, denoiser.absorbing_state, schedule, 0.0,
+                                 generator=generator)
+        global_mask = denoiser.global_tokens(batch.global_mask, batch.input_mask,
+                                             batch.padding_mask)
         x0_hat, _ = denoiser(z_t, t, global_mask, batch.padding_mask, batch.input_mask)
         if denoiser.self_condition is not None:  # a second pass reading the first, as sampling does
             x0_hat, _ = denoiser(z_t, t, global_mask, batch.padding_mask, batch.input_mask, x0_hat)
         truth = batch.input_ids[words]
         predicted = denoiser.logits(x0_hat[words]).argmax(-1)
         rounded = denoiser.logits(z_t[words]).argmax(-1)
-        counts.append(torch.stack([(predicted == truth).sum(), (rounded == truth).sum(), words.sum()]))
+        counts.append(torch.stack([(predicted == truth).sum(), (rounded == truth).sum(),
+                                   words.sum()]))
     return torch.stack(counts)
 
 
@@ -65,7 +68,8 @@ def accuracy_table(steps: list[int], counts: torch.Tensor) -> dict[int, dict[str
     """{t: {"denoiser": acc, "round_z_t": acc}} from summed ``noise_level_counts``."""
     total = counts[:, 2].clamp_min(1).double()
     return {
-        step: {"denoiser": float(counts[i, 0] / total[i]), "round_z_t": float(counts[i, 1] / total[i])}
+        step: {"denoiser": float(counts[i, 0] / total[i]),
+               "round_z_t": float(counts[i, 1] / total[i])}
         for i, step in enumerate(steps)
     }
 
@@ -80,7 +84,8 @@ class AccuracyTally:
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
 
-    def add(self, batch: Seq2SeqBatch, predicted_ids: torch.Tensor, vocab_size: int, noise_levels: torch.Tensor) -> None:
+    def add(self, batch: Seq2SeqBatch, predicted_ids: torch.Tensor, vocab_size: int,
+            noise_levels: torch.Tensor) -> None:
         scored = batch.input_mask & ~batch.padding_mask
         parts = {
             "correct": ((predicted_ids == batch.input_ids) & scored).sum(),
@@ -92,12 +97,13 @@ class AccuracyTally:
             self.sums[key] = self.sums[key] + value if key in self.sums else value
 
     def metrics(self, steps: list[int], gather) -> dict[str, tuple[torch.Tensor | float, bool]]:
-        """{name: (value, in the progress bar)} over all ranks (``gather``: LightningModule.all_gather),
-        and the tally is reset; empty when nothing was added."""
+        """{name: (value, in the progress bar)} over all ranks (``gather``:
+        LightningModule.all_gather), and the tally is reset; empty when nothing was added."""
         sums, self.sums = self.sums, {}
         if not sums:
             return {}
-        correct, total, counts, levels = (gather(sums[k]).reshape(-1, *sums[k].shape).sum(0) for k in self.KEYS)
+        correct, total, counts, levels = (gather(sums[k]).reshape(-1, *sums[k].shape).sum(0)
+                                          for k in self.KEYS)
         total = total.clamp_min(1).float()
         out: dict[str, tuple[torch.Tensor | float, bool]] = {
             "token_acc": (correct.float() / total, True),

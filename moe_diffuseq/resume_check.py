@@ -20,7 +20,8 @@ from lightning.pytorch.cli import LightningCLI
 log = logging.getLogger(__name__)
 
 # Model arguments a resumed run may change: how it is optimised and how it samples.
-MAY_CHANGE = ("lr", "weight_decay", "warmup_steps", "lr_decay", "min_lr_ratio", "max_nonfinite_steps", "sampling.")
+MAY_CHANGE = ("lr", "weight_decay", "warmup_steps", "lr_decay", "min_lr_ratio",
+              "max_nonfinite_steps", "sampling.")
 # Learned from the tokenizer when left unset: None on the command line is no change.
 LEARNED_LATE = ("network.vocab_size",)
 
@@ -66,15 +67,17 @@ class ResumeCheckingCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        if sub != "fit" or not ckpt_path or not Path(ckpt_path).is_file() or self._given_model is None:
+        if (sub != "fit" or not ckpt_path or not Path(ckpt_path).is_file()
+                or self._given_model is None):
             return
-        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        saved = torch.load(ckpt_path, weights_only=True,
+                           map_location="cpu").get("hyper_parameters", {})
         forbidden, allowed = changed_settings(saved, self._given_model)
         for line in allowed:
             log.warning("resuming %s with a changed setting: model.%s", ckpt_path, line)
         if forbidden:
             raise ValueError(
-                f"{ckpt_path}: resuming with changed model settings, which the checkpoint's would silently "
-                "replace: " + "; ".join(f"model.{line}" for line in forbidden)
+                f"{ckpt_path}: resuming with changed model settings, which the checkpoint's would "
+                "silently replace: " + "; ".join(f"model.{line}" for line in forbidden)
                 + ". Resume with the checkpoint's values, or start a new run without --ckpt_path."
             )

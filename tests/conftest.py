@@ -45,7 +45,8 @@ def small_corpus(tmp_path_factory) -> Path:
         part = out / package
         build_code_corpus(part, root=stdlib_root() / package)
         for split in ("train", "validation", "test"):
-            rows += [json.loads(line) for line in (part / f"{split}.jsonl").read_text().splitlines()]
+            rows += [json.loads(line)
+                     for line in (part / f"{split}.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["kind"] == "function"]
     (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-16]))
     (out / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[-16:]))

@@ -16,17 +16,20 @@ from moe_diffuseq.allocator import tune_cpu_allocator
 tuned = tune_cpu_allocator()
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                 "fordblks", "keepcost")]
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.mallinfo2.restype = MallInfo2
 before = libc.mallinfo2().hblkhd
 big = torch.ones(16 << 20)  # 64 MiB
-print(json.dumps({"tuned": tuned, "mmapped_mb": (libc.mallinfo2().hblkhd - before) / 2**20, "sum": float(big.sum())}))
+print(json.dumps({"tuned": tuned, "mmapped_mb": (libc.mallinfo2().hblkhd - before) / 2**20,
+                  "sum": float(big.sum())}))
 """
 
 
 def _probe(**env: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE], env={**os.environ, **env}, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", PROBE], env={**os.environ, **env},
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -29,7 +29,8 @@ def brute_force(q, k, v, window, dilation, global_mask, key_padding_mask):
 
 def make_inputs(batch, heads, length, dim, globals_, padded, seed):
     gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(batch, heads, length, dim, generator=gen, dtype=torch.float64) for _ in range(3))
+    q, k, v = (torch.randn(batch, heads, length, dim, generator=gen, dtype=torch.float64)
+               for _ in range(3))
     if globals_ == "none":
         glob = None
     elif globals_ == "all":
@@ -61,7 +62,8 @@ GRID = [
 def test_mask_matches_definition():
     q, k, v, glob, pad = make_inputs(2, 1, 15, 4, "random", True, 0)
     _, allowed = brute_force(q, k, v, 5, 2, glob, pad)
-    assert torch.equal(sparse_mask(15, window=5, dilation=2, global_mask=glob, key_padding_mask=pad, batch=2), allowed)
+    assert torch.equal(sparse_mask(15, window=5, dilation=2, global_mask=glob, key_padding_mask=pad,
+                                   batch=2), allowed)
 
 
 @pytest.mark.parametrize("backend", ["dense", "banded"])
@@ -72,7 +74,8 @@ def test_backend_matches_brute_force(backend, length, window, dilation, globals_
         t.requires_grad_(True)
     ref, _ = brute_force(q, k, v, window, dilation, glob, pad)
     out = sparse_attention(
-        q, k, v, window=window, dilation=dilation, global_mask=glob, key_padding_mask=pad, backend=backend, block_size=block
+        q, k, v, window=window, dilation=dilation, global_mask=glob, key_padding_mask=pad,
+        backend=backend, block_size=block,
     )
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     upstream = torch.randn_like(ref)
@@ -82,8 +85,10 @@ def test_backend_matches_brute_force(backend, length, window, dilation, globals_
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9, msg=f"grad {name}")
 
 
-@pytest.mark.parametrize("length,window,dilation,globals_,padded,block", [GRID[1], GRID[3], GRID[6], GRID[7]])
-def test_banded_chunked_ops_in_one_block_chunks_match_brute_force(length, window, dilation, globals_, padded, block):
+@pytest.mark.parametrize("length,window,dilation,globals_,padded,block",
+                         [GRID[1], GRID[3], GRID[6], GRID[7]])
+def test_banded_chunked_ops_in_one_block_chunks_match_brute_force(length, window, dilation,
+                                                                  globals_, padded, block):
     """The chunked forward (off CPU) and the backward run long inputs in many chunks; force one
     block per chunk, and the chunked forward on CPU, so the chunk seams are tested."""
     from moe_diffuseq.attention import banded
@@ -93,8 +98,8 @@ def test_banded_chunked_ops_in_one_block_chunks_match_brute_force(length, window
         t.requires_grad_(True)
     ref, _ = brute_force(q, k, v, window, dilation, glob, pad)
     out = banded.banded_attention(
-        q, k, v, window=window, dilation=dilation, global_mask=glob, key_padding_mask=pad, block_size=block,
-        fused_cpu_forward=False, chunk_elements=1,
+        q, k, v, window=window, dilation=dilation, global_mask=glob, key_padding_mask=pad,
+        block_size=block, fused_cpu_forward=False, chunk_elements=1,
     )
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     upstream = torch.randn_like(ref)
@@ -112,7 +117,8 @@ def test_banded_block_attention_passes_gradcheck():
     q, k, v, glob, pad = make_inputs(1, 2, 11, 3, "random", True, seed=5)
     inputs = tuple(t.requires_grad_(True) for t in (q, k, v))
     assert torch.autograd.gradcheck(
-        lambda q, k, v: banded_attention(q, k, v, window=4, global_mask=glob, key_padding_mask=pad, block_size=3), inputs
+        lambda q, k, v: banded_attention(q, k, v, window=4, global_mask=glob, key_padding_mask=pad,
+                                         block_size=3), inputs
     )
 
 
@@ -140,8 +146,8 @@ def test_compiled_flex_forward_matches_brute_force_on_cpu():
     q, k, v, glob, pad = make_inputs(2, 2, length, 8, globals_, padded, seed=3)
     ref, _ = brute_force(q, k, v, window, dilation, glob, pad)
     with torch.no_grad():
-        out = flex_sparse_attention(q.float(), k.float(), v.float(), window=window, dilation=dilation,
-                                    global_mask=glob, key_padding_mask=pad)
+        out = flex_sparse_attention(q.float(), k.float(), v.float(), window=window,
+                                    dilation=dilation, global_mask=glob, key_padding_mask=pad)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -154,13 +160,15 @@ def test_flex_refuses_backward_on_cpu_with_clear_error():
 
 def test_auto_on_cpu_picks_dense_for_short_and_banded_for_long_sequences():
     # window 8, block 4: a banded block reads 4 + 2 * 4 = 12 keys; up to 24 tokens go dense.
-    pick = {n: resolve_backend("auto", torch.zeros(1, 1, n, 2), window=8, block_size=4) for n in (5, 24, 25, 300)}
+    pick = {n: resolve_backend("auto", torch.zeros(1, 1, n, 2), window=8, block_size=4)
+            for n in (5, 24, 25, 300)}
     assert pick == {5: "dense", 24: "dense", 25: "banded", 300: "banded"}
     q, k, v, glob, pad = make_inputs(2, 2, 30, 4, "random", True, seed=1)
     for n in (20, 30):  # both sides of the switch: the definition's output
         ref, _ = brute_force(q[:, :, :n], k[:, :, :n], v[:, :, :n], 8, 1, glob[:, :n], pad[:, :n])
-        out = sparse_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], window=8, global_mask=glob[:, :n],
-                               key_padding_mask=pad[:, :n], backend="auto", block_size=4)
+        out = sparse_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], window=8,
+                               global_mask=glob[:, :n], key_padding_mask=pad[:, :n],
+                               backend="auto", block_size=4)
         torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
 
 
@@ -169,9 +177,12 @@ def test_auto_on_cuda_sends_padded_batches_away_from_xformers():
 
     facts = dict(window=8, xformers=True, flex=True)
     assert pick_backend("cuda", torch.bfloat16, 512, key_padding=False, **facts) == "xformers"
-    assert pick_backend("cuda", torch.bfloat16, 512, key_padding=True, **facts) == "flex"  # xformers refuses padding
-    assert pick_backend("cuda", torch.float32, 512, **facts) == "flex"  # xformers' kernels are fp16/bf16 only
-    assert pick_backend("cuda", torch.bfloat16, 512, key_padding=True, window=8, xformers=True, flex=False) == "banded"
+    # xformers refuses padding
+    assert pick_backend("cuda", torch.bfloat16, 512, key_padding=True, **facts) == "flex"
+    # xformers' kernels are fp16/bf16 only
+    assert pick_backend("cuda", torch.float32, 512, **facts) == "flex"
+    assert pick_backend("cuda", torch.bfloat16, 512, key_padding=True, window=8, xformers=True,
+                        flex=False) == "banded"
 
 
 @pytest.mark.cuda
@@ -179,8 +190,10 @@ def test_auto_on_cuda_trains_on_a_padded_bf16_batch():
     q, k, v, glob, pad = make_inputs(2, 2, 300, 16, "random", True, seed=3)
     q, k, v = (x.cuda().bfloat16().requires_grad_(True) for x in (q, k, v))
     assert bool(pad.any())
-    out = sparse_attention(q, k, v, window=32, global_mask=glob.cuda(), key_padding_mask=pad.cuda(), backend="auto")
-    ref, _ = brute_force(q.detach().double().cpu(), k.detach().double().cpu(), v.detach().double().cpu(), 32, 1, glob, pad)
+    out = sparse_attention(q, k, v, window=32, global_mask=glob.cuda(), key_padding_mask=pad.cuda(),
+                           backend="auto")
+    ref, _ = brute_force(q.detach().double().cpu(), k.detach().double().cpu(),
+                         v.detach().double().cpu(), 32, 1, glob, pad)
     torch.testing.assert_close(out.detach().double().cpu(), ref, atol=3e-2, rtol=3e-2)
     out.float().square().sum().backward()
     assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
@@ -218,7 +231,8 @@ def test_full_attention_baselines_match_brute_force_with_unbounded_window(backen
     for t in (q, k, v):
         t.requires_grad_(True)
     ref, _ = brute_force(q, k, v, 2 * 19 + 1, 1, None, pad)
-    out = sparse_attention(q, k, v, window=3, key_padding_mask=pad, backend=backend)  # window ignored
+    # window ignored
+    out = sparse_attention(q, k, v, window=3, key_padding_mask=pad, backend=backend)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     grads_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
     grads_out = torch.autograd.grad(out.square().sum(), (q, k, v))

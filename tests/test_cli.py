@@ -21,7 +21,8 @@ TINY = REPO / "tests" / "configs" / "tiny.yaml"
 
 def _run(code: str) -> str:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -49,7 +50,8 @@ def test_checkpoint_generates_in_a_fresh_process(trained):
     out = _run(
         "from moe_diffuseq import MoEDiffuSeq\n"
         f"m = MoEDiffuSeq.load_from_checkpoint({str(trained)!r}, map_location='cpu')\n"
-        "texts = m.generate(['def add(a, b):\\n    \"\"\"Add.\"\"\"\\n    ...', 'def f():\\n    ...'], steps=5)\n"
+        "texts = m.generate(['def add(a, b):\\n    \"\"\"Add.\"\"\"\\n    ...', "
+        "'def f():\\n    ...'], steps=5)\n"
         "import json; print(json.dumps(texts))\n"
     )
     texts = json.loads(out.strip().splitlines()[-1])
@@ -60,13 +62,27 @@ def test_generate_command_jsonl_and_stdin(trained, tmp_path, small_corpus):
     out = tmp_path / "samples.jsonl"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "moe_diffuseq", "generate", "--ckpt", str(trained),
-           "--input", str(small_corpus / "validation.jsonl"), "--output", str(out), "--limit", "3", "--steps", "4"]
+           "--input", str(small_corpus / "validation.jsonl"), "--output", str(out), "--limit", "3",
+           "--steps", "4"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 3 and {"source", "sample", "seed", "steps", "sampler", "seconds", "reference"} <= set(rows[0])
-    assert rows[0]["steps"] == 4 and rows[0]["sampler"] == "dpm_solver++" and rows[0]["decode"] == "strip"
-    done = subprocess.run(cmd[:6] + ["--steps", "3"], input="def f(x):\n", capture_output=True, text=True, env=env, timeout=300)
+    assert len(rows) == 3 and {"source", "sample", "seed", "steps", "sampler", "seconds",
+                               "reference"} <= set(rows[0])
+    assert (rows[0]["steps"] == 4 and rows[0]["sampler"] == "dpm_solver++"
+            and rows[0]["decode"] == "strip")
+    # What was written: the first three sources in file order, with the samples that the Python API
+    # draws for them with the same settings and seed (another process: the same numbers).
+    from moe_diffuseq.checkpoint import load_checkpoint
+
+    lines = (small_corpus / "validation.jsonl").read_text().splitlines()[:3]
+    validation = [json.loads(x) for x in lines]
+    assert [r["source"] for r in rows] == [v["src"] for v in validation]
+    assert [r["reference"] for r in rows] == [v["trg"] for v in validation]
+    expected = load_checkpoint(trained).generate([v["src"] for v in validation], steps=4, seed=0)
+    assert [r["sample"] for r in rows] == expected
+    done = subprocess.run(cmd[:6] + ["--steps", "3"], input="def f(x):\n", capture_output=True,
+                          text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.splitlines()[-1])["source"] == "def f(x):"
 
@@ -78,7 +94,9 @@ def test_samplers_run_from_a_checkpoint(trained):
     model = load_checkpoint(trained)
     for sampler in ("ancestral", "ddim", "dpm_solver++"):
         (text,) = model.generate(["def g():\n    ..."], sampler=sampler, steps=4)
-        assert isinstance(text, str)
+        # Text of the model's own tokens, and the same draw again for the same seed.
+        assert text and model.tokenizer.encode(text, add_special_tokens=False).ids
+        assert model.generate(["def g():\n    ..."], sampler=sampler, steps=4) == [text]
     settings = generation.sampling_settings(model.sampling_config, num_candidates=3, steps=3)
     candidates = generation.generate_candidates(model, ["def g():\n    ..."], settings)
     assert len(candidates[0][0]) == 3
@@ -114,14 +132,16 @@ def test_help_lists_the_verbs(capsys):
 
 def test_print_config_shows_documented_options():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "moe_diffuseq", "fit", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "moe_diffuseq", "fit", "--help"],
+                          capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--model.network.attention.window" in done.stdout
     assert "Local window" in done.stdout  # the dataclass field docstring became help text
     assert "Peak learning rate" in done.stdout
 
 
-@pytest.mark.parametrize("config", sorted(str(p.relative_to(REPO)) for p in (REPO / "lightning_configs").rglob("*.yaml")))
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(REPO))
+                                          for p in (REPO / "lightning_configs").rglob("*.yaml")))
 def test_every_config_parses(config, capsys):
     path = REPO / config
     args = ["fit"]
@@ -140,19 +160,22 @@ def test_every_config_parses(config, capsys):
 
 def test_bad_config_value_names_the_key(capsys):
     with pytest.raises(SystemExit, match=r"moe.top_k=9: must be in \[1, num_experts=4\]"):
-        main(["fit", "--config", str(TINY), "--model.network.moe.top_k=9", "--data.init_args.train_path=x.jsonl"])
+        main(["fit", "--config", str(TINY), "--model.network.moe.top_k=9",
+              "--data.init_args.train_path=x.jsonl"])
 
 
 def test_evaluate_command_writes_json_and_markdown(trained, small_corpus, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = tmp_path / "report"
     cmd = [sys.executable, "-m", "moe_diffuseq", "evaluate", "--ckpt", str(trained), "--data",
-           str(small_corpus / "validation.jsonl"), "--limit", "4", "--steps", "3", "--seeds", "2", "--out", str(out)]
+           str(small_corpus / "validation.jsonl"), "--limit", "4", "--steps", "3", "--seeds", "2",
+           "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["settings"]["documents"] == 4 and report["settings"]["steps"] == 3
-    for key in ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "sentence_bleu", "dist1", "dist2", "self_bleu", "length_ratio"):
+    for key in ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "sentence_bleu", "dist1",
+                "dist2", "self_bleu", "length_ratio"):
         assert key in report["scores"]
     assert "| rougeL |" in out.with_suffix(".md").read_text()
 
@@ -160,8 +183,10 @@ def test_evaluate_command_writes_json_and_markdown(trained, small_corpus, tmp_pa
 def test_predict_verb_writes_predictions(trained, small_corpus, small_tokenizer_file, tmp_path):
     out = tmp_path / "pred.jsonl"
     main(["predict", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
-          f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={trained}", "--trainer.limit_predict_batches=2",
-          "--trainer.callbacks+=moe_diffuseq.callbacks.JsonlPredictionWriter", f"--trainer.callbacks.output_path={out}"])
+          f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={trained}",
+          "--trainer.limit_predict_batches=2",
+          "--trainer.callbacks+=moe_diffuseq.callbacks.JsonlPredictionWriter",
+          f"--trainer.callbacks.output_path={out}"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 8 and {"id", "source", "sample", "reference"} <= set(rows[0])
     first = json.loads((small_corpus / "validation.jsonl").read_text().splitlines()[0])
@@ -172,10 +197,14 @@ def test_validation_samples_reach_tensorboard(small_corpus, small_tokenizer_file
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     main(["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
-          f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
-          "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger", f"--trainer.logger.save_dir={tmp_path}",
-          "--trainer.callbacks+=moe_diffuseq.callbacks.ValidationSamples", "--trainer.callbacks.num_samples=2",
-          "--trainer.callbacks+=moe_diffuseq.callbacks.ExpertLoadMonitor", "--trainer.callbacks.every_n_steps=1"])
+          f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2",
+          "--trainer.val_check_interval=2",
+          "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
+          f"--trainer.logger.save_dir={tmp_path}",
+          "--trainer.callbacks+=moe_diffuseq.callbacks.ValidationSamples",
+          "--trainer.callbacks.num_samples=2",
+          "--trainer.callbacks+=moe_diffuseq.callbacks.ExpertLoadMonitor",
+          "--trainer.callbacks.every_n_steps=1"])
     (events,) = {p.parent for p in tmp_path.rglob("events.out.tfevents.*")}
     acc = EventAccumulator(str(events), size_guidance={"tensors": 0, "images": 0, "histograms": 0})
     acc.Reload()
@@ -185,8 +214,8 @@ def test_validation_samples_reach_tensorboard(small_corpus, small_tokenizer_file
     text = acc.Tensors("val/samples/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert "**source**" in text and "**sample**" in text
     scalars = acc.Tags()["scalars"]
-    for tag in ("train/mse", "train/rounding", "train/tT", "train/load_balance", "train/z_loss", "train/denoise_rate",
-                "moe/layer0/load_e0", "val/token_acc", "val/unigram_acc"):
+    for tag in ("train/mse", "train/rounding", "train/tT", "train/load_balance", "train/z_loss",
+                "train/denoise_rate", "moe/layer0/load_e0", "val/token_acc", "val/unigram_acc"):
         assert tag in scalars
     # tiny.yaml: gamma 0.5 ramped over 4 steps, so the two training steps used 0 and 0.125.
     assert [e.value for e in acc.Scalars("train/denoise_rate")] == pytest.approx([0.0, 0.125])
@@ -213,11 +242,13 @@ def test_infilling_keeps_given_tokens_and_source_fixed(trained):
 
 def test_generate_command_infills_templates_from_a_column(trained, tmp_path):
     path = tmp_path / "infill.jsonl"
-    path.write_text(json.dumps({"src": "def add(a, b):\n    ...", "tpl": "def add(a, b):\n[MASK][MASK]"}) + "\n")
+    path.write_text(json.dumps({"src": "def add(a, b):\n    ...",
+                                "tpl": "def add(a, b):\n[MASK][MASK]"}) + "\n")
     out = tmp_path / "out.jsonl"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "moe_diffuseq", "generate", "--ckpt", str(trained), "--input", str(path),
-                           "--output", str(out), "--steps", "3", "--template_key", "tpl"],
+    done = subprocess.run([sys.executable, "-m", "moe_diffuseq", "generate", "--ckpt", str(trained),
+                           "--input", str(path), "--output", str(out), "--steps", "3",
+                           "--template_key", "tpl"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(out.read_text())["sample"].startswith("def add(a, b):\n")
@@ -227,17 +258,20 @@ def test_generate_command_infills_templates_from_a_column(trained, tmp_path):
     ("verb", "make", "extra", "message"),
     [
         ("generate", lambda d: d, [], "is a directory"),
-        ("generate", lambda d: _write(d / "bad.txt", b"def f():\n\xff\xfe\n"), [], "bad.txt, line 2: not UTF-8"),
+        ("generate", lambda d: _write(d / "bad.txt", b"def f():\n\xff\xfe\n"), [],
+         "bad.txt, line 2: not UTF-8"),
         ("generate", lambda d: _write(d / "empty.jsonl", b"\n\n"), [], "no sources in"),
-        ("generate", lambda d: _write(d / "ok.txt", b"x\n"), ["--limit", "0"], "--limit 0: must be >= 1"),
-        ("evaluate", lambda d: _write(d / "ok.jsonl", b'{"src": "x", "trg": "y"}\n'), ["--limit", "-1"],
-         "--limit -1: must be >= 1"),
+        ("generate", lambda d: _write(d / "ok.txt", b"x\n"), ["--limit", "0"],
+         "--limit 0: must be >= 1"),
+        ("evaluate", lambda d: _write(d / "ok.jsonl", b'{"src": "x", "trg": "y"}\n'),
+         ["--limit", "-1"], "--limit -1: must be >= 1"),
         ("evaluate", lambda d: d / "missing.jsonl", [], "--data"),
-        ("generate", lambda d: _write(d / "ok.txt", b"x\n"), ["--output", "/proc/forbidden/out.jsonl"],
-         "--output /proc/forbidden/out.jsonl"),
+        ("generate", lambda d: _write(d / "ok.txt", b"x\n"),
+         ["--output", "/proc/forbidden/out.jsonl"], "--output /proc/forbidden/out.jsonl"),
     ],
 )
-def test_bad_input_fails_before_sampling_and_names_the_fault(trained, tmp_path, verb, make, extra, message):
+def test_bad_input_fails_before_sampling_and_names_the_fault(trained, tmp_path, verb, make, extra,
+                                                             message):
     source = make(tmp_path)
     flag = "--input" if verb == "generate" else "--data"
     with pytest.raises(SystemExit) as caught:
@@ -253,7 +287,8 @@ def _write(path: Path, data: bytes) -> Path:
 def test_generate_creates_the_output_folder(trained, tmp_path):
     source = _write(tmp_path / "sources.txt", b"def add(a, b):\n")
     out = tmp_path / "new" / "folder" / "samples.jsonl"
-    main(["generate", "--ckpt", str(trained), "--input", str(source), "--output", str(out), "--steps", "2"])
+    main(["generate", "--ckpt", str(trained), "--input", str(source), "--output", str(out),
+          "--steps", "2"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["source"] for r in rows] == ["def add(a, b):"] and rows[0]["steps"] == 2
 
@@ -270,17 +305,20 @@ def test_a_bad_checkpoint_is_named_without_the_unsafe_advice(trained, tmp_path, 
     else:
         data = trained.read_bytes()
         path.write_bytes(data[: len(data) // 2])
-    for load in (load_checkpoint, lambda p: MoEDiffuSeq.load_from_checkpoint(p, map_location="cpu")):
+    for load in (load_checkpoint,
+                 lambda p: MoEDiffuSeq.load_from_checkpoint(p, map_location="cpu")):
         with pytest.raises(ValueError) as caught:
             load(path)
         message = str(caught.value)
-        assert message.startswith(f"{path}: not a MoE-DiffuSeq checkpoint") and "weights_only" not in message
+        assert (message.startswith(f"{path}: not a MoE-DiffuSeq checkpoint")
+                and "weights_only" not in message)
 
 
 def test_a_too_long_source_is_truncated_with_a_warning_and_recorded(trained, tmp_path, capsys):
     source = _write(tmp_path / "long.txt", ("x = 1 + 2 " * 400 + "\n").encode() + b"def f():\n")
     out = tmp_path / "samples.jsonl"
-    main(["generate", "--ckpt", str(trained), "--input", str(source), "--output", str(out), "--steps", "2"])
+    main(["generate", "--ckpt", str(trained), "--input", str(source), "--output", str(out),
+          "--steps", "2"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows[0]["src_truncated"] > 0 and rows[1]["src_truncated"] == 0
     captured = capsys.readouterr()
@@ -288,7 +326,8 @@ def test_a_too_long_source_is_truncated_with_a_warning_and_recorded(trained, tmp
     assert len(captured.out) < 3000  # the preview is clipped, not the whole 4,000-character source
 
 
-def test_fit_checks_its_checkpoint_folder_before_training(small_corpus, small_tokenizer_file, tmp_path):
+def test_fit_checks_its_checkpoint_folder_before_training(small_corpus, small_tokenizer_file,
+                                                          tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
@@ -297,7 +336,8 @@ def test_fit_checks_its_checkpoint_folder_before_training(small_corpus, small_to
             locked.chmod(0o700)
             locked.rmdir()
             locked.write_text("a file where the folder should be")
-        with pytest.raises(SystemExit, match=r"trainer.callbacks\[0\].init_args.dirpath=.*locked/ckpt"):
+        with pytest.raises(SystemExit,
+                           match=r"trainer.callbacks\[0\].init_args.dirpath=.*locked/ckpt"):
             main(["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
                   f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1",
                   "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
@@ -308,10 +348,13 @@ def test_fit_checks_its_checkpoint_folder_before_training(small_corpus, small_to
 
 
 def test_a_bad_option_is_one_line_without_the_usage_dump(capsys):
-    with pytest.raises(SystemExit, match=r"unrecognized arguments: --model.network.hidden_sise=9") as caught:
+    with pytest.raises(SystemExit,
+                       match=r"unrecognized arguments: --model.network.hidden_sise=9") as caught:
         main(["fit", "--config", str(TINY), "--model.network.hidden_sise=9"])
     assert "\n" not in str(caught.value)
-    with pytest.raises(SystemExit, match=r'moe-diffuseq generate: Parser key "steps": Expected a .*int.* Got value: abc'):
+    with pytest.raises(SystemExit, match=r'moe-diffuseq generate: Parser key "steps": '
+                                         r'Expected a .*int.* Got value: abc'):
         main(["generate", "--ckpt", "x.ckpt", "--steps", "abc"])
     printed = capsys.readouterr()
-    assert "usage:" not in printed.out + printed.err and len((printed.out + printed.err).splitlines()) <= 3
+    assert ("usage:" not in printed.out + printed.err
+            and len((printed.out + printed.err).splitlines()) <= 3)

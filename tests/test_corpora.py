@@ -22,7 +22,8 @@ def _archive(tmp_path: Path) -> Path:
 
 def test_scene_parsing_handles_both_speaker_styles():
     macbeth = scenes((FIXTURES / "macbeth_gut.txt").read_text())
-    assert macbeth[0][0] == ("FIRST WITCH", "When shall we three meet again?\nIn thunder, lightning, or in rain?")
+    assert macbeth[0][0] == ("FIRST WITCH",
+                             "When shall we three meet again?\nIn thunder, lightning, or in rain?")
     dream = scenes((FIXTURES / "midsummer_nights_dream_gut.txt").read_text())
     speakers = {speaker for scene in dream for speaker, _ in scene}
     assert {"THESEUS", "HIPPOLYTA"} <= speakers  # all-capitals names without a period
@@ -31,7 +32,8 @@ def test_scene_parsing_handles_both_speaker_styles():
 
 def test_dialogue_builder_fields_and_splits(tmp_path):
     counts = build_dialogue_corpus(tmp_path / "out", archive=_archive(tmp_path))
-    rows = {s: [json.loads(x) for x in (tmp_path / "out" / f"{s}.jsonl").read_text().splitlines()] for s in counts}
+    rows = {s: [json.loads(x) for x in (tmp_path / "out" / f"{s}.jsonl").read_text().splitlines()]
+            for s in counts}
     assert counts["test"] > 0 and sum(counts.values()) == sum(len(r) for r in rows.values())
     assert {r["play"] for r in rows["test"]} == {"macbeth"}  # a test play, in every edition
     assert all(r["play"] != "sonnets" for split in rows.values() for r in split)  # poems excluded
@@ -60,7 +62,8 @@ def test_scientific_pairs_from_rnw_and_rmd(tmp_path):
     by_id = {r["id"]: r for r in rows}
     assert set(by_id) == {"zoo/zoo.Rnw", "forecast/JSS2008.Rmd"} and not skipped
     zoo = by_id["zoo/zoo.Rnw"]
-    assert zoo["trg"].startswith("A previous version to this introduction to the \\proglang{R} package \\pkg{zoo}")
+    assert zoo["trg"].startswith("A previous version to this introduction to the "
+                                 "\\proglang{R} package \\pkg{zoo}")
     assert "\\Abstract" not in zoo["src"] and zoo["trg"] not in zoo["src"]
     assert len(zoo["src"].split()) >= 200
     forecast = by_id["forecast/JSS2008.Rmd"]
@@ -75,14 +78,17 @@ def test_scientific_abstract_skips_latex_comments_and_empty_abstracts(tmp_path):
 
     words = " ".join(["word"] * 250)
     # r-cran-ordinal's clm_article.Rnw: a comment names \Abstract{} before the real one.
-    text = ("%% - \\Abstract{} almost as usual\n\\Abstract{\nThe package fits cumulative link models.\n}\n"
+    text = ("%% - \\Abstract{} almost as usual\n"
+            "\\Abstract{\nThe package fits cumulative link models.\n}\n"
             f"\\begin{{document}}\n{words} 50\\% of cases\n\\end{{document}}\n")
     body, abstract = split_rnw(text)
-    assert abstract == "The package fits cumulative link models." and body.startswith("word") and "50\\%" in body
+    assert (abstract == "The package fits cumulative link models." and body.startswith("word")
+            and "50\\%" in body)
     doc = tmp_path / "usr" / "lib" / "R" / "site-library" / "pkg" / "doc"
     doc.mkdir(parents=True)
     (doc / "a.Rnw").write_text(text)
-    (doc / "b.Rnw").write_text(f"\\Abstract{{ }}\n\\begin{{document}}\n{words}\n\\end{{document}}\n")
+    (doc / "b.Rnw").write_text(f"\\Abstract{{ }}\n\\begin{{document}}\n{words}\n"
+                               f"\\end{{document}}\n")
     rows, skipped = vignette_pairs(tmp_path)
     assert [r["id"] for r in rows] == ["pkg/a.Rnw"] and skipped == {"empty abstract": 1}
 
@@ -104,7 +110,8 @@ def test_rebuilding_a_corpus_drops_the_tokenizers_cached_from_its_old_version(tm
     out = tmp_path / "code"
     out.mkdir()
     (out / MARKER).write_text("code-0\n")  # an older builder's copy ...
-    (out / "tokenizer-64.json").write_text("{}")  # ... and the tokenizer the data module trained on it
+    # ... and the tokenizer the data module trained on it
+    (out / "tokenizer-64.json").write_text("{}")
     (out / "notes.json").write_text("{}")
     assert not is_built("code", out)
     build("code", out, root=stdlib_root() / "json")

@@ -27,7 +27,8 @@ def test_tokenizer_has_specials_first(small_tokenizer):
 
 def test_budgets_are_separate_and_layout_is_cls_src_sep_trg_sep_pad(small_tokenizer):
     special = SpecialIds.from_tokenizer(small_tokenizer)
-    pairs = encode_pairs(small_tokenizer, ["a " * 50, "b"], ["c " * 50, "d"], max_src_len=5, max_trg_len=7)
+    pairs = encode_pairs(small_tokenizer, ["a " * 50, "b"], ["c " * 50, "d"], max_src_len=5,
+                         max_trg_len=7)
     assert [len(p.src_ids) for p in pairs] == [5, 1] and [len(p.trg_ids) for p in pairs] == [7, 1]
     assert pairs[0].src_truncated > 0 and pairs[0].trg_truncated > 0
     batch = collate_pairs(pairs, special, max_trg_len=7, example_ids=["x:1", "x:2"])
@@ -50,19 +51,24 @@ def test_decode_strips_interior_padding_or_truncates_at_it(small_tokenizer):
     # A sample's target region (7 positions): b [PAD] c [SEP] d [PAD] [PAD]: a weak model's output.
     sample = batch.input_ids.clone()
     region = batch.input_mask[0].nonzero().flatten()
-    sample[0, region] = torch.tensor([word["b"], special.pad, word["c"], special.sep, word["d"], special.pad, special.pad])
+    sample[0, region] = torch.tensor([word["b"], special.pad, word["c"], special.sep, word["d"],
+                                      special.pad, special.pad])
     assert decode_targets(small_tokenizer, sample, batch, special, "truncate") == ["b"]
-    stripped = decode_targets(small_tokenizer, sample, batch, special)  # strip: the default, DiffuSeq's rule
+    # strip: the default, DiffuSeq's rule
+    stripped = decode_targets(small_tokenizer, sample, batch, special)
     assert stripped == decode_targets(small_tokenizer, sample, batch, special, "strip")
-    assert stripped == ["bcd"]  # every word kept, in order (byte-level BPE: no spaces between these tokens)
+    # every word kept, in order (byte-level BPE: no spaces between these tokens)
+    assert stripped == ["bcd"]
     # The reference itself (padding after its words) reads the same either way.
-    assert {decode_targets(small_tokenizer, batch.input_ids, batch, special, m)[0] for m in ("strip", "truncate")} == {"x"}
+    assert {decode_targets(small_tokenizer, batch.input_ids, batch, special, m)[0]
+            for m in ("strip", "truncate")} == {"x"}
     with pytest.raises(ValueError, match="sampling.decode='first'"):
         decode_targets(small_tokenizer, sample, batch, special, "first")
 
 def test_code_corpus_pairs(tmp_path):
     counts = build_code_corpus(tmp_path, root=stdlib_root() / "json")
-    rows = [json.loads(line) for s in counts for line in (tmp_path / f"{s}.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for s in counts
+            for line in (tmp_path / f"{s}.jsonl").read_text().splitlines()]
     assert sum(counts.values()) == len(rows) > 10
     modules = [r for r in rows if r["kind"] == "module"]
     functions = [r for r in rows if r["kind"] == "function"]
@@ -73,7 +79,9 @@ def test_code_corpus_pairs(tmp_path):
     fn = next(r for r in functions if r["src"].startswith("def raw_decode"))
     assert fn["trg"].startswith("def raw_decode") and fn["src"].rstrip().endswith("...")
     for r in rows:
-        assert split_of(r["module"]) == next(s for s in counts if r in [json.loads(x) for x in (tmp_path / f"{s}.jsonl").read_text().splitlines()])
+        assert split_of(r["module"]) == next(
+            s for s in counts
+            if r in [json.loads(x) for x in (tmp_path / f"{s}.jsonl").read_text().splitlines()])
 
 
 def test_split_is_deterministic_and_excludes_tests():
@@ -86,7 +94,8 @@ def test_split_is_deterministic_and_excludes_tests():
 
 def _dm(small_corpus, small_tokenizer_file, **kw):
     args = dict(
-        train_path=str(small_corpus / "train.jsonl"), val_path=str(small_corpus / "validation.jsonl"),
+        train_path=str(small_corpus / "train.jsonl"),
+        val_path=str(small_corpus / "validation.jsonl"),
         tokenizer_path=str(small_tokenizer_file), max_src_len=32, max_trg_len=24, batch_size=4,
         data_dir=str(small_corpus / "work"),
     )
@@ -94,7 +103,8 @@ def _dm(small_corpus, small_tokenizer_file, **kw):
     return Seq2SeqDataModule(**args)
 
 
-def test_map_style_and_streaming_give_the_same_validation_batches(small_corpus, small_tokenizer_file):
+def test_map_style_and_streaming_give_the_same_validation_batches(small_corpus,
+                                                                  small_tokenizer_file):
     batches = []
     for streaming in (False, True):
         dm = _dm(small_corpus, small_tokenizer_file, streaming=streaming)
@@ -107,7 +117,8 @@ def test_map_style_and_streaming_give_the_same_validation_batches(small_corpus, 
 
 def test_tokenizer_is_trained_from_the_training_split_when_missing(small_corpus, tmp_path):
     dm = Seq2SeqDataModule(
-        train_path=str(small_corpus / "train.jsonl"), data_dir=str(tmp_path), tokenizer_vocab_size=300, max_src_len=8, max_trg_len=8
+        train_path=str(small_corpus / "train.jsonl"), data_dir=str(tmp_path),
+        tokenizer_vocab_size=300, max_src_len=8, max_trg_len=8,
     )
     dm.prepare_data()
     tok = load_tokenizer(tmp_path / "custom" / "tokenizer-300.json")
@@ -124,7 +135,9 @@ def test_missing_column_names_the_file_and_key(small_corpus, small_tokenizer_fil
 
 def test_bad_rows_raise_with_line_or_are_skipped(small_corpus, small_tokenizer_file, tmp_path):
     path = tmp_path / "rows.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in [{"src": "a", "trg": "b"}, {"src": "a", "trg": "  "}, {"src": "c", "trg": "d"}]))
+    path.write_text("".join(json.dumps(r) + "\n" for r in [{"src": "a", "trg": "b"},
+                                                           {"src": "a", "trg": "  "},
+                                                           {"src": "c", "trg": "d"}]))
     with pytest.raises(BadRowError, match=r"rows.jsonl, row 2: empty target"):
         _dm(small_corpus, small_tokenizer_file, val_path=str(path)).setup("validate")
     dm = _dm(small_corpus, small_tokenizer_file, val_path=str(path), on_bad_row="skip")
@@ -138,13 +151,16 @@ def test_unreadable_file_is_named(small_corpus, small_tokenizer_file, tmp_path):
     with pytest.raises(ValueError, match="broken.jsonl"):
         _dm(small_corpus, small_tokenizer_file, val_path=str(path)).setup("validate")
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        _dm(small_corpus, small_tokenizer_file, val_path=str(tmp_path / "nope.jsonl")).setup("validate")
+        _dm(small_corpus, small_tokenizer_file,
+            val_path=str(tmp_path / "nope.jsonl")).setup("validate")
 
 
-def test_non_utf8_and_invalid_json_lines_are_named_or_skipped(small_corpus, small_tokenizer_file, tmp_path):
+def test_non_utf8_and_invalid_json_lines_are_named_or_skipped(small_corpus, small_tokenizer_file,
+                                                              tmp_path):
     path = tmp_path / "mixed.jsonl"
     good = [json.dumps({"src": f"s{i}", "trg": f"t{i}"}).encode() for i in range(3)]
-    path.write_bytes(b"\n".join([good[0], b'{"src": "caf\xe9", "trg": "x"}', good[1], b"{not json", good[2]]) + b"\n")
+    path.write_bytes(b"\n".join([good[0], b'{"src": "caf\xe9", "trg": "x"}', good[1], b"{not json",
+                                 good[2]]) + b"\n")
     with pytest.raises(BadRowError, match=r"mixed.jsonl, line 2: not UTF-8"):
         _dm(small_corpus, small_tokenizer_file, val_path=str(path)).setup("validate")
     dm = _dm(small_corpus, small_tokenizer_file, val_path=str(path), on_bad_row="skip")
@@ -160,7 +176,9 @@ def test_empty_file_and_missing_values(small_corpus, small_tokenizer_file, tmp_p
     with pytest.raises(ValueError, match=r"empty.jsonl: no rows"):
         _dm(small_corpus, small_tokenizer_file, val_path=str(empty)).setup("validate")
     rows = tmp_path / "holes.jsonl"
-    rows.write_text("".join(json.dumps(r) + "\n" for r in [{"src": "a", "trg": "b"}, {"src": None, "trg": "b"}, {"src": "", "trg": "c"}]))
+    rows.write_text("".join(json.dumps(r) + "\n" for r in [{"src": "a", "trg": "b"},
+                                                           {"src": None, "trg": "b"},
+                                                           {"src": "", "trg": "c"}]))
     with pytest.raises(BadRowError, match=r"holes.jsonl, row 2: missing src/trg value"):
         _dm(small_corpus, small_tokenizer_file, val_path=str(rows)).setup("validate")
     dm = _dm(small_corpus, small_tokenizer_file, val_path=str(rows), on_bad_row="skip")
@@ -171,8 +189,10 @@ def test_empty_file_and_missing_values(small_corpus, small_tokenizer_file, tmp_p
 @pytest.mark.parametrize("policy", ["truncate", "skip", "raise"])
 def test_too_long_documents_follow_the_policy(small_corpus, small_tokenizer_file, tmp_path, policy):
     path = tmp_path / "long.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in [{"src": "a b", "trg": "c"}, {"src": "word " * 200, "trg": "d"}]))
-    dm = _dm(small_corpus, small_tokenizer_file, val_path=str(path), on_too_long=policy, max_src_len=16)
+    path.write_text("".join(json.dumps(r) + "\n" for r in [{"src": "a b", "trg": "c"},
+                                                           {"src": "word " * 200, "trg": "d"}]))
+    dm = _dm(small_corpus, small_tokenizer_file, val_path=str(path), on_too_long=policy,
+             max_src_len=16)
     dm.setup("validate")
     items = [dm.datasets["validation"][i] for i in range(2)]
     if policy == "raise":
@@ -190,7 +210,8 @@ def test_parquet_and_text_read_like_jsonl(small_corpus, small_tokenizer_file, tm
     rows = [json.loads(x) for x in (small_corpus / "validation.jsonl").read_text().splitlines()]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "val.parquet"))
     batches = {}
-    for name, path in (("jsonl", small_corpus / "validation.jsonl"), ("parquet", tmp_path / "val.parquet")):
+    for name, path in (("jsonl", small_corpus / "validation.jsonl"),
+                       ("parquet", tmp_path / "val.parquet")):
         dm = _dm(small_corpus, small_tokenizer_file, val_path=str(path))
         dm.setup("validate")
         batches[name] = list(dm.val_dataloader())
@@ -198,22 +219,25 @@ def test_parquet_and_text_read_like_jsonl(small_corpus, small_tokenizer_file, tm
         assert torch.equal(a.input_ids, b.input_ids)
     # Plain text: one document per line, unconditional (empty source).
     (tmp_path / "docs.txt").write_text("".join(r["trg"].replace("\n", " ") + "\n" for r in rows))
-    dm = _dm(small_corpus, small_tokenizer_file, val_path=str(tmp_path / "docs.txt"), src_key="", trg_key="text")
+    dm = _dm(small_corpus, small_tokenizer_file, val_path=str(tmp_path / "docs.txt"), src_key="",
+             trg_key="text")
     dm.setup("validate")
     batch = next(iter(dm.val_dataloader()))
     assert torch.all(batch.src_len == 0) and batch.input_mask[:, 2:].any()
 
 
-def test_streaming_two_ranks_two_workers_read_each_example_once(small_corpus, small_tokenizer_file, tmp_path):
+def test_streaming_two_ranks_two_workers_read_each_example_once(small_corpus, small_tokenizer_file,
+                                                                tmp_path):
     from types import SimpleNamespace
 
     rows = [json.loads(x) for x in (small_corpus / "train.jsonl").read_text().splitlines()]
     for shard in range(4):  # four files: each (rank, worker) pair streams its own
-        (tmp_path / f"part-{shard}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[shard::4]))
+        (tmp_path / f"part-{shard}.jsonl").write_text("".join(json.dumps(r) + "\n"
+                                                              for r in rows[shard::4]))
     seen = []
     for rank in range(2):
-        dm = _dm(small_corpus, small_tokenizer_file, train_path=str(tmp_path / "part-*.jsonl"), streaming=True,
-                 num_workers=2, batch_size=8)
+        dm = _dm(small_corpus, small_tokenizer_file, train_path=str(tmp_path / "part-*.jsonl"),
+                 streaming=True, num_workers=2, batch_size=8)
         dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, training=False)
         dm.setup("fit")
         dm.datasets["train"].set_epoch(0)
@@ -240,12 +264,14 @@ def test_resumable_sampler_restarts_mid_epoch_and_moves_on():
 def test_length_bucketing_cuts_padding_and_keeps_every_example(small_corpus, small_tokenizer_file):
     padding = {}
     for bucketing in (False, True):
-        dm = _dm(small_corpus, small_tokenizer_file, length_bucketing=bucketing, batch_size=8, max_src_len=256)
+        dm = _dm(small_corpus, small_tokenizer_file, length_bucketing=bucketing, batch_size=8,
+                 max_src_len=256)
         dm.setup("fit")
         batches = list(dm.train_dataloader())
         ids = [i for b in batches for i in b.example_ids]
         assert sorted(ids) == sorted(x[0] for x in dm.datasets["train"].items)  # each example once
-        padding[bucketing] = sum(int(b.padding_mask.sum()) for b in batches) / sum(b.padding_mask.numel() for b in batches)
+        padding[bucketing] = (sum(int(b.padding_mask.sum()) for b in batches)
+                              / sum(b.padding_mask.numel() for b in batches))
     assert padding[True] < 0.6 * padding[False]
 
 
@@ -253,8 +279,8 @@ def test_checkpoint_tokenizer_mismatch_is_an_error(small_corpus, small_tokenizer
     from data_modules import train_tokenizer
     from moe_diffuseq import MoEDiffuSeq
 
-    network = {"vocab_size": 400, "max_src_len": 32, "max_trg_len": 24, "embed_dim": 8, "hidden_size": 16,
-               "num_layers": 1, "num_heads": 2}
+    network = {"vocab_size": 400, "max_src_len": 32, "max_trg_len": 24, "embed_dim": 8,
+               "hidden_size": 16, "num_layers": 1, "num_heads": 2}
     model = MoEDiffuSeq(network=network)
     model.set_tokenizer(load_tokenizer(small_tokenizer_file))
     checkpoint: dict = {}
@@ -265,7 +291,8 @@ def test_checkpoint_tokenizer_mismatch_is_an_error(small_corpus, small_tokenizer
         other.on_load_checkpoint(checkpoint)
 
 
-def test_streaming_position_resumes_after_the_last_consumed_batch(small_corpus, small_tokenizer_file):
+def test_streaming_position_resumes_after_the_last_consumed_batch(small_corpus,
+                                                                  small_tokenizer_file):
     from types import SimpleNamespace
 
     def module():
@@ -291,28 +318,35 @@ def test_streaming_position_resumes_after_the_last_consumed_batch(small_corpus, 
 def test_hub_dataset_names_fail_offline_with_a_clear_message(small_corpus, small_tokenizer_file):
     dm = _dm(small_corpus, small_tokenizer_file, val_path="hub:ccdv/arxiv-summarization:validation",
              src_key="article", trg_key="abstract")
-    with pytest.raises(ValueError, match=r"hub dataset 'ccdv/arxiv-summarization' \(split 'validation'\) could not be loaded"):
+    with pytest.raises(ValueError, match=r"hub dataset 'ccdv/arxiv-summarization' "
+                                         r"\(split 'validation'\) could not be loaded"):
         dm.setup("validate")
 
 
-def test_streaming_reshuffles_every_epoch_and_each_epoch_reads_every_row_once(small_corpus, small_tokenizer_file, tmp_path):
+def test_streaming_reshuffles_every_epoch_and_each_epoch_reads_every_row_once(
+    small_corpus, small_tokenizer_file, tmp_path
+):
     from types import SimpleNamespace
 
     rows = [{"id": f"r{i}", "src": f"source {i}", "trg": f"target {i}"} for i in range(64)]
     for shard in range(2):  # two files, so each rank streams one
-        (tmp_path / f"part-{shard}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[shard::2]))
+        (tmp_path / f"part-{shard}.jsonl").write_text("".join(json.dumps(r) + "\n"
+                                                              for r in rows[shard::2]))
 
     def epochs(rank: int) -> list[list[str]]:
-        dm = _dm(small_corpus, small_tokenizer_file, train_path=str(tmp_path / "part-*.jsonl"), streaming=True,
-                 shuffle_buffer=64, batch_size=8, data_dir=str(tmp_path / "work"))
-        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, training=False, current_epoch=0)
+        dm = _dm(small_corpus, small_tokenizer_file, train_path=str(tmp_path / "part-*.jsonl"),
+                 streaming=True, shuffle_buffer=64, batch_size=8, data_dir=str(tmp_path / "work"))
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, training=False,
+                                     current_epoch=0)
         dm.setup("fit")
         loader = dm.train_dataloader()  # one loader, iterated once per epoch, as the fit loop does
-        return [[i.rsplit(":", 1)[-1] for batch in loader for i in batch.example_ids] for _ in range(2)]
+        return [[i.rsplit(":", 1)[-1] for batch in loader for i in batch.example_ids]
+                for _ in range(2)]
 
     ranks = [epochs(0), epochs(1)]
     for epoch in range(2):
-        assert sorted(ranks[0][epoch] + ranks[1][epoch]) == sorted(r["id"] for r in rows)  # each row once
+        # each row once
+        assert sorted(ranks[0][epoch] + ranks[1][epoch]) == sorted(r["id"] for r in rows)
     for rank in ranks:
         assert rank[0] != rank[1] and sorted(rank[0]) == sorted(rank[1])  # a new order each epoch
     assert epochs(0) == ranks[0]  # seeded: a rerun reads the same orders

@@ -39,7 +39,8 @@ def test_sqrt_schedule_matches_formula(schedule):
 @pytest.mark.parametrize("name", ["cosine", "linear"])
 def test_other_schedules_decrease(name):
     s = NoiseSchedule(name, 100)
-    assert torch.all(s.alpha_bar[1:] < s.alpha_bar[:-1]) and 0 < s.alpha_bar[-1] < s.alpha_bar[0] <= 1
+    assert (torch.all(s.alpha_bar[1:] < s.alpha_bar[:-1])
+            and 0 < s.alpha_bar[-1] < s.alpha_bar[0] <= 1)
 
 
 def _toy(batch=64, length=40, dim=16):
@@ -54,7 +55,8 @@ def _toy(batch=64, length=40, dim=16):
 def test_t0_is_near_x0_and_source_is_always_clean(schedule):
     z0, target, m = _toy()
     t = torch.zeros(z0.shape[0], dtype=torch.long)
-    z_t, replaced = forward_process(z0, t, target, m, schedule, 0.5, torch.Generator().manual_seed(1))
+    z_t, replaced = forward_process(z0, t, target, m, schedule, 0.5,
+                                    torch.Generator().manual_seed(1))
     assert torch.equal(z_t[~target], z0[~target])
     kept = target & ~replaced
     assert (z_t[kept] - z0[kept]).abs().mean() < 0.15  # sqrt(1 - ab_0) ~ 0.12
@@ -67,7 +69,8 @@ def test_t0_is_near_x0_and_source_is_always_clean(schedule):
 def test_tT_is_m_plus_standard_noise(schedule):
     z0, target, m = _toy(batch=256)
     t = torch.full((z0.shape[0],), 1999)
-    z_t, replaced = forward_process(z0, t, target, m, schedule, 0.5, torch.Generator().manual_seed(3))
+    z_t, replaced = forward_process(z0, t, target, m, schedule, 0.5,
+                                    torch.Generator().manual_seed(3))
     noise = z_t[target & ~replaced] - m  # (N, D)
     assert noise.mean(0).abs().max() < 0.05
     assert (noise.std(0) - 1).abs().max() < 0.05
@@ -79,7 +82,8 @@ def test_absorbed_positions_hold_m_exactly_after_the_noise(schedule, step):
     # state the denoiser can recognise (replacing z0 before the noise would give m + noise).
     z0, target, m = _toy(batch=128)
     t = torch.full((z0.shape[0],), step)
-    z_t, replaced = forward_process(z0, t, target, m, schedule, 0.5, torch.Generator().manual_seed(4))
+    z_t, replaced = forward_process(z0, t, target, m, schedule, 0.5,
+                                    torch.Generator().manual_seed(4))
     assert replaced.any() and not replaced[~target].any()
     assert torch.equal(z_t[replaced], m.expand(int(replaced.sum()), -1))
     kept = target & ~replaced
@@ -121,13 +125,15 @@ def test_only_absorbable_positions_are_replaced(schedule):
 def test_training_absorbs_padding_only_when_asked(small_tokenizer, absorb_padding, monkeypatch):
     # A short target leaves [PAD] in the target region; by default m replaces text tokens (and the
     # closing [SEP]) only, so the denoiser never learns "m means the text has ended".
-    model = MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 12, "embed_dim": 8, "hidden_size": 16, "num_layers": 1,
-                                 "num_heads": 2, "moe": {"num_experts": 2, "top_k": 1, "expert_hidden": 16}},
+    model = MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 12, "embed_dim": 8,
+                                 "hidden_size": 16, "num_layers": 1, "num_heads": 2,
+                                 "moe": {"num_experts": 2, "top_k": 1, "expert_hidden": 16}},
                         diffusion={"denoise_rate": 1.0, "absorb_padding": absorb_padding})
     model.set_tokenizer(small_tokenizer)
     model.configure_model()
     special = SpecialIds.from_tokenizer(small_tokenizer)
-    batch = collate_pairs(encode_pairs(small_tokenizer, ["the source"] * 8, ["a short target"] * 8, 8, 12), special, 12)
+    batch = collate_pairs(encode_pairs(small_tokenizer, ["the source"] * 8, ["a short target"] * 8,
+                                       8, 12), special, 12)
     pad = batch.input_mask & (batch.input_ids == special.pad)
     assert pad.any() and (batch.input_mask & ~pad).any()
     t = torch.full((8,), 1999)
@@ -185,12 +191,15 @@ def test_dpm_solver_converges_to_exact_ode_solution():
     y_T = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(0)).double()
     mu, sd = 0.7, 0.3
     ab_T, ab_0 = schedule.alpha_bar[-1], schedule.alpha_bar[0]
-    # Along the probability-flow ODE, (x_t - alpha_t mu) / sqrt(alpha_t^2 sd^2 + sigma_t^2) is constant.
-    x_0 = ab_0.sqrt() * mu + (ab_0 * sd**2 + 1 - ab_0).sqrt() * (y_T - ab_T.sqrt() * mu) / (ab_T * sd**2 + 1 - ab_T).sqrt()
+    # Along the probability-flow ODE, (x_t - alpha_t mu) / sqrt(alpha_t^2 sd^2 + sigma_t^2) is
+    # constant.
+    x_0 = (ab_0.sqrt() * mu + (ab_0 * sd**2 + 1 - ab_0).sqrt() * (y_T - ab_T.sqrt() * mu)
+           / (ab_T * sd**2 + 1 - ab_T).sqrt())
     exact = denoise(x_0, torch.zeros(2, dtype=torch.long))
     errors = []
     for steps in (50, 200, 1000):
-        out = run_sampler("dpm_solver++", denoise, problem, schedule, steps, "time_uniform", torch.Generator().manual_seed(0))
+        out = run_sampler("dpm_solver++", denoise, problem, schedule, steps, "time_uniform",
+                          torch.Generator().manual_seed(0))
         errors.append((out - exact).abs().max().item())
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 5e-4
@@ -202,14 +211,16 @@ def _flow_endpoint(schedule, denoise, mu=0.7, sd=0.3):
     the output is the denoiser's x0 at t = 0."""
     y_T = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(0)).double()
     ab_T, ab_0 = schedule.alpha_bar[-1], schedule.alpha_bar[0]
-    x_0 = ab_0.sqrt() * mu + (ab_0 * sd**2 + 1 - ab_0).sqrt() * (y_T - ab_T.sqrt() * mu) / (ab_T * sd**2 + 1 - ab_T).sqrt()
+    x_0 = (ab_0.sqrt() * mu + (ab_0 * sd**2 + 1 - ab_0).sqrt() * (y_T - ab_T.sqrt() * mu)
+           / (ab_T * sd**2 + 1 - ab_T).sqrt())
     return denoise(x_0, torch.zeros(2, dtype=torch.long))
 
 
 def _flow_errors(sampler: str, schedule, step_counts, spacing: str = "logsnr") -> list[float]:
     denoise, problem = _gaussian_problem(schedule)
     exact = _flow_endpoint(schedule, denoise)
-    return [(run_sampler(sampler, denoise, problem, schedule, n, spacing, torch.Generator().manual_seed(0)) - exact)
+    return [(run_sampler(sampler, denoise, problem, schedule, n, spacing,
+                         torch.Generator().manual_seed(0)) - exact)
             .abs().max().item() for n in step_counts]
 
 
@@ -221,7 +232,8 @@ def test_dpm_solver_is_second_order_on_the_sqrt_schedule_with_logsnr_steps():
     e10, e20, e40 = _flow_errors("dpm_solver++", schedule, (10, 20, 40))
     d10, d20, d40 = _flow_errors("ddim", schedule, (10, 20, 40))
     assert e20 < 0.01 and e10 < 0.2  # DDIM: 0.13 and 0.29
-    assert e20 / e40 > 2.7  # second order: ~3 here; a first-order solver halves its error (DDIM: 2.1)
+    # second order: ~3 here; a first-order solver halves its error (DDIM: 2.1)
+    assert e20 / e40 > 2.7
     assert 1.8 < d20 / d40 < 2.4 and 1.8 < d10 / d20 < 2.6  # DDIM is first order
 
 
@@ -242,7 +254,8 @@ def test_ancestral_final_mean_and_variance_match_the_chain_in_closed_form(varian
     schedule = NoiseSchedule("sqrt", 200)
     denoise, _ = _gaussian_problem(schedule, mu=mu, sd=sd)
     shape = (64, 64, 2)
-    problem = SamplingProblem(torch.zeros(shape, dtype=torch.float64), torch.zeros(shape[:2], dtype=torch.bool),
+    problem = SamplingProblem(torch.zeros(shape, dtype=torch.float64),
+                              torch.zeros(shape[:2], dtype=torch.bool),
                               torch.zeros(2, dtype=torch.float64))
     ab = schedule.alpha_bar
 
@@ -254,12 +267,13 @@ def test_ancestral_final_mean_and_variance_match_the_chain_in_closed_form(varian
         c0, ct = schedule.posterior_coef_x0[t], schedule.posterior_coef_xt[t]
         a = c0 * gain(t) + ct
         mean = a * mean + c0 * (mu - gain(t) * ab[t].sqrt() * mu)
-        step_var = schedule.posterior_log_var[t].exp() if variance == "posterior" else schedule.betas[t]
+        step_var = (schedule.posterior_log_var[t].exp() if variance == "posterior"
+                    else schedule.betas[t])
         var = a**2 * var + step_var
     final_mean = mu + gain(0) * (mean - ab[0].sqrt() * mu)
     final_var = gain(0) ** 2 * var
-    out = run_sampler("ancestral", denoise, problem, schedule, generator=torch.Generator().manual_seed(0),
-                      variance=variance)
+    out = run_sampler("ancestral", denoise, problem, schedule,
+                      generator=torch.Generator().manual_seed(0), variance=variance)
     assert abs(out.mean().item() - final_mean.item()) < 0.01
     assert abs(out.var().item() / final_var.item() - 1) < 0.05
     # DDPM with the posterior variance under-disperses a little: not the data's own spread; the
@@ -278,7 +292,8 @@ def test_anchored_positions_never_change(sampler):
         seen.append(z[:, :2].clone())
         return denoise(z, t)
 
-    out = run_sampler(sampler, spy, problem, schedule, 10, "time_uniform", torch.Generator().manual_seed(0))
+    out = run_sampler(sampler, spy, problem, schedule, 10, "time_uniform",
+                      torch.Generator().manual_seed(0))
     for z in seen:
         torch.testing.assert_close(z, problem.anchor[:, :2])
     torch.testing.assert_close(out[:, :2], problem.anchor[:, :2])
@@ -314,20 +329,22 @@ def _tiny_batch(src_len: int, trg_len: int, vocab: int) -> Seq2SeqBatch:
     padding = torch.zeros(2, length, dtype=torch.bool)
     padding[1, -2:] = True  # the second row is shorter
     return Seq2SeqBatch(input_ids=ids, input_mask=input_mask, padding_mask=padding,
-                        global_mask=(ids == 1) | (ids == 2), src_len=torch.tensor([src_len, src_len]))
+                        global_mask=(ids == 1) | (ids == 2),
+                        src_len=torch.tensor([src_len, src_len]))
 
 
 @pytest.mark.parametrize("loss_on", ["all", "target"])
 def test_loss_on_scores_only_its_positions(schedule, loss_on):
-    model = MoEDiffuSeq(network={"vocab_size": 40, "max_src_len": 6, "max_trg_len": 5, "embed_dim": 8, "hidden_size": 16,
-                                 "num_layers": 1, "num_heads": 2, "moe": {"num_experts": 2, "top_k": 1, "expert_hidden": 16}})
+    model = MoEDiffuSeq(network={"vocab_size": 40, "max_src_len": 6, "max_trg_len": 5,
+                                 "embed_dim": 8, "hidden_size": 16, "num_layers": 1, "num_heads": 2,
+                                 "moe": {"num_experts": 2, "top_k": 1, "expert_hidden": 16}})
     batch = _tiny_batch(6, 5, 40)
     t = torch.tensor([3, 1500])
     denoise = model.denoiser.forward
     outputs: list[torch.Tensor] = []  # what the denoiser wrote (x0_hat), recorded as it runs
     model.denoiser.forward = lambda *args: outputs.append(denoise(*args)[0]) or (outputs[-1], [])
-    terms = diffusion_loss_terms(model.denoiser, schedule, batch, t, denoise_rate=0.5, loss_on=loss_on,
-                                 generator=torch.Generator().manual_seed(0))
+    terms = diffusion_loss_terms(model.denoiser, schedule, batch, t, denoise_rate=0.5,
+                                 loss_on=loss_on, generator=torch.Generator().manual_seed(0))
     expected = ~batch.padding_mask & (batch.input_mask if loss_on == "target" else True)
     (x0_hat,) = outputs
     # Rebuild the mse from x0_hat by hand: the scored positions only, the same noise draw.
@@ -337,7 +354,8 @@ def test_loss_on_scores_only_its_positions(schedule, loss_on):
     target = torch.where((t == 0)[:, None, None], emb, z0)
     per_position = (x0_hat - target).square().mean(-1)
     for row in range(2):
-        assert terms.mse[row].item() == pytest.approx(per_position[row][expected[row]].mean().item(), rel=1e-5)
+        assert terms.mse[row].item() == pytest.approx(
+            per_position[row][expected[row]].mean().item(), rel=1e-5)
 
 
 def test_loss_on_auto_scores_the_source_up_to_512_tokens():
@@ -345,55 +363,66 @@ def test_loss_on_auto_scores_the_source_up_to_512_tokens():
     short = MoEDiffuSeq(network={"max_src_len": LONG_SOURCE_TOKENS, "max_trg_len": 8})
     long = MoEDiffuSeq(network={"max_src_len": LONG_SOURCE_TOKENS + 1, "max_trg_len": 8})
     assert (short.loss_on, long.loss_on) == ("all", "target")
-    pinned = MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 8}, diffusion={"loss_on": "target"})
+    pinned = MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 8},
+                         diffusion={"loss_on": "target"})
     assert pinned.loss_on == "target"
     with pytest.raises(ValueError, match="diffusion.loss_on"):
         MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 8}, diffusion={"loss_on": "source"})
 
 
 def test_denoise_rate_ramps_over_its_warmup_and_validation_uses_the_full_rate():
-    model = MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 8}, diffusion={"denoise_rate": 0.4, "denoise_warmup_steps": 100})
-    assert [model.denoise_rate(s) for s in (0, 25, 100, 5000)] == pytest.approx([0.0, 0.1, 0.4, 0.4])
+    model = MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 8},
+                        diffusion={"denoise_rate": 0.4, "denoise_warmup_steps": 100})
+    assert ([model.denoise_rate(s) for s in (0, 25, 100, 5000)]
+            == pytest.approx([0.0, 0.1, 0.4, 0.4]))
     assert model.denoise_rate(None) == 0.4
-    assert MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 8}, diffusion={"denoise_rate": 0.4}).denoise_rate(0) == 0.4
-    off = MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 8}, diffusion={"soft_absorbing": False, "denoise_warmup_steps": 100})
+    assert MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 8},
+                       diffusion={"denoise_rate": 0.4}).denoise_rate(0) == 0.4
+    off = MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 8},
+                      diffusion={"soft_absorbing": False, "denoise_warmup_steps": 100})
     assert off.denoise_rate(50) == off.denoise_rate(None) == 0.0
     with pytest.raises(ValueError, match="diffusion.denoise_warmup_steps"):
-        MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 8}, diffusion={"denoise_warmup_steps": -1})
+        MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 8},
+                    diffusion={"denoise_warmup_steps": -1})
 
 
 def test_forward_process_at_intermediate_t_with_an_absorbing_vector_matches_the_formula(schedule):
     z0, target, m = _toy(batch=4)
     t = torch.tensor([0, 300, 1200, 1999])
     gamma = 0.7
-    z_t, replaced = forward_process(z0, t, target, m, schedule, gamma, torch.Generator().manual_seed(5))
+    z_t, replaced = forward_process(z0, t, target, m, schedule, gamma,
+                                    torch.Generator().manual_seed(5))
     # The same draws, in forward_process's order: one uniform per position, then the noise.
     gen = torch.Generator().manual_seed(5)
     uniform = torch.rand(z0.shape[:2], generator=gen)
     noise = torch.randn(z0.shape, generator=gen)
     ab = schedule.alpha_bar.double()[t][:, None, None]
-    continuous = ab.sqrt() * (z0.double() - m.double()) + (1 - ab).sqrt() * noise.double() + m.double()
+    continuous = (ab.sqrt() * (z0.double() - m.double()) + (1 - ab).sqrt() * noise.double()
+                  + m.double())
     expected_replaced = target & (uniform.double() < gamma * (1 - ab[:, :, 0]).sqrt())
     expected = torch.where(expected_replaced[..., None], m.double(), continuous)
     expected = torch.where(target[..., None], expected, z0.double())
     assert torch.equal(replaced, expected_replaced)
-    assert 0 < int(replaced[1:3].sum()) < int(target[1:3].sum())  # t = 300 and 1200 absorb some, not all
+    # t = 300 and 1200 absorb some, not all
+    assert 0 < int(replaced[1:3].sum()) < int(target[1:3].sum())
     torch.testing.assert_close(z_t.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_rounding_and_tT_losses_match_their_formulas(schedule):
-    model = MoEDiffuSeq(network={"vocab_size": 40, "max_src_len": 6, "max_trg_len": 5, "embed_dim": 8, "hidden_size": 16,
-                                 "num_layers": 1, "num_heads": 2, "moe": {"num_experts": 2, "top_k": 1, "expert_hidden": 16}},
+    model = MoEDiffuSeq(network={"vocab_size": 40, "max_src_len": 6, "max_trg_len": 5,
+                                 "embed_dim": 8, "hidden_size": 16, "num_layers": 1, "num_heads": 2,
+                                 "moe": {"num_experts": 2, "top_k": 1, "expert_hidden": 16}},
                         diffusion={"soft_absorbing": True})
     with torch.no_grad():
         model.denoiser.absorbing_state.add_(0.5)  # m far from 0: the tT term must measure z0 - m
     batch = _tiny_batch(6, 5, 40)
     t = torch.tensor([3, 1500])
-    terms = diffusion_loss_terms(model.denoiser, schedule, batch, t, denoise_rate=0.0, loss_on="all",
-                                 generator=torch.Generator().manual_seed(0))
+    terms = diffusion_loss_terms(model.denoiser, schedule, batch, t, denoise_rate=0.0,
+                                 loss_on="all", generator=torch.Generator().manual_seed(0))
     table = model.denoiser.word_embedding.weight.double()
     m = model.denoiser.absorbing_state.double()
-    noise = torch.randn((2, batch.input_ids.shape[1], 8), generator=torch.Generator().manual_seed(0)).double()
+    noise = torch.randn((2, batch.input_ids.shape[1], 8),
+                        generator=torch.Generator().manual_seed(0)).double()
     z0 = table[batch.input_ids] + (1 - schedule.alpha_bar.double()[0]).sqrt() * noise
     logits = z0 @ table.T  # the rounding head is the tied embedding
     nll = torch.logsumexp(logits, -1) - logits.gather(-1, batch.input_ids[..., None])[..., 0]

@@ -26,7 +26,8 @@ def _fit(tmp_path: Path, corpus: Path, tokenizer: Path, *extra: str) -> subproce
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
 
 
-def _fit_fsdp_cpu(tmp_path: Path, corpus: Path, tokenizer: Path, *extra: str) -> subprocess.CompletedProcess:
+def _fit_fsdp_cpu(tmp_path: Path, corpus: Path, tokenizer: Path,
+                  *extra: str) -> subprocess.CompletedProcess:
     # The trainer file comes after _fit's own flags, so the run directory is given again after it.
     return _fit(tmp_path, corpus, tokenizer, "--trainer", str(FSDP_CPU), "--trainer.logger=false",
                 f"--trainer.default_root_dir={tmp_path}", *extra)
@@ -55,8 +56,8 @@ def test_unused_experts_still_get_gradients():
 
 @pytest.mark.slow
 def test_ddp_two_processes(tmp_path, small_corpus, small_tokenizer_file):
-    done = _fit(tmp_path, small_corpus, small_tokenizer_file, "--trainer.accelerator=cpu", "--trainer.devices=2",
-                "--trainer.strategy=ddp", "--trainer.max_steps=3")
+    done = _fit(tmp_path, small_corpus, small_tokenizer_file, "--trainer.accelerator=cpu",
+                "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_steps=3")
     assert done.returncode == 0, done.stderr[-4000:]
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in done.stderr
     (ckpt,) = tmp_path.rglob("*.ckpt")
@@ -68,7 +69,8 @@ def test_ddp_two_processes(tmp_path, small_corpus, small_tokenizer_file):
 @pytest.mark.slow
 def test_fsdp2_two_processes(tmp_path, small_corpus, small_tokenizer_file):
     done = _fit_fsdp_cpu(tmp_path, small_corpus, small_tokenizer_file,
-                         "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=2")
+                         "--trainer.max_steps=3", "--trainer.val_check_interval=3",
+                         "--trainer.limit_val_batches=2")
     assert done.returncode == 0, done.stderr[-4000:]
     (ckpt,) = tmp_path.rglob("*.ckpt")
     assert ckpt.is_file()  # consolidated to one file
@@ -78,18 +80,21 @@ def test_fsdp2_two_processes(tmp_path, small_corpus, small_tokenizer_file):
 
 
 @pytest.mark.slow
-def test_sharded_checkpoint_consolidates_to_one_loadable_file(tmp_path, small_corpus, small_tokenizer_file):
+def test_sharded_checkpoint_consolidates_to_one_loadable_file(tmp_path, small_corpus,
+                                                              small_tokenizer_file):
     done = _fit_fsdp_cpu(tmp_path, small_corpus, small_tokenizer_file,
                          "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
                          "--trainer.strategy.init_args.save_distributed_checkpoint=true",
                          "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-                         f"--trainer.callbacks.dirpath={tmp_path / 'ck'}", "--trainer.callbacks.every_n_train_steps=1")
+                         f"--trainer.callbacks.dirpath={tmp_path / 'ck'}",
+                         "--trainer.callbacks.every_n_train_steps=1")
     assert done.returncode == 0, done.stderr[-4000:]
     (folder,) = (tmp_path / "ck").glob("*.ckpt")
     assert folder.is_dir() and (folder / ".metadata").is_file()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = tmp_path / "one.ckpt"
-    done = subprocess.run([sys.executable, "-m", "moe_diffuseq", "consolidate", str(folder), "--output", str(out)],
+    done = subprocess.run([sys.executable, "-m", "moe_diffuseq", "consolidate", str(folder),
+                           "--output", str(out)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(_load_and_generate(out)) == 1

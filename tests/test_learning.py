@@ -49,13 +49,16 @@ def _x0_accuracy_at_t_max(model: MoEDiffuSeq, batch) -> float:
 
 
 @pytest.mark.timeout(120)
-def test_tiny_model_learns_to_copy_from_a_source_of_varying_length(small_corpus, small_tokenizer, tmp_path):
-    texts = [json.loads(line)["trg"] for line in (small_corpus / "train.jsonl").read_text().splitlines()]
+def test_tiny_model_learns_to_copy_from_a_source_of_varying_length(small_corpus, small_tokenizer,
+                                                                   tmp_path):
+    texts = [json.loads(line)["trg"]
+             for line in (small_corpus / "train.jsonl").read_text().splitlines()]
     decode = small_tokenizer.decode
     for split, count, seed in (("train", 2000, 0), ("validation", 64, 1)):
         rows = _copy_pairs(small_tokenizer, texts, count, seed)
         (tmp_path / f"{split}.jsonl").write_text(
-            "".join(json.dumps({"src": decode(r["src"]), "trg": decode(r["trg"])}) + "\n" for r in rows)
+            "".join(json.dumps({"src": decode(r["src"]), "trg": decode(r["trg"])}) + "\n"
+                    for r in rows)
         )
     tokenizer_file = tmp_path / "tokenizer.json"
     small_tokenizer.save(str(tokenizer_file))
@@ -66,25 +69,29 @@ def test_tiny_model_learns_to_copy_from_a_source_of_varying_length(small_corpus,
         data_dir=str(tmp_path / "work"),
     )
     model = MoEDiffuSeq(
-        network={"max_src_len": 32, "max_trg_len": 6, "embed_dim": 32, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
-                 "dropout": 0.0, "attention": {"window": 64}, "moe": {"num_experts": 2, "top_k": 1, "expert_hidden": 128}},
+        network={"max_src_len": 32, "max_trg_len": 6, "embed_dim": 32, "hidden_size": 64,
+                 "num_layers": 2, "num_heads": 4, "dropout": 0.0, "attention": {"window": 64},
+                 "moe": {"num_experts": 2, "top_k": 1, "expert_hidden": 128}},
         diffusion={"steps": 2000, "soft_absorbing": False, "loss_on": "target"},
         lr=2e-3, warmup_steps=20, lr_decay="constant", ema_decay=0.0,
     )
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=260, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        accelerator="cpu", max_steps=260, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0,
     )
     trainer.fit(model, datamodule=data)
 
     rows = [json.loads(line) for line in (tmp_path / "validation.jsonl").read_text().splitlines()]
     samples = model.generate([r["src"] for r in rows], sampler="dpm_solver++", steps=20, seed=0)
-    exact = sum(s.strip() == r["trg"].strip() for s, r in zip(samples, rows, strict=True)) / len(rows)
+    exact = (sum(s.strip() == r["trg"].strip() for s, r in zip(samples, rows, strict=True))
+             / len(rows))
     assert exact >= 0.8, list(zip(samples[:8], [r["trg"] for r in rows[:8]], strict=True))
 
     # Validation logs what the denoiser writes at fixed noise levels beside rounding z_t: at
     # t = T-1 the input holds nothing (rounding ~0), and a model that copies is right anyway.
-    metrics = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+    metrics = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False,
                          limit_val_batches=2).validate(model, datamodule=data, verbose=False)[0]
     assert metrics["val/x0_acc_t1999"] >= 0.8 and metrics["val/round_acc_t1999"] <= 0.05
     assert {f"val/x0_acc_t{t}" for t in (0, 250, 500, 1000, 1499, 1999)} <= set(metrics)

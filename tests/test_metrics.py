@@ -33,7 +33,8 @@ def test_rouge_per_document_scores_each_pair_and_averages_to_rouge():
     hyps, refs = ["the cat", "a dog ran"], ["the cat sat", "a dog ran"]
     per_document = rouge_per_document(hyps, refs)
     assert [d["rouge1"] for d in per_document] == pytest.approx([80.0, 100.0])
-    assert rouge(hyps, refs)["rougeL"] == pytest.approx((per_document[0]["rougeL"] + per_document[1]["rougeL"]) / 2)
+    assert rouge(hyps, refs)["rougeL"] == pytest.approx(
+        (per_document[0]["rougeL"] + per_document[1]["rougeL"]) / 2)
     with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
         rouge_per_document(hyps, refs[:1])
 
@@ -41,11 +42,14 @@ def test_rouge_per_document_scores_each_pair_and_averages_to_rouge():
 def test_paired_bootstrap_interval():
     a = [10.0, 20.0, 30.0, 40.0]
     assert paired_bootstrap_interval(a, a) == (0.0, 0.0)
-    assert paired_bootstrap_interval([x + 3 for x in a], a) == pytest.approx((3.0, 3.0))  # a constant gap: no spread
-    # A gap on one document of four: the interval holds the mean gap (2.5) and reaches 0 (a resample without it).
+    # a constant gap: no spread
+    assert paired_bootstrap_interval([x + 3 for x in a], a) == pytest.approx((3.0, 3.0))
+    # A gap on one document of four: the interval holds the mean gap (2.5) and reaches 0 (a
+    # resample without it).
     low, high = paired_bootstrap_interval([20.0, 20.0, 30.0, 40.0], a)
     assert low == 0.0 and 2.5 < high <= 10.0
-    assert paired_bootstrap_interval([20.0, 20.0, 30.0, 40.0], a, seed=1) == paired_bootstrap_interval([20.0, 20.0, 30.0, 40.0], a, seed=1)
+    assert (paired_bootstrap_interval([20.0, 20.0, 30.0, 40.0], a, seed=1)
+            == paired_bootstrap_interval([20.0, 20.0, 30.0, 40.0], a, seed=1))
     with pytest.raises(ValueError, match="equal, non-empty"):
         paired_bootstrap_interval([1.0], [1.0, 2.0])
     with pytest.raises(ValueError, match="confidence"):
@@ -58,7 +62,8 @@ def test_distinct_by_hand():
 
 
 def test_mbr_picks_the_consensus_candidate():
-    candidates = ["x y z w v", "the cat sat on the mat", "the cat sat on a mat", "a cat sat on the mat"]
+    candidates = ["x y z w v", "the cat sat on the mat", "the cat sat on a mat",
+                  "a cat sat on the mat"]
     assert mbr_select(candidates) in (1, 2)
     assert self_bleu(["a b c d", "a b c d"]) == pytest.approx(1.0)
     assert mbr_select(["only"]) == 0
@@ -72,10 +77,12 @@ def test_item_scores_by_hand():
                                      "item_f1": 1.0, "order_accuracy": 1.0}
     scores = item_scores("def b ; def a ; def x", ref)  # 2 of 3 right, order swapped
     assert scores["exact_match"] == 0.0
-    assert scores["item_precision"] == pytest.approx(2 / 3) and scores["item_recall"] == pytest.approx(2 / 3)
+    assert (scores["item_precision"] == pytest.approx(2 / 3)
+            and scores["item_recall"] == pytest.approx(2 / 3))
     assert scores["item_f1"] == pytest.approx(2 / 3)
     assert scores["order_accuracy"] == pytest.approx(1 / 3)  # LCS 1 over the longer list, 3
     assert item_scores("def  a;def b", "def a ; def b")["exact_match"] == 1.0  # spacing normalised
     assert item_scores("", ref)["item_f1"] == 0.0
-    assert item_scores("def a ; def a", "def a")["item_precision"] == 0.5  # a repeated item counts once
+    # a repeated item counts once
+    assert item_scores("def a ; def a", "def a")["item_precision"] == 0.5
     assert mean_item_scores(["def a", ""], ["def a", "def b"])["item_f1"] == pytest.approx(0.5)

@@ -50,7 +50,8 @@ def _dispatch_outputs_and_grads(moe: MoEFeedForward, x: torch.Tensor, padding: t
 @pytest.mark.parametrize("capacity_factor", [None, 0.6])
 def test_sorted_dispatch_equals_looped_reference(top_k, capacity_factor):
     torch.manual_seed(top_k)
-    moe = MoEFeedForward(12, 20, num_experts=5, top_k=top_k, capacity_factor=capacity_factor).double()
+    moe = MoEFeedForward(12, 20, num_experts=5, top_k=top_k,
+                         capacity_factor=capacity_factor).double()
     torch.nn.init.normal_(moe.router.proj.weight, std=1.0)  # random, uneven routing
     x = torch.randn(4, 9, 12, dtype=torch.float64, requires_grad=True)
     padding = torch.zeros(4, 9, dtype=torch.bool)
@@ -187,7 +188,8 @@ def test_autocast_bf16_forward_and_backward_run_in_both_dispatches():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             y, _ = moe(inputs, padding)
         (y.float() * weight).sum().backward()
-        grads = {"input": inputs.grad, **{n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}}
+        grads = {"input": inputs.grad, **{n: p.grad.clone() for n, p in moe.named_parameters()
+                                          if p.grad is not None}}
         return y.float(), grads
 
     reference_out, reference_grads = run("looped", bf16=False)
@@ -196,4 +198,5 @@ def test_autocast_bf16_forward_and_backward_run_in_both_dispatches():
         torch.testing.assert_close(out, reference_out, atol=3e-2, rtol=3e-2)
         assert grads.keys() == reference_grads.keys()
         for name, grad in grads.items():
-            torch.testing.assert_close(grad, reference_grads[name], atol=5e-2, rtol=5e-2, msg=f"{dispatch} {name}")
+            torch.testing.assert_close(grad, reference_grads[name], atol=5e-2, rtol=5e-2,
+                                       msg=f"{dispatch} {name}")

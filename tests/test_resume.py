@@ -17,13 +17,15 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 
 
-def _fit(root: Path, corpus: Path, tokenizer: Path, version: str, *extra: str) -> subprocess.CompletedProcess:
+def _fit(root: Path, corpus: Path, tokenizer: Path, version: str,
+         *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
     cmd = [sys.executable, "-m", "moe_diffuseq", "fit", "--config", str(TINY),
            *data_args(corpus, tokenizer),
-           f"--trainer.default_root_dir={root}", "--trainer.max_steps=6", "--trainer.limit_val_batches=0",
-           "--trainer.enable_progress_bar=false",
-           "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={root}",
+           f"--trainer.default_root_dir={root}", "--trainer.max_steps=6",
+           "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+           "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+           f"--trainer.logger.save_dir={root}",
            "--trainer.logger.name=csv", f"--trainer.logger.version={version}",
            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
            f"--trainer.callbacks.dirpath={root / 'ckpt'}", "--trainer.callbacks.save_last=true",
@@ -35,11 +37,13 @@ def _fit(root: Path, corpus: Path, tokenizer: Path, version: str, *extra: str) -
 def _losses(root: Path, version: str) -> dict[int, tuple[int, float]]:
     """{step: (epoch, train/loss)} as the CSV logger wrote them."""
     with open(root / "csv" / version / "metrics.csv") as handle:
-        return {int(r["step"]): (int(r["epoch"]), float(r["train/loss"])) for r in csv.DictReader(handle) if r.get("train/loss")}
+        return {int(r["step"]): (int(r["epoch"]), float(r["train/loss"]))
+                for r in csv.DictReader(handle) if r.get("train/loss")}
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_sigkill_then_resume_matches_uninterrupted_run_across_epochs(tmp_path, small_corpus, small_tokenizer_file,
+def test_sigkill_then_resume_matches_uninterrupted_run_across_epochs(tmp_path, small_corpus,
+                                                                     small_tokenizer_file,
                                                                      streaming):
     # 24 training rows at batch 4: 6 steps an epoch. Killed at step 3 (mid-epoch 0), resumed, run to
     # step 18: the resumed run must see the same batches in the same epochs for two more epochs.
@@ -57,20 +61,24 @@ def test_sigkill_then_resume_matches_uninterrupted_run_across_epochs(tmp_path, s
     killed = _fit(tmp_path / "cut", corpus, small_tokenizer_file, "first", *steps,
                   "--trainer.callbacks+=helpers.KillAtStep", "--trainer.callbacks.step=3")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = _fit(tmp_path / "cut", corpus, small_tokenizer_file, "resumed", *steps, "--ckpt_path=last")
+    resumed = _fit(tmp_path / "cut", corpus, small_tokenizer_file, "resumed", *steps,
+                   "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     reference, after = _losses(tmp_path / "full", "full"), _losses(tmp_path / "cut", "resumed")
     assert sorted(after) == list(range(3, 18)) and set(after) <= set(reference)
     assert [reference[s][0] for s in range(18)] == [s // 6 for s in range(18)]  # 6 batches an epoch
-    for step, (epoch, loss) in after.items():  # exact on CPU; the tolerance only absorbs float printing
+    # exact on CPU; the tolerance only absorbs float printing
+    for step, (epoch, loss) in after.items():
         ref_epoch, ref_loss = reference[step]
         assert epoch == ref_epoch, (step, epoch, ref_epoch)
         assert abs(loss - ref_loss) <= 1e-6 * max(1.0, abs(ref_loss)), (step, loss, ref_loss)
-    state = torch.load(tmp_path / "cut" / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    state = torch.load(tmp_path / "cut" / "ckpt" / "last.ckpt", map_location="cpu",
+                       weights_only=True)
     assert state["global_step"] == 18
 
 
-def test_sigusr1_saves_a_loadable_checkpoint_and_stops(tmp_path, small_corpus, small_tokenizer_file):
+def test_sigusr1_saves_a_loadable_checkpoint_and_stops(tmp_path, small_corpus,
+                                                       small_tokenizer_file):
     from moe_diffuseq.checkpoint import load_checkpoint
 
     done = _fit(tmp_path, small_corpus, small_tokenizer_file, "sig",
@@ -83,15 +91,18 @@ def test_sigusr1_saves_a_loadable_checkpoint_and_stops(tmp_path, small_corpus, s
     assert load_checkpoint(tmp_path / "preempt" / "last.ckpt").generate(["def f():"], steps=2)
 
 
-def test_resuming_with_a_changed_model_setting_names_it(tmp_path, small_corpus, small_tokenizer_file):
+def test_resuming_with_a_changed_model_setting_names_it(tmp_path, small_corpus,
+                                                        small_tokenizer_file):
     first = _fit(tmp_path, small_corpus, small_tokenizer_file, "first", "--trainer.max_steps=2")
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt = str(tmp_path / "ckpt" / "last.ckpt")
     changed = _fit(tmp_path, small_corpus, small_tokenizer_file, "changed", "--trainer.max_steps=3",
-                   f"--ckpt_path={ckpt}", "--model.network.hidden_size=64", "--model.network.attention.window=16")
+                   f"--ckpt_path={ckpt}", "--model.network.hidden_size=64",
+                   "--model.network.attention.window=16")
     assert changed.returncode != 0
     message = changed.stderr.strip().splitlines()[-1]
-    assert "model.network.hidden_size: 32 -> 64" in message and "model.network.attention.window: 8 -> 16" in message
+    assert ("model.network.hidden_size: 32 -> 64" in message
+            and "model.network.attention.window: 8 -> 16" in message)
     assert "Traceback" not in changed.stderr  # one clear line
     allowed = _fit(tmp_path, small_corpus, small_tokenizer_file, "allowed", "--trainer.max_steps=3",
                    f"--ckpt_path={ckpt}", "--model.lr=0.01")

@@ -1,4 +1,5 @@
-"""Scale-out pieces that run on one CPU: global batch size, faults, trainer configs, SLURM script."""
+"""Scale-out pieces that run on one CPU: global batch size, faults, trainer configs, SLURM
+script."""
 
 from __future__ import annotations
 
@@ -20,32 +21,39 @@ TINY = REPO / "tests" / "configs" / "tiny.yaml"
 def test_global_batch_size_derives_accumulation(small_corpus, small_tokenizer_file, tmp_path):
     GlobalBatchSizeSpy.seen.clear()
     main(["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
-          f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
-          "--trainer.callbacks+=helpers.GlobalBatchSizeSpy", "--trainer.callbacks.global_batch_size=12"])
+          f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1",
+          "--trainer.limit_val_batches=0", "--trainer.callbacks+=helpers.GlobalBatchSizeSpy",
+          "--trainer.callbacks.global_batch_size=12"])
     assert GlobalBatchSizeSpy.seen["accumulate"] == 3  # 12 / (batch 4 x 1 device)
     # An expected error reaches the user as one line (SystemExit), not a traceback.
-    with pytest.raises(SystemExit, match="global_batch_size=10 is not a multiple of data.batch_size=4"):
+    with pytest.raises(SystemExit,
+                       match="global_batch_size=10 is not a multiple of data.batch_size=4"):
         main(["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
               f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1",
-              "--trainer.callbacks+=moe_diffuseq.callbacks.GlobalBatchSize", "--trainer.callbacks.global_batch_size=10"])
+              "--trainer.callbacks+=moe_diffuseq.callbacks.GlobalBatchSize",
+              "--trainer.callbacks.global_batch_size=10"])
 
 
-def test_nan_loss_is_skipped_then_stops_with_example_ids(small_corpus, small_tokenizer_file, tmp_path, monkeypatch):
-    from moe_diffuseq import lit_module
+def test_nan_loss_is_skipped_then_stops_with_example_ids(small_corpus, small_tokenizer_file,
+                                                         tmp_path, monkeypatch):
+    from moe_diffuseq.diffusion import losses
 
-    real = lit_module.diffusion_loss_terms
+    real = losses.diffusion_loss_terms
 
     def poisoned(*args, **kwargs):
         terms = real(*args, **kwargs)
         terms.mse = terms.mse * float("nan")
         return terms
 
-    monkeypatch.setattr(lit_module, "diffusion_loss_terms", poisoned)
-    with pytest.raises(FloatingPointError, match=r"3 consecutive non-finite losses; last batch's examples: \['.*train.jsonl:[^']+'"):
+    monkeypatch.setattr(losses, "diffusion_loss_terms", poisoned)
+    with pytest.raises(FloatingPointError, match=r"3 consecutive non-finite losses; "
+                                                 r"last batch's examples: \['.*train.jsonl:[^']+'"):
         main(["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
-              f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=10", "--model.max_nonfinite_steps=3",
+              f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=10",
+              "--model.max_nonfinite_steps=3",
               "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-              f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}", "--trainer.callbacks.every_n_train_steps=1"])
+              f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}",
+              "--trainer.callbacks.every_n_train_steps=1"])
     # Skipped steps leave the weights as they were: whatever was checkpointed is finite.
     for ckpt in (tmp_path / "ckpt").glob("*.ckpt"):
         state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
@@ -63,10 +71,13 @@ def test_sbatch_script_parses_and_renders_srun_for_2_nodes_x_4_gpus(tmp_path):
     log = tmp_path / "srun.log"
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SRUN_LOG": str(log),
            "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER_NODE": "4"}
-    subprocess.run(["bash", str(script), "lightning_configs/experiments/code.yaml"], check=True, env=env, cwd=tmp_path)
+    subprocess.run(["bash", str(script), "lightning_configs/experiments/code.yaml"], check=True,
+                   env=env, cwd=tmp_path)
     line = log.read_text().strip().splitlines()[-1]
-    assert line.startswith("srun --kill-on-bad-exit=1 moe-diffuseq fit --config lightning_configs/experiments/code.yaml")
-    assert "--trainer.num_nodes=2" in line and "--trainer.devices=4" in line and "--ckpt_path=last" in line
+    assert line.startswith("srun --kill-on-bad-exit=1 moe-diffuseq fit "
+                           "--config lightning_configs/experiments/code.yaml")
+    assert ("--trainer.num_nodes=2" in line and "--trainer.devices=4" in line
+            and "--ckpt_path=last" in line)
     text = script.read_text()
     assert "#SBATCH --signal=SIGUSR1@90" in text and "#SBATCH --requeue" in text
 
@@ -89,13 +100,16 @@ def test_data_report_logs_skipped_rows_at_epoch_end(small_corpus, small_tokenize
 
     rows = [json.loads(x) for x in (small_corpus / "train.jsonl").read_text().splitlines()[:8]]
     train = tmp_path / "train.jsonl"
-    train.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + b"{broken\n" + b'{"src": "a", "trg": ""}\n')
+    train.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + b"{broken\n"
+                      + b'{"src": "a", "trg": ""}\n')
     main(["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
           f"--data.init_args.train_path={train}", "--data.init_args.on_bad_row=skip",
-          f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=4", "--trainer.max_epochs=2",
-          "--trainer.limit_val_batches=0",
-          "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
+          f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=4",
+          "--trainer.max_epochs=2", "--trainer.limit_val_batches=0",
+          "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+          f"--trainer.logger.save_dir={tmp_path}",
           "--trainer.callbacks+=moe_diffuseq.callbacks.DataReport"])
     (metrics,) = tmp_path.rglob("metrics.csv")
     logged = {k: v for row in csv.DictReader(metrics.open()) for k, v in row.items() if v}
-    assert float(logged["data/skipped/not_JSON"]) == 1 and float(logged["data/skipped/empty_target"]) == 1
+    assert (float(logged["data/skipped/not_JSON"]) == 1
+            and float(logged["data/skipped/empty_target"]) == 1)

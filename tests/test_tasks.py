@@ -42,9 +42,11 @@ def test_code_outline_lists_the_run_definitions_in_source_order():
         for item in items:
             kind, name = item.split(" ")
             starts = (f"{kind} {name}(", f"{kind} {name}:", f"async {kind} {name}(")
-            after = next(i for i in range(after + 1, len(lines)) if lines[i].lstrip().startswith(starts))
+            after = next(i for i in range(after + 1, len(lines))
+                         if lines[i].lstrip().startswith(starts))
     decoder = next(r for r in rows if r["id"].startswith("json.decoder:1-"))
-    assert decoder["trg"] == "class JSONDecodeError ; def __init__ ; def __reduce__ ; def _decode_uXXXX"
+    assert decoder["trg"] == ("class JSONDecodeError ; def __init__ ; def __reduce__ ; "
+                              "def _decode_uXXXX")
 
 
 def test_code_lookup_answers_with_the_def_line_as_written():
@@ -59,8 +61,10 @@ def test_code_lookup_answers_with_the_def_line_as_written():
 
 
 def test_dialogue_cast_keeps_tags_as_written_in_first_speech_order(tmp_path):
-    counts = build_task("dialogue-cast", tmp_path / "cast", max_chars=2000, archive=_archive(tmp_path))
-    rows = {s: [json.loads(x) for x in (tmp_path / "cast" / f"{s}.jsonl").read_text().splitlines()] for s in counts}
+    counts = build_task("dialogue-cast", tmp_path / "cast", max_chars=2000,
+                        archive=_archive(tmp_path))
+    rows = {s: [json.loads(x) for x in (tmp_path / "cast" / f"{s}.jsonl").read_text().splitlines()]
+            for s in counts}
     assert {r["play"] for r in rows["test"]} == {"macbeth"}
     first = rows["test"][0]
     assert first["trg"].startswith("FIRST WITCH. ; SECOND WITCH.")  # the tag with its period

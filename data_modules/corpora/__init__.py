@@ -33,8 +33,8 @@ def resolve(name: str) -> tuple[str, dict]:
     sized = SIZED_TASK.match(name)
     if sized and sized["task"] in tasks.TASKS:
         return sized["task"], {"max_chars": int(sized["chars"])}
-    raise ValueError(f"unknown corpus {name!r}; expected one of {sorted(BUILDERS)}, or a task with its "
-                     f"source length in characters ({sorted(tasks.TASKS)[0]}-4000)")
+    raise ValueError(f"unknown corpus {name!r}; expected one of {sorted(BUILDERS)}, or a task "
+                     f"with its source length in characters ({sorted(tasks.TASKS)[0]}-4000)")
 
 
 def is_built(name: str, out_dir: str | Path) -> bool:
@@ -56,4 +56,5 @@ def build(name: str, out_dir: str | Path, **kwargs) -> dict[str, int]:
     (Path(out_dir) / MARKER).write_text(VERSIONS[builder] + "\n")
     return counts
 
-__all__ = ["BUILDERS", "VERSIONS", "build", "build_code_corpus", "build_dialogue_corpus", "build_scientific_corpus", "is_built", "resolve"]
+__all__ = ["BUILDERS", "VERSIONS", "build", "build_code_corpus", "build_dialogue_corpus",
+           "build_scientific_corpus", "is_built", "resolve"]

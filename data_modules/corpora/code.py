@@ -22,7 +22,8 @@ from .splits import SplitWriter, hash_bucket
 log = logging.getLogger(__name__)
 
 VERSION = "code-2"  # bump when the pairs change, so that prepare_data rebuilds old copies
-EXCLUDED_PARTS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "__phello__"}
+EXCLUDED_PARTS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__",
+                  "__phello__"}
 
 
 def stdlib_root() -> Path:
@@ -72,7 +73,8 @@ class _Skeleton(ast.NodeTransformer):
     visit_AsyncFunctionDef = _function
 
     def visit_ClassDef(self, node: ast.ClassDef):
-        kept = [self.visit(n) for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+        kept = [self.visit(n) for n in node.body
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
         node.body = [*_docstring_body(node), *kept] or [ast.Expr(ast.Constant(...))]
         return node
 
@@ -89,7 +91,8 @@ def function_pairs(tree: ast.Module, source: str) -> list[tuple[str, str]]:
     lines = source.splitlines(keepends=True)
     pairs = []
     for node in ast.walk(tree):
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or ast.get_docstring(node) is None:
+        if (not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                or ast.get_docstring(node) is None):
             continue
         first = node.decorator_list[0].lineno if node.decorator_list else node.lineno
         full = textwrap.dedent("".join(lines[first - 1 : node.end_lineno])).rstrip() + "\n"
@@ -127,7 +130,8 @@ def build_code_corpus(out_dir: str | Path, root: str | Path | None = None) -> di
             rows = [("module", skeleton, source)] if skeleton.strip() else []
             rows += [("function", src, trg) for src, trg in function_pairs(tree, source)]
             for i, (kind, src, trg) in enumerate(rows):
-                row = {"id": f"{module}:{i}", "kind": kind, "module": module, "src": src, "trg": trg}
+                row = {"id": f"{module}:{i}", "kind": kind, "module": module, "src": src,
+                       "trg": trg}
                 writer.write(split_of(module), row)
     if skipped:
         log.warning("code corpus: skipped files %s", dict(skipped))

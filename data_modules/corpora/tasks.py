@@ -42,7 +42,8 @@ def _modules(root: Path | None) -> Iterator[tuple[str, str, list[ast.AST]]]:
             tree = ast.parse(source)
         except (UnicodeDecodeError, SyntaxError, ValueError):
             continue
-        nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+        nodes = [n for n in ast.walk(tree)
+                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
         yield module, source, sorted(nodes, key=lambda n: n.lineno)
 
 
@@ -75,7 +76,8 @@ def _item(node: ast.AST) -> str:
     return f"{'class' if isinstance(node, ast.ClassDef) else 'def'} {node.name}"
 
 
-def code_outline_rows(max_chars: int = DEFAULT_MAX_CHARS, root: Path | None = None) -> Iterator[tuple[str, dict]]:
+def code_outline_rows(max_chars: int = DEFAULT_MAX_CHARS,
+                      root: Path | None = None) -> Iterator[tuple[str, dict]]:
     """(split, row) of the code-outline task."""
     for module, source, nodes in _modules(root):
         lines = source.splitlines()
@@ -85,11 +87,13 @@ def code_outline_rows(max_chars: int = DEFAULT_MAX_CHARS, root: Path | None = No
                 continue
             yield code_split_of(module), {
                 "id": f"{module}:{start + 1}-{end}", "task": "code-outline", "module": module,
-                "src": "\n".join(lines[start:end]), "trg": ITEM_SEPARATOR.join(_item(n) for n in names),
+                "src": "\n".join(lines[start:end]),
+                "trg": ITEM_SEPARATOR.join(_item(n) for n in names),
             }
 
 
-def code_lookup_rows(max_chars: int = DEFAULT_MAX_CHARS, root: Path | None = None) -> Iterator[tuple[str, dict]]:
+def code_lookup_rows(max_chars: int = DEFAULT_MAX_CHARS,
+                     root: Path | None = None) -> Iterator[tuple[str, dict]]:
     """(split, row) of the code-lookup task: one question per run, about a function whose
     ``def`` line fits on one line and whose name occurs once among the run's definitions."""
     for module, source, nodes in _modules(root):
@@ -102,7 +106,8 @@ def code_lookup_rows(max_chars: int = DEFAULT_MAX_CHARS, root: Path | None = Non
             candidates = [
                 n for n in defined
                 if not isinstance(n, ast.ClassDef) and counts[n.name] == 1
-                and lines[n.lineno - 1].strip().startswith(("def ", "async def ")) and lines[n.lineno - 1].rstrip().endswith(":")
+                and lines[n.lineno - 1].strip().startswith(("def ", "async def "))
+                and lines[n.lineno - 1].rstrip().endswith(":")
             ]
             if not candidates:
                 continue
@@ -110,7 +115,8 @@ def code_lookup_rows(max_chars: int = DEFAULT_MAX_CHARS, root: Path | None = Non
             seed = int(hashlib.sha1(f"{module}:{start}".encode()).hexdigest()[:8], 16)
             node = random.Random(seed).choice(candidates)
             yield code_split_of(module), {
-                "id": f"{module}:{start + 1}-{end}:{node.name}", "task": "code-lookup", "module": module,
+                "id": f"{module}:{start + 1}-{end}:{node.name}", "task": "code-lookup",
+                "module": module,
                 "src": "\n".join([*lines[start:end], QUESTION.format(name=node.name)]),
                 "trg": lines[node.lineno - 1].strip(),
             }
@@ -148,10 +154,12 @@ def dialogue_cast_rows(max_chars: int = DEFAULT_MAX_CHARS, archive: Path | None 
                 }
 
 
-TASKS = {"code-outline": code_outline_rows, "code-lookup": code_lookup_rows, "dialogue-cast": dialogue_cast_rows}
+TASKS = {"code-outline": code_outline_rows, "code-lookup": code_lookup_rows,
+         "dialogue-cast": dialogue_cast_rows}
 
 
-def build_task(name: str, out_dir: str | Path, max_chars: int = DEFAULT_MAX_CHARS, **kwargs) -> dict[str, int]:
+def build_task(name: str, out_dir: str | Path, max_chars: int = DEFAULT_MAX_CHARS,
+               **kwargs) -> dict[str, int]:
     """Write {train,validation,test}.jsonl of the named task under out_dir; returns row counts."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")

@@ -34,8 +34,9 @@ KERNELS: dict[str, Callable[..., torch.Tensor]] = {
 BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 
 
-def pick_backend(device_type: str, dtype: torch.dtype, length: int, *, window: int, dilation: int = 1,
-                 block_size: int = 64, key_padding: bool = False, xformers: bool = False, flex: bool = False) -> str:
+def pick_backend(device_type: str, dtype: torch.dtype, length: int, *, window: int,
+                 dilation: int = 1, block_size: int = 64, key_padding: bool = False,
+                 xformers: bool = False, flex: bool = False) -> str:
     """What ``auto`` stands for, from plain facts (so the choice is testable on any machine)."""
     if device_type == "cuda":
         # xformers' local-window bias has no key padding; padded batches (every batch but one of
@@ -50,16 +51,17 @@ def pick_backend(device_type: str, dtype: torch.dtype, length: int, *, window: i
     return "dense" if length <= 2 * span else "banded"
 
 
-def resolve_backend(backend: str, q: torch.Tensor, *, window: int, dilation: int = 1, block_size: int = 64,
-                    key_padding: bool = False) -> str:
+def resolve_backend(backend: str, q: torch.Tensor, *, window: int, dilation: int = 1,
+                    block_size: int = 64, key_padding: bool = False) -> str:
     """The concrete backend that ``auto`` stands for on this device, dtype, length and padding."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
     if backend != "auto":
         return backend
     cuda = q.device.type == "cuda"
-    return pick_backend(q.device.type, q.dtype, q.shape[2], window=window, dilation=dilation, block_size=block_size,
-                        key_padding=key_padding, xformers=cuda and xformers_available(), flex=cuda and flex_available())
+    return pick_backend(q.device.type, q.dtype, q.shape[2], window=window, dilation=dilation,
+                        block_size=block_size, key_padding=key_padding,
+                        xformers=cuda and xformers_available(), flex=cuda and flex_available())
 
 
 def sparse_attention(
@@ -79,18 +81,24 @@ def sparse_attention(
     ``full_sdpa`` and ``full_eager`` ignore the window: they are the full-attention baseline.
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q, k, v must be (B, H, L, D) of one shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(f"q, k, v must be (B, H, L, D) of one shape; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
     for name, mask in (("global_mask", global_mask), ("key_padding_mask", key_padding_mask)):
-        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (q.shape[0], q.shape[2])):
-            raise ValueError(f"{name} must be a bool tensor of shape (batch, length)={(q.shape[0], q.shape[2])}, got {mask.dtype} {tuple(mask.shape)}")
+        if mask is not None and (mask.dtype != torch.bool
+                                 or tuple(mask.shape) != (q.shape[0], q.shape[2])):
+            raise ValueError(f"{name} must be a bool tensor of shape (batch, length)="
+                             f"{(q.shape[0], q.shape[2])}, got {mask.dtype} {tuple(mask.shape)}")
     if window < 1 or dilation < 1:
         raise ValueError(f"window={window} and dilation={dilation} must both be >= 1")
-    kwargs = dict(window=window, dilation=dilation, global_mask=global_mask, key_padding_mask=key_padding_mask)
+    kwargs = dict(window=window, dilation=dilation, global_mask=global_mask,
+                  key_padding_mask=key_padding_mask)
     padded = key_padding_mask is not None and bool(key_padding_mask.any())
-    name = resolve_backend(backend, q, window=window, dilation=dilation, block_size=block_size, key_padding=padded)
+    name = resolve_backend(backend, q, window=window, dilation=dilation, block_size=block_size,
+                           key_padding=padded)
     if name == "banded":  # the one kernel that blocks its queries
         kwargs["block_size"] = block_size
     return KERNELS[name](q, k, v, **kwargs)
 
 
-__all__ = ["BACKENDS", "KERNELS", "pick_backend", "resolve_backend", "sparse_attention", "sparse_mask"]
+__all__ = ["BACKENDS", "KERNELS", "pick_backend", "resolve_backend", "sparse_attention",
+           "sparse_mask"]

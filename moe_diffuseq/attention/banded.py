@@ -58,9 +58,11 @@ class _BlockAttention(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):
             q_blocks, k_pad, v_pad = _block_layout(q, k, v, band)
             if q.device.type == "cpu" and fused_cpu:
-                out, lse = _fused_forward(q_blocks, k_pad, v_pad, k_glob, v_glob, local_ok, band, glob_ok, scale)
+                out, lse = _fused_forward(q_blocks, k_pad, v_pad, k_glob, v_glob, local_ok, band,
+                                          glob_ok, scale)
             else:
-                out, lse = _chunked_forward(q_blocks, k_pad, v_pad, k_glob, v_glob, local_ok, band, glob_ok, scale, chunk)
+                out, lse = _chunked_forward(q_blocks, k_pad, v_pad, k_glob, v_glob, local_ok, band,
+                                            glob_ok, scale, chunk)
         ctx.scale, ctx.chunk = scale, chunk
         ctx.save_for_backward(q, k, v, k_glob, v_glob, local_ok, band, glob_ok, out, lse)
         return out.view(*q.shape[:2], -1, q.shape[-1])
@@ -83,12 +85,15 @@ class _BlockAttention(torch.autograd.Function):
                 scores = _block_scores(q_blocks, k_pad, k_glob, local_ok, band, glob_ok, scale, c)
                 probs = scores.sub_(lse[:, :, c, :, None]).exp_()  # masked scores are -inf: exact 0
                 p_local, p_glob = probs.split([span, n_glob], dim=-1)
-                k_span, v_span = _spans(k_pad, c, block, span), _spans(v_pad, c, block, span)  # (B,H,c,S,D)
+                # (B,H,c,S,D)
+                k_span, v_span = _spans(k_pad, c, block, span), _spans(v_pad, c, block, span)
                 _fold_spans(grad_v, p_local.transpose(-1, -2) @ g_c, c, block)
                 if n_glob:
                     grad_vg += torch.einsum("bhcqg,bhcqd->bhgd", p_glob, g_c)
-                grad_p = torch.cat([g_c @ v_span.transpose(-1, -2), g_c @ v_glob[:, :, None].transpose(-1, -2)], -1)
-                grad_s = probs.mul_(grad_p.sub_(delta[:, :, c])).mul_(scale)  # in place: probs is spent
+                grad_p = torch.cat([g_c @ v_span.transpose(-1, -2),
+                                    g_c @ v_glob[:, :, None].transpose(-1, -2)], -1)
+                # in place: probs is spent
+                grad_s = probs.mul_(grad_p.sub_(delta[:, :, c])).mul_(scale)
                 ds_local, ds_glob = grad_s.split([span, n_glob], dim=-1)
                 grad_q[:, :, c] = ds_local @ k_span + ds_glob @ k_glob[:, :, None]
                 _fold_spans(grad_k, ds_local.transpose(-1, -2) @ q_c, c, block)
@@ -96,11 +101,13 @@ class _BlockAttention(torch.autograd.Function):
                     grad_kg += torch.einsum("bhcqg,bhcqd->bhgd", ds_glob, q_c)
         grad_q = grad_q.view(*q.shape[:2], -1, q.shape[-1])[:, :, :length]
         rows = slice(reach, reach + length)
-        return grad_q, grad_k[:, :, rows], grad_v[:, :, rows], grad_kg, grad_vg, None, None, None, None, None, None
+        return (grad_q, grad_k[:, :, rows], grad_v[:, :, rows], grad_kg, grad_vg,
+                None, None, None, None, None, None)
 
 
 def _chunked_forward(q_blocks, k_pad, v_pad, k_glob, v_glob, local_ok, band, glob_ok, scale, chunk):
-    """(out, lse) in plain PyTorch ops, chunk by chunk: any device, and the backward's own arithmetic."""
+    """(out, lse) in plain PyTorch ops, chunk by chunk: any device, and the backward's own
+    arithmetic."""
     out = torch.empty_like(q_blocks)
     lse = q_blocks.new_empty(q_blocks.shape[:-1])
     for c in _chunks(q_blocks.shape[2], chunk):
@@ -129,7 +136,8 @@ def _fused_forward(q_blocks, k_pad, v_pad, k_glob, v_glob, local_ok, band, glob_
         row = slice(b, b + 1)
         k_span = _spans(k_pad[row], every_block, block, span)[0].transpose(0, 1)  # (nb, H, S, D)
         v_span = _spans(v_pad[row], every_block, block, span)[0].transpose(0, 1)
-        out_b, lse_b = fused(q_blocks[b].transpose(0, 1), k_span, v_span, attn_mask=bias[b][:, None], scale=scale)
+        out_b, lse_b = fused(q_blocks[b].transpose(0, 1), k_span, v_span,
+                             attn_mask=bias[b][:, None], scale=scale)
         out[b], lse[b] = out_b.transpose(0, 1), lse_b.transpose(0, 1)
     # The kernel's log-sum-exp of a row that sees no key is not -inf: make it the sink's.
     # (Visible keys per row as a small matmul: a bool any() over the mask is slower.)
@@ -138,7 +146,8 @@ def _fused_forward(q_blocks, k_pad, v_pad, k_glob, v_glob, local_ok, band, glob_
     if k_glob.shape[2] == 0:
         return out, lse
     q_rows = q_blocks.view(batch, heads, n_blocks * block, dim)
-    glob_bias = q_blocks.new_zeros(glob_ok.shape).masked_fill_(~glob_ok, float("-inf"))[:, None, None, :]
+    glob_bias = q_blocks.new_zeros(glob_ok.shape).masked_fill_(
+        ~glob_ok, float("-inf"))[:, None, None, :]
     out_glob, lse_glob = fused(q_rows, k_glob, v_glob, attn_mask=glob_bias, scale=scale)
     lse_glob = lse_glob.masked_fill_(~glob_ok.any(-1)[:, None, None], _SINK).view_as(lse)
     # Softmax over the union of the two key sets = the parts weighted by their shares of it.
@@ -165,7 +174,8 @@ def _chunks(n_blocks: int, chunk: int) -> list[slice]:
 
 def _spans(keys: torch.Tensor, c: slice, block: int, span: int) -> torch.Tensor:
     """(B, H, c, span, D): the key span of every block in chunk c (overlapping views)."""
-    return keys[:, :, c.start * block : (c.stop - 1) * block + span].unfold(2, span, block).transpose(-1, -2)
+    return keys[:, :, c.start * block : (c.stop - 1) * block + span].unfold(
+        2, span, block).transpose(-1, -2)
 
 
 def _fold_spans(grad_keys: torch.Tensor, grad_spans: torch.Tensor, c: slice, block: int) -> None:
@@ -177,7 +187,8 @@ def _fold_spans(grad_keys: torch.Tensor, grad_spans: torch.Tensor, c: slice, blo
     batch, heads, n, span, dim = grad_spans.shape
     key_blocks = grad_keys.view(batch, heads, -1, block, dim)
     for r in range(span // block):
-        key_blocks[:, :, c.start + r : c.start + r + n] += grad_spans[:, :, :, r * block : (r + 1) * block]
+        key_blocks[:, :, c.start + r : c.start + r + n] += (
+            grad_spans[:, :, :, r * block : (r + 1) * block])
 
 
 def _softmax_with_sink(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,7 +204,8 @@ def _softmax_with_sink(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return probs.div_(total), (top + total.log()).squeeze(-1)
 
 
-def _block_scores(q_blocks, k_pad, k_glob, local_ok, band, glob_ok, scale, c: slice) -> torch.Tensor:
+def _block_scores(q_blocks, k_pad, k_glob, local_ok, band, glob_ok, scale,
+                  c: slice) -> torch.Tensor:
     """(B, H, c, bq, span + G) scaled scores of chunk c, -inf where a key is not visible."""
     block, span = q_blocks.shape[3], band.shape[1]
     q_c = q_blocks[:, :, c]
@@ -201,7 +213,8 @@ def _block_scores(q_blocks, k_pad, k_glob, local_ok, band, glob_ok, scale, c: sl
     glob = q_c @ k_glob[:, :, None].transpose(-1, -2)
     scores = torch.cat([local, glob.expand(-1, -1, q_c.shape[2], -1, -1)], dim=-1).mul_(scale)
     visible = torch.cat(
-        [band & local_ok[:, None, c, None, :], glob_ok[:, None, None, None, :].expand(-1, 1, q_c.shape[2], block, -1)],
+        [band & local_ok[:, None, c, None, :],
+         glob_ok[:, None, None, None, :].expand(-1, 1, q_c.shape[2], block, -1)],
         dim=-1,
     )
     return scores.masked_fill_(~visible, float("-inf"))
@@ -241,8 +254,9 @@ def banded_attention(
 ) -> torch.Tensor:
     """q, k, v: (B, H, L, D). Returns (B, H, L, D); same result as the dense backend.
 
-    ``fused_cpu_forward``: on CPU, run the forward through PyTorch's fused attention kernel (False:
-    the chunked ops, as on other devices). ``chunk_elements`` bounds the score elements of one chunk.
+    ``fused_cpu_forward``: on CPU, run the forward through PyTorch's fused attention kernel
+    (False: the chunked ops, as on other devices). ``chunk_elements`` bounds the score elements
+    of one chunk.
     """
     batch, heads, length, dim = q.shape
     device = q.device
@@ -256,11 +270,13 @@ def banded_attention(
         else torch.ones(batch, length, dtype=torch.bool, device=device)
     )
     is_global = (
-        global_mask if global_mask is not None else torch.zeros(batch, length, dtype=torch.bool, device=device)
+        global_mask if global_mask is not None
+        else torch.zeros(batch, length, dtype=torch.bool, device=device)
     )
     gidx, gvalid = _global_index(global_mask, batch, device)  # (B, G)
     gvisible = gvalid & torch.gather(key_ok, 1, gidx)  # a padded global key is still padding
-    k_glob = torch.gather(kf, 2, gidx[:, None, :, None].expand(batch, heads, -1, dim))  # (B, H, G, D)
+    # (B, H, G, D)
+    k_glob = torch.gather(kf, 2, gidx[:, None, :, None].expand(batch, heads, -1, dim))
     v_glob = torch.gather(vf, 2, gidx[:, None, :, None].expand(batch, heads, -1, dim))
 
     block = max(1, min(block_size, length))
@@ -274,12 +290,13 @@ def banded_attention(
     # scored in the global part, so counting them here too would double their weight).
     local_ok = F.pad(key_ok & ~is_global, pad, value=False).unfold(1, span, block)  # (B, nb, S)
     rows = torch.arange(block, device=device)
-    band = local_band(rows[:, None] + reach, torch.arange(span, device=device)[None, :], window, dilation)
+    band = local_band(rows[:, None] + reach, torch.arange(span, device=device)[None, :], window,
+                      dilation)
 
     per_block = batch * heads * block * (span + gidx.shape[1])
     chunk = max(1, chunk_elements // max(1, per_block))
-    out = _BlockAttention.apply(qf, kf, vf, k_glob, v_glob, local_ok.contiguous(), band, gvisible, scale, chunk,
-                                fused_cpu_forward)
+    out = _BlockAttention.apply(qf, kf, vf, k_glob, v_glob, local_ok.contiguous(), band, gvisible,
+                                scale, chunk, fused_cpu_forward)
     out = out[:, :, :length]
 
     if gidx.shape[1] > 0:
@@ -292,5 +309,6 @@ def banded_attention(
         # over the whole output would touch every row.
         row, slot = gvalid.nonzero(as_tuple=True)
         position = gidx[row, slot]
-        out = out.transpose(1, 2).index_put((row, position), out_glob.transpose(1, 2)[row, slot]).transpose(1, 2)
+        out = out.transpose(1, 2).index_put(
+            (row, position), out_glob.transpose(1, 2)[row, slot]).transpose(1, 2)
     return out.to(q.dtype)

@@ -47,14 +47,17 @@ def block_mask_for(
     batch: int,
     device: torch.device,
 ) -> BlockMask:
-    """The BlockMask of the sparse pattern, cached per (length, window, dilation, globals, padding)."""
-    key = (length, window, dilation, str(device), batch, _fingerprint(global_mask), _fingerprint(key_padding_mask))
+    """The BlockMask of the sparse pattern, cached per (length, window, dilation, globals,
+    padding)."""
+    key = (length, window, dilation, str(device), batch, _fingerprint(global_mask),
+           _fingerprint(key_padding_mask))
     cached = _BLOCK_MASKS.get(key)
     if cached is not None:
         _BLOCK_MASKS.move_to_end(key)
         return cached
     reach = band_reach(window, dilation)
-    glob = global_mask if global_mask is not None else torch.zeros(batch, length, dtype=torch.bool, device=device)
+    glob = (global_mask if global_mask is not None
+            else torch.zeros(batch, length, dtype=torch.bool, device=device))
     keep = ~key_padding_mask if key_padding_mask is not None else torch.ones_like(glob)
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -90,6 +93,7 @@ def flex_sparse_attention(
             "backend='banded' (or 'auto') on CPU and use 'flex' for CPU inference or on CUDA"
         )
     batch, _, length, _ = q.shape
-    block_mask = block_mask_for(length, window, dilation, global_mask, key_padding_mask, batch, q.device)
+    block_mask = block_mask_for(length, window, dilation, global_mask, key_padding_mask, batch,
+                                q.device)
     fn = _compiled_flex() if compile else flex_attention
     return fn(q, k, v, block_mask=block_mask)

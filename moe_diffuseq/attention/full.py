@@ -16,13 +16,15 @@ import torch.nn.functional as F
 def _padding_bias(key_padding_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     if key_padding_mask is None or not bool(key_padding_mask.any()):
         return None
-    return torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device).masked_fill(
+    return torch.zeros(key_padding_mask.shape, dtype=dtype,
+                       device=key_padding_mask.device).masked_fill(
         key_padding_mask, float("-inf")
     )[:, None, None, :]  # (B, 1, 1, L)
 
 
 def full_sdpa_attention(q, k, v, *, key_padding_mask=None, **_) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=_padding_bias(key_padding_mask, q.dtype))
+    return F.scaled_dot_product_attention(q, k, v,
+                                          attn_mask=_padding_bias(key_padding_mask, q.dtype))
 
 
 def full_eager_attention(q, k, v, *, key_padding_mask=None, **_) -> torch.Tensor:

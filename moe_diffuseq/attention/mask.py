@@ -16,7 +16,8 @@ def band_reach(window: int, dilation: int) -> int:
     return dilation * (window // 2)
 
 
-def local_band(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int, dilation: int) -> torch.Tensor:
+def local_band(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int,
+               dilation: int) -> torch.Tensor:
     """Boolean band mask for broadcastable query and key positions."""
     rel = key_pos - query_pos
     inside = rel.abs() <= band_reach(window, dilation)

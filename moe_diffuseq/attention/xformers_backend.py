@@ -53,25 +53,30 @@ def xformers_attention(
             "use backend='banded' or 'auto' elsewhere"
         )
     if dilation != 1:
-        raise ValueError("backend='xformers' supports dilation=1 only; use 'flex' or 'banded' for dilation")
+        raise ValueError("backend='xformers' supports dilation=1 only; "
+                         "use 'flex' or 'banded' for dilation")
     if key_padding_mask is not None and bool(key_padding_mask.any()):
         raise ValueError("backend='xformers' takes no key padding; bucket by length or use 'flex'")
     xops, fmha = ops
     batch, heads, length, dim = q.shape
     half = window // 2
     scale = dim**-0.5
-    band_bias = fmha.attn_bias.LocalAttentionFromBottomRightMask(window_left=half, window_right=half)
+    band_bias = fmha.attn_bias.LocalAttentionFromBottomRightMask(window_left=half,
+                                                                 window_right=half)
     qx, kx, vx = (t.transpose(1, 2) for t in (q, k, v))  # (B, L, H, D) for xformers
     if global_mask is None or not bool(global_mask.any()):
-        return xops.memory_efficient_attention(qx, kx, vx, attn_bias=band_bias, scale=scale).transpose(1, 2)
+        return xops.memory_efficient_attention(qx, kx, vx, attn_bias=band_bias,
+                                               scale=scale).transpose(1, 2)
 
     # Band pass over every key in the window (global ones included) ...
-    out_band, lse_band = fmha.memory_efficient_attention_partial(qx, kx, vx, attn_bias=band_bias, scale=scale)
+    out_band, lse_band = fmha.memory_efficient_attention_partial(qx, kx, vx, attn_bias=band_bias,
+                                                                 scale=scale)
     out_band = out_band.transpose(1, 2).float()  # (B, H, L, D)
     # ... plus the global keys outside each query's window, so no key is counted twice.
     counts = global_mask.sum(1)
     width = int(counts.max())
-    order = torch.sort((~global_mask).to(torch.int8), dim=1, stable=True).indices[:, :width]  # (B, G)
+    # (B, G)
+    order = torch.sort((~global_mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
     valid = torch.arange(width, device=q.device)[None] < counts[:, None]
     gather = order[:, None, :, None].expand(batch, heads, width, dim)
     kg, vg = torch.gather(k, 2, gather).float(), torch.gather(v, 2, gather).float()

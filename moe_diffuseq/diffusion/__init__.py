@@ -1,7 +1,7 @@
 """Diffusion in embedding space: schedule, forward process, timestep samplers, samplers."""
 
 from .forward_process import absorb, forward_process, noised_start, q_sample
-from .losses import DiffusionLossTerms, diffusion_loss_terms
+from .losses import DiffusionLossTerms, diffusion_loss_terms, training_loss
 from .samplers import SAMPLERS, SamplingProblem, run_sampler, timesteps
 from .schedule import NoiseSchedule, make_betas
 from .timestep_sampler import LossSecondMomentSampler, UniformSampler, make_timestep_sampler
@@ -9,6 +9,7 @@ from .timestep_sampler import LossSecondMomentSampler, UniformSampler, make_time
 __all__ = [
     "DiffusionLossTerms",
     "diffusion_loss_terms",
+    "training_loss",
     "SAMPLERS",
     "LossSecondMomentSampler",
     "NoiseSchedule",

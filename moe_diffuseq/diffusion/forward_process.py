@@ -45,7 +45,8 @@ def q_sample(
 ) -> torch.Tensor:
     """Continuous part: z_t = sqrt(ab_t) * (z0 - m) + sqrt(1 - ab_t) * eps + m."""
     m = mask_vector.to(z0.dtype)
-    return schedule.at("alpha_bar", t, z0).sqrt() * (z0 - m) + (1.0 - schedule.at("alpha_bar", t, z0)).sqrt() * noise + m
+    return (schedule.at("alpha_bar", t, z0).sqrt() * (z0 - m)
+            + (1.0 - schedule.at("alpha_bar", t, z0)).sqrt() * noise + m)
 
 
 def forward_process(
@@ -72,6 +73,6 @@ def forward_process(
     absorb_mask = target_mask if absorbable is None else target_mask & absorbable
     uniform = torch.rand(z0.shape[:2], device=z0.device, generator=generator)
     noise = torch.randn(z0.shape, device=z0.device, generator=generator, dtype=z0.dtype)
-    z_t, replaced = absorb(q_sample(z0, t, noise, mask_vector, schedule), t, absorb_mask, mask_vector, schedule,
-                           denoise_rate, uniform)
+    z_t, replaced = absorb(q_sample(z0, t, noise, mask_vector, schedule), t, absorb_mask,
+                           mask_vector, schedule, denoise_rate, uniform)
     return torch.where(target_mask[..., None], z_t, z0), replaced

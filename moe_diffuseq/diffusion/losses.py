@@ -1,4 +1,5 @@
-"""The training objective: mse + rounding NLL + tT, per example."""
+"""The training objective: mse + rounding NLL + tT per example, and the regularisers beside
+them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ..batch import Seq2SeqBatch
-from ..moe import RouterStats
+from ..config import DiffusionConfig, MoEConfig
+from ..moe import RouterStats, router_losses
 from .forward_process import forward_process, noised_start
 from .schedule import NoiseSchedule
 
@@ -23,7 +25,8 @@ class DiffusionLossTerms:
     router_stats: list[RouterStats]
     mask_norm: torch.Tensor  # ||m||_2 of the absorbing state (its regulariser)
     predicted_ids: torch.Tensor | None  # (B, L) argmax of the rounding head on x0_hat, if asked
-    x0_nll: torch.Tensor | None = None  # (B,) cross-entropy of the rounding head on x0_hat, if weighted
+    # (B,) cross-entropy of the rounding head on x0_hat, if weighted
+    x0_nll: torch.Tensor | None = None
     x0_nll_coef: float = 0.0
 
     @property
@@ -87,17 +90,21 @@ def diffusion_loss_terms(
     # Rounding NLL on the scored positions only: the (N, V) logits are the largest tensor.
     nll = torch.zeros(scored.shape, dtype=z0.dtype, device=z0.device)
     nll = nll.masked_scatter(
-        scored, F.cross_entropy(denoiser.logits(z0[scored]), batch.input_ids[scored], reduction="none")
+        scored,
+        F.cross_entropy(denoiser.logits(z0[scored]), batch.input_ids[scored], reduction="none"),
     )
     rounding = _masked_mean(nll, scored)
     last = torch.full_like(t, schedule.steps - 1)
     # Mean of q(z_T | z0) minus the prior's mean m: sqrt(ab_T) * (z0 - m) (m = 0 in DiffuSeq).
-    t_T = _masked_mean((schedule.at("alpha_bar", last, z0).sqrt() * (z0 - m)).square().mean(-1), scored)
+    t_T = _masked_mean((schedule.at("alpha_bar", last, z0).sqrt() * (z0 - m)).square().mean(-1),
+                       scored)
     x0_nll = None
     if x0_nll_coef > 0:
         written = target_mask & ~batch.padding_mask
-        x0_nll = torch.zeros(written.shape, dtype=x0_hat.dtype, device=x0_hat.device).masked_scatter(
-            written, F.cross_entropy(denoiser.logits(x0_hat[written]), batch.input_ids[written], reduction="none")
+        x0_nll = torch.zeros(written.shape, dtype=x0_hat.dtype,
+                             device=x0_hat.device).masked_scatter(
+            written, F.cross_entropy(denoiser.logits(x0_hat[written]), batch.input_ids[written],
+                                     reduction="none")
         )
         x0_nll = _masked_mean(x0_nll, written)
     predicted = None
@@ -105,5 +112,46 @@ def diffusion_loss_terms(
         with torch.no_grad():
             predicted = denoiser.logits(x0_hat).argmax(-1)
     return DiffusionLossTerms(
-        mse=mse, rounding=rounding, t_T=t_T, router_stats=stats, mask_norm=m.norm(), predicted_ids=predicted, x0_nll=x0_nll, x0_nll_coef=x0_nll_coef,
+        mse=mse, rounding=rounding, t_T=t_T, router_stats=stats, mask_norm=m.norm(),
+        predicted_ids=predicted, x0_nll=x0_nll, x0_nll_coef=x0_nll_coef,
     )
+
+
+def training_loss(
+    denoiser,
+    schedule: NoiseSchedule,
+    batch: Seq2SeqBatch,
+    t: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    diffusion: DiffusionConfig,
+    moe: MoEConfig | None,
+    loss_on: str,
+    pad_id: int,
+    step: int | None = None,
+    generator: torch.Generator | None = None,
+    predict_tokens: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], DiffusionLossTerms]:
+    """The whole objective at steps ``t`` (B,): the weighted diffusion terms plus the router and
+    absorbing-state regularisers. Returns the loss, its named parts (for logging) and the terms.
+    ``step``: the optimizer step, for the absorbing rate's ramp (None: the full rate)."""
+    cfg = diffusion
+    terms = denoiser.run(
+        diffusion_loss_terms, schedule, batch, t, denoise_rate=cfg.denoise_rate_at(step),
+        loss_on=loss_on,
+        generator=generator, predict_tokens=predict_tokens, x0_nll_coef=cfg.x0_nll_coef,
+        absorbable=None if cfg.absorb_padding else batch.input_ids != pad_id,
+        # Evaluation always self-conditions, as sampling does; training on a share of examples.
+        self_condition_rate=(cfg.self_conditioning if denoiser.training
+                             else float(cfg.self_conditioning > 0)),
+    )
+    device = terms.mse.device
+    balance, z_loss = (x.to(device) for x in router_losses(terms.router_stats))
+    mask_reg = terms.mask_norm if cfg.soft_absorbing else torch.zeros((), device=device)
+    loss = (weights * terms.per_example).mean() + cfg.mask_reg_coef * mask_reg
+    if moe is not None:
+        loss = loss + moe.load_balance_coef * balance + moe.z_loss_coef * z_loss
+    parts = {"mse": terms.mse.mean(), "rounding": terms.rounding.mean(), "tT": terms.t_T.mean(),
+             **({"x0_nll": terms.x0_nll.mean()} if terms.x0_nll is not None else {}),
+             "load_balance": balance, "z_loss": z_loss, "mask_norm": mask_reg}
+    return loss, parts, terms

@@ -39,7 +39,8 @@ def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "time_uniform"
     if steps == 1:
         return [0]
     if spacing == "time_uniform":
-        return _unique_decreasing(torch.linspace(last, 0, steps, dtype=torch.float64).round().long().tolist())
+        return _unique_decreasing(
+            torch.linspace(last, 0, steps, dtype=torch.float64).round().long().tolist())
     if spacing != "logsnr":
         raise ValueError(f"sampling.spacing={spacing!r}: expected time_uniform or logsnr")
     lam = schedule.log_snr(torch.arange(schedule.steps))
@@ -81,18 +82,21 @@ def _predict(denoise: Denoise, problem: SamplingProblem, y: torch.Tensor, t: int
     return problem.anchored(denoise(problem.anchored(y) + m, t_batch) - m)
 
 
-def ancestral(denoise, problem, schedule, steps, spacing, generator, progress, variance="posterior") -> torch.Tensor:
+def ancestral(denoise, problem, schedule, steps, spacing, generator, progress,
+              variance="posterior") -> torch.Tensor:
     """DDPM ancestral sampling over every one of the T steps (``steps`` is ignored), with the
     posterior's variance or DiffuSeq's ``fixed_large`` one (beta_t)."""
     if variance not in VARIANCES:
         raise ValueError(f"sampling.variance={variance!r}: expected one of {VARIANCES}")
     log_var = f"{variance}_log_var"
-    y = problem.anchored(torch.randn(problem.anchor.shape, generator=generator, device=problem.anchor.device))
+    y = problem.anchored(torch.randn(problem.anchor.shape, generator=generator,
+                                     device=problem.anchor.device))
     x0 = y
     for t in _progress(range(schedule.steps - 1, -1, -1), progress, "ancestral"):
         x0 = _predict(denoise, problem, y, t)
         t_b = torch.full((y.shape[0],), t, dtype=torch.long, device=y.device)
-        mean = schedule.at("posterior_coef_x0", t_b, y) * x0 + schedule.at("posterior_coef_xt", t_b, y) * y
+        mean = (schedule.at("posterior_coef_x0", t_b, y) * x0
+                + schedule.at("posterior_coef_xt", t_b, y) * y)
         if t > 0:
             noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
             y = problem.anchored(mean + (0.5 * schedule.at(log_var, t_b, y)).exp() * noise)
@@ -102,7 +106,8 @@ def ancestral(denoise, problem, schedule, steps, spacing, generator, progress, v
 def ddim(denoise, problem, schedule, steps, spacing, generator, progress) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) on ``steps`` timesteps."""
     grid = timesteps(schedule, steps, spacing)
-    y = problem.anchored(torch.randn(problem.anchor.shape, generator=generator, device=problem.anchor.device))
+    y = problem.anchored(torch.randn(problem.anchor.shape, generator=generator,
+                                     device=problem.anchor.device))
     ab = schedule.alpha_bar
     x0 = y
     for i in _progress(range(len(grid)), progress, "ddim"):
@@ -123,7 +128,8 @@ def dpm_solver_pp(denoise, problem, schedule, steps, spacing, generator, progres
     steps are taken, which keeps few-step sampling stable (Lu et al., 2022).
     """
     grid = timesteps(schedule, steps, spacing)
-    y = problem.anchored(torch.randn(problem.anchor.shape, generator=generator, device=problem.anchor.device))
+    y = problem.anchored(torch.randn(problem.anchor.shape, generator=generator,
+                                     device=problem.anchor.device))
     ab = schedule.alpha_bar
     lam = schedule.log_snr(torch.tensor(grid))
     alpha = ab[grid].sqrt()
@@ -142,7 +148,8 @@ def dpm_solver_pp(denoise, problem, schedule, steps, spacing, generator, progres
             r = h_prev / h
             d = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
         ratio = float(sigma[i + 1] / sigma[i])
-        y = problem.anchored(ratio * y - float(alpha[i + 1]) * float(torch.expm1(torch.tensor(-h))) * d)
+        y = problem.anchored(ratio * y
+                             - float(alpha[i + 1]) * float(torch.expm1(torch.tensor(-h))) * d)
         x0_prev, h_prev = x0, h
     return x0 + problem.mask_vector
 
@@ -171,4 +178,5 @@ def run_sampler(
         raise ValueError(f"sampler={name!r} is not one of {sorted(SAMPLERS)}")
     options = {"variance": variance} if name == "ancestral" else {}
     with torch.no_grad():
-        return SAMPLERS[name](denoise, problem, schedule, steps, spacing, generator, progress, **options)
+        return SAMPLERS[name](denoise, problem, schedule, steps, spacing, generator, progress,
+                              **options)

@@ -74,7 +74,8 @@ class HighNoiseSampler(UniformSampler):
         return ramp / ramp.sum()
 
     def sample(self, batch: int, device: torch.device, generator: torch.Generator | None = None):
-        t = torch.multinomial(self.probabilities().to(device), batch, replacement=True, generator=generator)
+        t = torch.multinomial(self.probabilities().to(device), batch, replacement=True,
+                              generator=generator)
         return t, torch.ones(batch, device=device)
 
 
@@ -85,4 +86,5 @@ def make_timestep_sampler(name: str, steps: int) -> UniformSampler:
         return LossSecondMomentSampler(steps)
     if name == "high_noise":
         return HighNoiseSampler(steps)
-    raise ValueError(f"diffusion.timestep_sampler={name!r}: expected uniform, loss_aware or high_noise")
+    raise ValueError(f"diffusion.timestep_sampler={name!r}: "
+                     "expected uniform, loss_aware or high_noise")

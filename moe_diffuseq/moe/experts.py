@@ -140,7 +140,8 @@ class _RoutedExperts(torch.autograd.Function):
 
 
 def sorted_dispatch(
-    experts: Experts, x: torch.Tensor, slot_token: torch.Tensor, slot_expert: torch.Tensor, slot_weight: torch.Tensor
+    experts: Experts, x: torch.Tensor, slot_token: torch.Tensor, slot_expert: torch.Tensor,
+    slot_weight: torch.Tensor,
 ) -> torch.Tensor:
     """Sort-based dispatch: group the slots by expert, then one contiguous matmul per expert."""
     order = torch.argsort(slot_expert, stable=True)
@@ -152,7 +153,8 @@ def sorted_dispatch(
         offsets = torch.cumsum(counts, 0).to(torch.int32)
         size, dtype = grouped.shape[0], x.dtype
         hidden = torch._grouped_mm(grouped, experts.w1.to(dtype), offs=offsets)
-        hidden = F.gelu(hidden + experts.b1.to(dtype).repeat_interleave(counts, 0, output_size=size))
+        hidden = F.gelu(hidden + experts.b1.to(dtype).repeat_interleave(counts, 0,
+                                                                        output_size=size))
         y = torch._grouped_mm(hidden, experts.w2.to(dtype), offs=offsets)
         y = y + experts.b2.to(dtype).repeat_interleave(counts, 0, output_size=size)
     elif torch.is_autocast_enabled(x.device.type):
@@ -161,7 +163,8 @@ def sorted_dispatch(
         y = torch.cat(experts.run_groups(list(grouped.split(counts.tolist()))))
     else:
         weights = (experts.w1, experts.b1, experts.w2, experts.b2)
-        return _RoutedExperts.apply(x, token_sorted, weight_sorted.to(x.dtype), counts.tolist(), *weights)
+        return _RoutedExperts.apply(x, token_sorted, weight_sorted.to(x.dtype), counts.tolist(),
+                                    *weights)
     y = y * weight_sorted[:, None].to(y.dtype)
     return x.new_zeros(x.shape, dtype=y.dtype).index_add(0, token_sorted, y)
 

@@ -82,11 +82,13 @@ class MoEFeedForward(nn.Module):
     def from_config(cls, d_model: int, config: MoEConfig) -> MoEFeedForward:
         """The layer that ``config`` describes, at width ``d_model``."""
         return cls(
-            d_model, config.expert_hidden, config.num_experts, config.top_k, capacity_factor=config.capacity_factor,
-            jitter=config.jitter, dispatch=config.dispatch, shared_expert=config.shared_expert,
+            d_model, config.expert_hidden, config.num_experts, config.top_k,
+            capacity_factor=config.capacity_factor, jitter=config.jitter, dispatch=config.dispatch,
+            shared_expert=config.shared_expert,
         )
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
+    def forward(self, x: torch.Tensor,
+                padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
         """x: (..., d_model); padding_mask: x.shape[:-1] bool, True on padding (output 0 there)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
@@ -105,7 +107,8 @@ class MoEFeedForward(nn.Module):
             capacity = math.ceil(self.capacity_factor * n_tokens * self.top_k / self.num_experts)
             keep = capacity_keep(index, self.num_experts, capacity)
             kept = keep.reshape(-1)
-            slot_token, slot_expert, slot_weight = slot_token[kept], slot_expert[kept], slot_weight[kept]
+            slot_token, slot_expert, slot_weight = (slot_token[kept], slot_expert[kept],
+                                                    slot_weight[kept])
         out = DISPATCH[self.dispatch](self.experts, tokens, slot_token, slot_expert, slot_weight)
         if self.shared is not None:
             out = out + self.shared(tokens)[0]
@@ -131,7 +134,8 @@ class DenseFeedForward(nn.Module):
         self.fc1 = nn.Linear(d_model, d_hidden)
         self.fc2 = nn.Linear(d_hidden, d_model)
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+    def forward(self, x: torch.Tensor,
+                padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
         return self.fc2(F.gelu(self.fc1(x))), None
 
 

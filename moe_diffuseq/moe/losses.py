@@ -10,7 +10,8 @@ if TYPE_CHECKING:  # layer.py imports this module
     from .layer import RouterStats
 
 
-def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor,
+                        num_experts: int) -> torch.Tensor:
     """E * sum_e f_e * P_e; 1.0 at perfect balance.
 
     probs: (N, E) router probabilities of the N real tokens; expert_index: (N, k) chosen

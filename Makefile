@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test lint data bench bench-attention bench-moe bench-sampling bench-compare bench-compare-quick bench-learn report clean
+.PHONY: install quickstart test lint data bench bench-attention bench-moe bench-sampling bench-compare bench-compare-quick bench-learn bench-long-cost report clean
 
 install: $(STAMP)
 
@@ -60,6 +60,9 @@ bench-compare: install
 
 bench-learn: install
 	$(PY) -m bench.learn
+
+bench-long-cost: install
+	$(PY) -m bench.long_cost
 
 bench-compare-quick: install
 	$(PY) -m bench.compare --quick

@@ -159,7 +159,33 @@ def _absorbing(b: dict) -> list[str]:
     return out + ["", "![absorbing](bench/results/absorbing.png)", ""]
 
 
+def _long_cost(c: dict) -> list[str]:
+    s, summary = c["setup"], c["summary"]
+    out = ["### Reading a long source: target region global vs window only vs full attention "
+           "(`make bench-long-cost`)", "",
+           f"Whole model at quickstart width ({s['num_layers']} layers, hidden {s['hidden_size']}, "
+           f"{s['experts']['num_experts']} experts top-{s['experts']['top_k']}), target "
+           f"{s['trg_len']} tokens, window {s['window']}, median of {s['repeats']}; the baseline "
+           f"has full sdpa attention and a dense FFN of the same active width. {_machine(c)}", ""]
+    rows = [[model, int(length), r.get("attention_fwd_bwd_s"), r.get("step_s"),
+             r.get("tokens_per_s"), r.get("peak_mb")]
+            for length in map(str, s["lengths"]) for model, by in c["results"].items()
+            for r in [by.get(length, {})]]
+    out += _table(["model", "source", "attention fwd+bwd s (1 layer)", "step s", "tokens/s",
+                   "peak MB"], rows)
+    out += ["", f"- window-only tokens/s over target-global at 8k: "
+                f"{_f(summary['target_global_cost_8k'])} (target <= "
+                f"{summary['targets']['target_global_cost_8k']}): "
+                f"{'met' if summary['checks']['target_global_cost_8k'] else 'missed'}",
+            f"- target-global tokens/s over the sdpa baseline at 8k: "
+            f"{_f(summary['speedup_vs_sdpa_8k'])} (target >= "
+            f"{summary['targets']['speedup_vs_sdpa_8k']}): "
+            f"{'met' if summary['checks']['speedup_vs_sdpa_8k'] else 'missed'}", ""]
+    return out
+
+
 SECTIONS = (("learn", _learn), ("attention", _attention), ("long_document", _long_document),
+            ("long_cost", _long_cost),
             ("moe", _moe), ("sampling", _sampling), ("absorbing", _absorbing))
 
 

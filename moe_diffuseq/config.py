@@ -38,6 +38,10 @@ class AttentionConfig:
     target_global: bool = True
     """Make the whole target region global: every target position reads every source position in
     every layer (a long source reaches the output), at a cost linear in the source length."""
+    target_keys: bool = True
+    """With target_global: make the target region global keys too, so every source position also
+    reads the whole target. False: global rows only (the target reads the whole source, the
+    source reads its window), a cost of window + target per source position."""
     backend: AttentionBackend = "auto"
     """Kernel: dense (reference), banded (CPU), flex, xformers (CUDA), auto (best available; on CPU
     dense up to twice the key span of a banded block, banded beyond), or

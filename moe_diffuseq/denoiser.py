@@ -43,8 +43,8 @@ class SparseSelfAttention(nn.Module):
         self.out = nn.Linear(hidden, hidden)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, global_mask: torch.Tensor,
-                padding_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, global_mask: torch.Tensor, padding_mask: torch.Tensor,
+                global_rows: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, hidden = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads,
                                    hidden // self.heads).permute(2, 0, 3, 1, 4)
@@ -56,6 +56,7 @@ class SparseSelfAttention(nn.Module):
             key_padding_mask=padding_mask,
             backend=self.config.backend,
             block_size=self.config.block_size,
+            global_rows=global_rows,
         )
         return self.dropout(self.out(y.transpose(1, 2).reshape(batch, length, hidden)))
 
@@ -72,8 +73,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(hidden)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, global_mask, padding_mask) -> tuple[torch.Tensor, RouterStats | None]:
-        x = self.norm1(x + self.attn(x, global_mask, padding_mask))
+    def forward(self, x, global_mask, padding_mask,
+                global_rows=None) -> tuple[torch.Tensor, RouterStats | None]:
+        x = self.norm1(x + self.attn(x, global_mask, padding_mask, global_rows))
         y, stats = self.ffn(x, padding_mask)
         return self.norm2(x + self.dropout(y)), stats
 
@@ -175,8 +177,8 @@ class Denoiser(nn.Module):
     def global_tokens(self, global_mask: torch.Tensor, target_mask: torch.Tensor,
                       padding_mask: torch.Tensor) -> torch.Tensor:
         """Structural globals, the first ``num_global`` source tokens (positions 1..n) and, with
-        ``target_global``, the whole target region."""
-        if self.config.attention.target_global:
+        ``target_global`` (and ``target_keys``), the whole target region."""
+        if self.config.attention.target_global and self.config.attention.target_keys:
             global_mask = global_mask | (target_mask & ~padding_mask)
         num_global = self.config.attention.num_global
         if num_global == 0:
@@ -220,8 +222,12 @@ class Denoiser(nn.Module):
             h = h + self.self_condition(x0_prev)
         h = self.dropout(self.input_norm(h))  # (B, L, H)
         stats: list[RouterStats] = []
+        attention = self.config.attention
+        # Global rows only: the target reads every source position; see AttentionConfig.target_keys.
+        rows = (target_mask & ~padding_mask
+                if attention.target_global and not attention.target_keys else None)
         for block in self.blocks:
-            h, layer_stats = block(h, global_mask, padding_mask)
+            h, layer_stats = block(h, global_mask, padding_mask, rows)
             if layer_stats is not None:
                 stats.append(layer_stats)
         out = self.down(h)

@@ -10,7 +10,7 @@ import torch
 from moe_diffuseq.attention import BACKENDS, KERNELS, resolve_backend, sparse_attention, sparse_mask
 
 
-def brute_force(q, k, v, window, dilation, global_mask, key_padding_mask):
+def brute_force(q, k, v, window, dilation, global_mask, key_padding_mask, global_rows=None):
     """Loop over (b, i, j) to build the mask from the definition, then a plain softmax."""
     batch, heads, length, dim = q.shape
     half = window // 2
@@ -19,8 +19,9 @@ def brute_force(q, k, v, window, dilation, global_mask, key_padding_mask):
         rel = j - i
         local = abs(rel) <= dilation * half and rel % dilation == 0
         glob = global_mask is not None and bool(global_mask[b, i] or global_mask[b, j])
+        row = global_rows is not None and bool(global_rows[b, i])  # reads all, read by its band
         padded = key_padding_mask is not None and bool(key_padding_mask[b, j])
-        allowed[b, i, j] = (local or glob) and not padded
+        allowed[b, i, j] = (local or glob or row) and not padded
     scores = (q @ k.transpose(-1, -2)) / dim**0.5
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no key outputs zeros
@@ -245,3 +246,28 @@ def test_every_configurable_backend_has_one_kernel():
     assert BACKENDS[0] == "auto" and set(BACKENDS[1:]) == set(KERNELS)
     with pytest.raises(ValueError, match="not one of"):
         sparse_attention(*(torch.zeros(1, 1, 4, 2),) * 3, window=2, backend="sliding")
+
+
+@pytest.mark.parametrize("backend", ["dense", "banded"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_global_rows_read_every_key_without_being_read_forward_and_backward(backend, padded):
+    # A target region at the end of each row (of different lengths): its queries read every key,
+    # while the other queries keep their band, the symmetric globals, and no more.
+    length, window = 29, 4
+    q, k, v, glob, pad = make_inputs(2, 2, length, 8, "random", padded, seed=5)
+    rows = torch.zeros(2, length, dtype=torch.bool)
+    rows[0, 20:] = True
+    rows[1, 12:18] = True
+    if pad is not None:
+        rows &= ~pad
+    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+    ref, allowed = brute_force(q, k, v, window, 1, glob, pad, global_rows=rows)
+    assert allowed[rows].float().mean() > 0.7 and allowed[~rows].float().mean() < 0.7
+    out = sparse_attention(q, k, v, window=window, global_mask=glob, key_padding_mask=pad,
+                           backend=backend, block_size=8, global_rows=rows)
+    torch.testing.assert_close(out, ref, atol=1e-7, rtol=1e-7)
+    weight = torch.randn_like(ref)
+    expected = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    got = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-7, rtol=1e-7)

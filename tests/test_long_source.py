@@ -29,13 +29,14 @@ def _target_prediction(net: Denoiser, first_source_token: int) -> torch.Tensor:
     return x0[target]
 
 
-@pytest.mark.parametrize("target_global", [True, False])
-def test_a_source_token_4k_positions_back_reaches_the_target_in_one_layer(target_global):
+@pytest.mark.parametrize("target_global,target_keys", [(True, True), (True, False), (False, True)])
+def test_a_source_token_4k_positions_back_reaches_the_target_in_one_layer(target_global,
+                                                                           target_keys):
     torch.manual_seed(0)
     config = NetworkConfig(vocab_size=64, max_src_len=SOURCE, max_trg_len=TARGET, embed_dim=16,
                            hidden_size=32, num_layers=1, num_heads=2, dropout=0.0,
                            attention={"window": 64, "target_global": target_global,
-                                      "backend": "banded"},
+                                      "target_keys": target_keys, "backend": "banded"},
                            moe={"num_experts": 2, "top_k": 1, "expert_hidden": 32})
     net = Denoiser(config, soft_absorbing=False).eval()
     change = (_target_prediction(net, 7) - _target_prediction(net, 8)).abs().max().item()

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import get_args
 
 import torch
+import torch.nn.functional as F
 
 from ..config import AttentionBackend
 from .banded import banded_attention
@@ -75,15 +76,20 @@ def sparse_attention(
     key_padding_mask: torch.Tensor | None = None,
     backend: str = "dense",
     block_size: int = 64,
+    global_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Longformer-style attention (sliding window, dilation, global tokens). Returns (B, H, L, D).
 
-    ``full_sdpa`` and ``full_eager`` ignore the window: they are the full-attention baseline.
+    ``global_rows`` (B, L) bool: queries that read every key without being read by every query
+    (global rows only; ``global_mask`` marks tokens global both ways). ``full_sdpa`` and
+    ``full_eager`` ignore the window: they are the full-attention baseline.
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"q, k, v must be (B, H, L, D) of one shape; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    for name, mask in (("global_mask", global_mask), ("key_padding_mask", key_padding_mask)):
+    masks = (("global_mask", global_mask), ("key_padding_mask", key_padding_mask),
+             ("global_rows", global_rows))
+    for name, mask in masks:
         if mask is not None and (mask.dtype != torch.bool
                                  or tuple(mask.shape) != (q.shape[0], q.shape[2])):
             raise ValueError(f"{name} must be a bool tensor of shape (batch, length)="
@@ -97,7 +103,31 @@ def sparse_attention(
                            key_padding=padded)
     if name == "banded":  # the one kernel that blocks its queries
         kwargs["block_size"] = block_size
-    return KERNELS[name](q, k, v, **kwargs)
+    out = KERNELS[name](q, k, v, **kwargs)
+    if global_rows is None or name in ("full_sdpa", "full_eager") or not bool(global_rows.any()):
+        return out
+    return with_global_rows(q, k, v, out, global_rows, key_padding_mask)
+
+
+def with_global_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     rows: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """``out`` with the ``rows`` (B, L) queries recomputed against every unpadded key: one fused
+    attention call over (B, H, R, L), R the most rows of any batch row, so the cost is linear in
+    the length."""
+    batch, heads, length, dim = q.shape
+    counts = rows.sum(1)
+    most = int(counts.max())
+    # Each row's marked positions first (in order), then filler positions masked out below.
+    order = torch.argsort((~rows).to(torch.int8), dim=1, stable=True)[:, :most]  # (B, R)
+    valid = torch.arange(most, device=q.device)[None] < counts[:, None]  # (B, R)
+    index = order[:, None, :, None].expand(batch, heads, most, dim)
+    keys = torch.ones(batch, length, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        keys = ~key_padding_mask
+    read = F.scaled_dot_product_attention(q.gather(2, index), k, v,
+                                          attn_mask=keys[:, None, None, :])
+    kept = torch.where(valid[:, None, :, None], read.to(out.dtype), out.gather(2, index))
+    return out.scatter(2, index, kept)
 
 
 __all__ = ["BACKENDS", "KERNELS", "pick_backend", "resolve_backend", "sparse_attention",

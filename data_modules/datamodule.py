@@ -255,7 +255,10 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             current = self.trainer.current_epoch if self.trainer is not None else 0
             sampler.epoch, sampler.start = (self._resume.get("epoch", current),
                                             self._resume.get("consumed", 0))
-            self._consumed, self._consumed_epoch, self._resume = sampler.start, sampler.epoch, {}
+            world = self.trainer.world_size if self.trainer is not None else 1
+            # _consumed counts this rank's examples; the saved position counts every rank's.
+            self._consumed, self._consumed_epoch = sampler.start // world, sampler.epoch
+            self._resume = {}
             self._reload_after_partial_epoch(sampler.start > 0)
         return DataLoader(
             dataset,

@@ -103,6 +103,15 @@ class ResumableRandomSampler(torch.utils.data.Sampler[int]):
         self._epoch_set = True  # whether set_epoch came since the last pass
         self._passes = 0
 
+    @property
+    def start(self) -> int:
+        """Where the next pass starts in its epoch's order (a run resumed mid-epoch)."""
+        return self._start
+
+    @start.setter
+    def start(self, value: int) -> None:
+        self._start, self._pass_start = value, None
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.start = 0  # a new epoch starts from its beginning
@@ -114,15 +123,17 @@ class ResumableRandomSampler(torch.utils.data.Sampler[int]):
         # then each new pass is the next epoch.
         if self._passes and not self._epoch_set:
             self.epoch += 1
-            self.start = 0
+            self._start = 0
         self._passes += 1
         self._epoch_set = False
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
         if self.lengths is not None:
             order = self._bucketed(order, generator)
-        start, self.start = self.start, 0
-        return iter(order[start:])
+        # The pass's start holds ``len`` for the whole pass: DDP's DistributedSampler reads the
+        # length after drawing the order, and must see this pass's, not the next one's.
+        self._pass_start, self._start = self._start, 0
+        return iter(order[self._pass_start:])
 
     def _bucketed(self, order: list[int], generator: torch.Generator) -> list[int]:
         span = self.pool * self.batch_size
@@ -135,7 +146,7 @@ class ResumableRandomSampler(torch.utils.data.Sampler[int]):
         return out
 
     def __len__(self) -> int:
-        return self.size - self.start
+        return self.size - (self._start if self._pass_start is None else self._pass_start)
 
 
 def _count() -> torch.Tensor:

@@ -261,6 +261,27 @@ def test_resumable_sampler_restarts_mid_epoch_and_moves_on():
     assert sampler.epoch == 2 and third not in (full, second)
 
 
+def test_resumed_sampler_under_lightnings_ddp_wrapper_gives_each_rank_the_rest_of_the_epoch():
+    # Lightning's DistributedSamplerWrapper reads len() after drawing the order: the resumed pass
+    # must keep its own length (it crashed: "Number of indices (32) does not match total_size (8)").
+    # The next epoch gets a new loader (the data module asks for one after a partial epoch).
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    from data_modules.pairs import ResumableRandomSampler
+
+    full = list(ResumableRandomSampler(24, seed=3))
+    seen = []
+    for rank in range(2):
+        sampler = ResumableRandomSampler(24, seed=3)
+        sampler.start = 16  # 16 of 24 consumed by both ranks together
+        wrapper = DistributedSamplerWrapper(sampler, num_replicas=2, rank=rank, shuffle=False)
+        wrapper.set_epoch(0)
+        ours = list(wrapper)
+        assert ours == full[16:][rank::2]
+        seen += ours
+    assert sorted(seen) == sorted(full[16:])
+
+
 def test_length_bucketing_cuts_padding_and_keeps_every_example(small_corpus, small_tokenizer_file):
     padding = {}
     for bucketing in (False, True):

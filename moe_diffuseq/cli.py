@@ -151,8 +151,8 @@ def _own_verb(name: str, args: list[str]) -> None:
         raise SystemExit(f"error: moe-diffuseq {name}: {' '.join(str(err).split())} "
                          "(see --help)") from None
     if verb.samples:
-        chosen = {key: given.pop(key) for key in sampling}
-        given["sampling"] = {key: value for key, value in chosen.items() if value is not None}
+        # Unset ones are None: generation.sampling_settings keeps the checkpoint's value for them.
+        given["sampling"] = {key: given.pop(key) for key in sampling}
     function(**given)
 
 

@@ -128,12 +128,13 @@ def noise_table(model: MoEDiffuSeq, data: Seq2SeqDataModule, batches: int = 4) -
     steps = probe_steps(model.schedule.steps)
     counts = 0
     model.eval()
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=model.device).manual_seed(0)
     for i, batch in enumerate(data.val_dataloader()):
         if i == batches:
             break
-        counts = counts + noise_level_counts(model.sampling_network, model.schedule, batch,
-                                             model.special_ids, steps, generator)
+        counts = counts + noise_level_counts(model.sampling_network, model.schedule,
+                                             batch.to(model.device), model.special_ids, steps,
+                                             generator).cpu()
     return {str(t): v for t, v in accuracy_table(steps, counts).items()}
 
 
@@ -144,11 +145,12 @@ def run(task: str, config: dict, args, rows: list[dict], final: bool) -> dict:
                              seed=args.seed, **budgets(task, args.max_chars))
     model = MoEDiffuSeq(**merged(config, {"network": budgets(task, args.max_chars)}))
     curve = LearningCurve(rows, args.minutes * 60, args.minutes * 60 / args.curve_points)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=10_000, logger=False,
+    trainer = pl.Trainer(accelerator=args.accelerator, max_epochs=10_000, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0,
                          num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=[curve])
     trainer.fit(model, datamodule=data)
+    model.to(trainer.strategy.root_device)  # the trainer hands the model back on the CPU
     out = {"task": task, "steps": trainer.global_step, "trained_s": round(curve.trained_s, 1),
            "curve": curve.points}
     out["noise_levels"] = noise_table(model, data)
@@ -179,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="documents for the 2000-step sampler")
     parser.add_argument("--curve_points", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--accelerator", default="auto",
+                        help="Lightning accelerator: auto (a GPU where present), cpu or gpu")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data_dir", default="data")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moe_diffuseq.attention import BACKENDS, KERNELS, resolve_backend, sparse_attention, sparse_mask
+from moe_diffuseq.attention.xformers_backend import xformers_available
 
 
 def brute_force(q, k, v, window, dilation, global_mask, key_padding_mask, global_rows=None):
@@ -141,15 +142,42 @@ def test_flex_forward_matches_brute_force_on_cpu(length, window, dilation, globa
 @pytest.mark.timeout(600)
 def test_compiled_flex_forward_matches_brute_force_on_cpu():
     # As production runs it: through torch.compile (inductor's CPU backend), not the eager fallback.
+    from torch._dynamo.utils import counters
+
     from moe_diffuseq.attention.flex import flex_sparse_attention
 
-    length, window, dilation, globals_, padded, _ = GRID[3]
-    q, k, v, glob, pad = make_inputs(2, 2, length, 8, globals_, padded, seed=3)
-    ref, _ = brute_force(q, k, v, window, dilation, glob, pad)
+    _, window, dilation, globals_, padded, _ = GRID[3]
+    graphs = []
+    for length in (21, 40):  # one length bucket (128): one compiled graph serves both
+        q, k, v, glob, pad = make_inputs(2, 2, length, 8, globals_, padded, seed=3)
+        ref, _ = brute_force(q, k, v, window, dilation, glob, pad)
+        with torch.no_grad():
+            out = flex_sparse_attention(q.float(), k.float(), v.float(), window=window,
+                                        dilation=dilation, global_mask=glob, key_padding_mask=pad)
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[0]
+
+
+@pytest.mark.parametrize("length,padded", [(21, True), (130, False), (300, True)])
+def test_flex_length_buckets_leave_the_output_unchanged(length, padded):
+    from moe_diffuseq.attention.flex import bucket_length, flex_sparse_attention
+
+    assert bucket_length(length) > length  # the padded path runs
+    q, k, v, glob, pad = make_inputs(2, 2, length, 8, "random", padded, seed=length)
+    ref, _ = brute_force(q, k, v, 6, 1, glob, pad)
     with torch.no_grad():
-        out = flex_sparse_attention(q.float(), k.float(), v.float(), window=window,
-                                    dilation=dilation, global_mask=glob, key_padding_mask=pad)
+        out = flex_sparse_attention(q.float(), k.float(), v.float(), window=6, global_mask=glob,
+                                    key_padding_mask=pad, compile=False, bucket=True)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_length_buckets_are_few_and_tight():
+    from moe_diffuseq.attention.flex import bucket_length
+
+    sizes = {bucket_length(n) for n in range(1, 16385)}
+    assert len(sizes) == 14 and all(s % 128 == 0 for s in sizes)
+    assert all(n <= bucket_length(n) < 1.5 * n for n in range(257, 16385))
 
 
 def test_flex_refuses_backward_on_cpu_with_clear_error():
@@ -211,8 +239,8 @@ def test_bad_arguments_name_the_argument():
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["flex", "xformers"])
 def test_cuda_backends_match_dense_in_bf16(backend):
-    if backend == "xformers":
-        pytest.importorskip("xformers")
+    if backend == "xformers" and not xformers_available():
+        pytest.skip("xformers is missing or its kernels do not run with this torch")
     q, k, v, glob, _ = make_inputs(2, 4, 300, 64, "random", False, 0)
     q, k, v = (t.cuda().bfloat16().requires_grad_(True) for t in (q, k, v))
     glob = glob.cuda()

@@ -431,3 +431,21 @@ def test_rounding_and_tT_losses_match_their_formulas(schedule):
         scored = ~batch.padding_mask[row]
         assert terms.rounding[row].item() == pytest.approx(nll[row][scored].mean().item(), rel=1e-5)
         assert terms.t_T[row].item() == pytest.approx(t_T[row][scored].mean().item(), rel=1e-5)
+
+
+def test_loss_with_bf16_parameters_under_autocast(small_tokenizer):
+    # FSDP's bf16-mixed keeps bf16 parameters and runs under autocast, where the cross-entropy
+    # comes back in float32: every loss term must take the dtype it is given.
+    model = MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 12, "embed_dim": 8,
+                                 "hidden_size": 16, "num_layers": 1, "num_heads": 2},
+                        diffusion={"x0_nll_coef": 0.5})
+    model.set_tokenizer(small_tokenizer)
+    model.configure_model()
+    model.to(torch.bfloat16)
+    special = SpecialIds.from_tokenizer(small_tokenizer)
+    batch = collate_pairs(encode_pairs(small_tokenizer, ["the source"] * 4, ["a target"] * 4,
+                                       8, 12), special, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, parts, _ = model.compute_loss(batch, torch.tensor([0, 10, 500, 1999]),
+                                            torch.ones(4), predict_tokens=True)
+    assert torch.isfinite(loss.float()) and all(torch.isfinite(v.float()) for v in parts.values())

@@ -24,7 +24,22 @@ def _ops():
 
 
 def xformers_available() -> bool:
-    return torch.cuda.is_available() and _ops() is not None
+    """True where xformers imports and its kernels run on this machine's CUDA device."""
+    return torch.cuda.is_available() and _ops() is not None and _kernels_fail() is None
+
+
+@functools.cache
+def _kernels_fail() -> str | None:
+    """Why xformers' band kernel cannot run here, or None. An xformers wheel built for another
+    torch imports fine but has no CUDA kernels; one tiny call finds that out before training."""
+    xops, fmha = _ops()
+    probe = torch.zeros(1, 8, 1, 32, device="cuda", dtype=torch.bfloat16)
+    bias = fmha.attn_bias.LocalAttentionFromBottomRightMask(window_left=2, window_right=2)
+    try:
+        fmha.memory_efficient_attention_partial(probe, probe, probe, attn_bias=bias)
+    except Exception as error:  # NotImplementedError with a page of reasons, or a CUDA error
+        return str(error).strip().splitlines()[0]
+    return None
 
 
 def _merge(out_a, lse_a, out_b, lse_b):
@@ -52,6 +67,9 @@ def xformers_attention(
             "backend='xformers' needs a CUDA device and `pip install moe-diffuseq[cuda]`; "
             "use backend='banded' or 'auto' elsewhere"
         )
+    if _kernels_fail() is not None:
+        raise RuntimeError(f"backend='xformers': its kernels do not run here ({_kernels_fail()}); "
+                           "install an xformers built for this torch, or use backend='flex'")
     if dilation != 1:
         raise ValueError("backend='xformers' supports dilation=1 only; "
                          "use 'flex' or 'banded' for dilation")

@@ -88,11 +88,9 @@ def diffusion_loss_terms(
     target = torch.where((t == 0)[:, None, None], emb, z0)
     mse = _masked_mean((x0_hat - target).square().mean(-1), scored)
     # Rounding NLL on the scored positions only: the (N, V) logits are the largest tensor.
-    nll = torch.zeros(scored.shape, dtype=z0.dtype, device=z0.device)
-    nll = nll.masked_scatter(
-        scored,
-        F.cross_entropy(denoiser.logits(z0[scored]), batch.input_ids[scored], reduction="none"),
-    )
+    # Zeros of the cross-entropy's own dtype: under autocast it is float32 whatever z0's is.
+    ce = F.cross_entropy(denoiser.logits(z0[scored]), batch.input_ids[scored], reduction="none")
+    nll = ce.new_zeros(scored.shape).masked_scatter(scored, ce)
     rounding = _masked_mean(nll, scored)
     last = torch.full_like(t, schedule.steps - 1)
     # Mean of q(z_T | z0) minus the prior's mean m: sqrt(ab_T) * (z0 - m) (m = 0 in DiffuSeq).
@@ -101,11 +99,9 @@ def diffusion_loss_terms(
     x0_nll = None
     if x0_nll_coef > 0:
         written = target_mask & ~batch.padding_mask
-        x0_nll = torch.zeros(written.shape, dtype=x0_hat.dtype,
-                             device=x0_hat.device).masked_scatter(
-            written, F.cross_entropy(denoiser.logits(x0_hat[written]), batch.input_ids[written],
-                                     reduction="none")
-        )
+        ce = F.cross_entropy(denoiser.logits(x0_hat[written]), batch.input_ids[written],
+                             reduction="none")
+        x0_nll = ce.new_zeros(written.shape).masked_scatter(written, ce)
         x0_nll = _masked_mean(x0_nll, written)
     predicted = None
     if predict_tokens:  # (B, L, V) logits: only when asked (validation), not every step

@@ -43,7 +43,8 @@ def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "time_uniform"
             torch.linspace(last, 0, steps, dtype=torch.float64).round().long().tolist())
     if spacing != "logsnr":
         raise ValueError(f"sampling.spacing={spacing!r}: expected time_uniform or logsnr")
-    lam = schedule.log_snr(torch.arange(schedule.steps))
+    # On the host: the grid is a list of ints, whatever device the schedule's buffers are on.
+    lam = schedule.log_snr(torch.arange(schedule.steps)).detach().double().cpu()
     # Uniform in log-SNR, rounded to the nearest integer step. Near t = T one integer step
     # spans a wide log-SNR range and neighbours collapse; densify until `steps` remain.
     for n in range(steps, 8 * schedule.steps):

@@ -92,19 +92,18 @@ def score(model: MoEDiffuSeq, rows: list[dict], **sampling) -> dict:
     means = mean_item_scores(samples, [r["trg"] for r in rows])
     return {**means, "seconds": time.perf_counter() - start,
             "per_doc_f1": [d["item_f1"] for d in per_doc],
+            "per_doc_exact": [d["exact_match"] for d in per_doc],
             "examples": [{"sample": s, "reference": r["trg"]}
                          for s, r in zip(samples[:4], rows[:4], strict=True)]}
 
 
 
-class LearningCurve(pl.Callback):
-    """Stops training after ``budget_s`` seconds of training (evaluation excluded) and scores
-    DPM-Solver++ 20 item F1 every ``every_s`` seconds of it."""
+class TrainingBudget(pl.Callback):
+    """Stops training after ``budget_s`` seconds of training steps (evaluation excluded), and
+    counts the input positions (source and target, padding included) the steps processed."""
 
-    def __init__(self, rows: list[dict], budget_s: float, every_s: float) -> None:
-        self.rows, self.budget_s, self.every_s = rows, budget_s, every_s
-        self.trained_s, self.next_eval = 0.0, every_s
-        self.points: list[dict] = []
+    def __init__(self, budget_s: float) -> None:
+        self.budget_s, self.trained_s, self.positions = budget_s, 0.0, 0
         self._start = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -112,6 +111,22 @@ class LearningCurve(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.trained_s += time.perf_counter() - self._start
+        self.positions += batch.input_ids.numel()
+        if self.trained_s >= self.budget_s:
+            trainer.should_stop = True
+
+
+class LearningCurve(TrainingBudget):
+    """A TrainingBudget that also scores DPM-Solver++ 20 item F1 every ``every_s`` seconds of
+    training."""
+
+    def __init__(self, rows: list[dict], budget_s: float, every_s: float) -> None:
+        super().__init__(budget_s)
+        self.rows, self.every_s, self.next_eval = rows, every_s, every_s
+        self.points: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.trained_s >= self.next_eval or self.trained_s >= self.budget_s:
             self.next_eval += self.every_s
             result = score(pl_module, self.rows, sampler="dpm_solver++", steps=20)
@@ -120,8 +135,19 @@ class LearningCurve(pl.Callback):
                                 "item_f1": result["item_f1"], "exact_match": result["exact_match"]})
             print(f"    {self.trained_s:6.0f}s step {trainer.global_step:5d}  "
                   f"item F1 {result['item_f1']:.3f}  exact {result['exact_match']:.3f}", flush=True)
-        if self.trained_s >= self.budget_s:
-            trainer.should_stop = True
+
+
+def fit_for_budget(model: MoEDiffuSeq, data: Seq2SeqDataModule, budget: TrainingBudget,
+                   accelerator: str) -> pl.Trainer:
+    """Train until ``budget`` stops it, with no validation, logging or checkpoints; the model is
+    left on the trainer's device, ready to score."""
+    trainer = pl.Trainer(accelerator=accelerator, max_epochs=10_000, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0,
+                         num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=[budget])
+    trainer.fit(model, datamodule=data)
+    model.to(trainer.strategy.root_device)  # the trainer hands the model back on the CPU
+    return trainer
 
 
 def noise_table(model: MoEDiffuSeq, data: Seq2SeqDataModule, batches: int = 4) -> dict:
@@ -145,12 +171,7 @@ def run(task: str, config: dict, args, rows: list[dict], final: bool) -> dict:
                              seed=args.seed, **budgets(task, args.max_chars))
     model = MoEDiffuSeq(**merged(config, {"network": budgets(task, args.max_chars)}))
     curve = LearningCurve(rows, args.minutes * 60, args.minutes * 60 / args.curve_points)
-    trainer = pl.Trainer(accelerator=args.accelerator, max_epochs=10_000, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0,
-                         num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=[curve])
-    trainer.fit(model, datamodule=data)
-    model.to(trainer.strategy.root_device)  # the trainer hands the model back on the CPU
+    trainer = fit_for_budget(model, data, curve, args.accelerator)
     out = {"task": task, "steps": trainer.global_step, "trained_s": round(curve.trained_s, 1),
            "curve": curve.points}
     out["noise_levels"] = noise_table(model, data)

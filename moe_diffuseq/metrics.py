@@ -101,6 +101,13 @@ def paired_bootstrap_interval(
     return low, high
 
 
+def interval_verdict(interval: Sequence[float]) -> str:
+    """A paired difference's verdict: "better" when its interval lies above 0, "worse" when
+    below, else "tie" (whatever the point estimate says)."""
+    low, high = interval
+    return "better" if low > 0 else "worse" if high < 0 else "tie"
+
+
 ITEM_SEPARATOR = " ; "
 
 

@@ -236,3 +236,48 @@ def test_long_cost_bench_tiny_run_measures_every_model(tmp_path):
     assert payload["summary"]["target_global_cost_8k"] is None
     checks = payload["summary"]["checks"]
     assert checks == {"target_global_cost_8k": False, "speedup_vs_sdpa_8k": False}
+
+
+def test_long_tasks_bench_tiny_run_compares_every_model_with_intervals(tmp_path):
+    from bench import long_tasks
+    from data_modules.corpora import build
+    from data_modules.corpora.code import stdlib_root
+
+    name = long_tasks.corpus("code-lookup", 256)
+    build(name, tmp_path / "data" / name, root=stdlib_root() / "email")
+    out = tmp_path / "long_tasks.json"
+    tiny = {"network": {"embed_dim": 16, "hidden_size": 32, "num_layers": 1},
+            "diffusion": {"steps": 20}}
+    payload = long_tasks.main(["--tasks", "code-lookup", "--lengths", "256", "--minutes", "0.03",
+                               "--docs", "4", "--vocab", "300", "--data_dir",
+                               str(tmp_path / "data"), "--model", json.dumps(tiny),
+                               "--out", str(out)])
+    assert json.loads(out.read_text()) == payload
+    runs = {r["model"]: r for r in payload["runs"]}
+    assert set(runs) == set(long_tasks.MODELS)
+    # The baseline is DiffuSeq's network: full attention and no experts.
+    assert runs["diffuseq"]["steps"] >= 1
+    assert all(0 < r["source_tokens"]["mean"] <= r["source_tokens"]["max"] for r in runs.values())
+    cell = payload["table"]["code-lookup"]["256"]
+    assert set(cell["intervals"]) == {"f1_moe_minus_baseline", "exact_moe_minus_baseline",
+                                      "f1_window_only_minus_moe"}
+    low, high = cell["intervals"]["f1_moe_minus_baseline"]
+    assert low <= high
+    summary = payload["summary"]
+    assert set(summary["f1"]["code-lookup"]) == set(long_tasks.MODELS)
+    assert summary["target_global_cost_8k"] is None  # no 8k run: absent, not a pass
+    assert summary["verdicts"]["code-lookup"]["256"] in ("better", "worse", "tie")
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_quality_check_is_met_by_its_interval_not_its_point_estimate():
+    from bench.compare import target_checks
+
+    def quality(low, high):
+        return {"quality": {"code": {"moe_rougeL": 0.3, "baseline_rougeL": 0.2,
+                                     "rougeL_difference_ci95": (low, high)}}}
+
+    tie = target_checks(quality(-0.05, 0.25))["quality_code"]
+    assert tie["measured"] > 0 and not tie["met"] and tie["verdict"] == "tie"
+    win = target_checks(quality(0.01, 0.2))["quality_code"]
+    assert win["met"] and win["verdict"] == "better"

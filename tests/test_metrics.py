@@ -86,3 +86,12 @@ def test_item_scores_by_hand():
     # a repeated item counts once
     assert item_scores("def a ; def a", "def a")["item_precision"] == 0.5
     assert mean_item_scores(["def a", ""], ["def a", "def b"])["item_f1"] == pytest.approx(0.5)
+
+
+def test_interval_verdict_calls_an_interval_holding_zero_a_tie():
+    from moe_diffuseq.metrics import interval_verdict
+
+    assert interval_verdict((0.01, 0.2)) == "better"
+    assert interval_verdict((-0.2, -0.01)) == "worse"
+    assert interval_verdict((-0.05, 0.3)) == "tie"  # a positive point estimate inside: a tie
+    assert interval_verdict((0.0, 0.3)) == "tie"

@@ -1,0 +1,252 @@
+"""Long documents at equal wall-clock: MoE-DiffuSeq with the target reading the whole source
+(``target_global``), the same model with the window only, and the DiffuSeq baseline (full sdpa
+attention, a dense FFN of the same active width), on tasks with exact answers at sources of 1k to
+8k tokens.
+
+Every model trains with the learning benchmark's recipe (bench/learn.py) for the same seconds of
+training steps on the same data and seed, then answers the same validation documents with
+20-step DPM-Solver++: the sampler is shared so that only the architecture and the steps it bought
+differ. Item F1 and exact match per document give paired bootstrap intervals of MoE-DiffuSeq
+minus the baseline, and of the window-only model minus MoE-DiffuSeq. A source length is named by
+the tokens its sources hold on average; the JSON records the measured mean and largest.
+
+    python -m bench.long_tasks --quick --out /tmp/long_tasks.json   # under 10 minutes
+    python -m bench.long_tasks                                      # make bench-long
+
+The full run's budget: 3 tasks x 4 lengths x 3 models x 1 seed at 2 minutes of training each, plus
+data building and scoring: about 2 hours on 2 CPU cores (the plan is printed before it starts).
+On a GPU pass ``--minutes`` for runs that can learn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from data_modules import Seq2SeqDataModule
+from data_modules.corpora import build, is_built
+from moe_diffuseq import MoEDiffuSeq
+from moe_diffuseq.metrics import interval_verdict as verdict
+from moe_diffuseq.metrics import paired_bootstrap_interval
+
+from .common import machine_info, print_table, write_json
+from .learn import RECIPE, TrainingBudget, fit_for_budget, merged, score, validation_rows
+
+# Sources of about `tokens` tokens: a 4k BPE reads 3.5-3.6 characters a token of stdlib code on
+# average (2.3 at worst), so the runs are cut at 3.5 characters a token and the model's source
+# budget is 1.5x the name, which no source outgrows.
+CHARS_PER_TOKEN = 3.5
+BUDGET_FACTOR = 1.5
+TARGET_TOKENS = {"code-outline": 256, "dialogue-cast": 64, "code-lookup": 32}
+TASKS = tuple(TARGET_TOKENS)
+WIDTH = {"embed_dim": 64, "hidden_size": 128, "num_layers": 2, "num_heads": 4, "dropout": 0.0}
+EXPERTS = {"num_experts": 4, "top_k": 2, "expert_hidden": 128}
+MODELS: dict[str, dict] = {
+    "moe_diffuseq": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True},
+                                 "moe": EXPERTS}},
+    "moe_window_only": {"network": {**WIDTH, "attention": {"window": 256, "target_global": False},
+                                    "moe": EXPERTS}},
+    # The same active width as top_k experts of expert_hidden, every token through one FFN.
+    "diffuseq": {"network": {**WIDTH, "attention": {"backend": "full_sdpa"}, "moe": None,
+                             "ffn_hidden": EXPERTS["top_k"] * EXPERTS["expert_hidden"]}},
+}
+NAMES = {"moe_diffuseq": "MoE-DiffuSeq", "moe_window_only": "MoE-DiffuSeq, window only",
+         "diffuseq": "DiffuSeq (sdpa)"}
+
+
+def corpus(task: str, tokens: int) -> str:
+    """The corpus name of a task with sources of at most ``tokens`` tokens."""
+    return f"{task}-{round(tokens * CHARS_PER_TOKEN)}"
+
+
+def source_tokens(data: Seq2SeqDataModule, rows: list[dict]) -> dict:
+    """Mean and largest source length, in tokens of the run's tokenizer, of the scored rows."""
+    lengths = [len(data.tokenizer.encode(r["src"], add_special_tokens=False).ids) for r in rows]
+    return {"mean": round(sum(lengths) / len(lengths)), "max": max(lengths)}
+
+
+def train_and_score(task: str, tokens: int, model_name: str, seed: int, args,
+                    rows: list[dict]) -> dict:
+    """One model trained for ``args.minutes`` of steps, then scored on ``rows``."""
+    pl.seed_everything(seed, verbose=False)
+    sizes = {"max_src_len": -(-int(tokens * BUDGET_FACTOR) // 32) * 32,
+             "max_trg_len": TARGET_TOKENS[task]}
+    data = Seq2SeqDataModule(corpus=corpus(task, tokens), data_dir=args.data_dir,
+                             batch_size=args.batch_size, tokenizer_vocab_size=args.vocab,
+                             seed=seed, **sizes)
+    config = merged(merged(RECIPE, MODELS[model_name]), {"network": sizes})
+    model = MoEDiffuSeq(**merged(config, args.model))
+    budget = TrainingBudget(args.minutes * 60)
+    trainer = fit_for_budget(model, data, budget, args.accelerator)
+    result = score(model, rows, sampler="dpm_solver++", steps=20)
+    return {"task": task, "tokens": tokens, "model": model_name, "seed": seed,
+            "steps": trainer.global_step, "trained_s": round(budget.trained_s, 1),
+            "tokens_per_s": round(budget.positions / max(budget.trained_s, 1e-9)),
+            "source_tokens": source_tokens(data, rows), **result}
+
+
+def seed_mean(runs: list[dict], key: str) -> list[float]:
+    """Per-document ``key`` averaged over the runs' seeds (the runs share their documents)."""
+    return [sum(col) / len(col) for col in zip(*(r[key] for r in runs), strict=True)]
+
+
+def compare(results: list[dict], tasks: list[str], lengths: list[int]) -> dict:
+    """{task: {tokens: {model: means, "intervals": paired intervals}}} over the seeds."""
+    out: dict = {}
+    for task in tasks:
+        for tokens in lengths:
+            cell = {}
+            by_model = {m: [r for r in results if (r["task"], r["tokens"], r["model"])
+                            == (task, tokens, m)] for m in MODELS}
+            if not all(by_model.values()):
+                continue
+            f1 = {m: seed_mean(runs, "per_doc_f1") for m, runs in by_model.items()}
+            exact = {m: seed_mean(runs, "per_doc_exact") for m, runs in by_model.items()}
+            for m in MODELS:
+                cell[m] = {"item_f1": sum(f1[m]) / len(f1[m]),
+                           "exact_match": sum(exact[m]) / len(exact[m]),
+                           "steps": sum(r["steps"] for r in by_model[m]) / len(by_model[m]),
+                           "tokens_per_s": sum(r["tokens_per_s"] for r in by_model[m])
+                           / len(by_model[m])}
+            pairs = {"f1_moe_minus_baseline": (f1["moe_diffuseq"], f1["diffuseq"]),
+                     "exact_moe_minus_baseline": (exact["moe_diffuseq"], exact["diffuseq"]),
+                     "f1_window_only_minus_moe": (f1["moe_window_only"], f1["moe_diffuseq"])}
+            cell["intervals"] = {name: list(paired_bootstrap_interval(a, b))
+                                 for name, (a, b) in pairs.items()}
+            out.setdefault(task, {})[str(tokens)] = cell
+    return out
+
+
+def summarise(table: dict, lengths: list[int]) -> dict:
+    """The JSON summary: throughput ratios at 8k, F1 per task, model and length, and the first
+    length at which MoE-DiffuSeq wins on item F1 (interval above 0) in at least two tasks."""
+
+    def speed(task_cells: dict, model: str) -> float | None:
+        cell = task_cells.get("8192")
+        return cell[model]["tokens_per_s"] if cell else None
+
+    ratios = {"target_global_cost_8k": [], "speedup_vs_sdpa_8k": []}
+    for cells in table.values():
+        on, off, base = (speed(cells, m) for m in ("moe_diffuseq", "moe_window_only", "diffuseq"))
+        if on and off and base:
+            ratios["target_global_cost_8k"].append(off / on)
+            ratios["speedup_vs_sdpa_8k"].append(on / base)
+    f1 = {task: {m: {length: cell[m]["item_f1"] for length, cell in cells.items()}
+                 for m in MODELS} for task, cells in table.items()}
+    wins_from = None
+    for tokens in lengths:
+        wins = [task for task, cells in table.items() if str(tokens) in cells
+                and verdict(cells[str(tokens)]["intervals"]["f1_moe_minus_baseline"]) == "better"]
+        if len(wins) >= 2:
+            wins_from = tokens
+            break
+    return {
+        **{k: (sum(v) / len(v) if v else None) for k, v in ratios.items()},
+        "f1": f1,
+        "moe_wins_from_tokens": wins_from,
+        "verdicts": {task: {length: verdict(cell["intervals"]["f1_moe_minus_baseline"])
+                            for length, cell in cells.items()} for task, cells in table.items()},
+    }
+
+
+def plot(table: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(1, len(table)), figsize=(4.5 * max(1, len(table)), 3.6),
+                             squeeze=False)
+    for ax, (task, cells) in zip(axes[0], table.items(), strict=False):
+        lengths = sorted(cells, key=int)
+        for m in MODELS:
+            ax.plot([int(n) for n in lengths], [cells[n][m]["item_f1"] for n in lengths],
+                    marker="o", label=NAMES[m])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("source tokens")
+        ax.set_ylabel("item F1, DPM-Solver++ 20")
+        ax.set_title(task)
+        ax.set_ylim(0, 1)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="code-lookup at 1k and 4k tokens, 1 minute per model, 16 documents")
+    parser.add_argument("--tasks", nargs="+", default=None, choices=TASKS)
+    parser.add_argument("--lengths", nargs="+", type=int, default=None,
+                        help="source lengths in tokens (default 1024 2048 4096 8192; "
+                             "quick 1024 4096)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="training minutes per run (default 2; quick 1)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds averaged per document")
+    parser.add_argument("--docs", type=int, default=None,
+                        help="validation documents scored (default 32; quick 16)")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--accelerator", default="auto",
+                        help="Lightning accelerator: auto (a GPU where present), cpu or gpu")
+    parser.add_argument("--data_dir", default="data")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--model", type=json.loads, default={},
+                        help="JSON merged into every model's config, e.g. a smaller network")
+    args = parser.parse_args(argv)
+    tasks = args.tasks or (["code-lookup"] if args.quick else list(TASKS))
+    lengths = sorted(args.lengths or ([1024, 4096] if args.quick else [1024, 2048, 4096, 8192]))
+    args.minutes = args.minutes or (1.0 if args.quick else 2.0)
+    args.docs = args.docs or (16 if args.quick else 32)
+    runs = len(tasks) * len(lengths) * len(MODELS) * args.seeds
+    print(f"plan: {runs} runs of {args.minutes:g} min training ({runs * args.minutes:.0f} min) "
+          "plus data and scoring", flush=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    for task in tasks:  # build what is missing first
+        for tokens in lengths:
+            name = corpus(task, tokens)
+            if not is_built(name, Path(args.data_dir) / name):
+                build(name, Path(args.data_dir) / name)
+    results, start = [], time.perf_counter()
+    for task in tasks:
+        for tokens in lengths:
+            rows = validation_rows(corpus(task, tokens), args.data_dir, args.docs)
+            for model_name in MODELS:
+                for seed in range(args.seeds):
+                    print(f"== {task} {tokens} tokens: {model_name}, seed {seed}", flush=True)
+                    r = train_and_score(task, tokens, model_name, seed, args, rows)
+                    print(f"   {r['steps']} steps, {r['tokens_per_s']} tokens/s, item F1 "
+                          f"{r['item_f1']:.3f}, exact {r['exact_match']:.3f}", flush=True)
+                    results.append(r)
+
+    table = compare(results, tasks, lengths)
+    printed = []
+    for task, cells in table.items():
+        for tokens, cell in cells.items():
+            ci = cell["intervals"]["f1_moe_minus_baseline"]
+            printed.append([task, tokens, *(cell[m]["item_f1"] for m in MODELS),
+                            f"[{ci[0]:+.3f}, {ci[1]:+.3f}]", verdict(ci)])
+    print_table(["task", "tokens", *(NAMES[m] + " F1" for m in MODELS),
+                 "MoE - baseline F1", "verdict"], printed)
+    summary = summarise(table, lengths)
+    payload = {"machine": machine_info(),
+               "settings": {**vars(args), "tasks": tasks, "lengths": lengths,
+                            "models": MODELS, "recipe": RECIPE, "sampler": "dpm_solver++ 20",
+                            "wall_s": round(time.perf_counter() - start)},
+               "runs": results, "table": table, "summary": summary}
+    path = write_json("long_tasks", payload, args.out)
+    plot(table, path.with_suffix(".png"))
+    print(json.dumps({k: v for k, v in summary.items() if k != "f1"}, indent=2))
+    return payload
+
+
+if __name__ == "__main__":
+    main()

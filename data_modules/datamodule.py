@@ -249,13 +249,15 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             # The target region has a fixed size: only the source length varies the padding.
             lengths = ([len(src) for _, src, _ in dataset.items] if self.hparams.length_bucketing
                        else None)
+            rank, world = ((self.trainer.global_rank, self.trainer.world_size)
+                           if self.trainer is not None else (0, 1))
             sampler = self._train_sampler = ResumableRandomSampler(
-                len(dataset), self.hparams.seed, lengths=lengths, batch_size=self.hparams.batch_size
+                len(dataset), self.hparams.seed, lengths=lengths,
+                batch_size=self.hparams.batch_size, rank=rank, world=world,
             )
             current = self.trainer.current_epoch if self.trainer is not None else 0
             sampler.epoch, sampler.start = (self._resume.get("epoch", current),
                                             self._resume.get("consumed", 0))
-            world = self.trainer.world_size if self.trainer is not None else 1
             # _consumed counts this rank's examples; the saved position counts every rank's.
             self._consumed, self._consumed_epoch = sampler.start // world, sampler.epoch
             self._resume = {}

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 from tokenizers import Tokenizer
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset, DistributedSampler, IterableDataset
 
 from moe_diffuseq.batch import Seq2SeqBatch, SpecialIds, collate_pairs, encode_pairs
 
@@ -88,13 +88,23 @@ class StreamingPairs(IterableDataset):
             yield (example_id(self.source, row, index), *pair)
 
 
-class ResumableRandomSampler(torch.utils.data.Sampler[int]):
+class ResumableRandomSampler(DistributedSampler):
     """A random permutation per epoch (seed + epoch) that can start part-way through, so a
-    run resumed mid-epoch reads exactly the examples an uninterrupted run would read next."""
+    run resumed mid-epoch reads exactly the examples an uninterrupted run would read next.
+
+    It splits the epoch's order between ``world`` processes itself (rank r reads positions r,
+    r + world, ...; the order is padded with its head to a multiple of ``world``, as
+    DistributedSampler pads). Being a DistributedSampler, Lightning uses it as it is: its own
+    wrapper would shuffle this order again by a permutation of the remaining length, which
+    differs between a resumed run and an uninterrupted one."""
 
     def __init__(self, size: int, seed: int, lengths: list[int] | None = None, batch_size: int = 1,
-                 pool: int = 50) -> None:
-        self.size, self.seed = size, seed
+                 pool: int = 50, rank: int = 0, world: int = 1) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, {world})")
+        # DistributedSampler's own __init__ would ask for a dataset and a process group.
+        self.size, self.seed, self.rank, self.num_replicas = size, seed, rank, world
+        self.shuffle, self.drop_last = True, False
         # Length bucketing: within pools of pool * batch_size examples, sort by length so that
         # each batch holds similar lengths (less padding), then shuffle the batches' order.
         self.lengths, self.batch_size, self.pool = lengths, batch_size, pool
@@ -104,8 +114,18 @@ class ResumableRandomSampler(torch.utils.data.Sampler[int]):
         self._passes = 0
 
     @property
+    def total_size(self) -> int:
+        """The epoch's order padded to a multiple of the processes."""
+        return -(-self.size // self.num_replicas) * self.num_replicas
+
+    @property
+    def num_samples(self) -> int:
+        return len(self)
+
+    @property
     def start(self) -> int:
-        """Where the next pass starts in its epoch's order (a run resumed mid-epoch)."""
+        """Where the next pass starts in its epoch's order (a run resumed mid-epoch), counted in
+        examples of every process; a multiple of ``world`` when every process read as many."""
         return self._start
 
     @start.setter
@@ -119,8 +139,7 @@ class ResumableRandomSampler(torch.utils.data.Sampler[int]):
         self._epoch_set = True
 
     def __iter__(self):
-        # Under DDP Lightning wraps this sampler and calls set_epoch on the wrapper only:
-        # then each new pass is the next epoch.
+        # A loop that never calls set_epoch: then each new pass is the next epoch.
         if self._passes and not self._epoch_set:
             self.epoch += 1
             self._start = 0
@@ -130,10 +149,11 @@ class ResumableRandomSampler(torch.utils.data.Sampler[int]):
         order = torch.randperm(self.size, generator=generator).tolist()
         if self.lengths is not None:
             order = self._bucketed(order, generator)
-        # The pass's start holds ``len`` for the whole pass: DDP's DistributedSampler reads the
-        # length after drawing the order, and must see this pass's, not the next one's.
+        order += order[: self.total_size - self.size]
+        # The pass's start holds ``len`` for the whole pass: a loader may read the length after
+        # drawing the order, and must see this pass's, not the next one's.
         self._pass_start, self._start = self._start, 0
-        return iter(order[self._pass_start:])
+        return iter(order[self._pass_start + self.rank :: self.num_replicas])
 
     def _bucketed(self, order: list[int], generator: torch.Generator) -> list[int]:
         span = self.pool * self.batch_size
@@ -146,7 +166,8 @@ class ResumableRandomSampler(torch.utils.data.Sampler[int]):
         return out
 
     def __len__(self) -> int:
-        return self.size - (self._start if self._pass_start is None else self._pass_start)
+        start = self._start if self._pass_start is None else self._pass_start
+        return len(range(start + self.rank, self.total_size, self.num_replicas))
 
 
 def _count() -> torch.Tensor:

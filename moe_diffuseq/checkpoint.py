@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import torch
 from tokenizers import Tokenizer
 
 from .config import NetworkConfig, to_plain
+
+log = logging.getLogger(__name__)
 
 
 def describe_load_error(path: str | Path, err: BaseException) -> str:
@@ -32,23 +35,46 @@ TOKENIZER_KEY = "moe_diffuseq_tokenizer"
 RNG_KEY = "moe_diffuseq_torch_rng"
 
 
-def write_extras(checkpoint: dict, tokenizer: Tokenizer | None, network: NetworkConfig) -> None:
-    """What a checkpoint holds beyond Lightning's state: the tokenizer, torch's RNG state and the
-    network as built (the vocabulary size filled in), so a script rebuilds the model from the
-    file."""
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's torch generators: the CPU one, and the current CUDA device's once used."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def write_extras(checkpoint: dict, tokenizer: Tokenizer | None, network: NetworkConfig,
+                 rng_states: list[dict[str, torch.Tensor]]) -> None:
+    """What a checkpoint holds beyond Lightning's state: the tokenizer, every rank's RNG state
+    (``rng_states[rank]``, from ``rng_state``) and the network as built (the vocabulary size
+    filled in), so a script rebuilds the model from the file."""
     if tokenizer is not None:
         checkpoint[TOKENIZER_KEY] = tokenizer.to_str()
-    # Timesteps, noise and dropout draw from torch's global generator: saving its state lets a
-    # resumed run continue with exactly the draws of an uninterrupted one.
-    checkpoint[RNG_KEY] = torch.get_rng_state()
+    # Timesteps, noise and dropout draw from torch's global generators, one stream per rank:
+    # saving each lets a resumed run continue with exactly the draws of an uninterrupted one.
+    checkpoint[RNG_KEY] = rng_states
     checkpoint["hyper_parameters"] = {**checkpoint.get("hyper_parameters", {}),
                                       "network": to_plain(network)}
 
 
-def read_extras(checkpoint: dict, restore_rng: bool) -> Tokenizer | None:
-    """The checkpoint's tokenizer (None when it has none); torch's RNG restored when asked."""
-    if restore_rng and RNG_KEY in checkpoint:
-        torch.set_rng_state(checkpoint[RNG_KEY])
+def read_extras(checkpoint: dict, restore_rng: bool, rank: int = 0,
+                world_size: int = 1) -> Tokenizer | None:
+    """The checkpoint's tokenizer (None when it has none); this rank's RNG state restored when
+    asked. Resuming on another number of processes cannot replay the draws: then each rank
+    keeps rank 0's state, offset by its rank so that the ranks still draw different noise."""
+    saved = checkpoint.get(RNG_KEY)
+    if restore_rng and saved is not None:
+        states = [{"cpu": saved}] if isinstance(saved, torch.Tensor) else saved  # one-process form
+        exact = len(states) == world_size
+        state = states[rank] if exact else states[0]
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+        if not exact:
+            log.warning("the checkpoint holds the RNG state of %d process(es), this run has %d: "
+                        "the resumed run's noise differs from an uninterrupted one",
+                        len(states), world_size)
+            torch.manual_seed(int(torch.randint(2**62, ()).item()) + rank)
     text = checkpoint.get(TOKENIZER_KEY)
     return None if text is None else Tokenizer.from_str(text)
 

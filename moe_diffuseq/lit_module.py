@@ -25,6 +25,7 @@ from .config import (
 )
 from .denoiser import Denoiser
 from .diffusion import NoiseSchedule, make_timestep_sampler, training_loss
+from .evaluation import gather_objects
 from .moe import router_metrics
 from .optim import NonFiniteGuard, adamw_with_schedule, update_ema
 from .probes import AccuracyTally, noise_level_counts, probe_steps
@@ -276,9 +277,13 @@ class MoEDiffuSeq(pl.LightningModule):
         return named_load_errors(super().load_from_checkpoint, checkpoint_path, *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from .checkpoint import write_extras
+        from .checkpoint import rng_state, write_extras
 
-        write_extras(checkpoint, self.tokenizer, self.network_config)
+        states = [rng_state()]
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Every rank runs this hook; the file (rank 0's) keeps each rank's generators.
+            states = gather_objects(states)
+        write_extras(checkpoint, self.tokenizer, self.network_config, states)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the RNG (when fitting) and attach the checkpoint's tokenizer. The network was
@@ -286,6 +291,8 @@ class MoEDiffuSeq(pl.LightningModule):
         from .checkpoint import read_extras
 
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
-        tokenizer = read_extras(checkpoint, restore_rng=fitting)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        tokenizer = read_extras(checkpoint, restore_rng=fitting, rank=self.global_rank,
+                                world_size=world)
         if tokenizer is not None:
             self.set_tokenizer(tokenizer)

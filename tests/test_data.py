@@ -261,25 +261,28 @@ def test_resumable_sampler_restarts_mid_epoch_and_moves_on():
     assert sampler.epoch == 2 and third not in (full, second)
 
 
-def test_resumed_sampler_under_lightnings_ddp_wrapper_gives_each_rank_the_rest_of_the_epoch():
-    # Lightning's DistributedSamplerWrapper reads len() after drawing the order: the resumed pass
-    # must keep its own length (it crashed: "Number of indices (32) does not match total_size (8)").
-    # The next epoch gets a new loader (the data module asks for one after a partial epoch).
-    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+def test_resumed_sampler_gives_each_rank_the_rest_of_its_own_epoch():
+    # Under DDP Lightning wraps any sampler that is not a DistributedSampler and shuffles its
+    # order again by a permutation of the remaining length: a resumed run then read other
+    # examples than an uninterrupted one. This sampler splits the ranks itself.
+    from torch.utils.data import DistributedSampler
 
     from data_modules.pairs import ResumableRandomSampler
 
-    full = list(ResumableRandomSampler(24, seed=3))
-    seen = []
-    for rank in range(2):
-        sampler = ResumableRandomSampler(24, seed=3)
-        sampler.start = 16  # 16 of 24 consumed by both ranks together
-        wrapper = DistributedSamplerWrapper(sampler, num_replicas=2, rank=rank, shuffle=False)
-        wrapper.set_epoch(0)
-        ours = list(wrapper)
-        assert ours == full[16:][rank::2]
-        seen += ours
-    assert sorted(seen) == sorted(full[16:])
+    for size in (24, 23):  # 23: padded with the order's head to 24, as DistributedSampler pads
+        uninterrupted = [list(ResumableRandomSampler(size, seed=3, rank=r, world=2))
+                         for r in range(2)]
+        order = list(ResumableRandomSampler(size, seed=3))
+        assert sorted(set(uninterrupted[0] + uninterrupted[1])) == sorted(order)
+        assert len(uninterrupted[0]) == len(uninterrupted[1]) == 12
+        for rank in range(2):
+            sampler = ResumableRandomSampler(size, seed=3, rank=rank, world=2)
+            assert isinstance(sampler, DistributedSampler)  # Lightning leaves it as it is
+            sampler.start = 16  # 8 examples read by each of the 2 ranks
+            ours = list(sampler)
+            assert ours == uninterrupted[rank][8:] and len(sampler) == 4
+    with pytest.raises(ValueError, match="rank 2"):
+        ResumableRandomSampler(4, seed=0, rank=2, world=2)
 
 
 def test_length_bucketing_cuts_padding_and_keeps_every_example(small_corpus, small_tokenizer_file):

@@ -41,28 +41,23 @@ def _losses(root: Path, version: str) -> dict[int, tuple[int, float]]:
                 for r in csv.DictReader(handle) if r.get("train/loss")}
 
 
-@pytest.mark.parametrize("streaming", [False, True])
-def test_sigkill_then_resume_matches_uninterrupted_run_across_epochs(tmp_path, small_corpus,
-                                                                     small_tokenizer_file,
-                                                                     streaming):
-    # 24 training rows at batch 4: 6 steps an epoch. Killed at step 3 (mid-epoch 0), resumed, run to
-    # step 18: the resumed run must see the same batches in the same epochs for two more epochs.
-    # Streamed, the rows pass through a shuffle buffer reseeded every epoch.
-    rows = (small_corpus / "train.jsonl").read_text().splitlines()[:24]
+def _resume_matches_uninterrupted(tmp_path: Path, small_corpus: Path, tokenizer: Path, rows: int,
+                                  *extra: str) -> None:
+    """Kill a run at step 3 (mid-epoch 0), resume it with --ckpt_path last, and check that steps
+    3-17 see the same batches in the same epochs as an uninterrupted run: 6 steps an epoch."""
+    lines = (small_corpus / "train.jsonl").read_text().splitlines()
+    assert len(lines) >= rows
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    (corpus / "train.jsonl").write_text("\n".join(rows) + "\n")
+    (corpus / "train.jsonl").write_text("\n".join(lines[:rows]) + "\n")
     (corpus / "validation.jsonl").write_text((small_corpus / "validation.jsonl").read_text())
-    steps = ["--trainer.max_steps=18"]
-    if streaming:
-        steps += ["--data.init_args.streaming=true", "--data.init_args.shuffle_buffer=16"]
-    full = _fit(tmp_path / "full", corpus, small_tokenizer_file, "full", *steps)
+    steps = ["--trainer.max_steps=18", *extra]
+    full = _fit(tmp_path / "full", corpus, tokenizer, "full", *steps)
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = _fit(tmp_path / "cut", corpus, small_tokenizer_file, "first", *steps,
+    killed = _fit(tmp_path / "cut", corpus, tokenizer, "first", *steps,
                   "--trainer.callbacks+=helpers.KillAtStep", "--trainer.callbacks.step=3")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = _fit(tmp_path / "cut", corpus, small_tokenizer_file, "resumed", *steps,
-                   "--ckpt_path=last")
+    resumed = _fit(tmp_path / "cut", corpus, tokenizer, "resumed", *steps, "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     reference, after = _losses(tmp_path / "full", "full"), _losses(tmp_path / "cut", "resumed")
     assert sorted(after) == list(range(3, 18)) and set(after) <= set(reference)
@@ -75,6 +70,30 @@ def test_sigkill_then_resume_matches_uninterrupted_run_across_epochs(tmp_path, s
     state = torch.load(tmp_path / "cut" / "ckpt" / "last.ckpt", map_location="cpu",
                        weights_only=True)
     assert state["global_step"] == 18
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_sigkill_then_resume_matches_uninterrupted_run_across_epochs(tmp_path, small_corpus,
+                                                                     small_tokenizer_file,
+                                                                     streaming):
+    # 24 training rows at batch 4: 6 steps an epoch. Streamed, the rows pass through a shuffle
+    # buffer reseeded every epoch.
+    extra = ["--data.init_args.streaming=true", "--data.init_args.shuffle_buffer=16"]
+    _resume_matches_uninterrupted(tmp_path, small_corpus, small_tokenizer_file, 24,
+                                  *(extra if streaming else []))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("streaming", [False, True])
+def test_ddp_resume_matches_uninterrupted_run_across_epochs(tmp_path, small_corpus,
+                                                            small_tokenizer_file, streaming):
+    # Two processes (gloo) over 48 rows at batch 4: 6 steps an epoch. Lightning would wrap a
+    # plain sampler in its own shuffling DistributedSampler, whose order depends on the length
+    # left: resumed mid-epoch, the ranks then read other rows than an uninterrupted run.
+    extra = ["--data.init_args.streaming=true", "--data.init_args.shuffle_buffer=16"]
+    _resume_matches_uninterrupted(tmp_path, small_corpus, small_tokenizer_file, 48,
+                                  "--trainer.accelerator=cpu", "--trainer.devices=2",
+                                  "--trainer.strategy=ddp", *(extra if streaming else []))
 
 
 def test_sigusr1_saves_a_loadable_checkpoint_and_stops(tmp_path, small_corpus,
@@ -108,3 +127,29 @@ def test_resuming_with_a_changed_model_setting_names_it(tmp_path, small_corpus,
                    f"--ckpt_path={ckpt}", "--model.lr=0.01")
     assert allowed.returncode == 0, allowed.stderr[-3000:]
     assert "changed setting: model.lr: 0.0003 -> 0.01" in allowed.stderr
+
+
+def test_each_rank_gets_its_own_rng_state_back():
+    # Ranks draw timesteps and noise from their own generators, and their states part as soon as
+    # they draw differently shaped tensors: a checkpoint keeps each, and each rank takes its own.
+    from moe_diffuseq.checkpoint import read_extras, rng_state
+
+    states = []
+    for rank in range(2):
+        torch.manual_seed(10 + rank)
+        states.append(rng_state())
+    checkpoint = {"moe_diffuseq_torch_rng": states}
+    for rank in range(2):
+        read_extras(checkpoint, restore_rng=True, rank=rank, world_size=2)
+        assert torch.equal(torch.get_rng_state(), states[rank]["cpu"])
+    # Another number of processes cannot replay the draws; the ranks still draw differently.
+    draws = []
+    for rank in range(3):
+        read_extras(checkpoint, restore_rng=True, rank=rank, world_size=3)
+        draws.append(torch.rand(4))
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+    torch.manual_seed(0)
+    old = {"moe_diffuseq_torch_rng": torch.get_rng_state()}  # a one-process checkpoint
+    expected = torch.rand(3)
+    read_extras(old, restore_rng=True)
+    assert torch.equal(torch.rand(3), expected)

@@ -182,13 +182,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="code-lookup at 1k and 4k tokens, 1 minute per model, 16 documents")
+                        help="code-lookup at 1k and 4k tokens, 45 s per model, 16 documents")
     parser.add_argument("--tasks", nargs="+", default=None, choices=TASKS)
     parser.add_argument("--lengths", nargs="+", type=int, default=None,
                         help="source lengths in tokens (default 1024 2048 4096 8192; "
                              "quick 1024 4096)")
     parser.add_argument("--minutes", type=float, default=None,
-                        help="training minutes per run (default 2; quick 1)")
+                        help="training minutes per run (default 2; quick 0.75)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds averaged per document")
     parser.add_argument("--docs", type=int, default=None,
                         help="validation documents scored (default 32; quick 16)")
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     tasks = args.tasks or (["code-lookup"] if args.quick else list(TASKS))
     lengths = sorted(args.lengths or ([1024, 4096] if args.quick else [1024, 2048, 4096, 8192]))
-    args.minutes = args.minutes or (1.0 if args.quick else 2.0)
+    args.minutes = args.minutes or (0.75 if args.quick else 2.0)
     args.docs = args.docs or (16 if args.quick else 32)
     runs = len(tasks) * len(lengths) * len(MODELS) * args.seeds
     print(f"plan: {runs} runs of {args.minutes:g} min training ({runs * args.minutes:.0f} min) "

@@ -86,20 +86,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-ablation", dest="ablation", action="store_false",
                         help="skip the quality run of MoE-DiffuSeq without the soft absorbing "
                              "state")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train each quality model exactly this many steps, with no time "
+                             "limit, instead of the steps that fit in --budget")
     parser.add_argument("--quick", action="store_true",
-                        help="lengths 1k-2k, 60 s budgets, code only, 8 docs, one seed, "
-                             "no ablation")
+                        help="the 4k and 8k lengths the targets name, at half the width "
+                             "(hidden 128, 2 layers); 45 s budgets, code only, 8 docs, one "
+                             "seed, no ablation")
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
     if len(set(args.seeds)) != len(args.seeds) or args.docs < 1 or args.budget <= 0:
         parser.error("--seeds must be distinct, --docs at least 1 and --budget positive; "
                      f"got {args.seeds}, {args.docs}, {args.budget}")
     if args.quick:
-        args.lengths, args.repeats, args.budget = [1024, 2048], 1, 60.0
+        args.lengths, args.repeats, args.budget = [4096, 8192], 1, 45.0
+        args.hidden, args.layers = 128, 2
         args.tasks, args.docs, args.seeds = ["code"], 8, [0]
         args.ablation = False
-        args.efficiency_length = 2048
+        args.efficiency_length = 4096
     return args
 
 

@@ -46,7 +46,7 @@ def quality_datamodule(task: str, data_dir: Path):
 
 
 def fit(variant: str, dm, hidden: int, layers: int, seed: int, max_steps: int,
-        max_seconds: float):
+        max_seconds: float | None):
     """Train one quality model with a real Trainer; returns (model, trainer, clock)."""
     from moe_diffuseq import MoEDiffuSeq
 
@@ -56,7 +56,8 @@ def fit(variant: str, dm, hidden: int, layers: int, seed: int, max_steps: int,
     model = MoEDiffuSeq(**args)
     clock = LossClock()
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps,
-                         max_time={"seconds": max_seconds}, logger=False, callbacks=[clock],
+                         max_time=None if max_seconds is None else {"seconds": max_seconds},
+                         logger=False, callbacks=[clock],
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=8, val_check_interval=10**9,
                          check_val_every_n_epoch=None, num_sanity_val_steps=0)
@@ -79,15 +80,17 @@ def seconds_per_step(variants, dm, hidden: int, layers: int, steps: int = 12,
 
 
 def quality(variant: str, dm, budget: float, step_seconds: float, hidden: int, layers: int,
-            rows: list[dict], seed: int) -> dict:
+            rows: list[dict], seed: int, steps: int | None = None) -> dict:
     """Train for the optimizer steps that fit in `budget` seconds at the calibrated
     `step_seconds` (so the learning rate decays to 0 at the budget's end, as in any run of known
     length; a run that overruns by half is stopped by time), then score validation loss, and
-    ROUGE/BLEU on the validation `rows` (the scored documents)."""
+    ROUGE/BLEU on the validation `rows` (the scored documents). ``steps``: that many steps
+    instead, with no time limit (a run that must not depend on the machine's speed)."""
     from moe_diffuseq.metrics import ROUGE_KEYS, corpus_bleu, rouge_per_document
 
-    planned = max(1, int(budget / step_seconds))
-    model, trainer, clock = fit(variant, dm, hidden, layers, seed, planned, 1.5 * budget)
+    planned = steps or max(1, int(budget / step_seconds))
+    model, trainer, clock = fit(variant, dm, hidden, layers, seed, planned,
+                                None if steps else 1.5 * budget)
     train_seconds = clock.points[-1][0] if clock.points else 0.0
     val_loss = diffusion_validation_loss(model, trainer, dm)
     ancestral = model.sampling_config.sampler == "ancestral"
@@ -176,7 +179,8 @@ def task_quality(task: str, dm, variants, args) -> dict:
         for v in variants:
             if v == ABLATION and seed != args.seeds[0]:
                 continue
-            runs[v].append(quality(v, dm, args.budget, step_seconds[v], *width, rows, seed))
+            runs[v].append(quality(v, dm, args.budget, step_seconds[v], *width, rows, seed,
+                                   args.steps))
             last = runs[v][-1]
             print(f"  {task} {v} seed {seed}: {last['steps']} steps, ROUGE-L {last['rougeL']:.3g}")
     return {v: over_seeds(r, step_seconds[v]) for v, r in runs.items()}

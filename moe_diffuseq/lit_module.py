@@ -128,6 +128,11 @@ class MoEDiffuSeq(pl.LightningModule):
                 raise ValueError(f"network.{key} is unset: give it (the CLI links data.{key})")
             if data is not None and data > ours:
                 raise ValueError(f"data.{key}={data} exceeds the model's network.{key}={ours}")
+        if stage == "fit" and self._trainer is not None and self.global_rank > 0:
+            # seed_everything gives every rank one seed: each would draw the same timesteps,
+            # noise and dropout for its own batch. Rank 0 keeps the seed (one process unchanged);
+            # a resumed run then restores each rank's saved state over this.
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
 
     def configure_model(self) -> None:
         """Build the denoiser (and its EMA copy) once; shard it under FSDP2."""

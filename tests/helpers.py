@@ -51,3 +51,21 @@ def data_args(corpus, tokenizer) -> list[str]:
         f"--data.init_args.tokenizer_path={tokenizer}",
         f"--data.init_args.data_dir={corpus / 'work'}",
     ]
+
+
+class RngRecorder(pl.Callback):
+    """Write a digest of this rank's torch RNG state at its first training batch to
+    ``folder/rank<r>.txt``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import hashlib
+
+        import torch
+
+        if trainer.global_step == 0:
+            digest = hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()
+            with open(os.path.join(self.folder, f"rank{trainer.global_rank}.txt"), "w") as out:
+                out.write(digest)

@@ -19,7 +19,7 @@ FSDP_CPU = REPO / "lightning_configs" / "trainer" / "fsdp_cpu.yaml"
 
 
 def _fit(tmp_path: Path, corpus: Path, tokenizer: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
     cmd = [sys.executable, "-m", "moe_diffuseq", "fit", "--config", str(TINY),
            *data_args(corpus, tokenizer),
            f"--trainer.default_root_dir={tmp_path}", *extra]
@@ -57,9 +57,14 @@ def test_unused_experts_still_get_gradients():
 @pytest.mark.slow
 def test_ddp_two_processes(tmp_path, small_corpus, small_tokenizer_file):
     done = _fit(tmp_path, small_corpus, small_tokenizer_file, "--trainer.accelerator=cpu",
-                "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_steps=3")
+                "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_steps=3",
+                "--trainer.callbacks+=helpers.RngRecorder",
+                f"--trainer.callbacks.folder={tmp_path}")
     assert done.returncode == 0, done.stderr[-4000:]
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in done.stderr
+    # Each rank draws its own timesteps and noise for its own batch.
+    draws = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert draws[0] != draws[1]
     (ckpt,) = tmp_path.rglob("*.ckpt")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["global_step"] == 3
@@ -91,7 +96,7 @@ def test_sharded_checkpoint_consolidates_to_one_loadable_file(tmp_path, small_co
     assert done.returncode == 0, done.stderr[-4000:]
     (folder,) = (tmp_path / "ck").glob("*.ckpt")
     assert folder.is_dir() and (folder / ".metadata").is_file()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
     out = tmp_path / "one.ckpt"
     done = subprocess.run([sys.executable, "-m", "moe_diffuseq", "consolidate", str(folder),
                            "--output", str(out)],

@@ -94,6 +94,9 @@ def load_rows(path: str, streaming: bool, cache_dir: str | None):
             ) from err
     if not any(ch in path for ch in "*?[") and not Path(path).exists():
         raise FileNotFoundError(f"{path}: no such file")
+    if Path(path).is_dir():
+        raise ValueError(f"{path}: is a directory; expected a data file ({sorted(_FORMATS)}) or "
+                         "a glob pattern such as DIR/*.jsonl")
     try:
         return datasets.load_dataset(
             _builder_for(path), data_files=path, split="train", streaming=streaming,

@@ -174,9 +174,10 @@ def main(args: list[str] | None = None) -> None:
             _lightning_cli(args)
         else:
             _own_verb(name, args[1:])
-    except (ValueError, FileNotFoundError, ArgumentError) as err:
-        # Expected faults (a bad value, row, file or checkpoint) name what is at fault in their
-        # message: one line, not a traceback. MOE_DIFFUSEQ_DEBUG=1 shows the traceback.
+    except (ValueError, FileNotFoundError, FloatingPointError, ArgumentError) as err:
+        # Expected faults (a bad value, row, file or checkpoint; a run of non-finite losses) name
+        # what is at fault in their message: one line, not a traceback. MOE_DIFFUSEQ_DEBUG=1
+        # shows the traceback.
         if os.environ.get("MOE_DIFFUSEQ_DEBUG") == "1":
             raise
         raise SystemExit(f"error: {' '.join(str(_config_error(err)).split())}") from None

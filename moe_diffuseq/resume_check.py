@@ -63,15 +63,26 @@ class ResumeCheckingCLI(LightningCLI):
         super().parse_arguments(parser, args)
         sub = self.config.get("subcommand")
         self._given_model = flatten(self.config[sub]["model"]) if sub else None
+        self._saved_hparams = None
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            from .checkpoint import named_load_errors
+
+            # Read here, before Lightning reads it and before any training: a foreign or corrupt
+            # file is a one-line error naming it, not torch's unpickling advice.
+            state = named_load_errors(torch.load, ckpt_path, weights_only=True,
+                                      map_location="cpu")
+            if not isinstance(state, dict) or "pytorch-lightning_version" not in state:
+                raise ValueError(f"{ckpt_path}: not a MoE-DiffuSeq checkpoint (no Lightning "
+                                 "state)")
+            self._saved_hparams = state.get("hyper_parameters", {})
 
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        if (sub != "fit" or not ckpt_path or not Path(ckpt_path).is_file()
-                or self._given_model is None):
+        if sub != "fit" or self._saved_hparams is None or self._given_model is None:
             return
-        saved = torch.load(ckpt_path, weights_only=True,
-                           map_location="cpu").get("hyper_parameters", {})
+        saved = self._saved_hparams
         forbidden, allowed = changed_settings(saved, self._given_model)
         for line in allowed:
             log.warning("resuming %s with a changed setting: model.%s", ckpt_path, line)

@@ -358,3 +358,25 @@ def test_a_bad_option_is_one_line_without_the_usage_dump(capsys):
     printed = capsys.readouterr()
     assert ("usage:" not in printed.out + printed.err
             and len((printed.out + printed.err).splitlines()) <= 3)
+
+
+@pytest.mark.parametrize("fault", ["random_ckpt", "data_dir", "nan_loss"])
+def test_fit_faults_are_one_line_naming_the_place(fault, small_corpus, small_tokenizer_file,
+                                                  tmp_path):
+    args = ["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=4"]
+    if fault == "random_ckpt":  # resume from a file that is no checkpoint: before any training
+        bad = tmp_path / "random.ckpt"
+        bad.write_bytes(os.urandom(2048))
+        args.append(f"--ckpt_path={bad}")
+        expected = f"{bad}: not a MoE-DiffuSeq checkpoint"
+    elif fault == "data_dir":
+        args.append(f"--data.init_args.train_path={small_corpus}")
+        expected = f"{small_corpus}: is a directory"
+    else:  # every loss non-finite: the run stops naming the batch's examples
+        args += ["--model.lr=1e30", "--model.max_nonfinite_steps=2"]
+        expected = "2 consecutive non-finite losses; last batch's examples"
+    with pytest.raises(SystemExit) as caught:
+        main(args)
+    message = str(caught.value)
+    assert expected in message and "\n" not in message and "weights_only" not in message

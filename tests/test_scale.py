@@ -46,7 +46,7 @@ def test_nan_loss_is_skipped_then_stops_with_example_ids(small_corpus, small_tok
         return terms
 
     monkeypatch.setattr(losses, "diffusion_loss_terms", poisoned)
-    with pytest.raises(FloatingPointError, match=r"3 consecutive non-finite losses; "
+    with pytest.raises(SystemExit, match=r"3 consecutive non-finite losses; "
                                                  r"last batch's examples: \['.*train.jsonl:[^']+'"):
         main(["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
               f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=10",

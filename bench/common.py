@@ -168,6 +168,11 @@ def train_step_fn(model, batch) -> Callable[[], torch.Tensor]:
 
 
 # A fixed random sample, not the head: the splits are in corpus order, so their head is one place.
+# The quickstart model's shape (lightning_configs/quickstart.yaml), shared by the long-source
+# benchmarks.
+QUICKSTART_WIDTH = {"embed_dim": 64, "hidden_size": 128, "num_layers": 2, "num_heads": 4}
+QUICKSTART_EXPERTS = {"num_experts": 4, "top_k": 2, "expert_hidden": 128}
+
 DOCUMENT_SAMPLE_SEED = 0
 DOCUMENT_SAMPLE = f"random sample, seed {DOCUMENT_SAMPLE_SEED}"  # how the JSON names the rule
 

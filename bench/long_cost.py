@@ -21,6 +21,8 @@ import time
 import torch
 
 from .common import (
+    QUICKSTART_EXPERTS,
+    QUICKSTART_WIDTH,
     current_rss_mb,
     machine_info,
     measure_in_subprocess,
@@ -32,8 +34,7 @@ from .common import (
     write_json,
 )
 
-WIDTH = {"embed_dim": 64, "hidden_size": 128, "num_layers": 2, "num_heads": 4}  # quickstart.yaml
-EXPERTS = {"num_experts": 4, "top_k": 2, "expert_hidden": 128}
+WIDTH, EXPERTS = QUICKSTART_WIDTH, QUICKSTART_EXPERTS
 MODELS = {
     "target_global": {"attention": {"backend": "auto", "target_global": True}, "moe": EXPERTS},
     "target_rows_only": {"attention": {"backend": "auto", "target_global": True,

@@ -13,6 +13,7 @@ import time
 import torch
 
 from .common import (
+    QUICKSTART_WIDTH,
     current_rss_mb,
     machine_info,
     measure_in_subprocess,
@@ -24,7 +25,7 @@ from .common import (
     write_json,
 )
 
-WIDTH = {"embed_dim": 64, "hidden_size": 128, "num_layers": 2, "num_heads": 4}  # quickstart.yaml
+WIDTH = QUICKSTART_WIDTH
 
 
 def one_step(backend: str, src_len: int, trg_len: int, window: int, vocab: int = 4096) -> dict:

@@ -34,7 +34,7 @@ from moe_diffuseq import MoEDiffuSeq
 from moe_diffuseq.metrics import interval_verdict as verdict
 from moe_diffuseq.metrics import paired_bootstrap_interval
 
-from .common import machine_info, print_table, write_json
+from .common import QUICKSTART_EXPERTS, QUICKSTART_WIDTH, machine_info, print_table, write_json
 from .learn import RECIPE, TrainingBudget, fit_for_budget, merged, score, validation_rows
 
 # Sources of about `tokens` tokens: a 4k BPE reads 3.5-3.6 characters a token of stdlib code on
@@ -44,8 +44,8 @@ CHARS_PER_TOKEN = 3.5
 BUDGET_FACTOR = 1.5
 TARGET_TOKENS = {"code-outline": 256, "dialogue-cast": 64, "code-lookup": 32}
 TASKS = tuple(TARGET_TOKENS)
-WIDTH = {"embed_dim": 64, "hidden_size": 128, "num_layers": 2, "num_heads": 4, "dropout": 0.0}
-EXPERTS = {"num_experts": 4, "top_k": 2, "expert_hidden": 128}
+WIDTH = {**QUICKSTART_WIDTH, "dropout": 0.0}
+EXPERTS = QUICKSTART_EXPERTS
 MODELS: dict[str, dict] = {
     "moe_diffuseq": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True},
                                  "moe": EXPERTS}},

@@ -26,8 +26,10 @@ from data_modules import Seq2SeqDataModule
 from data_modules.corpora import build, is_built
 from data_modules.corpora.tasks import DEFAULT_MAX_CHARS
 from moe_diffuseq import MoEDiffuSeq
+from moe_diffuseq.batch import collate_pairs, encode_pairs
+from moe_diffuseq.generation import sampling_settings
 from moe_diffuseq.metrics import item_scores, mean_item_scores, paired_bootstrap_interval
-from moe_diffuseq.probes import accuracy_table, noise_level_counts, probe_steps
+from moe_diffuseq.probes import accuracy_table, noise_level_counts, probe_steps, trajectory_accuracy
 
 from .common import machine_info, print_table, write_json
 
@@ -35,7 +37,7 @@ from .common import machine_info, print_table, write_json
 RECIPE: dict = {
     "network": {
         "embed_dim": 64, "hidden_size": 128, "num_layers": 2, "num_heads": 4, "dropout": 0.0,
-        "positions": "target_relative",
+        "positions": "target_relative", "source_pointer": True, "position_init_std": 0.02,
         "attention": {"window": 64, "target_global": True},
         "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 128},
     },
@@ -45,6 +47,7 @@ RECIPE: dict = {
 # One candidate changed at a time: a part of the recipe removed (back to DiffuSeq's setting), or a
 # candidate from the literature added.
 ABLATIONS: dict[str, dict] = {
+    "no_source_pointer": {"network": {"source_pointer": False}},
     "absolute_positions": {"network": {"positions": "absolute"}},
     "plus_self_conditioning": {"diffusion": {"self_conditioning": 0.5}},
     "plus_skip_connection": {"diffusion": {"skip_connection": True}},
@@ -150,18 +153,39 @@ def fit_for_budget(model: MoEDiffuSeq, data: Seq2SeqDataModule, budget: Training
     return trainer
 
 
-def noise_table(model: MoEDiffuSeq, data: Seq2SeqDataModule, batches: int = 4) -> dict:
+def noise_table(model: MoEDiffuSeq, rows: list[dict], batch_size: int = 16) -> dict:
+    """Teacher-forced x0 accuracy on the target's words at fixed t over ``rows``, beside rounding
+    z_t and beside the denoiser with each source swapped for the next row's (``source_cut``): a
+    denoiser that reads its source loses accuracy when the source is cut off."""
     steps = probe_steps(model.schedule.steps)
-    counts = 0
+    net = model.network_config
+    sources, targets = [r["src"] for r in rows], [r["trg"] for r in rows]
+    counts = {}
     model.eval()
-    generator = torch.Generator(device=model.device).manual_seed(0)
-    for i, batch in enumerate(data.val_dataloader()):
-        if i == batches:
-            break
-        counts = counts + noise_level_counts(model.sampling_network, model.schedule,
-                                             batch.to(model.device), model.special_ids, steps,
-                                             generator).cpu()
-    return {str(t): v for t, v in accuracy_table(steps, counts).items()}
+    for name, shown in (("intact", sources), ("cut", sources[1:] + sources[:1])):
+        generator = torch.Generator(device=model.device).manual_seed(0)
+        counts[name] = 0
+        for i in range(0, len(rows), batch_size):
+            pairs = encode_pairs(model.tokenizer, shown[i : i + batch_size],
+                                 targets[i : i + batch_size], net.max_src_len, net.max_trg_len)
+            batch = collate_pairs(pairs, model.special_ids, net.max_trg_len).to(model.device)
+            counts[name] = counts[name] + noise_level_counts(
+                model.sampling_network, model.schedule, batch, model.special_ids, steps,
+                generator).cpu()
+    intact, cut = (accuracy_table(steps, counts[k]) for k in ("intact", "cut"))
+    return {str(t): {**intact[t], "source_cut": cut[t]["denoiser"]} for t in steps}
+
+
+def trajectory(model: MoEDiffuSeq, rows: list[dict], docs: int = 32) -> list[dict]:
+    """x0 accuracy on the reference's words at each step of 20-step DPM-Solver++ over the first
+    ``docs`` rows (``probes.trajectory_accuracy``)."""
+    net = model.network_config
+    rows = rows[:docs]
+    pairs = encode_pairs(model.tokenizer, [r["src"] for r in rows], [r["trg"] for r in rows],
+                         net.max_src_len, net.max_trg_len)
+    batch = collate_pairs(pairs, model.special_ids, net.max_trg_len).to(model.device)
+    settings = sampling_settings(model.sampling_config, sampler="dpm_solver++", steps=20)
+    return trajectory_accuracy(model, batch, settings)
 
 
 def run(task: str, config: dict, args, rows: list[dict], final: bool) -> dict:
@@ -174,7 +198,8 @@ def run(task: str, config: dict, args, rows: list[dict], final: bool) -> dict:
     trainer = fit_for_budget(model, data, curve, args.accelerator)
     out = {"task": task, "steps": trainer.global_step, "trained_s": round(curve.trained_s, 1),
            "curve": curve.points}
-    out["noise_levels"] = noise_table(model, data)
+    out["noise_levels"] = noise_table(model, rows)
+    out["trajectory"] = trajectory(model, rows)
     samplers = {"dpm20": {"sampler": "dpm_solver++", "steps": 20}}
     if final:
         samplers |= {"dpm10": {"sampler": "dpm_solver++", "steps": 10},

@@ -80,13 +80,26 @@ def _learn(payload: dict) -> list[str]:
     out += _table(["task", "run", "steps", "dpm20 F1", "dpm20 exact", "dpm10 F1", "ddim200 F1",
                    "ancestral F1", "dpm20 F1 minus recipe (95% interval)"], rows)
     levels = list(payload["runs"][0]["noise_levels"])
-    out += ["", "x0 accuracy on the target's words at fixed t (teacher forced), "
-                "beside rounding z_t:", ""]
+    out += ["", "x0 accuracy on the target's words at fixed t (teacher forced): the denoiser / "
+                "rounding z_t / the denoiser with each source swapped for another document's "
+                "(a denoiser that reads its source falls there):", ""]
+
+    def cell(level: dict) -> str:
+        cut = level.get("source_cut")  # absent in runs recorded before the probe
+        return (f"{level['denoiser']:.2f} / {level['round_z_t']:.2f}"
+                + ("" if cut is None else f" / {cut:.2f}"))
+
     out += _table(["task", "run", *(f"t={t}" for t in levels)],
-                  [[r["task"], r["name"],
-                    *(f"{r['noise_levels'][t]['denoiser']:.2f} / "
-                      f"{r['noise_levels'][t]['round_z_t']:.2f}" for t in levels)]
+                  [[r["task"], r["name"], *(cell(r["noise_levels"][t]) for t in levels)]
                    for r in payload["runs"]])
+    paths = [r for r in payload["runs"] if r.get("trajectory")]  # older runs have none
+    if paths:
+        picked = [p["t"] for p in paths[0]["trajectory"]][::4] + [0]
+        out += ["", "x0 accuracy on the reference's words along the 20-step DPM-Solver++ "
+                    "trajectory itself (each step's estimate, not teacher forced):", ""]
+        out += _table(["task", "run", *(f"t={t}" for t in picked)],
+                      [[r["task"], r["name"], *(f"{p['x0_acc']:.2f}" for p in r["trajectory"]
+                                                if p["t"] in picked)] for r in paths])
     summary = ", ".join(f"{k} {_f(v)}" for k, v in payload["summary"].items())
     out += ["", "Summary: " + summary, "", "![learn](bench/results/learn.png)", ""]
     return out

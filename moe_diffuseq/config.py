@@ -127,6 +127,14 @@ class NetworkConfig:
     """Position embeddings: target_relative (absolute on the source, the offset from the target
     region's start on the target, so an output slot does not move with the source's length) or
     absolute (DiffuSeq's single table)."""
+    source_pointer: bool = False
+    """A pointer-generator head: each target position's x0 is a learned gate's mix of the network's
+    output and an attention over the source's own input embeddings, so a source token can be
+    written by pointing at it instead of being carried through every layer."""
+    position_init_std: float = 1.0
+    """Standard deviation of the position tables' initial weights: 1.0 is nn.Embedding's; 0.02 is
+    BERT's and DiffuSeq's, under which the positions do not outweigh the token signal of the up
+    projection (content is learned sooner, a fixed-position copy later)."""
     ffn_hidden: int | None = None
     """Hidden width of the dense feed-forward of blocks without experts; None: moe.top_k x
     moe.expert_hidden, the active width of an MoE block."""
@@ -149,6 +157,8 @@ class NetworkConfig:
         _check(self.hidden_size % self.num_heads == 0, "network.hidden_size", self.hidden_size,
                f"must be divisible by num_heads={self.num_heads}")
         _check(0.0 <= self.dropout < 1.0, "network.dropout", self.dropout, "must be in [0, 1)")
+        _check(self.position_init_std > 0, "network.position_init_std", self.position_init_std,
+               "must be > 0")
         _check(self.positions in ("target_relative", "absolute"), "network.positions",
                self.positions, "expected target_relative or absolute")
         _check(self.moe is not None or self.ffn_hidden is not None, "network.ffn_hidden",

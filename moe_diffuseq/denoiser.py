@@ -3,6 +3,8 @@
     tokens/z_t (B, L, E) -> up-projection (B, L, H) + positions + timestep embedding
     -> N x [sparse self-attention -> residual + norm -> MoE FFN -> residual + norm]
     -> down-projection (B, L, E) = x0_hat
+    [-> source pointer: on target rows, gate * attention over the source's embeddings
+        + (1 - gate) * x0_hat]
 
 The word embedding (width E = embed_dim) is tied to the rounding head ``lm_head``.
 """
@@ -18,6 +20,7 @@ from torch import nn
 from .attention import sparse_attention
 from .config import AttentionConfig, NetworkConfig
 from .moe import DenseFeedForward, MoEFeedForward, RouterStats
+from .pointer import SourcePointer
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -116,6 +119,9 @@ class Denoiser(nn.Module):
         # token knows which output slot it is wherever a source of varying length ends.
         relative = config.positions == "target_relative"
         self.target_position = nn.Embedding(config.max_trg_len + 1, hidden) if relative else None
+        for table in (self.position, self.target_position):
+            if table is not None:
+                nn.init.normal_(table.weight, std=config.position_init_std)
         # Self-conditioning (Analog Bits): the previous x0 estimate is a second input, so a step
         # refines the last answer instead of starting again from z_t alone.
         self.self_condition = nn.Linear(embed_dim, hidden) if self_conditioning else None
@@ -128,6 +134,7 @@ class Denoiser(nn.Module):
         self.down = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(),
                                   nn.Linear(hidden, embed_dim))
         self.embed_dim = embed_dim
+        self.pointer = SourcePointer(hidden) if config.source_pointer else None
         # Skip connection (EDM-style preconditioning for a variance-preserving process): low noise
         # is solved by the skip, and the network's capacity goes to high noise.
         if skip_alpha_bar is not None:
@@ -235,4 +242,6 @@ class Denoiser(nn.Module):
             ab = self.skip_alpha_bar[t].to(out.dtype)[:, None, None]  # (B, 1, 1)
             m = self.absorbing_state.to(out.dtype)
             out = m + ab.sqrt() * (z_t - m) + (1.0 - ab).sqrt() * out
+        if self.pointer is not None:
+            out = self.pointer(h, z_t, out, target_mask, padding_mask)
         return out, stats

@@ -10,6 +10,7 @@ model's ``sampling`` settings are the defaults.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any
 
@@ -69,11 +70,13 @@ def sample_ids(
     seed: int,
     fixed_mask: torch.Tensor | None = None,
     progress: bool = False,
+    observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Sample the target region of a collated batch; returns rounded token ids (B, L).
 
     ``fixed_mask`` (B, L) marks target positions whose tokens in ``batch.input_ids`` are given
-    (infilling): they stay anchored, like the source, at every step.
+    (infilling): they stay anchored, like the source, at every step. ``observe(t, x0)`` is called
+    with each step's timesteps (B,) and x0 estimate (B, L, E), for probes of the trajectory.
     """
     net = model.sampling_network
     was_training = net.training
@@ -94,6 +97,8 @@ def sample_ids(
             x0, _ = net(z_t, t, global_mask, batch.padding_mask, batch.input_mask,
                         previous[-1] if previous else None)
             previous[:] = [x0]
+            if observe is not None:
+                observe(t, x0)
             if sampling.clamp:  # snap to the nearest word embedding (DiffuSeq's clamping trick)
                 x0 = table[torch.cdist(x0, table[None].expand(x0.shape[0], -1, -1)).argmin(-1)]
             return x0

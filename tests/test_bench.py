@@ -212,6 +212,9 @@ def test_learn_bench_tiny_run_writes_summary_curve_and_plot(tmp_path):
     assert set(recipe["sampling"]) == {"dpm20", "dpm10", "ddim200", "ancestral"}
     # t = f * (T - 1), T = 20
     assert set(recipe["noise_levels"]) == {"0", "2", "5", "10", "14", "19"}
+    assert set(recipe["noise_levels"]["19"]) == {"denoiser", "round_z_t", "source_cut"}
+    assert [p["t"] for p in recipe["trajectory"]] == sorted(
+        {p["t"] for p in recipe["trajectory"]}, reverse=True)
     summary = payload["summary"]
     assert 0.0 <= summary["outline_item_f1"] <= 1.0 and summary["cast_item_f1"] is None
     assert len(payload["runs"][1]["f1_minus_recipe_interval"]) == 2

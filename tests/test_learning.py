@@ -19,6 +19,8 @@ from data_modules import Seq2SeqDataModule
 from moe_diffuseq import MoEDiffuSeq
 from moe_diffuseq.batch import SpecialIds, collate_pairs, encode_pairs
 from moe_diffuseq.diffusion import diffusion_loss_terms
+from moe_diffuseq.generation import sampling_settings
+from moe_diffuseq.probes import trajectory_accuracy
 
 COPY_TOKENS = 3
 
@@ -49,8 +51,10 @@ def _x0_accuracy_at_t_max(model: MoEDiffuSeq, batch) -> float:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("network", [{}, {"source_pointer": True, "position_init_std": 0.02}],
+                         ids=["plain", "pointer"])
 def test_tiny_model_learns_to_copy_from_a_source_of_varying_length(small_corpus, small_tokenizer,
-                                                                   tmp_path):
+                                                                   tmp_path, network):
     texts = [json.loads(line)["trg"]
              for line in (small_corpus / "train.jsonl").read_text().splitlines()]
     decode = small_tokenizer.decode
@@ -71,6 +75,7 @@ def test_tiny_model_learns_to_copy_from_a_source_of_varying_length(small_corpus,
     model = MoEDiffuSeq(
         network={"max_src_len": 32, "max_trg_len": 6, "embed_dim": 32, "hidden_size": 64,
                  "num_layers": 2, "num_heads": 4, "dropout": 0.0, "attention": {"window": 64},
+                 **network,
                  "moe": {"num_experts": 2, "top_k": 1, "expert_hidden": 128}},
         diffusion={"steps": 2000, "soft_absorbing": False, "loss_on": "target"},
         lr=2e-3, warmup_steps=20, lr_decay="constant", ema_decay=0.0,
@@ -88,6 +93,14 @@ def test_tiny_model_learns_to_copy_from_a_source_of_varying_length(small_corpus,
              / len(rows))
     assert exact >= 0.8, list(zip(samples[:8], [r["trg"] for r in rows[:8]], strict=True))
 
+    # Along the sampler's own trajectory the x0 estimate is right by the end, as its samples are.
+    special = SpecialIds.from_tokenizer(small_tokenizer)
+    srcs, trgs = [r["src"] for r in rows], [r["trg"] for r in rows]
+    intact = collate_pairs(encode_pairs(small_tokenizer, srcs, trgs, 32, 6), special, 6)
+    path = trajectory_accuracy(model, intact, sampling_settings(model.sampling_config,
+                                                                sampler="dpm_solver++", steps=20))
+    assert len(path) == 20 and path[0]["t"] == 1999 and path[-1]["x0_acc"] >= 0.8
+
     # Validation logs what the denoiser writes at fixed noise levels beside rounding z_t: at
     # t = T-1 the input holds nothing (rounding ~0), and a model that copies is right anyway.
     metrics = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
@@ -97,9 +110,6 @@ def test_tiny_model_learns_to_copy_from_a_source_of_varying_length(small_corpus,
     assert {f"val/x0_acc_t{t}" for t in (0, 250, 500, 1000, 1499, 1999)} <= set(metrics)
 
     # The probe: the same targets behind another row's source. Copying, the model now fails.
-    special = SpecialIds.from_tokenizer(small_tokenizer)
-    srcs, trgs = [r["src"] for r in rows], [r["trg"] for r in rows]
-    intact = collate_pairs(encode_pairs(small_tokenizer, srcs, trgs, 32, 6), special, 6)
     cut = collate_pairs(encode_pairs(small_tokenizer, srcs[1:] + srcs[:1], trgs, 32, 6), special, 6)
     with torch.no_grad():
         assert _x0_accuracy_at_t_max(model, intact) >= 0.8

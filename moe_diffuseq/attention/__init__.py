@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import AttentionBackend
+from ..pointer import marked_first
 from .banded import banded_attention
 from .dense import dense_attention
 from .flex import flex_available, flex_sparse_attention
@@ -115,11 +116,9 @@ def with_global_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     attention call over (B, H, R, L), R the most rows of any batch row, so the cost is linear in
     the length."""
     batch, heads, length, dim = q.shape
-    counts = rows.sum(1)
-    most = int(counts.max())
     # Each row's marked positions first (in order), then filler positions masked out below.
-    order = torch.argsort((~rows).to(torch.int8), dim=1, stable=True)[:, :most]  # (B, R)
-    valid = torch.arange(most, device=q.device)[None] < counts[:, None]  # (B, R)
+    order, valid = marked_first(rows)  # (B, R)
+    most = order.shape[1]
     index = order[:, None, :, None].expand(batch, heads, most, dim)
     keys = torch.ones(batch, length, dtype=torch.bool, device=q.device)
     if key_padding_mask is not None:

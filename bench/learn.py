@@ -153,12 +153,18 @@ def fit_for_budget(model: MoEDiffuSeq, data: Seq2SeqDataModule, budget: Training
     return trainer
 
 
+def reference_batch(model: MoEDiffuSeq, sources: list[str], targets: list[str]):
+    """Sources and their reference targets collated at the model's budgets, on its device."""
+    net = model.network_config
+    pairs = encode_pairs(model.tokenizer, sources, targets, net.max_src_len, net.max_trg_len)
+    return collate_pairs(pairs, model.special_ids, net.max_trg_len).to(model.device)
+
+
 def noise_table(model: MoEDiffuSeq, rows: list[dict], batch_size: int = 16) -> dict:
     """Teacher-forced x0 accuracy on the target's words at fixed t over ``rows``, beside rounding
     z_t and beside the denoiser with each source swapped for the next row's (``source_cut``): a
     denoiser that reads its source loses accuracy when the source is cut off."""
     steps = probe_steps(model.schedule.steps)
-    net = model.network_config
     sources, targets = [r["src"] for r in rows], [r["trg"] for r in rows]
     counts = {}
     model.eval()
@@ -166,9 +172,7 @@ def noise_table(model: MoEDiffuSeq, rows: list[dict], batch_size: int = 16) -> d
         generator = torch.Generator(device=model.device).manual_seed(0)
         counts[name] = 0
         for i in range(0, len(rows), batch_size):
-            pairs = encode_pairs(model.tokenizer, shown[i : i + batch_size],
-                                 targets[i : i + batch_size], net.max_src_len, net.max_trg_len)
-            batch = collate_pairs(pairs, model.special_ids, net.max_trg_len).to(model.device)
+            batch = reference_batch(model, shown[i : i + batch_size], targets[i : i + batch_size])
             counts[name] = counts[name] + noise_level_counts(
                 model.sampling_network, model.schedule, batch, model.special_ids, steps,
                 generator).cpu()
@@ -179,11 +183,8 @@ def noise_table(model: MoEDiffuSeq, rows: list[dict], batch_size: int = 16) -> d
 def trajectory(model: MoEDiffuSeq, rows: list[dict], docs: int = 32) -> list[dict]:
     """x0 accuracy on the reference's words at each step of 20-step DPM-Solver++ over the first
     ``docs`` rows (``probes.trajectory_accuracy``)."""
-    net = model.network_config
     rows = rows[:docs]
-    pairs = encode_pairs(model.tokenizer, [r["src"] for r in rows], [r["trg"] for r in rows],
-                         net.max_src_len, net.max_trg_len)
-    batch = collate_pairs(pairs, model.special_ids, net.max_trg_len).to(model.device)
+    batch = reference_batch(model, [r["src"] for r in rows], [r["trg"] for r in rows])
     settings = sampling_settings(model.sampling_config, sampler="dpm_solver++", steps=20)
     return trajectory_accuracy(model, batch, settings)
 

@@ -13,16 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def marked_first(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a (B, L) bool mask: ``order`` (B, R), each row's marked positions first and in order
-    (R = the most marked positions of any row), and ``valid`` (B, R), False on the filler
-    positions that pad a row with fewer marks."""
-    counts = rows.sum(1)
-    most = int(counts.max()) if rows.numel() else 0
-    order = torch.argsort((~rows).to(torch.int8), dim=1, stable=True)[:, :most]
-    valid = torch.arange(most, device=rows.device)[None] < counts[:, None]
-    return order, valid
+from .attention.mask import marked_first
 
 
 class SourcePointer(nn.Module):

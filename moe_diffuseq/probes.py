@@ -72,14 +72,15 @@ def trajectory_accuracy(model, batch: Seq2SeqBatch, sampling, seed: int = 0) -> 
     sampling never refines its first guess."""
     from .generation import sample_ids
 
-    words = word_positions(batch, model.special_ids)
-    truth = batch.input_ids
+    words = word_positions(batch, model.special_ids).to(model.device)
+    truth = batch.input_ids.to(model.device)
+    total = words.sum().clamp_min(1)
     net = model.sampling_network
     points: list[dict] = []
 
     def observe(t: torch.Tensor, x0: torch.Tensor) -> None:
-        right = (net.logits(x0).argmax(-1) == truth.to(x0.device)) & words.to(x0.device)
-        points.append({"t": int(t[0]), "x0_acc": float(right.sum() / words.sum().clamp_min(1))})
+        right = (net.logits(x0).argmax(-1) == truth) & words
+        points.append({"t": int(t[0]), "x0_acc": float(right.sum() / total)})
 
     sample_ids(model, batch, sampling, seed, observe=observe)
     return points

@@ -7,9 +7,10 @@ import math
 
 import torch
 
+from moe_diffuseq.attention.mask import marked_first
 from moe_diffuseq.config import NetworkConfig
 from moe_diffuseq.denoiser import Denoiser
-from moe_diffuseq.pointer import SourcePointer, marked_first
+from moe_diffuseq.pointer import SourcePointer
 
 
 def _masks(lengths: list[tuple[int, int]], length: int) -> tuple[torch.Tensor, torch.Tensor]:

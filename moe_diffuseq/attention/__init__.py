@@ -14,12 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from ..config import AttentionBackend
-from ..pointer import marked_first
 from .banded import banded_attention
 from .dense import dense_attention
 from .flex import flex_available, flex_sparse_attention
 from .full import full_eager_attention, full_sdpa_attention
-from .mask import band_reach, sparse_mask
+from .mask import band_reach, marked_first, sparse_mask
 from .xformers_backend import xformers_attention, xformers_available
 
 # The kernels by name; ``auto`` stands for one of them (``pick_backend``). ``full_sdpa`` and

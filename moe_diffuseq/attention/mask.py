@@ -48,3 +48,14 @@ def sparse_mask(
     if key_padding_mask is not None:
         mask = mask & ~key_padding_mask[:, None, :]
     return mask.contiguous()
+
+
+def marked_first(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a (B, L) bool mask: ``order`` (B, R), each row's marked positions first and in order
+    (R = the most marked positions of any row), and ``valid`` (B, R), False on the filler
+    positions that pad a row with fewer marks."""
+    counts = rows.sum(1)
+    most = int(counts.max()) if rows.numel() else 0
+    order = torch.argsort((~rows).to(torch.int8), dim=1, stable=True)[:, :most]
+    valid = torch.arange(most, device=rows.device)[None] < counts[:, None]
+    return order, valid

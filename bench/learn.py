@@ -5,8 +5,8 @@ Lightning Trainer for ``--minutes`` of training time (evaluation excluded), with
 curve of 20-step DPM-Solver++ item F1 against wall-clock. At the end of each run:
   * item metrics of DPM-Solver++ 20 and 10, DDIM 200 and ancestral (all T steps) samples;
   * x0 accuracy on target words at fixed t beside rounding z_t (teacher forced).
-Ablations (one recipe candidate removed at a time) run on code-outline with the same seed,
-data and budget.
+Ablations (one recipe candidate removed at a time) run on one task (``--ablation_task``,
+code-outline unless told) with the same seed, data and budget.
 
     python -m bench.learn --quick --out /tmp/learn.json    # under 10 minutes
     python -m bench.learn                                  # the full run (make bench-learn)
@@ -37,17 +37,20 @@ from .common import machine_info, print_table, write_json
 RECIPE: dict = {
     "network": {
         "embed_dim": 64, "hidden_size": 128, "num_layers": 2, "num_heads": 4, "dropout": 0.0,
-        "positions": "target_relative", "source_pointer": True, "position_init_std": 0.02,
+        "positions": "target_relative", "source_pointer": True, "pointer_neighbours": True,
+        "position_init_std": 0.02,
         "attention": {"window": 64, "target_global": True},
         "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 128},
     },
-    "diffusion": {"steps": 2000, "soft_absorbing": False, "loss_on": "target"},
+    "diffusion": {"steps": 2000, "soft_absorbing": False, "loss_on": "target", "unroll": 0.5},
     "lr": 2e-3, "warmup_steps": 100, "lr_decay": "constant", "ema_decay": 0.0,
 }
 # One candidate changed at a time: a part of the recipe removed (back to DiffuSeq's setting), or a
 # candidate from the literature added.
 ABLATIONS: dict[str, dict] = {
-    "no_source_pointer": {"network": {"source_pointer": False}},
+    "no_source_pointer": {"network": {"source_pointer": False, "pointer_neighbours": False}},
+    "no_pointer_neighbours": {"network": {"pointer_neighbours": False}},
+    "no_unroll": {"diffusion": {"unroll": 0.0}},
     "absolute_positions": {"network": {"positions": "absolute"}},
     "plus_self_conditioning": {"diffusion": {"self_conditioning": 0.5}},
     "plus_skip_connection": {"diffusion": {"skip_connection": True}},
@@ -221,7 +224,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="training minutes per run (default 15; quick 3)")
     parser.add_argument("--tasks", nargs="+", default=None, choices=sorted(TASKS))
     parser.add_argument("--ablations", nargs="*", default=None, choices=sorted(ABLATIONS),
-                        help="ablations to run on code-outline (default: all; quick: none)")
+                        help="ablations to run on --ablation_task (default: all; quick: none)")
+    parser.add_argument("--ablation_task", default="code-outline", choices=sorted(TASKS),
+                        help="the task the ablations run on")
     parser.add_argument("--docs", type=int, default=None,
                         help="validation documents scored (default 128; quick 32)")
     parser.add_argument("--ancestral_docs", type=int, default=None,
@@ -251,7 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
     recipe = merged(RECIPE, args.model)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    for task in {*tasks, *(["code-outline"] if ablations else [])}:  # build what is missing first
+    # Build what is missing first.
+    for task in {*tasks, *([args.ablation_task] if ablations else [])}:
         name = corpus(task, args.max_chars)
         if not is_built(name, Path(args.data_dir) / name):
             build(name, Path(args.data_dir) / name)
@@ -260,11 +266,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"== {task}: recipe, {args.minutes:g} min", flush=True)
         rows = validation_rows(corpus(task, args.max_chars), args.data_dir, args.docs)
         runs.append({"name": "recipe", **run(task, recipe, args, rows, final=True)})
-    outline_rows = validation_rows(corpus("code-outline", args.max_chars), args.data_dir, args.docs)
+    ablation_rows = validation_rows(corpus(args.ablation_task, args.max_chars), args.data_dir,
+                                    args.docs)
     for name in ablations:
-        print(f"== code-outline: ablation {name}, {args.minutes:g} min", flush=True)
-        runs.append({"name": name, **run("code-outline", merged(recipe, ABLATIONS[name]), args,
-                                         outline_rows, final=False)})
+        print(f"== {args.ablation_task}: ablation {name}, {args.minutes:g} min", flush=True)
+        runs.append({"name": name, **run(args.ablation_task, merged(recipe, ABLATIONS[name]), args,
+                                         ablation_rows, final=False)})
 
     recipe = {r["task"]: r for r in runs if r["name"] == "recipe"}
     table = []
@@ -273,8 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
         table.append([r["task"], r["name"], r["steps"], s["dpm20"]["item_f1"],
                       s["dpm20"]["exact_match"], s.get("ancestral", {}).get("item_f1"),
                       list(r["noise_levels"].values())[-1]["denoiser"]])
-        if r["name"] != "recipe" and "code-outline" in recipe:  # paired over the same documents
-            base = recipe["code-outline"]["sampling"]["dpm20"]["per_doc_f1"]
+        if r["name"] != "recipe" and r["task"] in recipe:  # paired over the same documents
+            base = recipe[r["task"]]["sampling"]["dpm20"]["per_doc_f1"]
             r["f1_minus_recipe_interval"] = paired_bootstrap_interval(s["dpm20"]["per_doc_f1"],
                                                                       base)
     print_table(["task", "run", "steps", "dpm20 F1", "dpm20 exact", "ancestral F1",
@@ -289,8 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
         "cast_item_f1": pick("dialogue-cast", "dpm20", "item_f1"),
         "lookup_exact": pick("code-lookup", "dpm20", "exact_match"),
     }
-    if "code-outline" in recipe:
-        s = recipe["code-outline"]["sampling"]
+    if recipe:  # code-outline's where it ran, else the first task's
+        s = recipe.get("code-outline", next(iter(recipe.values())))["sampling"]
         # Same checkpoint, the ancestral documents only: the ratio compares like with like.
         n = len(s["ancestral"]["per_doc_f1"])
         dpm_f1 = sum(s["dpm20"]["per_doc_f1"][:n]) / n

@@ -131,6 +131,10 @@ class NetworkConfig:
     """A pointer-generator head: each target position's x0 is a learned gate's mix of the network's
     output and an attention over the source's own input embeddings, so a source token can be
     written by pointing at it instead of being carried through every layer."""
+    pointer_neighbours: bool = False
+    """The pointer also matches each target slot's neighbours (as the noisy input holds them) with
+    each source token's neighbours, so a slot can continue a span its neighbour has copied.
+    Needs source_pointer."""
     position_init_std: float = 1.0
     """Standard deviation of the position tables' initial weights: 1.0 is nn.Embedding's; 0.02 is
     BERT's and DiffuSeq's, under which the positions do not outweigh the token signal of the up
@@ -157,6 +161,8 @@ class NetworkConfig:
         _check(self.hidden_size % self.num_heads == 0, "network.hidden_size", self.hidden_size,
                f"must be divisible by num_heads={self.num_heads}")
         _check(0.0 <= self.dropout < 1.0, "network.dropout", self.dropout, "must be in [0, 1)")
+        _check(self.source_pointer or not self.pointer_neighbours, "network.pointer_neighbours",
+               self.pointer_neighbours, "needs network.source_pointer: true")
         _check(self.position_init_std > 0, "network.position_init_std", self.position_init_std,
                "must be > 0")
         _check(self.positions in ("target_relative", "absolute"), "network.positions",
@@ -246,6 +252,11 @@ class DiffusionConfig:
     """Self-conditioning (Analog Bits): the share of training examples whose denoiser also reads its
     own first x0 estimate, as each sampling step reads the previous one's; 0 turns it off (and the
     network has no such input)."""
+    unroll: float = 0.0
+    """The share of training examples whose noisy target is made as a sampler makes it: one
+    deterministic step down to t from a higher noise level, with the denoiser's own x0 estimate
+    there (without gradient). It teaches the denoiser to correct its earlier answer rather than
+    keep it; 0 turns it off (DiffuSeq)."""
 
     def denoise_rate_at(self, step: int | None) -> float:
         """gamma at optimizer step ``step`` (None: the full rate), 0 without the soft absorbing
@@ -267,6 +278,7 @@ class DiffusionConfig:
                "must be >= 0")
         _check(0.0 <= self.self_conditioning <= 1.0, "diffusion.self_conditioning",
                self.self_conditioning, "must be in [0, 1]")
+        _check(0.0 <= self.unroll <= 1.0, "diffusion.unroll", self.unroll, "must be in [0, 1]")
         _check(self.x0_nll_coef >= 0, "diffusion.x0_nll_coef", self.x0_nll_coef, "must be >= 0")
         _check(self.loss_on in ("auto", "all", "target"), "diffusion.loss_on", self.loss_on,
                "expected auto, all or target")

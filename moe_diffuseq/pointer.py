@@ -5,6 +5,11 @@ projection, every block and the down projection, back to the exact embedding. A 
 gives that a direct path: each target position attends once more over the source, reads the
 source's own input embeddings, and a learned gate mixes what it read with the network's x0.
 Attention weights that settle on one source token write that token's embedding exactly.
+
+With ``neighbours``, a target slot also matches its neighbours' noisy inputs against each source
+token's neighbours: a slot whose left neighbour holds "cancel" points at the source token that
+follows a "cancel". Once sampling has settled one slot of a span, the next slot can continue the
+span, the step an autoregressive copy takes, without learning where the span lies by position.
 """
 
 from __future__ import annotations
@@ -24,11 +29,32 @@ class SourcePointer(nn.Module):
     linear in the source length.
     """
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, embed_dim: int | None = None) -> None:
+        """``embed_dim``: match neighbours too (their embeddings have this width); None: off."""
         super().__init__()
         self.query = nn.Linear(hidden, hidden)
         self.key = nn.Linear(hidden, hidden)
         self.gate = nn.Linear(hidden, 1)
+        # Left and right neighbours, each with its own query and key projections.
+        self.neighbour_query = (nn.ModuleList(nn.Linear(embed_dim, embed_dim) for _ in range(2))
+                                if embed_dim else None)
+        self.neighbour_key = (nn.ModuleList(nn.Linear(embed_dim, embed_dim) for _ in range(2))
+                              if embed_dim else None)
+
+    def queries_and_keys(self, h: torch.Tensor, z_t: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, D) queries and keys of every position; their dot product is the sum of the
+        hidden states' match and (with neighbours) each side's neighbour match. The scale
+        1/sqrt(D) is sdpa's."""
+        q, k = [self.query(h)], [self.key(h)]
+        if self.neighbour_query is not None:
+            zeros = torch.zeros_like(z_t[:, :1])
+            left = torch.cat([zeros, z_t[:, :-1]], 1)  # what the position before holds
+            right = torch.cat([z_t[:, 1:], zeros], 1)
+            for side, neighbour in enumerate((left, right)):
+                q.append(self.neighbour_query[side](neighbour).to(h.dtype))
+                k.append(self.neighbour_key[side](neighbour).to(h.dtype))
+        return torch.cat(q, -1), torch.cat(k, -1)
 
     def forward(self, h: torch.Tensor, z_t: torch.Tensor, x0: torch.Tensor,
                 target_mask: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
@@ -41,8 +67,10 @@ class SourcePointer(nn.Module):
             return x0
         order, valid = marked_first(rows)  # (B, R)
         h_rows = h.gather(1, order[..., None].expand(-1, -1, h.shape[-1]))  # (B, R, H)
+        query, key = self.queries_and_keys(h, z_t)
+        query = query.gather(1, order[..., None].expand(-1, -1, query.shape[-1]))  # (B, R, D)
         read = F.scaled_dot_product_attention(
-            self.query(h_rows)[:, None], self.key(h)[:, None], z_t[:, None],
+            query[:, None], key[:, None], z_t[:, None],
             attn_mask=sources[:, None, None, :],
         )[:, 0]  # (B, R, E)
         index = order[..., None].expand(-1, -1, x0.shape[-1])

@@ -320,6 +320,14 @@ def test_loss_aware_sampler_prefers_high_loss_steps():
     assert "loss_history" in sampler.state_dict()
 
 
+def _tiny_model(**diffusion) -> MoEDiffuSeq:
+    """A one-layer model of the _tiny_batch shape (source 6, target 5, vocabulary 40)."""
+    return MoEDiffuSeq(network={"vocab_size": 40, "max_src_len": 6, "max_trg_len": 5,
+                                "embed_dim": 8, "hidden_size": 16, "num_layers": 1, "num_heads": 2,
+                                "moe": {"num_experts": 2, "top_k": 1, "expert_hidden": 16}},
+                       diffusion=diffusion)
+
+
 def _tiny_batch(src_len: int, trg_len: int, vocab: int) -> Seq2SeqBatch:
     length = src_len + trg_len + 3
     ids = torch.randint(5, vocab, (2, length), generator=torch.Generator().manual_seed(0))
@@ -335,9 +343,7 @@ def _tiny_batch(src_len: int, trg_len: int, vocab: int) -> Seq2SeqBatch:
 
 @pytest.mark.parametrize("loss_on", ["all", "target"])
 def test_loss_on_scores_only_its_positions(schedule, loss_on):
-    model = MoEDiffuSeq(network={"vocab_size": 40, "max_src_len": 6, "max_trg_len": 5,
-                                 "embed_dim": 8, "hidden_size": 16, "num_layers": 1, "num_heads": 2,
-                                 "moe": {"num_experts": 2, "top_k": 1, "expert_hidden": 16}})
+    model = _tiny_model()
     batch = _tiny_batch(6, 5, 40)
     t = torch.tensor([3, 1500])
     denoise = model.denoiser.forward
@@ -409,10 +415,7 @@ def test_forward_process_at_intermediate_t_with_an_absorbing_vector_matches_the_
 
 
 def test_rounding_and_tT_losses_match_their_formulas(schedule):
-    model = MoEDiffuSeq(network={"vocab_size": 40, "max_src_len": 6, "max_trg_len": 5,
-                                 "embed_dim": 8, "hidden_size": 16, "num_layers": 1, "num_heads": 2,
-                                 "moe": {"num_experts": 2, "top_k": 1, "expert_hidden": 16}},
-                        diffusion={"soft_absorbing": True})
+    model = _tiny_model(soft_absorbing=True)
     with torch.no_grad():
         model.denoiser.absorbing_state.add_(0.5)  # m far from 0: the tT term must measure z0 - m
     batch = _tiny_batch(6, 5, 40)
@@ -449,3 +452,41 @@ def test_loss_with_bf16_parameters_under_autocast(small_tokenizer):
         loss, parts, _ = model.compute_loss(batch, torch.tensor([0, 10, 500, 1999]),
                                             torch.ones(4), predict_tokens=True)
     assert torch.isfinite(loss.float()) and all(torch.isfinite(v.float()) for v in parts.values())
+
+
+def test_unrolled_input_is_one_deterministic_step_from_the_denoisers_own_estimate(schedule):
+    model = _tiny_model(soft_absorbing=True)
+    with torch.no_grad():
+        model.denoiser.absorbing_state.add_(0.5)  # the step must work in z - m coordinates
+    batch = _tiny_batch(6, 5, 40)
+    t = torch.tensor([3, 1500])
+    denoise = model.denoiser.forward
+    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (z_in, t, x0_hat)
+
+    def recorded(z, steps, *args):
+        x0, stats = denoise(z, steps, *args)
+        calls.append((z.detach(), steps, x0.detach()))
+        return x0, stats
+
+    model.denoiser.forward = recorded
+    diffusion_loss_terms(model.denoiser, schedule, batch, t, denoise_rate=0.0, loss_on="all",
+                         generator=torch.Generator().manual_seed(0), unroll_rate=1.0)
+    (z_s, s, x0_s), (z_in, t_in, _) = calls
+    assert torch.equal(t_in, t) and bool((s >= t).all()) and bool((s < schedule.steps).all())
+    source = ~batch.input_mask
+    assert torch.equal(z_in[source], z_s[source])  # the source stays clean
+    m = model.denoiser.absorbing_state.detach().double()
+    ab_s = schedule.alpha_bar.double()[s][:, None, None]
+    ab_t = schedule.alpha_bar.double()[t][:, None, None]
+    eps = (z_s.double() - m - ab_s.sqrt() * (x0_s.double() - m)) / (1 - ab_s).sqrt()
+    expected = m + ab_t.sqrt() * (x0_s.double() - m) + (1 - ab_t).sqrt() * eps
+    target = batch.input_mask
+    torch.testing.assert_close(z_in.double()[target], expected[target], rtol=1e-5, atol=1e-5)
+
+    calls.clear()  # off, and in evaluation, the denoiser runs once on the true z_t
+    diffusion_loss_terms(model.denoiser, schedule, batch, t, denoise_rate=0.0, loss_on="all",
+                         generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 1
+    model.denoiser.forward = denoise
+    with pytest.raises(ValueError, match="diffusion.unroll"):
+        MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 8}, diffusion={"unroll": 1.5})

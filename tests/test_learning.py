@@ -51,10 +51,14 @@ def _x0_accuracy_at_t_max(model: MoEDiffuSeq, batch) -> float:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("network", [{}, {"source_pointer": True, "position_init_std": 0.02}],
-                         ids=["plain", "pointer"])
+# plain: DiffuSeq's network; recipe: the shipped configs' pointer, neighbours and unrolled steps.
+@pytest.mark.parametrize("network,diffusion", [
+    ({}, {}),
+    ({"source_pointer": True, "pointer_neighbours": True, "position_init_std": 0.02},
+     {"unroll": 0.5}),
+], ids=["plain", "recipe"])
 def test_tiny_model_learns_to_copy_from_a_source_of_varying_length(small_corpus, small_tokenizer,
-                                                                   tmp_path, network):
+                                                                   tmp_path, network, diffusion):
     texts = [json.loads(line)["trg"]
              for line in (small_corpus / "train.jsonl").read_text().splitlines()]
     decode = small_tokenizer.decode
@@ -77,7 +81,7 @@ def test_tiny_model_learns_to_copy_from_a_source_of_varying_length(small_corpus,
                  "num_layers": 2, "num_heads": 4, "dropout": 0.0, "attention": {"window": 64},
                  **network,
                  "moe": {"num_experts": 2, "top_k": 1, "expert_hidden": 128}},
-        diffusion={"steps": 2000, "soft_absorbing": False, "loss_on": "target"},
+        diffusion={"steps": 2000, "soft_absorbing": False, "loss_on": "target", **diffusion},
         lr=2e-3, warmup_steps=20, lr_decay="constant", ema_decay=0.0,
     )
     trainer = pl.Trainer(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from moe_diffuseq.attention.mask import marked_first
@@ -24,9 +25,20 @@ def _masks(lengths: list[tuple[int, int]], length: int) -> tuple[torch.Tensor, t
 
 
 def _reference(pointer: SourcePointer, h, z_t, x0, target, padding) -> torch.Tensor:
-    """Every row against every key, masked to source keys, kept on target rows only."""
+    """Every row against every key, masked to source keys, kept on target rows only; with
+    neighbours, each side's match of position i-1 (or i+1) against j-1 (or j+1) added."""
     q, k = pointer.query(h), pointer.key(h)
-    scores = (q @ k.transpose(1, 2)) / math.sqrt(h.shape[-1])
+    scores = q @ k.transpose(1, 2)
+    width = h.shape[-1]
+    if pointer.neighbour_query is not None:
+        length = z_t.shape[1]
+        for side, shift in enumerate((-1, 1)):
+            held = torch.stack([z_t[:, i + shift] if 0 <= i + shift < length
+                                else torch.zeros_like(z_t[:, 0]) for i in range(length)], 1)
+            qn, kn = pointer.neighbour_query[side](held), pointer.neighbour_key[side](held)
+            scores = scores + qn @ kn.transpose(1, 2)
+            width += z_t.shape[-1]
+    scores = scores / math.sqrt(width)
     sources = ~target & ~padding
     read = scores.masked_fill(~sources[:, None, :], float("-inf")).softmax(-1) @ z_t
     gate = torch.sigmoid(pointer.gate(h))
@@ -41,9 +53,10 @@ def test_marked_first_orders_each_rows_marks_then_filler():
     assert valid.tolist() == [[True, True], [True, False]]
 
 
-def test_pointer_matches_the_dense_reference_forward_and_backward():
+@pytest.mark.parametrize("neighbours", [False, True])
+def test_pointer_matches_the_dense_reference_forward_and_backward(neighbours):
     torch.manual_seed(0)
-    pointer = SourcePointer(16).double()
+    pointer = SourcePointer(16, 8 if neighbours else None).double()
     target, padding = _masks([(7, 4), (3, 6), (10, 2)], 13)
     h = torch.randn(3, 13, 16, dtype=torch.float64, requires_grad=True)
     z_t = torch.randn(3, 13, 8, dtype=torch.float64, requires_grad=True)
@@ -100,3 +113,39 @@ def test_denoiser_with_a_pointer_reads_a_far_source_token_through_it():
             after, _ = net(moved, t, glob, padding, target)
         changed[pointer] = float((after - before)[0, 40:].abs().max())
     assert changed[False] == 0.0 and changed[True] > 1e-4
+
+
+def test_a_slot_continues_the_span_its_left_neighbour_holds():
+    """Hidden states that match nothing and a left-neighbour match set to the identity: a target
+    slot whose left neighbour holds source token j writes source token j + 1, wherever j lies.
+    Without neighbours the same pointer reads a blur of the whole source."""
+    torch.manual_seed(0)
+    src, trg = 12, 4
+    target, padding = _masks([(src, trg)], src + trg)
+    z_t = torch.randn(1, src + trg, 8) * 3.0  # distinct source tokens
+    starts = [2, 7, 3]  # what slots 0, 1, 2 hold: slots 1, 2, 3 should continue them
+    for slot, j in enumerate(starts):
+        z_t[0, src + slot] = z_t[0, j]
+    x0 = torch.zeros_like(z_t)
+    h = torch.zeros(1, src + trg, 16)
+    written = {}
+    for neighbours in (False, True):
+        pointer = SourcePointer(16, 8 if neighbours else None)
+        with torch.no_grad():
+            pointer.gate.bias.fill_(50.0)
+            for layer in (pointer.query, pointer.key):
+                layer.weight.zero_(), layer.bias.zero_()
+            if neighbours:
+                for layers in (pointer.neighbour_query, pointer.neighbour_key):
+                    for side, layer in enumerate(layers):
+                        layer.weight.copy_(torch.eye(8) * (10.0 if side == 0 else 0.0))
+                        layer.bias.zero_()
+            written[neighbours] = pointer(h, z_t, x0, target, padding)[0, src + 1 : src + trg]
+    expected = torch.stack([z_t[0, j + 1] for j in starts])
+    torch.testing.assert_close(written[True], expected, atol=1e-3, rtol=1e-3)
+    assert (written[False] - expected).abs().max() > 1.0
+
+
+def test_neighbours_need_the_pointer():
+    with pytest.raises(ValueError, match="network.pointer_neighbours"):
+        NetworkConfig(pointer_neighbours=True)

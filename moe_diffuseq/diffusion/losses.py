@@ -41,6 +41,30 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
+@torch.no_grad()
+def unrolled(denoiser, schedule: NoiseSchedule, z0: torch.Tensor, t: torch.Tensor,
+             global_mask: torch.Tensor, batch: Seq2SeqBatch, denoise_rate: float,
+             absorbable: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+    """z_t as a sampler hands it to the denoiser: noise z0 at a step s drawn uniformly from
+    [t, T), let the denoiser estimate x0 there, and take one deterministic step (DDIM, the first
+    order of DPM-Solver++) from s down to t with that estimate.
+
+    Training on the true z_t alone teaches the denoiser to trust its noisy input. When sampling,
+    that input carries the denoiser's own earlier, partly wrong, answer, and a denoiser that
+    trusts it keeps its first guess (step-unrolled denoising, SUNDAE, for the same reason)."""
+    steps = schedule.steps
+    span = (steps - t).to(torch.float64)  # how many steps lie in [t, T)
+    draw = torch.rand(len(t), device=t.device, generator=generator, dtype=torch.float64)
+    s = torch.minimum(t + (draw * span).long(), torch.full_like(t, steps - 1))
+    z_s, _ = forward_process(z0, s, batch.input_mask, denoiser.absorbing_state, schedule,
+                             denoise_rate, generator=generator, absorbable=absorbable)
+    x0_s, _ = denoiser(z_s, s, global_mask, batch.padding_mask, batch.input_mask)
+    m = denoiser.absorbing_state.to(z0.dtype)
+    ab_s, ab_t = schedule.at("alpha_bar", s, z0), schedule.at("alpha_bar", t, z0)
+    eps = (z_s - m - ab_s.sqrt() * (x0_s - m)) / (1.0 - ab_s).sqrt()
+    return m + ab_t.sqrt() * (x0_s - m) + (1.0 - ab_t).sqrt() * eps
+
+
 def diffusion_loss_terms(
     denoiser,
     schedule: NoiseSchedule,
@@ -53,6 +77,7 @@ def diffusion_loss_terms(
     predict_tokens: bool = False,
     absorbable: torch.Tensor | None = None,
     self_condition_rate: float = 0.0,
+    unroll_rate: float = 0.0,
     x0_nll_coef: float = 0.0,
 ) -> DiffusionLossTerms:
     """Noise the batch at steps t (B,), denoise it, and score the x0 prediction.
@@ -60,6 +85,8 @@ def diffusion_loss_terms(
     ``absorbable`` (B, L): the target positions the soft absorbing state may replace (None: all).
     ``self_condition_rate``: the share of examples whose denoiser also reads its own first x0
     estimate (made without gradient), as sampling feeds it the previous step's.
+    ``unroll_rate``: the share of examples whose target z_t is made as a sampler makes it, one
+    deterministic step down from a higher noise level with the denoiser's own x0 (``unrolled``).
     ``x0_nll_coef``: weight of the cross-entropy of the rounding head on x0_hat at the target's
     positions, a loss on the token the denoiser writes rather than on its embedding distance.
     """
@@ -71,6 +98,13 @@ def diffusion_loss_terms(
     z_t, _ = forward_process(z0, t, target_mask, m, schedule, denoise_rate, generator=generator,
                                    absorbable=absorbable)
     global_mask = denoiser.global_tokens(batch.global_mask, target_mask, batch.padding_mask)
+    if unroll_rate > 0:
+        # Every row is stepped, not only the chosen ones: each rank must run the same forward
+        # passes, or FSDP's parameter gathers would not pair up across ranks.
+        stepped = unrolled(denoiser, schedule, z0, t, global_mask, batch, denoise_rate,
+                           absorbable, generator)
+        chosen = torch.rand(len(t), device=z_t.device, generator=generator) < unroll_rate
+        z_t = torch.where(chosen[:, None, None] & target_mask[..., None], stepped, z_t)
     x0_prev = None
     if self_condition_rate > 0:
         with torch.no_grad():
@@ -140,6 +174,7 @@ def training_loss(
         # Evaluation always self-conditions, as sampling does; training on a share of examples.
         self_condition_rate=(cfg.self_conditioning if denoiser.training
                              else float(cfg.self_conditioning > 0)),
+        unroll_rate=cfg.unroll if denoiser.training else 0.0,
     )
     device = terms.mse.device
     balance, z_loss = (x.to(device) for x in router_losses(terms.router_stats))

@@ -273,22 +273,22 @@ def main(argv: list[str] | None = None) -> dict:
         runs.append({"name": name, **run(args.ablation_task, merged(recipe, ABLATIONS[name]), args,
                                          ablation_rows, final=False)})
 
-    recipe = {r["task"]: r for r in runs if r["name"] == "recipe"}
+    recipe_runs = {r["task"]: r for r in runs if r["name"] == "recipe"}
     table = []
     for r in runs:
         s = r["sampling"]
         table.append([r["task"], r["name"], r["steps"], s["dpm20"]["item_f1"],
                       s["dpm20"]["exact_match"], s.get("ancestral", {}).get("item_f1"),
                       list(r["noise_levels"].values())[-1]["denoiser"]])
-        if r["name"] != "recipe" and r["task"] in recipe:  # paired over the same documents
-            base = recipe[r["task"]]["sampling"]["dpm20"]["per_doc_f1"]
+        if r["name"] != "recipe" and r["task"] in recipe_runs:  # paired over the same documents
+            base = recipe_runs[r["task"]]["sampling"]["dpm20"]["per_doc_f1"]
             r["f1_minus_recipe_interval"] = paired_bootstrap_interval(s["dpm20"]["per_doc_f1"],
                                                                       base)
     print_table(["task", "run", "steps", "dpm20 F1", "dpm20 exact", "ancestral F1",
                  "x0 acc t=T-1"], table)
 
     def pick(task: str, sampler: str, key: str):
-        return recipe[task]["sampling"][sampler][key] if task in recipe else None
+        return recipe_runs[task]["sampling"][sampler][key] if task in recipe_runs else None
 
     summary = {
         "outline_item_f1": pick("code-outline", "dpm20", "item_f1"),
@@ -296,8 +296,10 @@ def main(argv: list[str] | None = None) -> dict:
         "cast_item_f1": pick("dialogue-cast", "dpm20", "item_f1"),
         "lookup_exact": pick("code-lookup", "dpm20", "exact_match"),
     }
-    if recipe:  # code-outline's where it ran, else the first task's
-        s = recipe.get("code-outline", next(iter(recipe.values())))["sampling"]
+    if recipe_runs:  # code-outline's where it ran, else the first task's
+        task = "code-outline" if "code-outline" in recipe_runs else next(iter(recipe_runs))
+        summary["dpm20_vs_ancestral_task"] = task
+        s = recipe_runs[task]["sampling"]
         # Same checkpoint, the ancestral documents only: the ratio compares like with like.
         n = len(s["ancestral"]["per_doc_f1"])
         dpm_f1 = sum(s["dpm20"]["per_doc_f1"][:n]) / n

@@ -217,6 +217,8 @@ def test_learn_bench_tiny_run_writes_summary_curve_and_plot(tmp_path):
         {p["t"] for p in recipe["trajectory"]}, reverse=True)
     summary = payload["summary"]
     assert 0.0 <= summary["outline_item_f1"] <= 1.0 and summary["cast_item_f1"] is None
+    assert summary["dpm20_vs_ancestral_task"] == "code-outline"
+    assert payload["settings"]["recipe"]["network"]["hidden_size"] == 32  # the config trained
     assert len(payload["runs"][1]["f1_minus_recipe_interval"]) == 2
     assert out.with_suffix(".png").stat().st_size > 0
 

@@ -441,7 +441,8 @@ def test_loss_with_bf16_parameters_under_autocast(small_tokenizer):
     # comes back in float32: every loss term must take the dtype it is given.
     model = MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 12, "embed_dim": 8,
                                  "hidden_size": 16, "num_layers": 1, "num_heads": 2},
-                        diffusion={"x0_nll_coef": 0.5})
+                        # cosine: in bf16, 1 - alpha_bar is 0 at its first steps (the unrolled step)
+                        diffusion={"x0_nll_coef": 0.5, "unroll": 1.0, "schedule": "cosine"})
     model.set_tokenizer(small_tokenizer)
     model.configure_model()
     model.to(torch.bfloat16)
@@ -454,14 +455,10 @@ def test_loss_with_bf16_parameters_under_autocast(small_tokenizer):
     assert torch.isfinite(loss.float()) and all(torch.isfinite(v.float()) for v in parts.values())
 
 
-def test_unrolled_input_is_one_deterministic_step_from_the_denoisers_own_estimate(schedule):
-    model = _tiny_model(soft_absorbing=True)
-    with torch.no_grad():
-        model.denoiser.absorbing_state.add_(0.5)  # the step must work in z - m coordinates
-    batch = _tiny_batch(6, 5, 40)
-    t = torch.tensor([3, 1500])
+def _recording(model: MoEDiffuSeq) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Record every denoiser call as (z_in, t, x0_hat); the list fills as the model runs."""
     denoise = model.denoiser.forward
-    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (z_in, t, x0_hat)
+    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def recorded(z, steps, *args):
         x0, stats = denoise(z, steps, *args)
@@ -469,24 +466,76 @@ def test_unrolled_input_is_one_deterministic_step_from_the_denoisers_own_estimat
         return x0, stats
 
     model.denoiser.forward = recorded
-    diffusion_loss_terms(model.denoiser, schedule, batch, t, denoise_rate=0.0, loss_on="all",
-                         generator=torch.Generator().manual_seed(0), unroll_rate=1.0)
-    (z_s, s, x0_s), (z_in, t_in, _) = calls
-    assert torch.equal(t_in, t) and bool((s >= t).all()) and bool((s < schedule.steps).all())
-    source = ~batch.input_mask
-    assert torch.equal(z_in[source], z_s[source])  # the source stays clean
-    m = model.denoiser.absorbing_state.detach().double()
-    ab_s = schedule.alpha_bar.double()[s][:, None, None]
-    ab_t = schedule.alpha_bar.double()[t][:, None, None]
-    eps = (z_s.double() - m - ab_s.sqrt() * (x0_s.double() - m)) / (1 - ab_s).sqrt()
-    expected = m + ab_t.sqrt() * (x0_s.double() - m) + (1 - ab_t).sqrt() * eps
-    target = batch.input_mask
-    torch.testing.assert_close(z_in.double()[target], expected[target], rtol=1e-5, atol=1e-5)
+    return calls
 
-    calls.clear()  # off, and in evaluation, the denoiser runs once on the true z_t
-    diffusion_loss_terms(model.denoiser, schedule, batch, t, denoise_rate=0.0, loss_on="all",
-                         generator=torch.Generator().manual_seed(0))
-    assert len(calls) == 1
-    model.denoiser.forward = denoise
+
+def test_unrolled_input_is_one_deterministic_step_from_the_denoisers_own_estimate(schedule):
+    model = _tiny_model(soft_absorbing=True)
+    with torch.no_grad():
+        model.denoiser.absorbing_state.add_(0.5)  # the step must work in z - m coordinates
+    batch = _tiny_batch(6, 5, 40)
+    t = torch.tensor([3, 1500])
+    calls = _recording(model)
+    target, source = batch.input_mask, ~batch.input_mask
+    m = model.denoiser.absorbing_state.detach().double()
+    kinds = set()
+    for seed in range(8):
+        calls.clear()  # off: one pass on the true z_t (the same draw: it comes first)
+        diffusion_loss_terms(model.denoiser, schedule, batch, t, denoise_rate=0.5, loss_on="all",
+                             generator=torch.Generator().manual_seed(seed))
+        ((true_z, _, _),) = calls
+        calls.clear()
+        diffusion_loss_terms(model.denoiser, schedule, batch, t, denoise_rate=0.5, loss_on="all",
+                             generator=torch.Generator().manual_seed(seed), unroll_rate=0.5)
+        (z_s, s, x0_s), (z_in, t_in, _) = calls
+        assert torch.equal(t_in, t) and bool((s >= t).all()) and bool((s < schedule.steps).all())
+        assert torch.equal(z_in[source], true_z[source])  # the source stays clean
+        assert not bool((z_s[target] == m.float()).all(-1).any())  # nothing absorbed at s
+        ab_s = schedule.alpha_bar.double()[s][:, None, None]
+        ab_t = schedule.alpha_bar.double()[t][:, None, None]
+        eps = (z_s.double() - m - ab_s.sqrt() * (x0_s.double() - m)) / (1 - ab_s).sqrt()
+        stepped = m + ab_t.sqrt() * (x0_s.double() - m) + (1 - ab_t).sqrt() * eps
+        for row in range(2):  # each row is either stepped or left as the forward process made it
+            got = z_in.double()[row][target[row]]
+            if torch.allclose(got, stepped[row][target[row]], rtol=1e-5, atol=1e-5):
+                kinds.add("stepped")
+            else:
+                torch.testing.assert_close(got, true_z.double()[row][target[row]])
+                kinds.add("true")
+    assert kinds == {"stepped", "true"}
     with pytest.raises(ValueError, match="diffusion.unroll"):
         MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 8}, diffusion={"unroll": 1.5})
+
+
+def test_unroll_runs_in_training_only_and_hands_self_conditioning_its_estimate(small_tokenizer):
+    model = MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 12, "embed_dim": 8,
+                                 "hidden_size": 16, "num_layers": 1, "num_heads": 2},
+                        diffusion={"unroll": 1.0, "self_conditioning": 1.0})
+    model.set_tokenizer(small_tokenizer)
+    model.configure_model()
+    special = SpecialIds.from_tokenizer(small_tokenizer)
+    batch = collate_pairs(encode_pairs(small_tokenizer, ["the source"] * 2, ["a target"] * 2,
+                                       8, 12), special, 12)
+    net = model.denoiser
+    forward = net.forward
+    calls: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # (x0_prev read, x0_hat written)
+
+    def recorded(*args):
+        x0, stats = forward(*args)
+        calls.append((args[5] if len(args) > 5 else None, x0.detach()))
+        return x0, stats
+
+    net.forward = recorded
+    t = torch.tensor([10, 1500])
+    model.train()
+    model.compute_loss(batch, t, torch.ones(2), generator=torch.Generator().manual_seed(0))
+    # The step from s, self-conditioning's first pass, the scored pass; the scored pass reads
+    # x0_s, the estimate its (unrolled) input was stepped with, as a sampling step would.
+    assert len(calls) == 3 and calls[0][0] is None
+    torch.testing.assert_close(calls[2][0], calls[0][1])
+    calls.clear()
+    model.eval()
+    model.compute_loss(batch, t, torch.ones(2), generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 2  # evaluation: self-conditioning's two passes, no step from s
+    torch.testing.assert_close(calls[1][0], calls[0][1])
+    net.forward = forward

@@ -43,26 +43,30 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def unrolled(denoiser, schedule: NoiseSchedule, z0: torch.Tensor, t: torch.Tensor,
-             global_mask: torch.Tensor, batch: Seq2SeqBatch, denoise_rate: float,
-             absorbable: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
-    """z_t as a sampler hands it to the denoiser: noise z0 at a step s drawn uniformly from
-    [t, T), let the denoiser estimate x0 there, and take one deterministic step (DDIM, the first
-    order of DPM-Solver++) from s down to t with that estimate.
+             global_mask: torch.Tensor, batch: Seq2SeqBatch,
+             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """z_t made the way a sampler makes it: noise z0 at a step s drawn uniformly from [t, T), let
+    the denoiser estimate x0 there, and take one deterministic step (DDIM, the first order of
+    DPM-Solver++) from s down to t with that estimate. Returns that z_t and the estimate x0_s.
 
     Training on the true z_t alone teaches the denoiser to trust its noisy input. When sampling,
     that input carries the denoiser's own earlier, partly wrong, answer, and a denoiser that
-    trusts it keeps its first guess (step-unrolled denoising, SUNDAE, for the same reason)."""
+    trusts it keeps its first guess (step-unrolled denoising, SUNDAE, for the same reason).
+    Nothing is absorbed at s: the sampler never absorbs either."""
     steps = schedule.steps
     span = (steps - t).to(torch.float64)  # how many steps lie in [t, T)
     draw = torch.rand(len(t), device=t.device, generator=generator, dtype=torch.float64)
     s = torch.minimum(t + (draw * span).long(), torch.full_like(t, steps - 1))
-    z_s, _ = forward_process(z0, s, batch.input_mask, denoiser.absorbing_state, schedule,
-                             denoise_rate, generator=generator, absorbable=absorbable)
+    z_s, _ = forward_process(z0, s, batch.input_mask, denoiser.absorbing_state, schedule, 0.0,
+                             generator=generator)
     x0_s, _ = denoiser(z_s, s, global_mask, batch.padding_mask, batch.input_mask)
+    # The step's coefficients in float64: in bf16, 1 - alpha_bar rounds to 0 at small s.
+    ab_s, ab_t = (schedule.alpha_bar.double()[steps_][:, None, None] for steps_ in (s, t))
+    keep = ((1.0 - ab_t) / (1.0 - ab_s)).sqrt()  # of z_s - m: the noise carried down
+    write = ab_t.sqrt() - keep * ab_s.sqrt()  # of x0_s - m
     m = denoiser.absorbing_state.to(z0.dtype)
-    ab_s, ab_t = schedule.at("alpha_bar", s, z0), schedule.at("alpha_bar", t, z0)
-    eps = (z_s - m - ab_s.sqrt() * (x0_s - m)) / (1.0 - ab_s).sqrt()
-    return m + ab_t.sqrt() * (x0_s - m) + (1.0 - ab_t).sqrt() * eps
+    stepped = m + keep.to(z0.dtype) * (z_s - m) + write.to(z0.dtype) * (x0_s - m)
+    return stepped, x0_s
 
 
 def diffusion_loss_terms(
@@ -101,16 +105,17 @@ def diffusion_loss_terms(
     if unroll_rate > 0:
         # Every row is stepped, not only the chosen ones: each rank must run the same forward
         # passes, or FSDP's parameter gathers would not pair up across ranks.
-        stepped = unrolled(denoiser, schedule, z0, t, global_mask, batch, denoise_rate,
-                           absorbable, generator)
-        chosen = torch.rand(len(t), device=z_t.device, generator=generator) < unroll_rate
-        z_t = torch.where(chosen[:, None, None] & target_mask[..., None], stepped, z_t)
+        stepped, x0_s = unrolled(denoiser, schedule, z0, t, global_mask, batch, generator)
+        unroll_rows = torch.rand(len(t), device=z_t.device, generator=generator) < unroll_rate
+        z_t = torch.where(unroll_rows[:, None, None] & target_mask[..., None], stepped, z_t)
     x0_prev = None
     if self_condition_rate > 0:
         with torch.no_grad():
             first, _ = denoiser(z_t, t, global_mask, batch.padding_mask, target_mask)
         chosen = torch.rand(len(t), device=z_t.device, generator=generator) < self_condition_rate
         x0_prev = torch.where(chosen[:, None, None], first, torch.zeros_like(first))
+        if unroll_rate > 0:  # an unrolled row reads the estimate it was stepped with, as sampling
+            x0_prev = torch.where(unroll_rows[:, None, None], x0_s, x0_prev)
     x0_hat, stats = denoiser(z_t, t, global_mask, batch.padding_mask, target_mask, x0_prev)
 
     scored = ~batch.padding_mask

@@ -21,6 +21,11 @@ from torch import nn
 from .attention.mask import marked_first
 
 
+def _rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """x (B, L, F) at the positions ``order`` (B, R) -> (B, R, F)."""
+    return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+
+
 class SourcePointer(nn.Module):
     """x0 at the target positions = g * (attention over the source's input embeddings)
     + (1 - g) * the network's x0, with g a learned per-position gate.
@@ -41,18 +46,19 @@ class SourcePointer(nn.Module):
         self.neighbour_key = (nn.ModuleList(nn.Linear(embed_dim, embed_dim) for _ in range(2))
                               if embed_dim else None)
 
-    def queries_and_keys(self, h: torch.Tensor, z_t: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L, D) queries and keys of every position; their dot product is the sum of the
+    def queries_and_keys(self, h: torch.Tensor, z_t: torch.Tensor, order: torch.Tensor,
+                         h_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries (B, R, D) of the positions in ``order`` (B, R), whose hidden states are
+        ``h_rows``, and keys (B, L, D) of every position; their dot product is the sum of the
         hidden states' match and (with neighbours) each side's neighbour match. The scale
         1/sqrt(D) is sdpa's."""
-        q, k = [self.query(h)], [self.key(h)]
+        q, k = [self.query(h_rows)], [self.key(h)]
         if self.neighbour_query is not None:
             zeros = torch.zeros_like(z_t[:, :1])
             left = torch.cat([zeros, z_t[:, :-1]], 1)  # what the position before holds
             right = torch.cat([z_t[:, 1:], zeros], 1)
             for side, neighbour in enumerate((left, right)):
-                q.append(self.neighbour_query[side](neighbour).to(h.dtype))
+                q.append(self.neighbour_query[side](_rows(neighbour, order)).to(h.dtype))
                 k.append(self.neighbour_key[side](neighbour).to(h.dtype))
         return torch.cat(q, -1), torch.cat(k, -1)
 
@@ -66,9 +72,8 @@ class SourcePointer(nn.Module):
         if not bool(rows.any()) or not bool(sources.any()):
             return x0
         order, valid = marked_first(rows)  # (B, R)
-        h_rows = h.gather(1, order[..., None].expand(-1, -1, h.shape[-1]))  # (B, R, H)
-        query, key = self.queries_and_keys(h, z_t)
-        query = query.gather(1, order[..., None].expand(-1, -1, query.shape[-1]))  # (B, R, D)
+        h_rows = _rows(h, order)  # (B, R, H)
+        query, key = self.queries_and_keys(h, z_t, order, h_rows)  # (B, R, D), (B, L, D)
         read = F.scaled_dot_product_attention(
             query[:, None], key[:, None], z_t[:, None],
             attn_mask=sources[:, None, None, :],

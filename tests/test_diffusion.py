@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 
@@ -455,14 +457,24 @@ def test_loss_with_bf16_parameters_under_autocast(small_tokenizer):
     assert torch.isfinite(loss.float()) and all(torch.isfinite(v.float()) for v in parts.values())
 
 
-def _recording(model: MoEDiffuSeq) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Record every denoiser call as (z_in, t, x0_hat); the list fills as the model runs."""
-    denoise = model.denoiser.forward
-    calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+class _Call(NamedTuple):
+    """One denoiser call: its input, steps, self-conditioning input and output."""
 
-    def recorded(z, steps, *args):
-        x0, stats = denoise(z, steps, *args)
-        calls.append((z.detach(), steps, x0.detach()))
+    z: torch.Tensor
+    t: torch.Tensor
+    x0_prev: torch.Tensor | None
+    x0: torch.Tensor
+
+
+def _recording(model: MoEDiffuSeq) -> list[_Call]:
+    """Record every denoiser call; the list fills as the model runs."""
+    denoise = model.denoiser.forward
+    calls: list[_Call] = []
+
+    def recorded(*args):
+        x0, stats = denoise(*args)
+        calls.append(_Call(args[0].detach(), args[1], args[5] if len(args) > 5 else None,
+                           x0.detach()))
         return x0, stats
 
     model.denoiser.forward = recorded
@@ -483,11 +495,11 @@ def test_unrolled_input_is_one_deterministic_step_from_the_denoisers_own_estimat
         calls.clear()  # off: one pass on the true z_t (the same draw: it comes first)
         diffusion_loss_terms(model.denoiser, schedule, batch, t, denoise_rate=0.5, loss_on="all",
                              generator=torch.Generator().manual_seed(seed))
-        ((true_z, _, _),) = calls
+        ((true_z, *_),) = calls
         calls.clear()
         diffusion_loss_terms(model.denoiser, schedule, batch, t, denoise_rate=0.5, loss_on="all",
                              generator=torch.Generator().manual_seed(seed), unroll_rate=0.5)
-        (z_s, s, x0_s), (z_in, t_in, _) = calls
+        (z_s, s, _, x0_s), (z_in, t_in, _, _) = calls
         assert torch.equal(t_in, t) and bool((s >= t).all()) and bool((s < schedule.steps).all())
         assert torch.equal(z_in[source], true_z[source])  # the source stays clean
         assert not bool((z_s[target] == m.float()).all(-1).any())  # nothing absorbed at s
@@ -516,26 +528,16 @@ def test_unroll_runs_in_training_only_and_hands_self_conditioning_its_estimate(s
     special = SpecialIds.from_tokenizer(small_tokenizer)
     batch = collate_pairs(encode_pairs(small_tokenizer, ["the source"] * 2, ["a target"] * 2,
                                        8, 12), special, 12)
-    net = model.denoiser
-    forward = net.forward
-    calls: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # (x0_prev read, x0_hat written)
-
-    def recorded(*args):
-        x0, stats = forward(*args)
-        calls.append((args[5] if len(args) > 5 else None, x0.detach()))
-        return x0, stats
-
-    net.forward = recorded
+    calls = _recording(model)
     t = torch.tensor([10, 1500])
     model.train()
     model.compute_loss(batch, t, torch.ones(2), generator=torch.Generator().manual_seed(0))
     # The step from s, self-conditioning's first pass, the scored pass; the scored pass reads
     # x0_s, the estimate its (unrolled) input was stepped with, as a sampling step would.
-    assert len(calls) == 3 and calls[0][0] is None
-    torch.testing.assert_close(calls[2][0], calls[0][1])
+    assert len(calls) == 3 and calls[0].x0_prev is None
+    torch.testing.assert_close(calls[2].x0_prev, calls[0].x0)
     calls.clear()
     model.eval()
     model.compute_loss(batch, t, torch.ones(2), generator=torch.Generator().manual_seed(0))
     assert len(calls) == 2  # evaluation: self-conditioning's two passes, no step from s
-    torch.testing.assert_close(calls[1][0], calls[0][1])
-    net.forward = forward
+    torch.testing.assert_close(calls[1].x0_prev, calls[0].x0)

@@ -135,6 +135,11 @@ class NetworkConfig:
     """The pointer also matches each target slot's neighbours (as the noisy input holds them) with
     each source token's neighbours, so a slot can continue a span its neighbour has copied.
     Needs source_pointer."""
+    pointer_span: int = 0
+    """The pointer's score of a slot for a source token also adds (with learned weights) the scores
+    of the up to ``pointer_span`` slots on each side for the tokens as far from it on the same
+    side, so the slots of a copied span agree on where it lies; 0 turns it off. Needs
+    source_pointer."""
     position_init_std: float = 1.0
     """Standard deviation of the position tables' initial weights: 1.0 is nn.Embedding's; 0.02 is
     BERT's and DiffuSeq's, under which the positions do not outweigh the token signal of the up
@@ -163,6 +168,9 @@ class NetworkConfig:
         _check(0.0 <= self.dropout < 1.0, "network.dropout", self.dropout, "must be in [0, 1)")
         _check(self.source_pointer or not self.pointer_neighbours, "network.pointer_neighbours",
                self.pointer_neighbours, "needs network.source_pointer: true")
+        _check(self.pointer_span >= 0, "network.pointer_span", self.pointer_span, "must be >= 0")
+        _check(self.source_pointer or not self.pointer_span, "network.pointer_span",
+               self.pointer_span, "needs network.source_pointer: true")
         _check(self.position_init_std > 0, "network.position_init_std", self.position_init_std,
                "must be > 0")
         _check(self.positions in ("target_relative", "absolute"), "network.positions",

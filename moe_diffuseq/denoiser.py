@@ -134,7 +134,8 @@ class Denoiser(nn.Module):
         self.down = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(),
                                   nn.Linear(hidden, embed_dim))
         self.embed_dim = embed_dim
-        self.pointer = (SourcePointer(hidden, embed_dim if config.pointer_neighbours else None)
+        self.pointer = (SourcePointer(hidden, embed_dim if config.pointer_neighbours else None,
+                                      config.pointer_span)
                         if config.source_pointer else None)
         # Skip connection (EDM-style preconditioning for a variance-preserving process): low noise
         # is solved by the skip, and the network's capacity goes to high noise.

@@ -10,6 +10,11 @@ With ``neighbours``, a target slot also matches its neighbours' noisy inputs aga
 token's neighbours: a slot whose left neighbour holds "cancel" points at the source token that
 follows a "cancel". Once sampling has settled one slot of a span, the next slot can continue the
 span, the step an autoregressive copy takes, without learning where the span lies by position.
+
+With ``span`` d, slot k's score for source token j also adds the learned-weighted scores of slots
+k - i at j - i and k + i at j + i (i = 1..d): the pointer's scores along a diagonal of the
+(slots, source) matrix. A copied span lies on such a diagonal, so slots that each match their
+token weakly (at high noise, or a common token) agree on the one place where all of them match.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ class SourcePointer(nn.Module):
     linear in the source length.
     """
 
-    def __init__(self, hidden: int, embed_dim: int | None = None) -> None:
-        """``embed_dim``: match neighbours too (their embeddings have this width); None: off."""
+    def __init__(self, hidden: int, embed_dim: int | None = None, span: int = 0) -> None:
+        """``embed_dim``: match neighbours too (their embeddings have this width); None: off.
+        ``span``: how many slots to each side add their scores along the diagonal; 0: off."""
         super().__init__()
         self.query = nn.Linear(hidden, hidden)
         self.key = nn.Linear(hidden, hidden)
@@ -45,6 +51,8 @@ class SourcePointer(nn.Module):
                                 if embed_dim else None)
         self.neighbour_key = (nn.ModuleList(nn.Linear(embed_dim, embed_dim) for _ in range(2))
                               if embed_dim else None)
+        # Weights of the slots before (row 0) and after (row 1) at distance 1..span.
+        self.span_weight = nn.Parameter(torch.full((2, span), 0.5)) if span else None
 
     def queries_and_keys(self, h: torch.Tensor, z_t: torch.Tensor, order: torch.Tensor,
                          h_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +70,22 @@ class SourcePointer(nn.Module):
                 k.append(self.neighbour_key[side](neighbour).to(h.dtype))
         return torch.cat(q, -1), torch.cat(k, -1)
 
+    def along_spans(self, scores: torch.Tensor, valid: torch.Tensor,
+                    sources: torch.Tensor) -> torch.Tensor:
+        """scores (B, R, L) of R slots (``valid`` (B, R)) against every position, plus each slot's
+        diagonal neighbours' scores: [b, r, j] += w[0, i-1] * scores[b, r-i, j-i]
+        + w[1, i-1] * scores[b, r+i, j+i] for i = 1..span, counting only real slots against
+        source positions (anything else adds 0)."""
+        kept = scores.masked_fill(~(valid[:, :, None] & sources[:, None, :]), 0.0)
+        rows, length = scores.shape[1:]
+        weight = self.span_weight.to(scores.dtype)
+        total = scores
+        for i in range(1, weight.shape[1] + 1):
+            before = F.pad(kept, (i, 0, i, 0))[:, :rows, :length]
+            after = F.pad(kept, (0, i, 0, i))[:, i:, i:]
+            total = total + weight[0, i - 1] * before + weight[1, i - 1] * after
+        return total
+
     def forward(self, h: torch.Tensor, z_t: torch.Tensor, x0: torch.Tensor,
                 target_mask: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         """h: (B, L, H) final hidden states; z_t: (B, L, E) the denoiser's input (the source
@@ -74,10 +98,15 @@ class SourcePointer(nn.Module):
         order, valid = marked_first(rows)  # (B, R)
         h_rows = _rows(h, order)  # (B, R, H)
         query, key = self.queries_and_keys(h, z_t, order, h_rows)  # (B, R, D), (B, L, D)
-        read = F.scaled_dot_product_attention(
-            query[:, None], key[:, None], z_t[:, None],
-            attn_mask=sources[:, None, None, :],
-        )[:, 0]  # (B, R, E)
+        if self.span_weight is None:
+            read = F.scaled_dot_product_attention(
+                query[:, None], key[:, None], z_t[:, None],
+                attn_mask=sources[:, None, None, :],
+            )[:, 0]  # (B, R, E)
+        else:
+            scores = self.along_spans(query @ key.transpose(1, 2) / query.shape[-1] ** 0.5,
+                                      valid, sources)
+            read = scores.masked_fill(~sources[:, None, :], float("-inf")).softmax(-1) @ z_t
         index = order[..., None].expand(-1, -1, x0.shape[-1])
         own = x0.gather(1, index)
         gate = torch.sigmoid(self.gate(h_rows)).to(x0.dtype)

@@ -3,6 +3,7 @@ and backward, and what a saturated gate writes."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -26,7 +27,8 @@ def _masks(lengths: list[tuple[int, int]], length: int) -> tuple[torch.Tensor, t
 
 def _reference(pointer: SourcePointer, h, z_t, x0, target, padding) -> torch.Tensor:
     """Every row against every key, masked to source keys, kept on target rows only; with
-    neighbours, each side's match of position i-1 (or i+1) against j-1 (or j+1) added."""
+    neighbours, each side's match of position i-1 (or i+1) against j-1 (or j+1) added; with a
+    span, the scores of target row i -/+ d against source key j -/+ d, one entry at a time."""
     q, k = pointer.query(h), pointer.key(h)
     scores = q @ k.transpose(1, 2)
     width = h.shape[-1]
@@ -40,10 +42,21 @@ def _reference(pointer: SourcePointer, h, z_t, x0, target, padding) -> torch.Ten
             width += z_t.shape[-1]
     scores = scores / math.sqrt(width)
     sources = ~target & ~padding
+    rows = target & ~padding
+    if pointer.span_weight is not None:
+        batch, length = target.shape
+        inside = range(length)
+        total = scores.clone()
+        for b, i, j in itertools.product(range(batch), inside, inside):
+            for d in range(1, pointer.span_weight.shape[1] + 1):
+                for side, (a, c) in enumerate(((i - d, j - d), (i + d, j + d))):
+                    if a in inside and c in inside and rows[b, a] and sources[b, c]:
+                        weight = pointer.span_weight[side, d - 1]
+                        total[b, i, j] = total[b, i, j] + weight * scores[b, a, c]
+        scores = total
     read = scores.masked_fill(~sources[:, None, :], float("-inf")).softmax(-1) @ z_t
     gate = torch.sigmoid(pointer.gate(h))
-    rows = (target & ~padding)[..., None]
-    return torch.where(rows, gate * read + (1 - gate) * x0, x0)
+    return torch.where(rows[..., None], gate * read + (1 - gate) * x0, x0)
 
 
 def test_marked_first_orders_each_rows_marks_then_filler():
@@ -53,10 +66,13 @@ def test_marked_first_orders_each_rows_marks_then_filler():
     assert valid.tolist() == [[True, True], [True, False]]
 
 
-@pytest.mark.parametrize("neighbours", [False, True])
-def test_pointer_matches_the_dense_reference_forward_and_backward(neighbours):
+@pytest.mark.parametrize(("neighbours", "span"), [(False, 0), (True, 0), (False, 2), (True, 1)])
+def test_pointer_matches_the_dense_reference_forward_and_backward(neighbours, span):
     torch.manual_seed(0)
-    pointer = SourcePointer(16, 8 if neighbours else None).double()
+    pointer = SourcePointer(16, 8 if neighbours else None, span).double()
+    if span:  # distinct weights, so a swapped side or distance shows
+        with torch.no_grad():
+            pointer.span_weight.copy_(torch.randn_like(pointer.span_weight))
     target, padding = _masks([(7, 4), (3, 6), (10, 2)], 13)
     h = torch.randn(3, 13, 16, dtype=torch.float64, requires_grad=True)
     z_t = torch.randn(3, 13, 8, dtype=torch.float64, requires_grad=True)
@@ -149,3 +165,25 @@ def test_a_slot_continues_the_span_its_left_neighbour_holds():
 def test_neighbours_need_the_pointer():
     with pytest.raises(ValueError, match="network.pointer_neighbours"):
         NetworkConfig(pointer_neighbours=True)
+
+
+def test_slots_of_a_span_agree_on_where_it_lies():
+    """Each of three slots matches its token at two source places equally, and only one place
+    holds all three in a row: along the diagonal the scores pick that place for every slot;
+    without a span the pointer cannot choose."""
+    pointer = SourcePointer(8, span=2)
+    sources = torch.zeros(1, 16, dtype=torch.bool)
+    sources[0, :12] = True
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    scores = torch.zeros(1, 3, 16)
+    for slot, places in enumerate(([2, 6], [3, 9], [4, 0])):  # the span is 2, 3, 4
+        scores[0, slot, places] = 4.0
+    with torch.no_grad():
+        spread = pointer.along_spans(scores, valid, sources)
+    assert spread[0].argmax(-1).tolist() == [2, 3, 4]
+    assert scores[0, 0, 2] == scores[0, 0, 6]  # the plain scores tie
+
+
+def test_span_needs_the_pointer():
+    with pytest.raises(ValueError, match="network.pointer_span"):
+        NetworkConfig(pointer_span=1)

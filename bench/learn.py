@@ -38,18 +38,21 @@ RECIPE: dict = {
     "network": {
         "embed_dim": 64, "hidden_size": 128, "num_layers": 2, "num_heads": 4, "dropout": 0.0,
         "positions": "target_relative", "source_pointer": True, "pointer_neighbours": True,
-        "position_init_std": 0.02,
+        "pointer_span": 8, "position_init_std": 0.02,
         "attention": {"window": 64, "target_global": True},
         "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 128},
     },
     "diffusion": {"steps": 2000, "soft_absorbing": False, "loss_on": "target", "unroll": 0.5},
+    "sampling": {"decode": "truncate"},
     "lr": 2e-3, "warmup_steps": 100, "lr_decay": "constant", "ema_decay": 0.0,
 }
 # One candidate changed at a time: a part of the recipe removed (back to DiffuSeq's setting), or a
 # candidate from the literature added.
 ABLATIONS: dict[str, dict] = {
-    "no_source_pointer": {"network": {"source_pointer": False, "pointer_neighbours": False}},
+    "no_source_pointer": {"network": {"source_pointer": False, "pointer_neighbours": False,
+                                      "pointer_span": 0}},
     "no_pointer_neighbours": {"network": {"pointer_neighbours": False}},
+    "no_pointer_span": {"network": {"pointer_span": 0}},
     "no_unroll": {"diffusion": {"unroll": 0.0}},
     "absolute_positions": {"network": {"positions": "absolute"}},
     "plus_self_conditioning": {"diffusion": {"self_conditioning": 0.5}},
@@ -207,6 +210,8 @@ def run(task: str, config: dict, args, rows: list[dict], final: bool) -> dict:
     samplers = {"dpm20": {"sampler": "dpm_solver++", "steps": 20}}
     if final:
         samplers |= {"dpm10": {"sampler": "dpm_solver++", "steps": 10},
+                     # The same samples decoded DiffuSeq's way: every [SEP] and [PAD] dropped.
+                     "dpm20_strip": {"sampler": "dpm_solver++", "steps": 20, "decode": "strip"},
                      "ddim200": {"sampler": "ddim", "steps": 200}}
     out["sampling"] = {name: score(model, rows, **kw) for name, kw in samplers.items()}
     if final:

@@ -74,10 +74,12 @@ def _learn(payload: dict) -> list[str]:
         versus = (f"[{interval[0]:+.3f}, {interval[1]:+.3f}] {interval_verdict(interval)}"
                   if interval else "-")
         rows.append([r["task"], r["name"], r["steps"], s["dpm20"]["item_f1"],
-                     s["dpm20"]["exact_match"], s.get("dpm10", {}).get("item_f1"),
+                     s["dpm20"]["exact_match"], s.get("dpm20_strip", {}).get("exact_match"),
+                     s.get("dpm10", {}).get("item_f1"),
                      s.get("ddim200", {}).get("item_f1"), s.get("ancestral", {}).get("item_f1"),
                      versus])
-    out += _table(["task", "run", "steps", "dpm20 F1", "dpm20 exact", "dpm10 F1", "ddim200 F1",
+    out += _table(["task", "run", "steps", "dpm20 F1", "dpm20 exact", "dpm20 exact, [SEP] stripped",
+                   "dpm10 F1", "ddim200 F1",
                    "ancestral F1", "dpm20 F1 minus recipe (95% interval)"], rows)
     levels = list(payload["runs"][0]["noise_levels"])
     out += ["", "x0 accuracy on the target's words at fixed t (teacher forced): the denoiser / "

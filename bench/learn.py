@@ -3,7 +3,9 @@
 For each task (code-outline, dialogue-cast, code-lookup) the recipe is trained by a real
 Lightning Trainer for ``--minutes`` of training time (evaluation excluded), with a learning
 curve of 20-step DPM-Solver++ item F1 against wall-clock. At the end of each run:
-  * item metrics of DPM-Solver++ 20 and 10, DDIM 200 and ancestral (all T steps) samples;
+  * item metrics of DPM-Solver++ 20 and 10, DDIM 200 and ancestral (all T steps) samples,
+    decoded as the recipe's ``sampling.decode`` says (truncate), and DPM-Solver++ 20 also
+    decoded DiffuSeq's way (strip: every [SEP] and [PAD] dropped, the rest kept);
   * x0 accuracy on target words at fixed t beside rounding z_t (teacher forced).
 Ablations (one recipe candidate removed at a time) run on one task (``--ablation_task``,
 code-outline unless told) with the same seed, data and budget.
@@ -210,7 +212,8 @@ def run(task: str, config: dict, args, rows: list[dict], final: bool) -> dict:
     samplers = {"dpm20": {"sampler": "dpm_solver++", "steps": 20}}
     if final:
         samplers |= {"dpm10": {"sampler": "dpm_solver++", "steps": 10},
-                     # The same samples decoded DiffuSeq's way: every [SEP] and [PAD] dropped.
+                     # Same seed, so the same samples, decoded DiffuSeq's way: every [SEP] and
+                     # [PAD] dropped, what follows them kept.
                      "dpm20_strip": {"sampler": "dpm_solver++", "steps": 20, "decode": "strip"},
                      "ddim200": {"sampler": "ddim", "steps": 200}}
     out["sampling"] = {name: score(model, rows, **kw) for name, kw in samplers.items()}

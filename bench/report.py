@@ -78,8 +78,9 @@ def _learn(payload: dict) -> list[str]:
                      s.get("dpm10", {}).get("item_f1"),
                      s.get("ddim200", {}).get("item_f1"), s.get("ancestral", {}).get("item_f1"),
                      versus])
-    out += _table(["task", "run", "steps", "dpm20 F1", "dpm20 exact", "dpm20 exact, [SEP] stripped",
-                   "dpm10 F1", "ddim200 F1",
+    decode = st.get("recipe", {}).get("sampling", {}).get("decode", "strip")
+    out += _table(["task", "run", "steps", "dpm20 F1", f"dpm20 exact ({decode})",
+                   "dpm20 exact (strip)", "dpm10 F1", "ddim200 F1",
                    "ancestral F1", "dpm20 F1 minus recipe (95% interval)"], rows)
     levels = list(payload["runs"][0]["noise_levels"])
     out += ["", "x0 accuracy on the target's words at fixed t (teacher forced): the denoiser / "

@@ -38,7 +38,9 @@ def adamw_with_schedule(
     decay, no_decay = [], []
     for name, param in net.named_parameters():
         if param.requires_grad:
-            (no_decay if param.dim() < 2 or "norm" in name else decay).append(param)
+            # The pointer's span weights mix whole score matrices: a coefficient, not a projection.
+            plain = param.dim() < 2 or "norm" in name or name.endswith("span_weight")
+            (no_decay if plain else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=lr)

@@ -51,7 +51,8 @@ class SourcePointer(nn.Module):
                                 if embed_dim else None)
         self.neighbour_key = (nn.ModuleList(nn.Linear(embed_dim, embed_dim) for _ in range(2))
                               if embed_dim else None)
-        # Weights of the slots before (row 0) and after (row 1) at distance 1..span.
+        # Weights of the slots before (row 0) and after (row 1) at distance 1..span. At 0.5, not 0,
+        # the diagonal counts from the first step instead of waiting for its gradient.
         self.span_weight = nn.Parameter(torch.full((2, span), 0.5)) if span else None
 
     def queries_and_keys(self, h: torch.Tensor, z_t: torch.Tensor, order: torch.Tensor,
@@ -72,10 +73,12 @@ class SourcePointer(nn.Module):
 
     def along_spans(self, scores: torch.Tensor, valid: torch.Tensor,
                     sources: torch.Tensor) -> torch.Tensor:
-        """scores (B, R, L) of R slots (``valid`` (B, R)) against every position, plus each slot's
-        diagonal neighbours' scores: [b, r, j] += w[0, i-1] * scores[b, r-i, j-i]
-        + w[1, i-1] * scores[b, r+i, j+i] for i = 1..span, counting only real slots against
-        source positions (anything else adds 0)."""
+        """scores (B, R, L) of R slots (``valid`` (B, R): which are real) against every position
+        (``sources`` (B, L): which are source tokens), plus each slot's diagonal neighbours'
+        scores: [b, r, j] += w[0, i-1] * scores[b, r-i, j-i] + w[1, i-1] * scores[b, r+i, j+i]
+        for i = 1..span, counting only real slots against source positions (anything else adds
+        0). Autograd keeps each shifted copy for w's gradient: about 2 * span + 1 times the
+        (B, R, L) scores in memory."""
         kept = scores.masked_fill(~(valid[:, :, None] & sources[:, None, :]), 0.0)
         rows, length = scores.shape[1:]
         weight = self.span_weight.to(scores.dtype)
@@ -104,9 +107,13 @@ class SourcePointer(nn.Module):
                 attn_mask=sources[:, None, None, :],
             )[:, 0]  # (B, R, E)
         else:
-            scores = self.along_spans(query @ key.transpose(1, 2) / query.shape[-1] ** 0.5,
-                                      valid, sources)
-            read = scores.masked_fill(~sources[:, None, :], float("-inf")).softmax(-1) @ z_t
+            # At least float32 whatever the autocast: up to 2 * span + 1 scores add per entry.
+            wide = torch.promote_types(query.dtype, torch.float32)
+            with torch.autocast(h.device.type, enabled=False):
+                scores = query.to(wide) @ key.to(wide).transpose(1, 2) / query.shape[-1] ** 0.5
+                scores = self.along_spans(scores, valid, sources)
+                weights = scores.masked_fill(~sources[:, None, :], float("-inf")).softmax(-1)
+                read = weights @ z_t.to(wide)
         index = order[..., None].expand(-1, -1, x0.shape[-1])
         own = x0.gather(1, index)
         gate = torch.sigmoid(self.gate(h_rows)).to(x0.dtype)

@@ -40,10 +40,21 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _config_defaults() -> dict[str, Any]:
+    """Every model config key's default, flattened (``network.pointer_span``: 0, ...)."""
+    from .config import DiffusionConfig, NetworkConfig, SamplingConfig
+
+    return flatten({"network": NetworkConfig(), "diffusion": DiffusionConfig(),
+                    "sampling": SamplingConfig()})
+
+
 def changed_settings(saved: dict[str, Any], given: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(forbidden, allowed) differences, each ``key: old -> new``, between a checkpoint's model
-    hyperparameters and the ones given for the resumed run."""
+    hyperparameters and the ones given for the resumed run. A config key the checkpoint lacks (it
+    was made before the key existed) holds its default there: that is how it loads."""
     saved, given = flatten(saved), flatten(given)
+    defaults = _config_defaults()
+    saved |= {key: defaults[key] for key in set(given) - set(saved) if key in defaults}
     forbidden, allowed = [], []
     for key in sorted(set(saved) & set(given)):
         old, new = saved[key], given[key]

@@ -209,7 +209,8 @@ def test_learn_bench_tiny_run_writes_summary_curve_and_plot(tmp_path):
     assert [r["name"] for r in payload["runs"]] == ["recipe", "absolute_positions"]
     recipe = payload["runs"][0]
     assert recipe["steps"] >= 1 and len(recipe["curve"]) >= 1
-    assert set(recipe["sampling"]) == {"dpm20", "dpm10", "ddim200", "ancestral"}
+    assert set(recipe["sampling"]) == {"dpm20", "dpm10", "ddim200", "ancestral",
+                                        "dpm20_strip"}
     # t = f * (T - 1), T = 20
     assert set(recipe["noise_levels"]) == {"0", "2", "5", "10", "14", "19"}
     assert set(recipe["noise_levels"]["19"]) == {"denoiser", "round_z_t", "source_cut"}

@@ -66,7 +66,9 @@ def test_marked_first_orders_each_rows_marks_then_filler():
     assert valid.tolist() == [[True, True], [True, False]]
 
 
-@pytest.mark.parametrize(("neighbours", "span"), [(False, 0), (True, 0), (False, 2), (True, 1)])
+# Span 8 reaches past every row's target (2 to 6 slots): the shifts run off the edges.
+@pytest.mark.parametrize(("neighbours", "span"),
+                         [(False, 0), (True, 0), (False, 2), (True, 1), (False, 8)])
 def test_pointer_matches_the_dense_reference_forward_and_backward(neighbours, span):
     torch.manual_seed(0)
     pointer = SourcePointer(16, 8 if neighbours else None, span).double()
@@ -187,3 +189,23 @@ def test_slots_of_a_span_agree_on_where_it_lies():
 def test_span_needs_the_pointer():
     with pytest.raises(ValueError, match="network.pointer_span"):
         NetworkConfig(pointer_span=1)
+
+
+def test_span_path_runs_under_bf16_autocast_and_agrees_with_float32():
+    """Under bf16 autocast (the bf16-mixed trainer configs) the span path sums its scores in
+    float32 beside bf16 projections: its output is within bf16's rounding of the float32 one."""
+    torch.manual_seed(0)
+    pointer = SourcePointer(16, 8, span=4)
+    target, padding = _masks([(20, 8), (12, 10)], 30)
+    h, z_t, x0 = torch.randn(2, 30, 16), torch.randn(2, 30, 8), torch.randn(2, 30, 8)
+    exact = pointer(h, z_t, x0, target, padding)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = pointer(h, z_t, x0, target, padding)
+    torch.testing.assert_close(mixed.float(), exact, atol=0.05, rtol=0.05)
+
+
+def test_denoiser_builds_the_span_its_config_asks_for():
+    config = NetworkConfig(vocab_size=32, max_src_len=16, max_trg_len=8, embed_dim=8,
+                           hidden_size=16, num_layers=1, num_heads=2, source_pointer=True,
+                           pointer_span=3, moe=None, ffn_hidden=16)
+    assert Denoiser(config, soft_absorbing=False).pointer.span_weight.shape == (2, 3)

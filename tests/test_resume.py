@@ -153,3 +153,17 @@ def test_each_rank_gets_its_own_rng_state_back():
     expected = torch.rand(3)
     read_extras(old, restore_rng=True)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_setting_the_checkpoint_predates_counts_as_its_default():
+    """A checkpoint made before a config key existed loads with that key's default; resuming it
+    with another value is a change, named, not a missing weight deep in the state dict."""
+    from moe_diffuseq.resume_check import changed_settings
+
+    saved = {"network": {"source_pointer": True, "hidden_size": 64}}
+    forbidden, _ = changed_settings(saved, {"network": {"source_pointer": True, "hidden_size": 64,
+                                                        "pointer_span": 8}})
+    assert forbidden == ["network.pointer_span: 0 -> 8"]
+    same, _ = changed_settings(saved, {"network": {"source_pointer": True, "hidden_size": 64,
+                                                   "pointer_span": 0}})
+    assert same == []

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LightningCLI
 
+from .config import DiffusionConfig, NetworkConfig, SamplingConfig
+
 log = logging.getLogger(__name__)
 
 # Model arguments a resumed run may change: how it is optimised and how it samples.
@@ -42,8 +44,6 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def _config_defaults() -> dict[str, Any]:
     """Every model config key's default, flattened (``network.pointer_span``: 0, ...)."""
-    from .config import DiffusionConfig, NetworkConfig, SamplingConfig
-
     return flatten({"network": NetworkConfig(), "diffusion": DiffusionConfig(),
                     "sampling": SamplingConfig()})
 

@@ -1,21 +1,34 @@
 """Long documents at equal wall-clock: MoE-DiffuSeq with the target reading the whole source
-(``target_global``), the same model with the window only, and the DiffuSeq baseline (full sdpa
-attention, a dense FFN of the same active width), on tasks with exact answers at sources of 1k to
-8k tokens.
+(``target_global``, global both ways), the same with global target rows only (``target_keys:
+false``), the same with the window only, and the DiffuSeq baseline (full sdpa attention, a dense
+FFN of the same active width), on tasks with exact answers at sources of 1k to 8k tokens.
 
-Every model trains with the learning benchmark's recipe (bench/learn.py) for the same seconds of
-training steps on the same data and seed, then answers the same validation documents with
-20-step DPM-Solver++: the sampler is shared so that only the architecture and the steps it bought
-differ. Item F1 and exact match per document give paired bootstrap intervals of MoE-DiffuSeq
-minus the baseline, and of the window-only model minus MoE-DiffuSeq. A source length is named by
-the tokens its sources hold on average; the JSON records the measured mean and largest.
+Training is staged (Longformer, too, trained in stages of growing length): every model first
+trains ``--short_minutes`` on the same task with short sources (``--short_chars``, 600
+characters), where a step is cheap and the task's format and pointer are learned; that state is
+then trained ``--minutes`` more at each long source length. The source positions past the short
+stage's are new rows of the position table, learned in the long stage only. Both stages are the
+same seconds of training steps for every model, on the same data and seed, with the learning
+benchmark's recipe (bench/learn.py); the long stage reuses the short corpus's tokenizer. From
+scratch, a long step costs 10-30x a short one, and no model answered a single long document right
+in minutes of CPU.
+
+Each model then answers the same validation documents with 20-step DPM-Solver++ (the sampler is
+shared, so only the architecture and the steps it bought differ). Only documents whose source
+holds at least half the length's characters are scored, so a length's figures are about sources
+that long; the JSON records their measured mean and largest in tokens. Item F1 and exact match
+per document give paired bootstrap intervals of MoE-DiffuSeq minus the baseline, and of each
+variant minus MoE-DiffuSeq.
 
     python -m bench.long_tasks --quick --out /tmp/long_tasks.json   # under 10 minutes
     python -m bench.long_tasks                                      # make bench-long
 
-The full run's budget: 3 tasks x 4 lengths x 3 models x 1 seed at 2 minutes of training each, plus
-data building and scoring: about 2 hours on 2 CPU cores (the plan is printed before it starts).
-On a GPU pass ``--minutes`` for runs that can learn.
+The full run's budget (2 CPU cores): 4 models x (4 minutes short + 3 lengths x (2 minutes long +
+scoring)) per task and seed, about 55 minutes a task; the default two tasks (code-lookup,
+dialogue-cast) take about 2 hours, and the plan is printed before it starts. code-outline's
+targets of 256 tokens cost more still; dialogue-cast's scenes rarely reach 8k tokens (its 8k
+length scores the few that hold 4k or more). On a GPU pass larger ``--minutes`` and
+``--short_minutes``.
 """
 
 from __future__ import annotations
@@ -28,14 +41,15 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from data_modules import Seq2SeqDataModule
+from data_modules import Seq2SeqDataModule, load_tokenizer
 from data_modules.corpora import build, is_built
 from moe_diffuseq import MoEDiffuSeq
 from moe_diffuseq.metrics import interval_verdict as verdict
 from moe_diffuseq.metrics import paired_bootstrap_interval
 
 from .common import QUICKSTART_EXPERTS, QUICKSTART_WIDTH, machine_info, print_table, write_json
-from .learn import RECIPE, TrainingBudget, fit_for_budget, merged, score, validation_rows
+from .learn import RECIPE, TrainingBudget, fit_for_budget, merged, score
+from .learn import corpus as short_corpus
 
 # Sources of about `tokens` tokens: a 4k BPE reads 3.5-3.6 characters a token of stdlib code on
 # average (2.3 at worst), so the runs are cut at 3.5 characters a token and the model's source
@@ -44,19 +58,28 @@ CHARS_PER_TOKEN = 3.5
 BUDGET_FACTOR = 1.5
 TARGET_TOKENS = {"code-outline": 256, "dialogue-cast": 64, "code-lookup": 32}
 TASKS = tuple(TARGET_TOKENS)
+DEFAULT_TASKS = ("code-lookup", "dialogue-cast")  # what 2 CPU cores do in about 2 hours
 WIDTH = {**QUICKSTART_WIDTH, "dropout": 0.0}
 EXPERTS = QUICKSTART_EXPERTS
 MODELS: dict[str, dict] = {
     "moe_diffuseq": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True},
                                  "moe": EXPERTS}},
+    "moe_rows_only": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True,
+                                                         "target_keys": False},
+                                  "moe": EXPERTS}},
     "moe_window_only": {"network": {**WIDTH, "attention": {"window": 256, "target_global": False},
                                     "moe": EXPERTS}},
     # The same active width as top_k experts of expert_hidden, every token through one FFN.
     "diffuseq": {"network": {**WIDTH, "attention": {"backend": "full_sdpa"}, "moe": None,
                              "ffn_hidden": EXPERTS["top_k"] * EXPERTS["expert_hidden"]}},
 }
-NAMES = {"moe_diffuseq": "MoE-DiffuSeq", "moe_window_only": "MoE-DiffuSeq, window only",
-         "diffuseq": "DiffuSeq (sdpa)"}
+NAMES = {"moe_diffuseq": "MoE-DiffuSeq", "moe_rows_only": "MoE-DiffuSeq, target rows only",
+         "moe_window_only": "MoE-DiffuSeq, window only", "diffuseq": "DiffuSeq (sdpa)"}
+# Each variant against MoE-DiffuSeq, paired over the same documents.
+VARIANTS = {"moe_rows_only": "f1_rows_only_minus_moe",
+            "moe_window_only": "f1_window_only_minus_moe"}
+# The long stage restarts Adam; a short warm-up keeps its first steps from undoing the short stage.
+LONG_STAGE = {"warmup_steps": 10}
 
 
 def corpus(task: str, tokens: int) -> str:
@@ -64,30 +87,89 @@ def corpus(task: str, tokens: int) -> str:
     return f"{task}-{round(tokens * CHARS_PER_TOKEN)}"
 
 
-def source_tokens(data: Seq2SeqDataModule, rows: list[dict]) -> dict:
+def source_tokens(tokenizer, rows: list[dict]) -> dict:
     """Mean and largest source length, in tokens of the run's tokenizer, of the scored rows."""
-    lengths = [len(data.tokenizer.encode(r["src"], add_special_tokens=False).ids) for r in rows]
+    lengths = [len(tokenizer.encode(r["src"], add_special_tokens=False).ids) for r in rows]
     return {"mean": round(sum(lengths) / len(lengths)), "max": max(lengths)}
 
 
+def long_rows(name: str, data_dir: str, docs: int, min_chars: int) -> list[dict]:
+    """The first ``docs`` validation rows (a fixed random sample, seed 0) whose source holds at
+    least ``min_chars`` characters."""
+    import random
+
+    path = Path(data_dir) / name / "validation.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    random.Random(0).shuffle(rows)
+    kept = [r for r in rows if len(r["src"]) >= min_chars][:docs]
+    if not kept:
+        raise ValueError(f"{path}: no validation source of {min_chars} characters or more")
+    return kept
+
+
+def grow_into(model: MoEDiffuSeq, state: dict[str, torch.Tensor]) -> None:
+    """Load a shorter model's weights: equal shapes are copied; a position table longer here
+    keeps the short one's rows first (its extra rows stay as initialised)."""
+    own = model.state_dict()
+    for key, value in state.items():
+        if own[key].shape == value.shape:
+            own[key].copy_(value)
+        elif own[key].shape[1:] == value.shape[1:] and own[key].shape[0] > value.shape[0]:
+            own[key][: value.shape[0]].copy_(value)
+        else:
+            raise ValueError(f"{key}: shape {tuple(value.shape)} cannot grow into "
+                             f"{tuple(own[key].shape)}")
+
+
+def model_config(model_name: str, sizes: dict, args, change: dict | None = None) -> dict:
+    config = merged(merged(RECIPE, MODELS[model_name]), {"network": sizes})
+    return merged(merged(config, change or {}), args.model)
+
+
+def short_stage(task: str, model_name: str, seed: int, args) -> dict:
+    """Train ``model_name`` for ``args.short_minutes`` on the task's short sources; returns its
+    weights (CPU), the tokenizer file the long stage reuses, and what the stage did."""
+    pl.seed_everything(seed, verbose=False)
+    name = short_corpus(task, args.short_chars)
+    sizes = {"max_src_len": -(-args.short_chars * 10 // 23 // 32) * 32,
+             "max_trg_len": TARGET_TOKENS[task]}
+    data = Seq2SeqDataModule(corpus=name, data_dir=args.data_dir, batch_size=args.short_batch_size,
+                             tokenizer_vocab_size=args.vocab, seed=seed, **sizes)
+    model = MoEDiffuSeq(**model_config(model_name, sizes, args))
+    budget = TrainingBudget(args.short_minutes * 60)
+    trainer = fit_for_budget(model, data, budget, args.accelerator)
+    return {"state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "tokenizer": str(data.tokenizer_file),
+            "info": {"steps": trainer.global_step, "trained_s": round(budget.trained_s, 1)}}
+
+
 def train_and_score(task: str, tokens: int, model_name: str, seed: int, args,
-                    rows: list[dict]) -> dict:
-    """One model trained for ``args.minutes`` of steps, then scored on ``rows``."""
+                    rows: list[dict], short: dict) -> dict:
+    """The short stage's model trained ``args.minutes`` more at this length, then scored."""
     pl.seed_everything(seed, verbose=False)
     sizes = {"max_src_len": -(-int(tokens * BUDGET_FACTOR) // 32) * 32,
              "max_trg_len": TARGET_TOKENS[task]}
     data = Seq2SeqDataModule(corpus=corpus(task, tokens), data_dir=args.data_dir,
-                             batch_size=args.batch_size, tokenizer_vocab_size=args.vocab,
+                             batch_size=args.batch_size, tokenizer_path=short["tokenizer"],
                              seed=seed, **sizes)
-    config = merged(merged(RECIPE, MODELS[model_name]), {"network": sizes})
-    model = MoEDiffuSeq(**merged(config, args.model))
+    model = MoEDiffuSeq(**model_config(model_name, sizes, args, LONG_STAGE))
+    tokenizer = load_tokenizer(short["tokenizer"])
+    model.set_tokenizer(tokenizer)
+    model.configure_model()
+    grow_into(model, short["state"])
     budget = TrainingBudget(args.minutes * 60)
-    trainer = fit_for_budget(model, data, budget, args.accelerator)
+    if args.minutes > 0:
+        trainer = fit_for_budget(model, data, budget, args.accelerator)
+    else:
+        trainer = None
+        model.to(torch.device("cuda" if args.accelerator != "cpu" and torch.cuda.is_available()
+                              else "cpu"))
     result = score(model, rows, sampler="dpm_solver++", steps=20)
     return {"task": task, "tokens": tokens, "model": model_name, "seed": seed,
-            "steps": trainer.global_step, "trained_s": round(budget.trained_s, 1),
+            "short_stage": short["info"],
+            "steps": trainer.global_step if trainer else 0, "trained_s": round(budget.trained_s, 1),
             "tokens_per_s": round(budget.positions / max(budget.trained_s, 1e-9)),
-            "source_tokens": source_tokens(data, rows), **result}
+            "source_tokens": source_tokens(tokenizer, rows), **result}
 
 
 def seed_mean(runs: list[dict], key: str) -> list[float]:
@@ -115,7 +197,7 @@ def compare(results: list[dict], tasks: list[str], lengths: list[int]) -> dict:
                            / len(by_model[m])}
             pairs = {"f1_moe_minus_baseline": (f1["moe_diffuseq"], f1["diffuseq"]),
                      "exact_moe_minus_baseline": (exact["moe_diffuseq"], exact["diffuseq"]),
-                     "f1_window_only_minus_moe": (f1["moe_window_only"], f1["moe_diffuseq"])}
+                     **{key: (f1[m], f1["moe_diffuseq"]) for m, key in VARIANTS.items()}}
             cell["intervals"] = {name: list(paired_bootstrap_interval(a, b))
                                  for name, (a, b) in pairs.items()}
             out.setdefault(task, {})[str(tokens)] = cell
@@ -182,13 +264,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="code-lookup at 1k and 4k tokens, 45 s per model, 16 documents")
-    parser.add_argument("--tasks", nargs="+", default=None, choices=TASKS)
+                        help="code-lookup at 4k tokens, 1 + 0.5 min per model, 16 documents")
+    parser.add_argument("--tasks", nargs="+", default=None, choices=TASKS,
+                        help=f"default {' '.join(DEFAULT_TASKS)}; quick code-lookup")
     parser.add_argument("--lengths", nargs="+", type=int, default=None,
-                        help="source lengths in tokens (default 1024 2048 4096 8192; "
-                             "quick 1024 4096)")
+                        help="source lengths in tokens (default 1024 4096 8192; quick 4096)")
+    parser.add_argument("--short_minutes", type=float, default=None,
+                        help="training minutes on short sources first (default 4; quick 1)")
+    parser.add_argument("--short_chars", type=int, default=600,
+                        help="the short stage's longest source, in characters")
+    parser.add_argument("--short_batch_size", type=int, default=16)
     parser.add_argument("--minutes", type=float, default=None,
-                        help="training minutes per run (default 2; quick 0.75)")
+                        help="training minutes at each long length (default 2; quick 0.5; "
+                             "0 scores the short stage's model as it is)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds averaged per document")
     parser.add_argument("--docs", type=int, default=None,
                         help="validation documents scored (default 32; quick 16)")
@@ -201,30 +289,42 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", type=json.loads, default={},
                         help="JSON merged into every model's config, e.g. a smaller network")
     args = parser.parse_args(argv)
-    tasks = args.tasks or (["code-lookup"] if args.quick else list(TASKS))
-    lengths = sorted(args.lengths or ([1024, 4096] if args.quick else [1024, 2048, 4096, 8192]))
-    args.minutes = args.minutes or (0.75 if args.quick else 2.0)
+    tasks = args.tasks or (["code-lookup"] if args.quick else list(DEFAULT_TASKS))
+    lengths = sorted(args.lengths or ([4096] if args.quick else [1024, 4096, 8192]))
+    if args.minutes is None:
+        args.minutes = 0.5 if args.quick else 2.0
+    if args.short_minutes is None:
+        args.short_minutes = 1.0 if args.quick else 4.0
+    if args.short_minutes <= 0:
+        parser.error("--short_minutes must be > 0: the long stage starts from its model")
+    if args.model.get("network", {}).get("positions", "target_relative") != "target_relative":
+        parser.error("--model: the stages need positions: target_relative (a target slot keeps "
+                     "its position when the source grows)")
     args.docs = args.docs or (16 if args.quick else 32)
-    runs = len(tasks) * len(lengths) * len(MODELS) * args.seeds
-    print(f"plan: {runs} runs of {args.minutes:g} min training ({runs * args.minutes:.0f} min) "
-          "plus data and scoring", flush=True)
+    per_model = args.short_minutes + len(lengths) * args.minutes
+    models = len(tasks) * len(MODELS) * args.seeds
+    print(f"plan: {models} models x ({args.short_minutes:g} min short + {len(lengths)} lengths x "
+          f"{args.minutes:g} min) = {models * per_model:.0f} min training, plus data and scoring",
+          flush=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     for task in tasks:  # build what is missing first
-        for tokens in lengths:
-            name = corpus(task, tokens)
+        for name in (short_corpus(task, args.short_chars), *(corpus(task, n) for n in lengths)):
             if not is_built(name, Path(args.data_dir) / name):
                 build(name, Path(args.data_dir) / name)
     results, start = [], time.perf_counter()
     for task in tasks:
-        for tokens in lengths:
-            rows = validation_rows(corpus(task, tokens), args.data_dir, args.docs)
-            for model_name in MODELS:
-                for seed in range(args.seeds):
-                    print(f"== {task} {tokens} tokens: {model_name}, seed {seed}", flush=True)
-                    r = train_and_score(task, tokens, model_name, seed, args, rows)
-                    print(f"   {r['steps']} steps, {r['tokens_per_s']} tokens/s, item F1 "
-                          f"{r['item_f1']:.3f}, exact {r['exact_match']:.3f}", flush=True)
+        rows = {n: long_rows(corpus(task, n), args.data_dir, args.docs,
+                             round(n * CHARS_PER_TOKEN / 2)) for n in lengths}
+        for model_name in MODELS:
+            for seed in range(args.seeds):
+                print(f"== {task}: {model_name}, seed {seed}, short stage "
+                      f"({args.short_chars} characters)", flush=True)
+                short = short_stage(task, model_name, seed, args)
+                for tokens in lengths:
+                    r = train_and_score(task, tokens, model_name, seed, args, rows[tokens], short)
+                    print(f"   {tokens} tokens: {r['steps']} steps, {r['tokens_per_s']} tokens/s, "
+                          f"item F1 {r['item_f1']:.3f}, exact {r['exact_match']:.3f}", flush=True)
                     results.append(r)
 
     table = compare(results, tasks, lengths)

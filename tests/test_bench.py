@@ -243,28 +243,32 @@ def test_long_cost_bench_tiny_run_measures_every_model(tmp_path):
 
 
 def test_long_tasks_bench_tiny_run_compares_every_model_with_intervals(tmp_path):
-    from bench import long_tasks
+    from bench import learn, long_tasks
     from data_modules.corpora import build
     from data_modules.corpora.code import stdlib_root
 
-    name = long_tasks.corpus("code-lookup", 256)
-    build(name, tmp_path / "data" / name, root=stdlib_root() / "email")
+    for name in (long_tasks.corpus("code-lookup", 256), learn.corpus("code-lookup", 300)):
+        build(name, tmp_path / "data" / name, root=stdlib_root() / "email")
     out = tmp_path / "long_tasks.json"
     tiny = {"network": {"embed_dim": 16, "hidden_size": 32, "num_layers": 1},
             "diffusion": {"steps": 20}}
     payload = long_tasks.main(["--tasks", "code-lookup", "--lengths", "256", "--minutes", "0.03",
+                               "--short_minutes", "0.03", "--short_chars", "300",
                                "--docs", "4", "--vocab", "300", "--data_dir",
                                str(tmp_path / "data"), "--model", json.dumps(tiny),
                                "--out", str(out)])
     assert json.loads(out.read_text()) == payload
     runs = {r["model"]: r for r in payload["runs"]}
     assert set(runs) == set(long_tasks.MODELS)
-    # The baseline is DiffuSeq's network: full attention and no experts.
-    assert runs["diffuseq"]["steps"] >= 1
+    # Both stages trained: the short sources first, then the long ones.
+    assert all(r["short_stage"]["steps"] >= 1 and r["steps"] >= 1 for r in runs.values())
+    # Only sources of at least half the length's characters are scored.
+    assert all(r["source_tokens"]["max"] >= 256 * long_tasks.CHARS_PER_TOKEN / 2 / 4
+               for r in runs.values())
     assert all(0 < r["source_tokens"]["mean"] <= r["source_tokens"]["max"] for r in runs.values())
     cell = payload["table"]["code-lookup"]["256"]
     assert set(cell["intervals"]) == {"f1_moe_minus_baseline", "exact_moe_minus_baseline",
-                                      "f1_window_only_minus_moe"}
+                                      *long_tasks.VARIANTS.values()}
     low, high = cell["intervals"]["f1_moe_minus_baseline"]
     assert low <= high
     summary = payload["summary"]

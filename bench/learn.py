@@ -86,8 +86,9 @@ def merged(base: dict, change: dict) -> dict:
     return out
 
 
-def validation_rows(name: str, data_dir: str, docs: int) -> list[dict]:
-    """The first ``docs`` rows of a fixed random sample (seed 0) of a corpus's validation split."""
+def validation_rows(name: str, data_dir: str, docs: int | None) -> list[dict]:
+    """The first ``docs`` rows (None: all) of a fixed random sample (seed 0) of a corpus's
+    validation split."""
     import random
 
     rows = [json.loads(line)

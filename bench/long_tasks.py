@@ -48,7 +48,7 @@ from moe_diffuseq.metrics import interval_verdict as verdict
 from moe_diffuseq.metrics import paired_bootstrap_interval
 
 from .common import QUICKSTART_EXPERTS, QUICKSTART_WIDTH, machine_info, print_table, write_json
-from .learn import RECIPE, TrainingBudget, fit_for_budget, merged, score
+from .learn import RECIPE, TrainingBudget, budgets, fit_for_budget, merged, score, validation_rows
 from .learn import corpus as short_corpus
 
 # Sources of about `tokens` tokens: a 4k BPE reads 3.5-3.6 characters a token of stdlib code on
@@ -96,14 +96,10 @@ def source_tokens(tokenizer, rows: list[dict]) -> dict:
 def long_rows(name: str, data_dir: str, docs: int, min_chars: int) -> list[dict]:
     """The first ``docs`` validation rows (a fixed random sample, seed 0) whose source holds at
     least ``min_chars`` characters."""
-    import random
-
-    path = Path(data_dir) / name / "validation.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    random.Random(0).shuffle(rows)
-    kept = [r for r in rows if len(r["src"]) >= min_chars][:docs]
+    kept = [r for r in validation_rows(name, data_dir, None) if len(r["src"]) >= min_chars][:docs]
     if not kept:
-        raise ValueError(f"{path}: no validation source of {min_chars} characters or more")
+        raise ValueError(f"{Path(data_dir) / name / 'validation.jsonl'}: no validation source of "
+                         f"{min_chars} characters or more")
     return kept
 
 
@@ -131,8 +127,7 @@ def short_stage(task: str, model_name: str, seed: int, args) -> dict:
     weights (CPU), the tokenizer file the long stage reuses, and what the stage did."""
     pl.seed_everything(seed, verbose=False)
     name = short_corpus(task, args.short_chars)
-    sizes = {"max_src_len": -(-args.short_chars * 10 // 23 // 32) * 32,
-             "max_trg_len": TARGET_TOKENS[task]}
+    sizes = {**budgets(task, args.short_chars), "max_trg_len": TARGET_TOKENS[task]}
     data = Seq2SeqDataModule(corpus=name, data_dir=args.data_dir, batch_size=args.short_batch_size,
                              tokenizer_vocab_size=args.vocab, seed=seed, **sizes)
     model = MoEDiffuSeq(**model_config(model_name, sizes, args))

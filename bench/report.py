@@ -52,6 +52,10 @@ def _checks(payload: dict) -> list[str]:
     return lines
 
 
+def _interval(ci: list[float]) -> str:
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}] {interval_verdict(ci)}"
+
+
 def _machine(payload: dict) -> str:
     m = payload["machine"]
     cuda = f", {m['cuda']}" if m["cuda"] else ""
@@ -71,8 +75,7 @@ def _learn(payload: dict) -> list[str]:
     for r in payload["runs"]:
         s = r["sampling"]
         interval = r.get("f1_minus_recipe_interval")
-        versus = (f"[{interval[0]:+.3f}, {interval[1]:+.3f}] {interval_verdict(interval)}"
-                  if interval else "-")
+        versus = _interval(interval) if interval else "-"
         rows.append([r["task"], r["name"], r["steps"], s["dpm20"]["item_f1"],
                      s["dpm20"]["exact_match"], s.get("dpm20_strip", {}).get("exact_match"),
                      s.get("dpm10", {}).get("item_f1"),
@@ -210,12 +213,6 @@ def _long_cost(c: dict) -> list[str]:
             f"- window-only tokens/s over target rows only (`target_keys: false`) at 8k: "
             f"{_f(summary.get('target_rows_only_cost_8k'))}", ""]
     return out
-
-
-def _interval(ci: list[float]) -> str:
-    from moe_diffuseq.metrics import interval_verdict
-
-    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}] {interval_verdict(ci)}"
 
 
 def _long_tasks(c: dict) -> list[str]:

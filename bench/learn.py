@@ -27,6 +27,7 @@ import torch
 from data_modules import Seq2SeqDataModule
 from data_modules.corpora import build, is_built
 from data_modules.corpora.tasks import DEFAULT_MAX_CHARS
+from data_modules.tokenization import train_tokenizer
 from moe_diffuseq import MoEDiffuSeq
 from moe_diffuseq.batch import collate_pairs, encode_pairs
 from moe_diffuseq.generation import sampling_settings
@@ -62,6 +63,9 @@ ABLATIONS: dict[str, dict] = {
     "no_target_global": {"network": {"attention": {"target_global": False}}},
     "loss_on_all": {"diffusion": {"loss_on": "all"}},
     "absorbing_full_rate": {"diffusion": {"soft_absorbing": True, "denoise_rate": 0.5}},
+    # Not a model setting: the corpus's tokenizer trained as plain byte-level BPE, where a word at
+    # a line's start and the same word after a space are different tokens.
+    "no_word_starts": {"tokenizer": {"word_starts": False}},
 }
 # Target budget (tokens) per task; the source budget follows --max_chars (about 2.3 characters a
 # token at worst with a 4k BPE of code, so sources are never cut).
@@ -198,10 +202,26 @@ def trajectory(model: MoEDiffuSeq, rows: list[dict], docs: int = 32) -> list[dic
     return trajectory_accuracy(model, batch, settings)
 
 
+def plain_tokenizer(task: str, args) -> str:
+    """A plain byte-level BPE (no word-start spaces) of the task's corpus, trained on its
+    training split as the data module trains its own; returns its path."""
+    name = corpus(task, args.max_chars)
+    path = Path(args.data_dir) / name / f"tokenizer-plain-{args.vocab}.json"
+    if not path.exists():
+        rows = [json.loads(line) for line in
+                (Path(args.data_dir) / name / "train.jsonl").read_text().splitlines()]
+        texts = (r[key] for r in rows[:20000] for key in ("src", "trg") if r[key])
+        train_tokenizer(texts, args.vocab, word_starts=False).save(str(path))
+    return str(path)
+
+
 def run(task: str, config: dict, args, rows: list[dict], final: bool) -> dict:
     pl.seed_everything(args.seed, verbose=False)
+    config = dict(config)
+    word_starts = config.pop("tokenizer", {}).get("word_starts", True)
     data = Seq2SeqDataModule(corpus=corpus(task, args.max_chars), data_dir=args.data_dir,
                              batch_size=args.batch_size, tokenizer_vocab_size=args.vocab,
+                             tokenizer_path=None if word_starts else plain_tokenizer(task, args),
                              seed=args.seed, **budgets(task, args.max_chars))
     model = MoEDiffuSeq(**merged(config, {"network": budgets(task, args.max_chars)}))
     curve = LearningCurve(rows, args.minutes * 60, args.minutes * 60 / args.curve_points)
@@ -210,10 +230,10 @@ def run(task: str, config: dict, args, rows: list[dict], final: bool) -> dict:
            "curve": curve.points}
     out["noise_levels"] = noise_table(model, rows)
     out["trajectory"] = trajectory(model, rows)
-    samplers = {"dpm20": {"sampler": "dpm_solver++", "steps": 20}}
+    samplers = {"dpm20": {"sampler": "dpm_solver++", "steps": 20},
+                "dpm10": {"sampler": "dpm_solver++", "steps": 10}}
     if final:
-        samplers |= {"dpm10": {"sampler": "dpm_solver++", "steps": 10},
-                     # Same seed, so the same samples, decoded DiffuSeq's way: every [SEP] and
+        samplers |= {# Same seed, so the same samples, decoded DiffuSeq's way: every [SEP] and
                      # [PAD] dropped, what follows them kept.
                      "dpm20_strip": {"sampler": "dpm_solver++", "steps": 20, "decode": "strip"},
                      "ddim200": {"sampler": "ddim", "steps": 200}}

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from .corpora import build, is_built, resolve
 from .pairs import LoadedBatch, PairDataset, ResumableRandomSampler, StreamingPairs, collate_rows
 from .rows import RowFilter, load_rows, scan_jsonl
-from .tokenization import load_tokenizer, train_tokenizer
+from .tokenization import has_word_starts, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,15 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             if hp.tokenizer_path:
                 raise FileNotFoundError(f"data.tokenizer_path={hp.tokenizer_path}: no such file")
             self._train_tokenizer()
+        elif self._cache_is_stale():
+            log.info("retraining %s: cached before word-start spaces", self.tokenizer_file)
+            self._train_tokenizer()
+
+    def _cache_is_stale(self) -> bool:
+        """Whether the tokenizer is our own cache from before word-start spaces (a given
+        ``tokenizer_path`` is used as it is)."""
+        return (not self.hparams.tokenizer_path and self.tokenizer_file.exists()
+                and not has_word_starts(load_tokenizer(self.tokenizer_file)))
 
     def _train_tokenizer(self) -> None:
         hp = self.hparams
@@ -154,7 +163,7 @@ class Seq2SeqDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
-            if not self.tokenizer_file.exists():
+            if not self.tokenizer_file.exists() or self._cache_is_stale():
                 self.prepare_data()  # e.g. setup() called by a script without a Trainer
             self.tokenizer = load_tokenizer(self.tokenizer_file)
         wanted = {"fit": ("train", "validation"), "validate": ("validation",),

@@ -21,8 +21,22 @@ from moe_diffuseq.batch import (
 
 def test_tokenizer_has_specials_first(small_tokenizer):
     assert [small_tokenizer.id_to_token(i) for i in range(5)] == list(SPECIAL_TOKENS)
-    text = "def f(x):\n    return x  # é"
-    assert small_tokenizer.decode(small_tokenizer.encode(text).ids) == text
+    for text in ("def f(x):\n    return x  # é", "    indented first\n\n", "\n", " ", ""):
+        assert small_tokenizer.decode(small_tokenizer.encode(text).ids) == text
+
+
+def test_a_word_is_the_same_tokens_at_a_line_start_and_after_a_space():
+    # An answer lists the source's words after "; ": a pointer can only copy them if they are
+    # the source's tokens. Plain byte-level BPE makes "HAMLET" at a line's start and " HAMLET"
+    # different tokens.
+    from data_modules.tokenization import train_tokenizer
+
+    source = "HAMLET.\nWho's there?\n\nHORATIO.\nFriends.\ndef alpha(self):\n    def beta(y):\n"
+    answer = "HAMLET. ; HORATIO. ; def alpha ; def beta"
+    for word_starts, expected in ((True, {";"}), (False, {";", "HORATIO"})):
+        tokenizer = train_tokenizer([source, answer] * 20, 300, word_starts=word_starts)
+        missing = set(tokenizer.encode(answer).ids) - set(tokenizer.encode(source).ids)
+        assert {tokenizer.id_to_token(i).lstrip("Ġ") for i in missing} == expected, word_starts
 
 
 def test_budgets_are_separate_and_layout_is_cls_src_sep_trg_sep_pad(small_tokenizer):
@@ -123,6 +137,22 @@ def test_tokenizer_is_trained_from_the_training_split_when_missing(small_corpus,
     dm.prepare_data()
     tok = load_tokenizer(tmp_path / "custom" / "tokenizer-300.json")
     assert tok.get_vocab_size() == 300
+
+
+def test_a_cached_tokenizer_without_word_starts_is_retrained(small_corpus, tmp_path):
+    from data_modules.tokenization import has_word_starts, train_tokenizer
+
+    dm = Seq2SeqDataModule(
+        train_path=str(small_corpus / "train.jsonl"), data_dir=str(tmp_path),
+        tokenizer_vocab_size=300, max_src_len=8, max_trg_len=8,
+    )
+    dm.prepare_data()
+    cached = tmp_path / "custom" / "tokenizer-300.json"
+    # As tokenizers were trained before word-start spaces.
+    train_tokenizer(["some old text"] * 10, 300, word_starts=False).save(str(cached))
+    assert not has_word_starts(load_tokenizer(cached))
+    dm.setup("fit")
+    assert has_word_starts(dm.tokenizer) and has_word_starts(load_tokenizer(cached))
 
 
 def test_missing_column_names_the_file_and_key(small_corpus, small_tokenizer_file, tmp_path):

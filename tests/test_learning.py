@@ -26,15 +26,23 @@ COPY_TOKENS = 3
 
 
 def _copy_pairs(tokenizer, texts: list[str], count: int, seed: int) -> list[dict]:
-    """Source: 8-24 tokens of code; target: its first COPY_TOKENS tokens, decoded."""
+    """Source: 8-24 tokens of code; target: its first COPY_TOKENS tokens.
+
+    Both are token ids that survive decoding and encoding again (the data module reads text), so
+    the target is exactly the source's first tokens: a slice cut mid-word, or a target whose last
+    piece reads differently alone, is drawn again.
+    """
     rng = random.Random(seed)
     stream = tokenizer.encode(" ".join(" ".join(texts).split()), add_special_tokens=False).ids
     rows = []
-    for _ in range(count):
+    while len(rows) < count:
         length = rng.randint(8, 24)
         start = rng.randrange(len(stream) - length)
-        src = stream[start : start + length]
-        rows.append({"src": src, "trg": src[:COPY_TOKENS]})
+        src = tokenizer.encode(tokenizer.decode(stream[start : start + length]),
+                               add_special_tokens=False).ids
+        trg = src[:COPY_TOKENS]
+        if tokenizer.encode(tokenizer.decode(trg), add_special_tokens=False).ids == trg:
+            rows.append({"src": src, "trg": trg})
     return rows
 
 

@@ -29,8 +29,8 @@ def _copy_pairs(tokenizer, texts: list[str], count: int, seed: int) -> list[dict
     """Source: 8-24 tokens of code; target: its first COPY_TOKENS tokens.
 
     Both are token ids that survive decoding and encoding again (the data module reads text), so
-    the target is exactly the source's first tokens: a slice cut mid-word, or a target whose last
-    piece reads differently alone, is drawn again.
+    the target is exactly the source's first tokens: a slice is re-encoded from its text, and a
+    target whose last piece reads differently alone is drawn again.
     """
     rng = random.Random(seed)
     stream = tokenizer.encode(" ".join(" ".join(texts).split()), add_special_tokens=False).ids

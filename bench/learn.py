@@ -19,15 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Timer
 
 from data_modules import Seq2SeqDataModule
 from data_modules.corpora import build, is_built
 from data_modules.corpora.tasks import DEFAULT_MAX_CHARS
-from data_modules.tokenization import train_tokenizer
 from moe_diffuseq import MoEDiffuSeq
 from moe_diffuseq.batch import collate_pairs, encode_pairs
 from moe_diffuseq.generation import sampling_settings
@@ -63,9 +64,9 @@ ABLATIONS: dict[str, dict] = {
     "no_target_global": {"network": {"attention": {"target_global": False}}},
     "loss_on_all": {"diffusion": {"loss_on": "all"}},
     "absorbing_full_rate": {"diffusion": {"soft_absorbing": True, "denoise_rate": 0.5}},
-    # Not a model setting: the corpus's tokenizer trained as plain byte-level BPE, where a word at
-    # a line's start and the same word after a space are different tokens.
-    "no_word_starts": {"tokenizer": {"word_starts": False}},
+    # A data setting, not a model one: the corpus's tokenizer trained as plain byte-level BPE, where
+    # a word at a line's start and the same word after a space are different tokens.
+    "no_word_starts": {"data": {"tokenizer_word_starts": False}},
 }
 # Target budget (tokens) per task; the source budget follows --max_chars (about 2.3 characters a
 # token at worst with a 4k BPE of code, so sources are never cut).
@@ -114,13 +115,19 @@ def score(model: MoEDiffuSeq, rows: list[dict], **sampling) -> dict:
 
 
 
-class TrainingBudget(pl.Callback):
+class TrainingBudget(Timer):
     """Stops training after ``budget_s`` seconds of training steps (evaluation excluded), and
-    counts the input positions (source and target, padding included) the steps processed."""
+    counts the input positions (source and target, padding included) the steps processed. A
+    Lightning Timer whose clock runs during steps only, so a learning-rate decay ends with the
+    budget as it ends with ``trainer.max_time``."""
 
     def __init__(self, budget_s: float) -> None:
+        super().__init__(duration=timedelta(seconds=budget_s), interval="step", verbose=False)
         self.budget_s, self.trained_s, self.positions = budget_s, 0.0, 0
         self._start = None
+
+    def time_elapsed(self, stage: str = "train") -> float:
+        return self.trained_s
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._start = time.perf_counter()
@@ -128,8 +135,7 @@ class TrainingBudget(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.trained_s += time.perf_counter() - self._start
         self.positions += batch.input_ids.numel()
-        if self.trained_s >= self.budget_s:
-            trainer.should_stop = True
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
 class LearningCurve(TrainingBudget):
@@ -202,27 +208,13 @@ def trajectory(model: MoEDiffuSeq, rows: list[dict], docs: int = 32) -> list[dic
     return trajectory_accuracy(model, batch, settings)
 
 
-def plain_tokenizer(task: str, args) -> str:
-    """A plain byte-level BPE (no word-start spaces) of the task's corpus, trained on its
-    training split as the data module trains its own; returns its path."""
-    name = corpus(task, args.max_chars)
-    path = Path(args.data_dir) / name / f"tokenizer-plain-{args.vocab}.json"
-    if not path.exists():
-        rows = [json.loads(line) for line in
-                (Path(args.data_dir) / name / "train.jsonl").read_text().splitlines()]
-        texts = (r[key] for r in rows[:20000] for key in ("src", "trg") if r[key])
-        train_tokenizer(texts, args.vocab, word_starts=False).save(str(path))
-    return str(path)
-
-
 def run(task: str, config: dict, args, rows: list[dict], final: bool) -> dict:
     pl.seed_everything(args.seed, verbose=False)
     config = dict(config)
-    word_starts = config.pop("tokenizer", {}).get("word_starts", True)
+    data_change = config.pop("data", {})
     data = Seq2SeqDataModule(corpus=corpus(task, args.max_chars), data_dir=args.data_dir,
                              batch_size=args.batch_size, tokenizer_vocab_size=args.vocab,
-                             tokenizer_path=None if word_starts else plain_tokenizer(task, args),
-                             seed=args.seed, **budgets(task, args.max_chars))
+                             seed=args.seed, **budgets(task, args.max_chars), **data_change)
     model = MoEDiffuSeq(**merged(config, {"network": budgets(task, args.max_chars)}))
     curve = LearningCurve(rows, args.minutes * 60, args.minutes * 60 / args.curve_points)
     trainer = fit_for_budget(model, data, curve, args.accelerator)

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .corpora import build, is_built, resolve
@@ -45,6 +46,9 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         tokenizer_vocab_size: Vocabulary size when training a tokenizer (a given tokenizer_path
             keeps its own).
         tokenizer_train_rows: Training rows the tokenizer is trained on (None: all).
+        tokenizer_word_starts: Train the tokenizer with a space before every line, so that a word
+            is the same token at a line's start and after a space and answers can copy source
+            tokens. False trains plain byte-level BPE (cached as ``tokenizer-plain-<vocab>.json``).
         on_bad_row: "raise" names the file and row of a bad row; "skip" counts and logs them.
         on_too_long: A pair longer than a budget is truncated (and counted), skipped (and
             counted) or an error naming the example.
@@ -71,6 +75,7 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         tokenizer_path: str | None = None,
         tokenizer_vocab_size: int = 8192,
         tokenizer_train_rows: int | None = 20000,
+        tokenizer_word_starts: bool = True,
         on_bad_row: Literal["raise", "skip"] = "raise",
         on_too_long: Literal["truncate", "skip", "raise"] = "truncate",
         length_bucketing: bool = False,
@@ -101,8 +106,9 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             "validation": val_path or (str(corpus_dir / "validation.jsonl") if corpus else None),
             "test": test_path or (str(corpus_dir / "test.jsonl") if corpus else None),
         }
-        self.tokenizer_file = (Path(tokenizer_path) if tokenizer_path
-                               else corpus_dir / f"tokenizer-{tokenizer_vocab_size}.json")
+        kind = "" if tokenizer_word_starts else "plain-"
+        cache_name = f"tokenizer-{kind}{tokenizer_vocab_size}.json"
+        self.tokenizer_file = Path(tokenizer_path) if tokenizer_path else corpus_dir / cache_name
         self.max_src_len = max_src_len
         self.max_trg_len = max_trg_len
         self.tokenizer = None
@@ -131,15 +137,15 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             if hp.tokenizer_path:
                 raise FileNotFoundError(f"data.tokenizer_path={hp.tokenizer_path}: no such file")
             self._train_tokenizer()
-        elif self._cache_is_stale():
+        elif self._is_stale_cache(load_tokenizer(self.tokenizer_file)):
             log.info("retraining %s: cached before word-start spaces", self.tokenizer_file)
             self._train_tokenizer()
 
-    def _cache_is_stale(self) -> bool:
-        """Whether the tokenizer is our own cache from before word-start spaces (a given
-        ``tokenizer_path`` is used as it is)."""
-        return (not self.hparams.tokenizer_path and self.tokenizer_file.exists()
-                and not has_word_starts(load_tokenizer(self.tokenizer_file)))
+    def _is_stale_cache(self, tokenizer: Tokenizer) -> bool:
+        """Whether ``tokenizer`` is our own word-start cache written before word-start spaces
+        existed (a given ``tokenizer_path`` is used as it is)."""
+        hp = self.hparams
+        return not hp.tokenizer_path and hp.tokenizer_word_starts and not has_word_starts(tokenizer)
 
     def _train_tokenizer(self) -> None:
         hp = self.hparams
@@ -155,7 +161,8 @@ class Seq2SeqDataModule(pl.LightningDataModule):
                     if isinstance(value, str) and value:
                         yield value
 
-        tokenizer = train_tokenizer(texts(), hp.tokenizer_vocab_size)
+        tokenizer = train_tokenizer(texts(), hp.tokenizer_vocab_size,
+                                    word_starts=hp.tokenizer_word_starts)
         self.tokenizer_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.tokenizer_file.with_suffix(".tmp")
         tokenizer.save(str(tmp))
@@ -163,9 +170,12 @@ class Seq2SeqDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
-            if not self.tokenizer_file.exists() or self._cache_is_stale():
+            exists = self.tokenizer_file.exists()
+            tokenizer = load_tokenizer(self.tokenizer_file) if exists else None
+            if tokenizer is None or self._is_stale_cache(tokenizer):
                 self.prepare_data()  # e.g. setup() called by a script without a Trainer
-            self.tokenizer = load_tokenizer(self.tokenizer_file)
+                tokenizer = load_tokenizer(self.tokenizer_file)
+            self.tokenizer = tokenizer
         wanted = {"fit": ("train", "validation"), "validate": ("validation",),
                   "test": ("test",)}.get(stage or "fit", ("train", "validation", "test"))
         for split in wanted:

@@ -27,7 +27,7 @@ from .denoiser import Denoiser
 from .diffusion import NoiseSchedule, make_timestep_sampler, training_loss
 from .evaluation import gather_objects
 from .moe import router_metrics
-from .optim import NonFiniteGuard, adamw_with_schedule, update_ema
+from .optim import NonFiniteGuard, adamw_with_schedule, time_limit_fraction, update_ema
 from .probes import AccuracyTally, noise_level_counts, probe_steps
 
 
@@ -41,7 +41,9 @@ class MoEDiffuSeq(pl.LightningModule):
         lr: Peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warm-up steps.
-        lr_decay: Learning-rate decay after warm-up, to ``min_lr_ratio * lr`` at the last step.
+        lr_decay: Learning-rate decay after warm-up, to ``min_lr_ratio * lr`` at the run's end: its
+            last step (``trainer.max_steps`` or epochs) or its time limit (``trainer.max_time``),
+            whichever comes first.
         min_lr_ratio: Final learning rate as a fraction of ``lr``.
         ema_decay: Decay of the exponential moving average of the weights used for
             validation and generation (0 disables averaging).
@@ -260,6 +262,7 @@ class MoEDiffuSeq(pl.LightningModule):
             self.denoiser, lr=hp.lr, weight_decay=hp.weight_decay, warmup_steps=hp.warmup_steps,
             lr_decay=hp.lr_decay, min_lr_ratio=hp.min_lr_ratio,
             estimated_steps=self.trainer.estimated_stepping_batches,
+            time_fraction=time_limit_fraction(self.trainer),
         )
 
     # ----------------------------------------------------------------- generation

@@ -1,24 +1,30 @@
-"""AdamW with linear warm-up and a decay to ``min_lr_ratio * lr``; the EMA of the weights; the guard
-that skips non-finite steps."""
+"""AdamW with linear warm-up and a decay to ``min_lr_ratio * lr`` by the run's step or time limit;
+the EMA of the weights; the guard that skips non-finite steps."""
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Timer
 from torch import nn
 
 log = logging.getLogger(__name__)
 
 
-def lr_factor(step: int, warmup: int, total: int, decay: str, min_lr_ratio: float) -> float:
-    """Multiplier of the peak learning rate at optimizer step ``step``."""
+def lr_factor(step: int, warmup: int, total: int, decay: str, min_lr_ratio: float,
+              time_fraction: float = 0.0) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` of ``total``, with
+    ``time_fraction`` of the run's time limit spent: the decay follows whichever limit is nearer."""
     if step < warmup:
         return (step + 1) / (warmup + 1)
     if decay == "constant":
         return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    by_steps = (step - warmup) / max(1, total - warmup)
+    progress = min(1.0, max(by_steps, time_fraction))
     shape = 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return min_lr_ratio + (1.0 - min_lr_ratio) * shape
 
@@ -32,9 +38,11 @@ def adamw_with_schedule(
     lr_decay: str,
     min_lr_ratio: float,
     estimated_steps: float,
+    time_fraction: Callable[[], float] | None = None,
 ) -> dict:
     """Lightning's ``configure_optimizers`` answer: AdamW (no decay on biases and norms) and a
-    per-step schedule."""
+    per-step schedule. ``time_fraction``, where the run has a time limit, says how much of it is
+    spent; the decay then ends by that limit if it comes before the last step."""
     decay, no_decay = [], []
     for name, param in net.named_parameters():
         if param.requires_grad:
@@ -44,15 +52,31 @@ def adamw_with_schedule(
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=lr)
-    # A run bounded only by time has no known length: warm up, then keep the peak rate.
     known = math.isfinite(estimated_steps)
-    total = max(1, int(estimated_steps)) if known else warmup_steps + 1
+    timed = time_fraction is not None
+    # Without a step limit only the clock moves the decay; with neither limit, keep the peak rate.
+    total = max(1, int(estimated_steps)) if known else 2**62
     warmup = min(warmup_steps, max(0, total - 1))
-    shape = lr_decay if known else "constant"
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup, total, shape, min_lr_ratio)
-    )
+    shape = lr_decay if known or timed else "constant"
+
+    def factor(step: int) -> float:
+        spent = min(1.0, max(0.0, time_fraction())) if timed else 0.0
+        return lr_factor(step, warmup, total, shape, min_lr_ratio, spent)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def time_limit_fraction(trainer: pl.Trainer) -> Callable[[], float] | None:
+    """A function giving the share of the run's time limit spent so far, or None where the run has
+    none. The limit is a Lightning ``Timer`` callback's duration (``trainer.max_time`` adds one);
+    its elapsed time survives a resume."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, Timer) and callback.time_remaining() is not None:
+            timer = callback
+            return lambda: timer.time_elapsed() / max(1e-9, timer.time_elapsed()
+                                                      + timer.time_remaining())
+    return None
 
 
 @torch.no_grad()

@@ -155,6 +155,25 @@ def test_a_cached_tokenizer_without_word_starts_is_retrained(small_corpus, tmp_p
     assert has_word_starts(dm.tokenizer) and has_word_starts(load_tokenizer(cached))
 
 
+def test_plain_tokenizer_option_has_its_own_cache(small_corpus, tmp_path):
+    from data_modules.tokenization import has_word_starts
+
+    common = dict(train_path=str(small_corpus / "train.jsonl"), data_dir=str(tmp_path),
+                  tokenizer_vocab_size=300, max_src_len=8, max_trg_len=8)
+    plain = Seq2SeqDataModule(**common, tokenizer_word_starts=False)
+    plain.setup("fit")
+    assert plain.tokenizer_file.name == "tokenizer-plain-300.json"
+    assert not has_word_starts(plain.tokenizer)
+    # The plain cache is not mistaken for a stale word-start cache, nor the other way round.
+    plain_again = Seq2SeqDataModule(**common, tokenizer_word_starts=False)
+    plain_again.setup("fit")
+    assert not has_word_starts(plain_again.tokenizer)
+    default = Seq2SeqDataModule(**common)
+    default.setup("fit")
+    assert default.tokenizer_file.name == "tokenizer-300.json"
+    assert has_word_starts(default.tokenizer)
+
+
 def test_missing_column_names_the_file_and_key(small_corpus, small_tokenizer_file, tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"source": "a", "trg": "b"}) + "\n")

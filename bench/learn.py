@@ -5,7 +5,9 @@ Lightning Trainer for ``--minutes`` of training time (evaluation excluded), with
 curve of 20-step DPM-Solver++ item F1 against wall-clock. At the end of each run:
   * item metrics of DPM-Solver++ 20 and 10, DDIM 200 and ancestral (all T steps) samples,
     decoded as the recipe's ``sampling.decode`` says (truncate), and DPM-Solver++ 20 also
-    decoded DiffuSeq's way (strip: every [SEP] and [PAD] dropped, the rest kept);
+    decoded DiffuSeq's way (strip: every [SEP] and [PAD] dropped, the rest kept); then the
+    recipe's own sampling, DPM-Solver++ 20 followed by its ``sampling.restarts``, against
+    DPM-Solver++ 20 alone on the same checkpoint (paired interval);
   * x0 accuracy on target words at fixed t beside rounding z_t (teacher forced).
 Ablations (one recipe candidate removed at a time) run on one task (``--ablation_task``,
 code-outline unless told) with the same seed, data and budget.
@@ -47,7 +49,7 @@ RECIPE: dict = {
         "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 128},
     },
     "diffusion": {"steps": 2000, "soft_absorbing": False, "loss_on": "target", "unroll": 0.5},
-    "sampling": {"decode": "truncate"},
+    "sampling": {"decode": "truncate", "restarts": 2},
     "lr": 2e-3, "warmup_steps": 100, "lr_decay": "constant", "ema_decay": 0.0,
 }
 # One candidate changed at a time: a part of the recipe removed (back to DiffuSeq's setting), or a
@@ -151,7 +153,7 @@ class LearningCurve(TrainingBudget):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.trained_s >= self.next_eval or self.trained_s >= self.budget_s:
             self.next_eval += self.every_s
-            result = score(pl_module, self.rows, sampler="dpm_solver++", steps=20)
+            result = score(pl_module, self.rows, sampler="dpm_solver++", steps=20, restarts=0)
             pl_module.train()
             self.points.append({"seconds": round(self.trained_s, 1), "step": trainer.global_step,
                                 "item_f1": result["item_f1"], "exact_match": result["exact_match"]})
@@ -204,7 +206,8 @@ def trajectory(model: MoEDiffuSeq, rows: list[dict], docs: int = 32) -> list[dic
     ``docs`` rows (``probes.trajectory_accuracy``)."""
     rows = rows[:docs]
     batch = reference_batch(model, [r["src"] for r in rows], [r["trg"] for r in rows])
-    settings = sampling_settings(model.sampling_config, sampler="dpm_solver++", steps=20)
+    settings = sampling_settings(model.sampling_config, sampler="dpm_solver++", steps=20,
+                                 restarts=0)
     return trajectory_accuracy(model, batch, settings)
 
 
@@ -222,17 +225,27 @@ def run(task: str, config: dict, args, rows: list[dict], final: bool) -> dict:
            "curve": curve.points}
     out["noise_levels"] = noise_table(model, rows)
     out["trajectory"] = trajectory(model, rows)
-    samplers = {"dpm20": {"sampler": "dpm_solver++", "steps": 20},
-                "dpm10": {"sampler": "dpm_solver++", "steps": 10}}
+    # Each sampler alone (no restarts), then the recipe's own sampling: DPM-Solver++ 20 and its
+    # restarts, on the same checkpoint and seed.
+    samplers = {"dpm20": {"sampler": "dpm_solver++", "steps": 20, "restarts": 0},
+                "dpm10": {"sampler": "dpm_solver++", "steps": 10, "restarts": 0}}
+    if model.sampling_config.restarts:
+        samplers["dpm20_restarts"] = {"sampler": "dpm_solver++", "steps": 20}
     if final:
         samplers |= {# Same seed, so the same samples, decoded DiffuSeq's way: every [SEP] and
                      # [PAD] dropped, what follows them kept.
-                     "dpm20_strip": {"sampler": "dpm_solver++", "steps": 20, "decode": "strip"},
-                     "ddim200": {"sampler": "ddim", "steps": 200}}
+                     "dpm20_strip": {"sampler": "dpm_solver++", "steps": 20, "decode": "strip",
+                                     "restarts": 0},
+                     "ddim200": {"sampler": "ddim", "steps": 200, "restarts": 0}}
     out["sampling"] = {name: score(model, rows, **kw) for name, kw in samplers.items()}
     if final:
         out["sampling"]["ancestral"] = score(model, rows[: args.ancestral_docs],
-                                             sampler="ancestral")
+                                             sampler="ancestral", restarts=0)
+    if "dpm20_restarts" in out["sampling"]:
+        out["restarts_minus_dpm20_interval"] = {
+            key: paired_bootstrap_interval(out["sampling"]["dpm20_restarts"][f"per_doc_{key}"],
+                                           out["sampling"]["dpm20"][f"per_doc_{key}"])
+            for key in ("f1", "exact")}
     return out
 
 
@@ -317,6 +330,13 @@ def main(argv: list[str] | None = None) -> dict:
         "cast_item_f1": pick("dialogue-cast", "dpm20", "item_f1"),
         "lookup_exact": pick("code-lookup", "dpm20", "exact_match"),
     }
+    if any("dpm20_restarts" in r["sampling"] for r in recipe_runs.values()):
+        summary |= {  # the recipe's own sampling: DPM-Solver++ 20 and its restarts
+            "outline_item_f1_restarts": pick("code-outline", "dpm20_restarts", "item_f1"),
+            "outline_exact_restarts": pick("code-outline", "dpm20_restarts", "exact_match"),
+            "cast_item_f1_restarts": pick("dialogue-cast", "dpm20_restarts", "item_f1"),
+            "lookup_exact_restarts": pick("code-lookup", "dpm20_restarts", "exact_match"),
+        }
     if recipe_runs:  # code-outline's where it ran, else the first task's
         task = "code-outline" if "code-outline" in recipe_runs else next(iter(recipe_runs))
         summary["dpm20_vs_ancestral_task"] = task

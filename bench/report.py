@@ -85,6 +85,24 @@ def _learn(payload: dict) -> list[str]:
     out += _table(["task", "run", "steps", "dpm20 F1", f"dpm20 exact ({decode})",
                    "dpm20 exact (strip)", "dpm10 F1", "ddim200 F1",
                    "ancestral F1", "dpm20 F1 minus recipe (95% interval)"], rows)
+    restarted = [r for r in payload["runs"] if "dpm20_restarts" in r["sampling"]]
+    if restarted:
+        sampling = st.get("recipe", {}).get("sampling", {})
+        out += ["", f"The recipe's own sampling: DPM-Solver++ 20, then {sampling.get('restarts')} "
+                    "restarts (the sample's tokens noised again to t = "
+                    f"{sampling.get('restart_noise', 0.5):g} T and sampled down from there in "
+                    f"{sampling.get('restart_steps', 10)} steps), against DPM-Solver++ 20 alone "
+                    "on the same checkpoint:", ""]
+        out += _table(["task", "run", "dpm20 F1", "+ restarts F1", "dpm20 exact",
+                       "+ restarts exact", "F1 difference (95% interval)",
+                       "exact difference (95% interval)"],
+                      [[r["task"], r["name"], r["sampling"]["dpm20"]["item_f1"],
+                        r["sampling"]["dpm20_restarts"]["item_f1"],
+                        r["sampling"]["dpm20"]["exact_match"],
+                        r["sampling"]["dpm20_restarts"]["exact_match"],
+                        _interval(r["restarts_minus_dpm20_interval"]["f1"]),
+                        _interval(r["restarts_minus_dpm20_interval"]["exact"])]
+                       for r in restarted])
     levels = list(payload["runs"][0]["noise_levels"])
     out += ["", "x0 accuracy on the target's words at fixed t (teacher forced): the denoiser / "
                 "rounding z_t / the denoiser with each source swapped for another document's "

@@ -319,9 +319,23 @@ class SamplingConfig:
     decode: Literal["strip", "truncate"] = "strip"
     """Sample to text: strip drops every [SEP] and [PAD] and keeps the other tokens (DiffuSeq's
     evaluation); truncate stops at the first [SEP] or [PAD]."""
+    restarts: int = 0
+    """Restart rounds after the first sample (0: none). Each rounds the sample to tokens, noises
+    their embeddings again to ``restart_noise`` and samples down from there: the denoiser then
+    starts from a sequence of tokens, as in training, and can fix a layout its first steps from
+    pure noise got wrong."""
+    restart_noise: float = 0.5
+    """Where a restart begins, as a fraction of the T diffusion steps."""
+    restart_steps: int = 10
+    """Sampling steps of each restart (ddim and dpm_solver++; ancestral takes every step)."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "sampling.steps", self.steps, "must be >= 1")
+        _check(self.restarts >= 0, "sampling.restarts", self.restarts, "must be >= 0")
+        _check(0.0 < self.restart_noise < 1.0, "sampling.restart_noise", self.restart_noise,
+               "must be in (0, 1)")
+        _check(self.restart_steps >= 1, "sampling.restart_steps", self.restart_steps,
+               "must be >= 1")
         _check(self.num_candidates >= 1, "sampling.num_candidates", self.num_candidates,
                "must be >= 1")
         _check(self.batch_size >= 1, "sampling.batch_size", self.batch_size, "must be >= 1")

@@ -18,7 +18,7 @@ import torch
 
 from .batch import Seq2SeqBatch, collate_pairs, decode_sources, decode_targets, encode_pairs
 from .config import SamplingConfig
-from .diffusion import SamplingProblem, run_sampler
+from .diffusion import SamplingProblem, q_sample, run_sampler
 from .metrics import mbr_select
 
 if TYPE_CHECKING:
@@ -103,15 +103,28 @@ def sample_ids(
                 x0 = table[torch.cdist(x0, table[None].expand(x0.shape[0], -1, -1)).argmin(-1)]
             return x0
 
-        problem = SamplingProblem(net.embed(batch.input_ids), anchor_mask, net.absorbing_state)
-        x0 = run_sampler(sampling.sampler, denoise, problem, model.schedule, sampling.steps,
-                         sampling.spacing, generator, progress, sampling.variance)
-        # Round the free positions only: anchored ones keep their tokens, and the (N, V) logits
-        # of a long source would cost more than the sampling steps themselves.
+        def rounded(x0: torch.Tensor) -> torch.Tensor:
+            # Round the free positions only: anchored ones keep their tokens, and the (N, V)
+            # logits of a long source would cost more than the sampling steps themselves.
+            ids = batch.input_ids.clone()
+            ids[free] = net.logits(x0[free]).argmax(-1)
+            return ids
+
         free = ~anchor_mask
-        ids = batch.input_ids.clone()
-        ids[free] = net.logits(x0[free]).argmax(-1)
-        return ids
+        schedule = model.schedule
+        problem = SamplingProblem(net.embed(batch.input_ids), anchor_mask, net.absorbing_state)
+        x0 = run_sampler(sampling.sampler, denoise, problem, schedule, sampling.steps,
+                         sampling.spacing, generator, progress, sampling.variance)
+        t_restart = round(sampling.restart_noise * (schedule.steps - 1))
+        for _ in range(sampling.restarts):
+            clean = net.embed(rounded(x0))
+            t = torch.full((len(batch),), t_restart, dtype=torch.long, device=device)
+            noise = torch.randn(clean.shape, generator=generator, device=device, dtype=clean.dtype)
+            y = q_sample(clean, t, noise, problem.mask_vector, schedule) - problem.mask_vector
+            x0 = run_sampler(sampling.sampler, denoise, problem, schedule, sampling.restart_steps,
+                             sampling.spacing, generator, progress, sampling.variance,
+                             start=(y, t_restart))
+        return rounded(x0)
 
     try:
         return net.run(sample)  # one "forward" of the root, so FSDP2 gathers its parameters

@@ -210,7 +210,8 @@ def test_learn_bench_tiny_run_writes_summary_curve_and_plot(tmp_path):
     recipe = payload["runs"][0]
     assert recipe["steps"] >= 1 and len(recipe["curve"]) >= 1
     assert set(recipe["sampling"]) == {"dpm20", "dpm10", "ddim200", "ancestral",
-                                        "dpm20_strip"}
+                                        "dpm20_strip", "dpm20_restarts"}
+    assert set(recipe["restarts_minus_dpm20_interval"]) == {"f1", "exact"}
     # t = f * (T - 1), T = 20
     assert set(recipe["noise_levels"]) == {"0", "2", "5", "10", "14", "19"}
     assert set(recipe["noise_levels"]["19"]) == {"denoiser", "round_z_t", "source_cut"}
@@ -218,6 +219,7 @@ def test_learn_bench_tiny_run_writes_summary_curve_and_plot(tmp_path):
         {p["t"] for p in recipe["trajectory"]}, reverse=True)
     summary = payload["summary"]
     assert 0.0 <= summary["outline_item_f1"] <= 1.0 and summary["cast_item_f1"] is None
+    assert 0.0 <= summary["outline_item_f1_restarts"] <= 1.0
     assert summary["dpm20_vs_ancestral_task"] == "code-outline"
     assert payload["settings"]["recipe"]["network"]["hidden_size"] == 32  # the config trained
     assert len(payload["runs"][1]["f1_minus_recipe_interval"]) == 2

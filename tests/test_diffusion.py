@@ -239,6 +239,35 @@ def test_dpm_solver_is_second_order_on_the_sqrt_schedule_with_logsnr_steps():
     assert 1.8 < d20 / d40 < 2.4 and 1.8 < d10 / d20 < 2.6  # DDIM is first order
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "dpm_solver++"])
+def test_a_sampler_started_on_the_flow_at_t_reaches_the_flow_endpoint(sampler):
+    # A restart begins at step t from a given state: started at t = 1000 on the probability-flow
+    # path through the seed-0 start y_T, it must reach that path's exact endpoint, and its first
+    # call must be at t.
+    schedule = NoiseSchedule("cosine", 2000)
+    denoise, problem = _gaussian_problem(schedule)
+    exact = _flow_endpoint(schedule, denoise)
+    mu, sd, t = 0.7, 0.3, 1000
+    y_T = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(0)).double()
+    ab_T, ab_t = schedule.alpha_bar[-1], schedule.alpha_bar[t]
+    y_t = (ab_t.sqrt() * mu + (ab_t * sd**2 + 1 - ab_t).sqrt() * (y_T - ab_T.sqrt() * mu)
+           / (ab_T * sd**2 + 1 - ab_T).sqrt())
+    calls = []
+
+    def spy(z, steps):
+        calls.append(int(steps[0]))
+        return denoise(z, steps)
+
+    out = run_sampler(sampler, spy, problem, schedule, 400, "time_uniform",
+                      torch.Generator().manual_seed(1), start=(y_t, t))
+    assert calls[0] == t and calls[-1] == 0 and len(calls) == 400
+    assert (out - exact).abs().max().item() < 2e-3
+    # From the wrong state (pure noise at t) it lands elsewhere: the start is used.
+    wrong = run_sampler(sampler, denoise, problem, schedule, 400, "time_uniform",
+                        torch.Generator().manual_seed(1), start=(y_T, t))
+    assert (wrong - exact).abs().max().item() > 0.05
+
+
 def test_ddim_reaches_the_exact_flow_endpoint_as_steps_grow():
     schedule = NoiseSchedule("cosine", 2000)  # a fine integer grid near T: no floor
     errors = _flow_errors("ddim", schedule, (50, 100, 200, 1000), "time_uniform")
@@ -541,3 +570,40 @@ def test_unroll_runs_in_training_only_and_hands_self_conditioning_its_estimate(s
     model.compute_loss(batch, t, torch.ones(2), generator=torch.Generator().manual_seed(0))
     assert len(calls) == 2  # evaluation: self-conditioning's two passes, no step from s
     torch.testing.assert_close(calls[1].x0_prev, calls[0].x0)
+
+
+def test_restarts_renoise_the_rounded_sample_and_sample_again(small_tokenizer):
+    from moe_diffuseq.generation import sample_ids, sampling_settings
+
+    # Cosine: at t = 1 the noise is ~3e-3, so the restart's first input is the rounded sample's
+    # embeddings themselves, visibly unlike the continuous x0 the first run ended on.
+    model = MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 6, "embed_dim": 8,
+                                 "hidden_size": 16, "num_layers": 1, "num_heads": 2},
+                        diffusion={"schedule": "cosine"}, ema_decay=0.0)
+    model.set_tokenizer(small_tokenizer)
+    model.configure_model()
+    model.eval()
+    special = SpecialIds.from_tokenizer(small_tokenizer)
+    batch = collate_pairs(encode_pairs(small_tokenizer, ["the source", "another one"], None, 8, 6),
+                          special, 6)
+    calls = _recording(model)
+    settings = sampling_settings(model.sampling_config, steps=5, restarts=2, restart_steps=2,
+                                 restart_noise=0.0005)
+    ids = sample_ids(model, batch, settings, seed=0)
+    assert len(calls) == 5 + 2 * 2
+    assert [int(c.t[0]) for c in calls[5:]] == [1, 0, 1, 0]
+    net = model.denoiser
+    free = ~(~batch.input_mask | batch.padding_mask)
+    for first_of_restart, end_of_previous in ((5, 4), (7, 6)):
+        rounded = net.logits(calls[end_of_previous].x0).argmax(-1)
+        z = calls[first_of_restart].z
+        torch.testing.assert_close(z[free], net.embed(rounded)[free], atol=0.05, rtol=0)
+        assert (calls[end_of_previous].x0[free] - z[free]).abs().max() > 0.1
+    assert torch.equal(ids[free], net.logits(calls[-1].x0).argmax(-1)[free])
+    # Without restarts the first run's answer is the output.
+    calls.clear()
+    plain = sample_ids(model, batch, sampling_settings(model.sampling_config, steps=5), seed=0)
+    assert len(calls) == 5
+    assert torch.equal(plain[free], net.logits(calls[-1].x0).argmax(-1)[free])
+    with pytest.raises(ValueError, match="sampling.restart_noise"):
+        sampling_settings(model.sampling_config, restart_noise=1.0)

@@ -4,7 +4,8 @@
 All work in shifted coordinates y = z - m (see forward_process.py), start the free
 positions at y ~ N(0, I) (z ~ m + N(0, I)), keep anchored positions (the source, and any
 fixed target span) at their clean embeddings at every step, and return the denoiser's x0
-prediction at t = 0. ``steps`` counts denoiser evaluations.
+prediction at t = 0. ``steps`` counts denoiser evaluations. Given ``start = (y_t, t)``, a
+sampler starts from that noisy state at step t instead of from pure noise at T-1 (a restart).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .schedule import NoiseSchedule
 
 VARIANCES = ("posterior", "fixed_large")
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z_t (B,L,D), t (B,)) -> x0_hat
+Start = tuple[torch.Tensor, int]  # (y_t (B, L, D), t): where a restarted sampler begins
 
 
 @dataclass
@@ -32,10 +34,11 @@ class SamplingProblem:
         return torch.where(self.anchor_mask[..., None], self.anchor - self.mask_vector, y)
 
 
-def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "time_uniform") -> list[int]:
-    """``steps`` distinct integer steps, decreasing from T-1 to 0."""
-    last = schedule.steps - 1
-    steps = max(1, min(steps, schedule.steps))
+def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "time_uniform",
+              first: int | None = None) -> list[int]:
+    """``steps`` distinct integer steps, decreasing from ``first`` (T-1 unless given) to 0."""
+    last = schedule.steps - 1 if first is None else first
+    steps = max(1, min(steps, last + 1))
     if steps == 1:
         return [0]
     if spacing == "time_uniform":
@@ -47,7 +50,7 @@ def timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "time_uniform"
     lam = schedule.log_snr(torch.arange(schedule.steps)).detach().double().cpu()
     # Uniform in log-SNR, rounded to the nearest integer step. Near t = T one integer step
     # spans a wide log-SNR range and neighbours collapse; densify until `steps` remain.
-    for n in range(steps, 8 * schedule.steps):
+    for n in range(steps, 8 * (last + 1)):
         targets = torch.linspace(float(lam[last]), float(lam[0]), n, dtype=torch.float64)
         grid = _unique_decreasing((lam[None, :] - targets[:, None]).abs().argmin(dim=1).tolist())
         if len(grid) >= steps:
@@ -83,17 +86,25 @@ def _predict(denoise: Denoise, problem: SamplingProblem, y: torch.Tensor, t: int
     return problem.anchored(denoise(problem.anchored(y) + m, t_batch) - m)
 
 
+def _initial(problem: SamplingProblem, schedule: NoiseSchedule, generator,
+             start: Start | None) -> tuple[torch.Tensor, int]:
+    """The state a sampler begins from and its step: pure noise at T-1, or ``start``."""
+    if start is not None:
+        return problem.anchored(start[0]), start[1]
+    noise = torch.randn(problem.anchor.shape, generator=generator, device=problem.anchor.device)
+    return problem.anchored(noise), schedule.steps - 1
+
+
 def ancestral(denoise, problem, schedule, steps, spacing, generator, progress,
-              variance="posterior") -> torch.Tensor:
+              variance="posterior", start=None) -> torch.Tensor:
     """DDPM ancestral sampling over every one of the T steps (``steps`` is ignored), with the
     posterior's variance or DiffuSeq's ``fixed_large`` one (beta_t)."""
     if variance not in VARIANCES:
         raise ValueError(f"sampling.variance={variance!r}: expected one of {VARIANCES}")
     log_var = f"{variance}_log_var"
-    y = problem.anchored(torch.randn(problem.anchor.shape, generator=generator,
-                                     device=problem.anchor.device))
+    y, first = _initial(problem, schedule, generator, start)
     x0 = y
-    for t in _progress(range(schedule.steps - 1, -1, -1), progress, "ancestral"):
+    for t in _progress(range(first, -1, -1), progress, "ancestral"):
         x0 = _predict(denoise, problem, y, t)
         t_b = torch.full((y.shape[0],), t, dtype=torch.long, device=y.device)
         mean = (schedule.at("posterior_coef_x0", t_b, y) * x0
@@ -104,11 +115,11 @@ def ancestral(denoise, problem, schedule, steps, spacing, generator, progress,
     return x0 + problem.mask_vector
 
 
-def ddim(denoise, problem, schedule, steps, spacing, generator, progress) -> torch.Tensor:
+def ddim(denoise, problem, schedule, steps, spacing, generator, progress,
+         start=None) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) on ``steps`` timesteps."""
-    grid = timesteps(schedule, steps, spacing)
-    y = problem.anchored(torch.randn(problem.anchor.shape, generator=generator,
-                                     device=problem.anchor.device))
+    y, first = _initial(problem, schedule, generator, start)
+    grid = timesteps(schedule, steps, spacing, first)
     ab = schedule.alpha_bar
     x0 = y
     for i in _progress(range(len(grid)), progress, "ddim"):
@@ -122,15 +133,15 @@ def ddim(denoise, problem, schedule, steps, spacing, generator, progress) -> tor
     return x0 + problem.mask_vector
 
 
-def dpm_solver_pp(denoise, problem, schedule, steps, spacing, generator, progress) -> torch.Tensor:
+def dpm_solver_pp(denoise, problem, schedule, steps, spacing, generator, progress,
+                  start=None) -> torch.Tensor:
     """DPM-Solver++(2M): multistep second order in log-SNR with data prediction.
 
     The first step is first order (no history yet), and so is the last when fewer than 15
     steps are taken, which keeps few-step sampling stable (Lu et al., 2022).
     """
-    grid = timesteps(schedule, steps, spacing)
-    y = problem.anchored(torch.randn(problem.anchor.shape, generator=generator,
-                                     device=problem.anchor.device))
+    y, first = _initial(problem, schedule, generator, start)
+    grid = timesteps(schedule, steps, spacing, first)
     ab = schedule.alpha_bar
     lam = schedule.log_snr(torch.tensor(grid))
     alpha = ab[grid].sqrt()
@@ -172,12 +183,14 @@ def run_sampler(
     generator: torch.Generator | None = None,
     progress: bool = False,
     variance: str = "posterior",
+    start: Start | None = None,
 ) -> torch.Tensor:
     """Run the named sampler; returns the final x0 estimate in z coordinates (B, L, D).
-    ``variance`` applies to ``ancestral``, the one stochastic sampler."""
+    ``variance`` applies to ``ancestral``, the one stochastic sampler; ``start`` = (y_t, t)
+    begins at step t from y_t (shifted coordinates) instead of from pure noise."""
     if name not in SAMPLERS:
         raise ValueError(f"sampler={name!r} is not one of {sorted(SAMPLERS)}")
     options = {"variance": variance} if name == "ancestral" else {}
     with torch.no_grad():
         return SAMPLERS[name](denoise, problem, schedule, steps, spacing, generator, progress,
-                              **options)
+                              start=start, **options)

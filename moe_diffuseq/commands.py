@@ -146,8 +146,8 @@ def generate(
             record = {
                 "source": source, "src_truncated": dropped, "sample": candidates[pick],
                 "candidates": candidates, "seed": seed, "sampler": settings.sampler,
-                "steps": settings.steps, "decode": settings.decode,
-                "seconds": seconds / max(1, len(sources)),
+                "steps": settings.steps, "restarts": settings.restarts,
+                "decode": settings.decode, "seconds": seconds / max(1, len(sources)),
             }
             if "trg" in row:
                 record["reference"] = row["trg"]
@@ -227,7 +227,8 @@ def evaluate(
     scores = score_generations(per_seed[0], references, candidates if seeds > 1 else None)
     scores["seconds_per_document"] = seconds / max(1, len(sources) * seeds)
     settings_row = {"checkpoint": ckpt, "data": data, "documents": len(sources),
-                    "sampler": settings.sampler, "steps": settings.steps, "seeds": seeds}
+                    "sampler": settings.sampler, "steps": settings.steps,
+                    "restarts": settings.restarts, "seeds": seeds}
     # named after the sampler actually used, now that the checkpoint's defaults are known
     if not out:
         base = Path(ckpt).with_name(f"eval-{Path(data).stem}-{settings.sampler}-{settings.steps}")

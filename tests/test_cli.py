@@ -70,7 +70,7 @@ def test_generate_command_jsonl_and_stdin(trained, tmp_path, small_corpus):
     assert len(rows) == 3 and {"source", "sample", "seed", "steps", "sampler", "seconds",
                                "reference"} <= set(rows[0])
     assert (rows[0]["steps"] == 4 and rows[0]["sampler"] == "dpm_solver++"
-            and rows[0]["decode"] == "strip")
+            and rows[0]["decode"] == "strip" and rows[0]["restarts"] == 0)
     # What was written: the first three sources in file order, with the samples that the Python API
     # draws for them with the same settings and seed (another process: the same numbers).
     from moe_diffuseq.checkpoint import load_checkpoint

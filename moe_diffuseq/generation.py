@@ -116,9 +116,9 @@ def sample_ids(
         x0 = run_sampler(sampling.sampler, denoise, problem, schedule, sampling.steps,
                          sampling.spacing, generator, progress, sampling.variance)
         t_restart = round(sampling.restart_noise * (schedule.steps - 1))
+        t = torch.full((len(batch),), t_restart, dtype=torch.long, device=device)
         for _ in range(sampling.restarts):
             clean = net.embed(rounded(x0))
-            t = torch.full((len(batch),), t_restart, dtype=torch.long, device=device)
             noise = torch.randn(clean.shape, generator=generator, device=device, dtype=clean.dtype)
             y = q_sample(clean, t, noise, problem.mask_vector, schedule) - problem.mask_vector
             x0 = run_sampler(sampling.sampler, denoise, problem, schedule, sampling.restart_steps,

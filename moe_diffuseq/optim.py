@@ -74,8 +74,8 @@ def time_limit_fraction(trainer: pl.Trainer) -> Callable[[], float] | None:
     for callback in trainer.callbacks:
         if isinstance(callback, Timer) and callback.time_remaining() is not None:
             timer = callback
-            return lambda: timer.time_elapsed() / max(1e-9, timer.time_elapsed()
-                                                      + timer.time_remaining())
+            duration = max(1e-9, timer.time_elapsed() + timer.time_remaining())
+            return lambda: timer.time_elapsed() / duration
     return None
 
 

@@ -44,7 +44,7 @@ class AttentionConfig:
     source reads its window), a cost of window + target per source position."""
     backend: AttentionBackend = "auto"
     """Kernel: dense (reference), banded (CPU), flex, xformers (CUDA), auto (best available; on CPU
-    dense up to twice the key span of a banded block, banded beyond), or
+    dense up to 512 tokens or twice the key span of a banded block, banded beyond), or
     full_sdpa / full_eager: full attention, ignoring the window (the DiffuSeq baseline)."""
     block_size: int = 64
     """Query block size of the banded backend."""

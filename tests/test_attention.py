@@ -188,16 +188,21 @@ def test_flex_refuses_backward_on_cpu_with_clear_error():
 
 
 def test_auto_on_cpu_picks_dense_for_short_and_banded_for_long_sequences():
-    # window 8, block 4: a banded block reads 4 + 2 * 4 = 12 keys; up to 24 tokens go dense.
+    from moe_diffuseq.attention import DENSE_CPU_LENGTH
+
+    # window 8, block 4: a banded block reads 12 keys, so the length floor decides the switch.
     pick = {n: resolve_backend("auto", torch.zeros(1, 1, n, 2), window=8, block_size=4)
-            for n in (5, 24, 25, 300)}
-    assert pick == {5: "dense", 24: "dense", 25: "banded", 300: "banded"}
-    q, k, v, glob, pad = make_inputs(2, 2, 30, 4, "random", True, seed=1)
-    for n in (20, 30):  # both sides of the switch: the definition's output
-        ref, _ = brute_force(q[:, :, :n], k[:, :, :n], v[:, :, :n], 8, 1, glob[:, :n], pad[:, :n])
-        out = sparse_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], window=8,
-                               global_mask=glob[:, :n], key_padding_mask=pad[:, :n],
-                               backend="auto", block_size=4)
+            for n in (5, DENSE_CPU_LENGTH, DENSE_CPU_LENGTH + 1, 2000)}
+    assert list(pick.values()) == ["dense", "dense", "banded", "banded"]
+    n_long = DENSE_CPU_LENGTH + 8
+    q, k, v, glob, pad = make_inputs(2, 2, n_long, 4, "random", True, seed=1)
+    # Both sides of the switch give the dense reference's output (held to the brute-force
+    # definition by the tests above).
+    for n in (DENSE_CPU_LENGTH, n_long):
+        kwargs = dict(window=8, global_mask=glob[:, :n], key_padding_mask=pad[:, :n],
+                      block_size=4)
+        out = sparse_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], backend="auto", **kwargs)
+        ref = sparse_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], backend="dense", **kwargs)
         torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
 
 
@@ -299,3 +304,14 @@ def test_global_rows_read_every_key_without_being_read_forward_and_backward(back
     got = torch.autograd.grad((out * weight).sum(), (q, k, v))
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, atol=1e-7, rtol=1e-7)
+
+
+def test_auto_on_cpu_keeps_short_sequences_dense_whatever_the_window():
+    from moe_diffuseq.attention import DENSE_CPU_LENGTH, pick_backend
+
+    # A narrow band: dense up to DENSE_CPU_LENGTH, banded past it.
+    assert pick_backend("cpu", torch.float32, DENSE_CPU_LENGTH, window=64) == "dense"
+    assert pick_backend("cpu", torch.float32, DENSE_CPU_LENGTH + 1, window=64) == "banded"
+    # A wide band: dense up to twice a block's key span (64 + 2 * 128 keys).
+    assert pick_backend("cpu", torch.float32, 640, window=256) == "dense"
+    assert pick_backend("cpu", torch.float32, 641, window=256) == "banded"

@@ -35,6 +35,10 @@ KERNELS: dict[str, Callable[..., torch.Tensor]] = {
 BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 
 
+# Longest sequence that `auto` sends to the dense kernel on CPU whatever the window.
+DENSE_CPU_LENGTH = 512
+
+
 def pick_backend(device_type: str, dtype: torch.dtype, length: int, *, window: int,
                  dilation: int = 1, block_size: int = 64, key_padding: bool = False,
                  xformers: bool = False, flex: bool = False) -> str:
@@ -46,10 +50,12 @@ def pick_backend(device_type: str, dtype: torch.dtype, length: int, *, window: i
             return "xformers"
         return "flex" if flex else "banded"
     # On CPU: banded trains and is linear in memory; flex has no CPU backward. A sequence at most
-    # twice the key span of one banded block is mostly inside the band anyway: there the fused
-    # kernel on the full mask is faster, and the mask is small.
+    # twice the key span of one banded block is mostly inside the band anyway, and up to
+    # DENSE_CPU_LENGTH the banded kernel's per-block work costs more than the whole fused product
+    # even with a narrow band: there the fused kernel on the full mask is faster, and the mask is
+    # small.
     span = block_size + 2 * band_reach(window, dilation)
-    return "dense" if length <= 2 * span else "banded"
+    return "dense" if length <= max(2 * span, DENSE_CPU_LENGTH) else "banded"
 
 
 def resolve_backend(backend: str, q: torch.Tensor, *, window: int, dilation: int = 1,

@@ -38,10 +38,11 @@ class AttentionConfig:
     target_global: bool = True
     """Make the whole target region global: every target position reads every source position in
     every layer (a long source reaches the output), at a cost linear in the source length."""
-    target_keys: bool = True
+    target_keys: bool = False
     """With target_global: make the target region global keys too, so every source position also
-    reads the whole target. False: global rows only (the target reads the whole source, the
-    source reads its window), a cost of window + target per source position."""
+    reads the whole target (global both ways). False: global rows only (the target reads the whole
+    source, the source reads its window), a cost of window + target per source position; it learns
+    as well as both ways and costs less at long sources (README, Results)."""
     backend: AttentionBackend = "auto"
     """Kernel: dense (reference), banded (CPU), flex, xformers (CUDA), auto (best available; on CPU
     dense up to 512 tokens or twice the key span of a banded block, banded beyond), or

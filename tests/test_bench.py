@@ -233,7 +233,7 @@ def test_long_cost_bench_tiny_run_measures_every_model(tmp_path):
     payload = long_cost.main(["--lengths", "64", "--trg-len", "8", "--window", "16",
                               "--repeats", "1", "--out", str(out)])
     assert json.loads(out.read_text()) == payload
-    for model in ("target_global", "target_rows_only", "window_only", "sdpa_baseline"):
+    for model in ("target_global", "target_both_ways", "window_only", "sdpa_baseline"):
         result = payload["results"][model]["64"]
         assert "error" not in result, result
         assert result["step_s"] > 0 and result["tokens_per_s"] > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,19 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 
 
-def _fit(root: Path, corpus: Path, tokenizer: Path, version: str,
-         *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start_fit(root: Path, corpus: Path, tokenizer: Path, version: str,
+               *extra: str) -> tuple[subprocess.Popen, Path]:
+    """A `moe-diffuseq fit` of the tiny model, started and not waited for, with its own DDP port
+    so that two runs can go at once; its output goes to files under ``root`` named by
+    ``version`` (returned: the path stem)."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}",
+           "MASTER_PORT": str(_free_port())}
     cmd = [sys.executable, "-m", "moe_diffuseq", "fit", "--config", str(TINY),
            *data_args(corpus, tokenizer),
            f"--trainer.default_root_dir={root}", "--trainer.max_steps=6",
@@ -31,7 +42,22 @@ def _fit(root: Path, corpus: Path, tokenizer: Path, version: str,
            f"--trainer.callbacks.dirpath={root / 'ckpt'}", "--trainer.callbacks.save_last=true",
            "--trainer.callbacks.every_n_train_steps=1", *extra]
     root.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=root)
+    stem = root / f"run-{version}"
+    # Files, not pipes: a run not yet waited for must never block on a full pipe.
+    with open(f"{stem}.out", "w") as out, open(f"{stem}.err", "w") as err:
+        return subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=root), stem
+
+
+def _finish(started: tuple[subprocess.Popen, Path]) -> subprocess.CompletedProcess:
+    run, stem = started
+    run.wait(timeout=600)
+    return subprocess.CompletedProcess(run.args, run.returncode, Path(f"{stem}.out").read_text(),
+                                       Path(f"{stem}.err").read_text())
+
+
+def _fit(root: Path, corpus: Path, tokenizer: Path, version: str,
+         *extra: str) -> subprocess.CompletedProcess:
+    return _finish(_start_fit(root, corpus, tokenizer, version, *extra))
 
 
 def _losses(root: Path, version: str) -> dict[int, tuple[int, float]]:
@@ -52,10 +78,14 @@ def _resume_matches_uninterrupted(tmp_path: Path, small_corpus: Path, tokenizer:
     (corpus / "train.jsonl").write_text("\n".join(lines[:rows]) + "\n")
     (corpus / "validation.jsonl").write_text((small_corpus / "validation.jsonl").read_text())
     steps = ["--trainer.max_steps=18", *extra]
-    full = _fit(tmp_path / "full", corpus, tokenizer, "full", *steps)
+    # The uninterrupted and the killed run are independent: run them at once (both are mostly
+    # start-up), and the resumed run after the killed one.
+    full = _start_fit(tmp_path / "full", corpus, tokenizer, "full", *steps)
+    killed = _finish(_start_fit(tmp_path / "cut", corpus, tokenizer, "first", *steps,
+                                "--trainer.callbacks+=helpers.KillAtStep",
+                                "--trainer.callbacks.step=3"))
+    full = _finish(full)
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = _fit(tmp_path / "cut", corpus, tokenizer, "first", *steps,
-                  "--trainer.callbacks+=helpers.KillAtStep", "--trainer.callbacks.step=3")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     resumed = _fit(tmp_path / "cut", corpus, tokenizer, "resumed", *steps, "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -278,6 +278,10 @@ def test_long_tasks_bench_tiny_run_compares_every_model_with_intervals(tmp_path)
     assert summary["target_global_cost_8k"] is None  # no 8k run: absent, not a pass
     assert summary["verdicts"]["code-lookup"]["256"] in ("better", "worse", "tie")
     assert out.with_suffix(".png").stat().st_size > 0
+    # The report names each column from the model's recorded attention settings.
+    section = "\n".join(report._long_tasks(payload))
+    assert "MoE-DiffuSeq (rows only) F1" in section and "| both ways F1 |" in section
+    assert "both ways - MoE" in section and "window only - MoE" in section
 
 
 def test_quality_check_is_met_by_its_interval_not_its_point_estimate():

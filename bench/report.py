@@ -261,8 +261,8 @@ def _long_tasks(c: dict) -> list[str]:
            f"of the item F1 of {names['moe_diffuseq']} minus the baseline's. Rows only: global "
            f"target rows (`target_keys: false`, the default); both ways: `target_keys: true`; "
            f"window only: `target_global: false`. {_machine(c)}", ""]
-    variant_keys = [k for k in next(iter(next(iter(c["table"].values())).values()))["intervals"]
-                    if k.endswith("_minus_moe")]
+    # Each variant's interval against MoE-DiffuSeq is keyed by its model name without "moe_".
+    variant_models = [m for m in names if m not in ("moe_diffuseq", "diffuseq")]
     rows, variants = [], []
     for task, cells in c["table"].items():
         for tokens, cell in cells.items():
@@ -274,15 +274,15 @@ def _long_tasks(c: dict) -> list[str]:
                          *(round(cell[m]["steps"]) for m in ("moe_diffuseq", "diffuseq")),
                          _interval(cell["intervals"]["f1_moe_minus_baseline"])])
             variants.append([task, tokens,
-                             *(_interval(cell["intervals"][k]) for k in variant_keys)])
+                             *(_interval(cell["intervals"][f"f1_{m.removeprefix('moe_')}_minus_moe"])
+                               for m in variant_models)])
     out += _table(["task", "source tokens (mean, scored)", *(f"{n} F1" for n in names.values()),
                    "MoE exact", "baseline exact", "MoE long steps", "baseline long steps",
                    "MoE - baseline F1"], rows)
     out += ["", f"Each variant's item F1 minus that of {names['moe_diffuseq']}, paired over the "
             "same documents:", ""]
-    out += _table(["task", "source tokens",
-                   *(k[len("f1_"):-len("_minus_moe")].replace("_", " ") + " - MoE"
-                     for k in variant_keys)], variants)
+    out += _table(["task", "source tokens", *(f"{names[m]} - MoE" for m in variant_models)],
+                  variants)
     wins = summary["moe_wins_from_tokens"]
     lengths = sorted({n for cells in c["table"].values() for n in cells}, key=int)
     ratios = []  # why it would win: training steps bought in the same seconds

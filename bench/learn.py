@@ -48,9 +48,10 @@ RECIPE: dict = {
         "attention": {"window": 64, "target_global": True},
         "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 128},
     },
-    "diffusion": {"steps": 2000, "soft_absorbing": False, "loss_on": "target", "unroll": 0.5},
+    "diffusion": {"steps": 2000, "soft_absorbing": False, "loss_on": "target", "unroll": 0.5,
+                  "self_conditioning": 0.5},
     "sampling": {"decode": "truncate", "restarts": 2},
-    "lr": 2e-3, "warmup_steps": 100, "lr_decay": "constant", "ema_decay": 0.0,
+    "lr": 2e-3, "warmup_steps": 100, "lr_decay": "linear", "ema_decay": 0.0,
 }
 # One candidate changed at a time: a part of the recipe removed (back to DiffuSeq's setting), or a
 # candidate from the literature added.
@@ -61,7 +62,8 @@ ABLATIONS: dict[str, dict] = {
     "no_pointer_span": {"network": {"pointer_span": 0}},
     "no_unroll": {"diffusion": {"unroll": 0.0}},
     "absolute_positions": {"network": {"positions": "absolute"}},
-    "plus_self_conditioning": {"diffusion": {"self_conditioning": 0.5}},
+    "no_self_conditioning": {"diffusion": {"self_conditioning": 0.0}},
+    "constant_lr": {"lr_decay": "constant"},
     "plus_skip_connection": {"diffusion": {"skip_connection": True}},
     "no_target_global": {"network": {"attention": {"target_global": False}}},
     "loss_on_all": {"diffusion": {"loss_on": "all"}},

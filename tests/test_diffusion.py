@@ -572,6 +572,33 @@ def test_unroll_runs_in_training_only_and_hands_self_conditioning_its_estimate(s
     torch.testing.assert_close(calls[1].x0_prev, calls[0].x0)
 
 
+def test_self_conditioning_first_pass_on_chosen_rows_matches_the_whole_batch_pass(
+        small_tokenizer):
+    model = MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 12, "embed_dim": 8,
+                                 "hidden_size": 16, "num_layers": 1, "num_heads": 2},
+                        diffusion={"self_conditioning": 0.5})
+    model.set_tokenizer(small_tokenizer)
+    model.configure_model()
+    special = SpecialIds.from_tokenizer(small_tokenizer)
+    batch = collate_pairs(encode_pairs(small_tokenizer, ["the source", "a much longer source",
+                                                         "x", "the source"],
+                                       ["a target", "b", "a longer target here", "c d"], 8, 12),
+                          special, 12)
+    net = model.denoiser.eval()  # no dropout: both passes must see the same network
+    z_t = torch.randn(*batch.input_ids.shape, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([1999, 10, 700, 1500])
+    global_mask = net.global_tokens(batch.global_mask, batch.input_mask, batch.padding_mask)
+    with torch.no_grad():  # the plain reference: one pass over the whole batch
+        whole, _ = net(z_t, t, global_mask, batch.padding_mask, batch.input_mask)
+    given = torch.full_like(z_t, 7.0)
+    rows = torch.tensor([True, False, True, False])
+    got = losses.first_estimates(net, z_t, t, global_mask, batch, rows, given)
+    torch.testing.assert_close(got[rows], whole[rows], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[~rows], given[~rows]) and bool((given == 7.0).all())
+    none = torch.zeros(4, dtype=torch.bool)  # one call all the same, its answer unread
+    assert torch.equal(losses.first_estimates(net, z_t, t, global_mask, batch, none, given), given)
+
+
 def test_restarts_renoise_the_rounded_sample_and_sample_again(small_tokenizer):
     from moe_diffuseq.generation import sample_ids, sampling_settings
 

@@ -69,6 +69,26 @@ def unrolled(denoiser, schedule: NoiseSchedule, z0: torch.Tensor, t: torch.Tenso
     return stepped, x0_s
 
 
+@torch.no_grad()
+def first_estimates(denoiser, z_t: torch.Tensor, t: torch.Tensor, global_mask: torch.Tensor,
+                    batch: Seq2SeqBatch, rows: torch.Tensor, x0_prev: torch.Tensor) -> torch.Tensor:
+    """``x0_prev`` with the rows in ``rows`` (B,) bool replaced by the denoiser's own estimate
+    from z_t, made without gradient: self-conditioning's first pass (Analog Bits).
+
+    The pass runs on those rows only, not the whole batch: with unrolling on, most rows already
+    read x0_s or nothing. It runs on at least one row, so that every rank makes the same denoiser
+    calls (FSDP gathers parameters per call)."""
+    index = rows.nonzero().squeeze(1)
+    if len(index) == 0:
+        index = index.new_zeros(1)  # a call whose answer no row reads
+    first, _ = denoiser(z_t[index], t[index], global_mask[index], batch.padding_mask[index],
+                        batch.input_mask[index])
+    kept = rows[index]
+    x0_prev = x0_prev.clone()
+    x0_prev[index[kept]] = first[kept].to(x0_prev.dtype)
+    return x0_prev
+
+
 def diffusion_loss_terms(
     denoiser,
     schedule: NoiseSchedule,
@@ -110,12 +130,12 @@ def diffusion_loss_terms(
         z_t = torch.where(unroll_rows[:, None, None] & target_mask[..., None], stepped, z_t)
     x0_prev = None
     if self_condition_rate > 0:
-        with torch.no_grad():
-            first, _ = denoiser(z_t, t, global_mask, batch.padding_mask, target_mask)
         chosen = torch.rand(len(t), device=z_t.device, generator=generator) < self_condition_rate
-        x0_prev = torch.where(chosen[:, None, None], first, torch.zeros_like(first))
+        x0_prev = torch.zeros_like(z_t)
         if unroll_rate > 0:  # an unrolled row reads the estimate it was stepped with, as sampling
             x0_prev = torch.where(unroll_rows[:, None, None], x0_s, x0_prev)
+            chosen = chosen & ~unroll_rows
+        x0_prev = first_estimates(denoiser, z_t, t, global_mask, batch, chosen, x0_prev)
     x0_hat, stats = denoiser(z_t, t, global_mask, batch.padding_mask, target_mask, x0_prev)
 
     scored = ~batch.padding_mask

@@ -572,6 +572,34 @@ def test_unroll_runs_in_training_only_and_hands_self_conditioning_its_estimate(s
     torch.testing.assert_close(calls[1].x0_prev, calls[0].x0)
 
 
+def test_unrolled_rows_read_their_step_and_the_others_their_first_pass(small_tokenizer):
+    model = MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 12, "embed_dim": 8,
+                                 "hidden_size": 16, "num_layers": 1, "num_heads": 2},
+                        diffusion={"unroll": 0.5, "self_conditioning": 1.0})
+    model.set_tokenizer(small_tokenizer)
+    model.configure_model()
+    special = SpecialIds.from_tokenizer(small_tokenizer)
+    batch = collate_pairs(encode_pairs(small_tokenizer, ["the source"] * 6, ["a target"] * 6,
+                                       8, 12), special, 12)
+    calls = _recording(model)
+    t = torch.tensor([10, 1500, 700, 1999, 3, 1000])
+    model.train()
+    kinds = set()
+    for seed in range(6):
+        calls.clear()
+        model.compute_loss(batch, t, torch.ones(6), generator=torch.Generator().manual_seed(seed))
+        step, first, scored = calls  # the step from s, the first pass, the scored pass
+        assert len(step.t) == 6 and 1 <= len(first.t) <= 6 and first.x0_prev is None
+        firsts = iter(range(len(first.t)))
+        for row in range(6):
+            if torch.equal(scored.x0_prev[row], step.x0[row]):
+                kinds.add("unrolled")  # read the estimate its input was stepped with
+            else:  # not unrolled: chosen at rate 1, so it read its own first-pass estimate
+                torch.testing.assert_close(scored.x0_prev[row], first.x0[next(firsts)])
+                kinds.add("first pass")
+    assert kinds == {"unrolled", "first pass"}
+
+
 def test_self_conditioning_first_pass_on_chosen_rows_matches_the_whole_batch_pass(
         small_tokenizer):
     model = MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 12, "embed_dim": 8,
@@ -590,13 +618,22 @@ def test_self_conditioning_first_pass_on_chosen_rows_matches_the_whole_batch_pas
     global_mask = net.global_tokens(batch.global_mask, batch.input_mask, batch.padding_mask)
     with torch.no_grad():  # the plain reference: one pass over the whole batch
         whole, _ = net(z_t, t, global_mask, batch.padding_mask, batch.input_mask)
-    given = torch.full_like(z_t, 7.0)
+    calls = []
+
+    def counted(*args):
+        calls.append(len(args[0]))
+        return net(*args)
+
+    given = torch.full_like(z_t, 7.0).requires_grad_()
     rows = torch.tensor([True, False, True, False])
-    got = losses.first_estimates(net, z_t, t, global_mask, batch, rows, given)
+    got = losses.first_estimates(counted, z_t, t, global_mask, batch, rows, given)
     torch.testing.assert_close(got[rows], whole[rows], rtol=1e-5, atol=1e-6)
     assert torch.equal(got[~rows], given[~rows]) and bool((given == 7.0).all())
-    none = torch.zeros(4, dtype=torch.bool)  # one call all the same, its answer unread
-    assert torch.equal(losses.first_estimates(net, z_t, t, global_mask, batch, none, given), given)
+    assert calls == [2] and not got.requires_grad  # the chosen rows only, without gradient
+    none = torch.zeros(4, dtype=torch.bool)  # one call all the same (FSDP), its answer unread
+    assert torch.equal(losses.first_estimates(counted, z_t, t, global_mask, batch, none, given),
+                       given)
+    assert calls == [2, 1]
 
 
 def test_restarts_renoise_the_rounded_sample_and_sample_again(small_tokenizer):

@@ -108,7 +108,8 @@ def diffusion_loss_terms(
 
     ``absorbable`` (B, L): the target positions the soft absorbing state may replace (None: all).
     ``self_condition_rate``: the share of examples whose denoiser also reads its own first x0
-    estimate (made without gradient), as sampling feeds it the previous step's.
+    estimate (made without gradient), as sampling feeds it the previous step's; unrolled examples
+    read the estimate their step down made instead.
     ``unroll_rate``: the share of examples whose target z_t is made as a sampler makes it, one
     deterministic step down from a higher noise level with the denoiser's own x0 (``unrolled``).
     ``x0_nll_coef``: weight of the cross-entropy of the rounding head on x0_hat at the target's

@@ -548,15 +548,22 @@ def test_unrolled_input_is_one_deterministic_step_from_the_denoisers_own_estimat
         MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 8}, diffusion={"unroll": 1.5})
 
 
-def test_unroll_runs_in_training_only_and_hands_self_conditioning_its_estimate(small_tokenizer):
+def _self_conditioned_unrolled(small_tokenizer, unroll: float, rows: int):
+    """A one-layer model that self-conditions every row and unrolls ``unroll`` of them, and a
+    batch of ``rows`` identical pairs."""
     model = MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 12, "embed_dim": 8,
                                  "hidden_size": 16, "num_layers": 1, "num_heads": 2},
-                        diffusion={"unroll": 1.0, "self_conditioning": 1.0})
+                        diffusion={"unroll": unroll, "self_conditioning": 1.0})
     model.set_tokenizer(small_tokenizer)
     model.configure_model()
     special = SpecialIds.from_tokenizer(small_tokenizer)
-    batch = collate_pairs(encode_pairs(small_tokenizer, ["the source"] * 2, ["a target"] * 2,
-                                       8, 12), special, 12)
+    batch = collate_pairs(encode_pairs(small_tokenizer, ["the source"] * rows,
+                                       ["a target"] * rows, 8, 12), special, 12)
+    return model, batch
+
+
+def test_unroll_runs_in_training_only_and_hands_self_conditioning_its_estimate(small_tokenizer):
+    model, batch = _self_conditioned_unrolled(small_tokenizer, 1.0, 2)
     calls = _recording(model)
     t = torch.tensor([10, 1500])
     model.train()
@@ -573,14 +580,7 @@ def test_unroll_runs_in_training_only_and_hands_self_conditioning_its_estimate(s
 
 
 def test_unrolled_rows_read_their_step_and_the_others_their_first_pass(small_tokenizer):
-    model = MoEDiffuSeq(network={"max_src_len": 8, "max_trg_len": 12, "embed_dim": 8,
-                                 "hidden_size": 16, "num_layers": 1, "num_heads": 2},
-                        diffusion={"unroll": 0.5, "self_conditioning": 1.0})
-    model.set_tokenizer(small_tokenizer)
-    model.configure_model()
-    special = SpecialIds.from_tokenizer(small_tokenizer)
-    batch = collate_pairs(encode_pairs(small_tokenizer, ["the source"] * 6, ["a target"] * 6,
-                                       8, 12), special, 12)
+    model, batch = _self_conditioned_unrolled(small_tokenizer, 0.5, 6)
     calls = _recording(model)
     t = torch.tensor([10, 1500, 700, 1999, 3, 1000])
     model.train()

@@ -50,7 +50,7 @@ RECIPE: dict = {
     },
     "diffusion": {"steps": 2000, "soft_absorbing": False, "loss_on": "target", "unroll": 0.5,
                   "self_conditioning": 0.5},
-    "sampling": {"decode": "truncate", "restarts": 2},
+    "sampling": {"decode": "truncate", "restarts": 2, "restart_noise": 0.7},
     "lr": 2e-3, "warmup_steps": 100, "lr_decay": "linear", "ema_decay": 0.0,
 }
 # One candidate changed at a time: a part of the recipe removed (back to DiffuSeq's setting), or a

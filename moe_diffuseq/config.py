@@ -325,8 +325,10 @@ class SamplingConfig:
     their embeddings again to ``restart_noise`` and samples down from there: the denoiser then
     starts from a sequence of tokens, as in training, and can fix a layout its first steps from
     pure noise got wrong."""
-    restart_noise: float = 0.5
-    """Where a restart begins, as a fraction of the T diffusion steps."""
+    restart_noise: float = 0.7
+    """Where a restart begins, as a fraction of the T diffusion steps: high enough that the
+    denoiser may move an item to another slot, low enough that the sample's tokens still show
+    through the noise."""
     restart_steps: int = 10
     """Sampling steps of each restart (ddim and dpm_solver++; ancestral takes every step)."""
 

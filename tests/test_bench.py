@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -295,3 +296,35 @@ def test_quality_check_is_met_by_its_interval_not_its_point_estimate():
     assert tie["measured"] > 0 and not tie["met"] and tie["verdict"] == "tie"
     win = target_checks(quality(0.01, 0.2))["quality_code"]
     assert win["met"] and win["verdict"] == "better"
+
+
+def test_sampling_bench_scores_every_sampler_against_ancestral(tmp_path, small_corpus,
+                                                               small_tokenizer_file):
+    from helpers import data_args
+
+    from bench import sampling
+    from moe_diffuseq.cli import main as cli
+
+    tiny = Path(__file__).parent / "configs" / "tiny.yaml"
+    cli(["fit", "--config", str(tiny), *data_args(small_corpus, small_tokenizer_file),
+         f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=3",
+         "--model.sampling.restarts=3"])  # a checkpoint that restarts by default
+    ckpt = sorted(tmp_path.rglob("*.ckpt"))[-1]
+    out = tmp_path / "sampling.json"
+    payload = sampling.main(["--ckpt", str(ckpt), "--data",
+                             str(small_corpus / "validation.jsonl"), "--docs", "4",
+                             "--out", str(out)])
+    records = {r["name"]: r for r in payload["results"]}
+    assert list(records) == [name for name, _ in sampling.SAMPLERS]
+    # Every row names its restarts, so the checkpoint's own 3 cannot slip into a plain sampler.
+    assert all("restarts" in options for _, options in sampling.SAMPLERS)
+    # T = 100, restart_steps 10 (the default).
+    assert records["ancestral"]["denoiser_calls"] == 100
+    assert records["dpm_solver++ 20"]["denoiser_calls"] == 20
+    assert records["dpm_solver++ 20 + 4 restarts"]["denoiser_calls"] == 60
+    assert records["ancestral"]["f1_minus_ancestral"] == [0.0, 0.0]
+    assert all(len(r["per_doc_f1"]) == 4 for r in records.values())
+    assert set(payload["checks"]) == {"dpm20_speedup", "dpm20_item_f1_ratio"}
+    assert json.loads(out.read_text())["setup"]["restart_steps"] == 10
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "dpm_solver++ 20 + 2 restarts" in "\n".join(report._sampling(payload))

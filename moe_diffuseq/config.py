@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, TypeVar
 
 AttentionBackend = Literal["auto", "dense", "banded", "flex", "xformers", "full_sdpa", "full_eager"]
-SamplerName = Literal["ancestral", "ddim", "dpm_solver++"]
+SamplerName = Literal["ancestral", "ddim", "dpm_solver++", "sde_dpm_solver++"]
 PositionMode = Literal["target_relative", "absolute"]
 
 T = TypeVar("T")
@@ -303,9 +303,10 @@ class SamplingConfig:
     ``generate`` and ``evaluate`` take the checkpoint's."""
 
     sampler: SamplerName = "dpm_solver++"
-    """Sampler: ancestral (all T steps, the reference), ddim or dpm_solver++."""
+    """Sampler: ancestral (all T steps, the reference), ddim, dpm_solver++ (the probability-flow
+    ODE) or sde_dpm_solver++ (the reverse SDE: fresh noise at every step, as ancestral)."""
     steps: int = 20
-    """Sampling steps for ddim and dpm_solver++ (ancestral always uses T)."""
+    """Sampling steps for ddim and the DPM-Solvers (ancestral always uses T)."""
     spacing: Literal["time_uniform", "logsnr"] = "logsnr"
     """How the sampling timesteps are spread over [0, T)."""
     clamp: bool = False

@@ -313,7 +313,7 @@ def test_ancestral_final_mean_and_variance_match_the_chain_in_closed_form(varian
     assert (final_var.item() < data_var) == (variance == "posterior")
 
 
-@pytest.mark.parametrize("sampler", ["ancestral", "ddim", "dpm_solver++"])
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim", "dpm_solver++", "sde_dpm_solver++"])
 def test_anchored_positions_never_change(sampler):
     schedule = NoiseSchedule("sqrt", 50)
     denoise, problem = _gaussian_problem(schedule, anchor_count=2)
@@ -671,3 +671,38 @@ def test_restarts_renoise_the_rounded_sample_and_sample_again(small_tokenizer):
     assert torch.equal(plain[free], net.logits(calls[-1].x0).argmax(-1)[free])
     with pytest.raises(ValueError, match="sampling.restart_noise"):
         sampling_settings(model.sampling_config, restart_noise=1.0)
+
+
+def test_sde_dpm_solver_on_every_step_is_the_ancestral_posterior_chain():
+    # With an x0 estimate that does not move, the 2M correction vanishes and each step is the
+    # first-order SDE step, which is DDPM's posterior step: on all T steps and the same noise
+    # draws, both samplers must feed the denoiser the very same states.
+    schedule = NoiseSchedule("sqrt", 40)
+    _, problem = _gaussian_problem(schedule, anchor_count=2)
+    x0 = torch.randn(2, 6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    seen: dict[str, list] = {"ancestral": [], "sde_dpm_solver++": []}
+    for name, states in seen.items():
+        def constant(z, t, states=states):
+            states.append((int(t[0]), z.clone()))
+            return x0
+        run_sampler(name, constant, problem, schedule, 40, "time_uniform",
+                    torch.Generator().manual_seed(0))
+    assert [t for t, _ in seen["sde_dpm_solver++"]] == list(range(39, -1, -1))
+    for (t_a, z_a), (t_s, z_s) in zip(seen["ancestral"], seen["sde_dpm_solver++"], strict=True):
+        assert t_a == t_s
+        torch.testing.assert_close(z_s, z_a, rtol=1e-6, atol=1e-6)
+
+
+def test_sde_dpm_solver_samples_the_data_distribution():
+    # x0 ~ N(mu, sd^2) with its exact denoiser: the reverse SDE's endpoint has the data's mean,
+    # and the fresh noise of every step keeps its spread near the noised data's.
+    schedule = NoiseSchedule("sqrt", 200)
+    denoise, problem = _gaussian_problem(schedule)
+    problem = SamplingProblem(torch.zeros(4000, 6, 3, dtype=torch.float64),
+                              torch.zeros(4000, 6, dtype=torch.bool), problem.mask_vector)
+    out = run_sampler("sde_dpm_solver++", denoise, problem, schedule, 50, "logsnr",
+                      torch.Generator().manual_seed(0))
+    ode = run_sampler("dpm_solver++", denoise, problem, schedule, 50, "logsnr",
+                      torch.Generator().manual_seed(0))
+    assert abs(out.mean().item() - 0.7) < 0.01
+    assert not torch.allclose(out, ode)  # the noise changed the path

@@ -1,5 +1,6 @@
 """Samplers, registered by name: ``ancestral`` (all T steps, the reference), ``ddim`` and
-``dpm_solver++`` (multistep, order 2, data prediction; the default).
+``dpm_solver++`` (multistep, order 2, data prediction; the default) and its stochastic form
+``sde_dpm_solver++``.
 
 All work in shifted coordinates y = z - m (see forward_process.py), start the free
 positions at y ~ N(0, I) (z ~ m + N(0, I)), keep anchored positions (the source, and any
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -134,11 +136,14 @@ def ddim(denoise, problem, schedule, steps, spacing, generator, progress,
 
 
 def dpm_solver_pp(denoise, problem, schedule, steps, spacing, generator, progress,
-                  start=None) -> torch.Tensor:
+                  start=None, stochastic: bool = False) -> torch.Tensor:
     """DPM-Solver++(2M): multistep second order in log-SNR with data prediction.
 
     The first step is first order (no history yet), and so is the last when fewer than 15
-    steps are taken, which keeps few-step sampling stable (Lu et al., 2022).
+    steps are taken, which keeps few-step sampling stable (Lu et al., 2022). ``stochastic``
+    solves the reverse SDE instead of the probability-flow ODE (SDE-DPM-Solver++(2M), same
+    paper): each step forgets part of its state and draws fresh noise, so a wrong early guess
+    can be revised; its first-order step is exactly DDPM's posterior step.
     """
     y, first = _initial(problem, schedule, generator, start)
     grid = timesteps(schedule, steps, spacing, first)
@@ -160,8 +165,15 @@ def dpm_solver_pp(denoise, problem, schedule, steps, spacing, generator, progres
             r = h_prev / h
             d = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
         ratio = float(sigma[i + 1] / sigma[i])
-        y = problem.anchored(ratio * y
-                             - float(alpha[i + 1]) * float(torch.expm1(torch.tensor(-h))) * d)
+        if stochastic:
+            kept = float(torch.expm1(torch.tensor(-2.0 * h)))  # e^{-2h} - 1, in (-1, 0)
+            noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+            y = problem.anchored(ratio * float(torch.exp(torch.tensor(-h))) * y
+                                 - float(alpha[i + 1]) * kept * d
+                                 + float(sigma[i + 1]) * (-kept) ** 0.5 * noise)
+        else:
+            y = problem.anchored(ratio * y
+                                 - float(alpha[i + 1]) * float(torch.expm1(torch.tensor(-h))) * d)
         x0_prev, h_prev = x0, h
     return x0 + problem.mask_vector
 
@@ -170,6 +182,7 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ancestral": ancestral,
     "ddim": ddim,
     "dpm_solver++": dpm_solver_pp,
+    "sde_dpm_solver++": partial(dpm_solver_pp, stochastic=True),
 }
 
 

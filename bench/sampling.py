@@ -5,11 +5,12 @@
                              [--quick] [--out FILE.json]
 
 Every sampler answers the same documents from the same checkpoint and seed: ancestral over all T
-steps (the reference), DDIM 200, DPM-Solver++ 20 and 10, each alone, then DPM-Solver++ 20 followed
-by restarts (``sampling.restarts``: the sample's tokens noised again and sampled down in
-``restart_steps`` steps). For each: denoiser calls and wall seconds per document, the speed-up over
-ancestral, item F1 and exact match (answers that are `` ; `` lists: the quickstart's task), BLEU
-and ROUGE-L, and a paired bootstrap interval over documents of its item F1 minus ancestral's.
+steps (the reference), DDIM 200, DPM-Solver++ 20 and 10 and its SDE form at 20 steps, each alone,
+then DPM-Solver++ 20 followed by restarts (``sampling.restarts``: the sample's tokens noised again
+and sampled down in ``restart_steps`` steps). For each: denoiser calls and wall seconds per
+document, the speed-up over ancestral, item F1 and exact match (answers that are `` ; `` lists:
+the quickstart's task), BLEU and ROUGE-L, and a paired bootstrap interval over documents of its
+item F1 minus ancestral's.
 Writes JSON and a quality-against-time plot (like DiffuSeq-v2's figure 3).
 """
 
@@ -32,6 +33,7 @@ SAMPLERS: list[tuple[str, dict]] = [
     ("ddim 200", {"sampler": "ddim", "steps": 200, "restarts": 0}),
     ("dpm_solver++ 20", {"sampler": "dpm_solver++", "steps": 20, "restarts": 0}),
     ("dpm_solver++ 10", {"sampler": "dpm_solver++", "steps": 10, "restarts": 0}),
+    ("sde_dpm_solver++ 20", {"sampler": "sde_dpm_solver++", "steps": 20, "restarts": 0}),
     ("dpm_solver++ 20 + 2 restarts", {"sampler": "dpm_solver++", "steps": 20, "restarts": 2}),
     ("dpm_solver++ 20 + 4 restarts", {"sampler": "dpm_solver++", "steps": 20, "restarts": 4}),
 ]

@@ -229,6 +229,9 @@ def evaluate(
     settings_row = {"checkpoint": ckpt, "data": data, "documents": len(sources),
                     "sampler": settings.sampler, "steps": settings.steps,
                     "restarts": settings.restarts, "seeds": seeds}
+    if settings.restarts:  # where each restart begins and its steps change the scores too
+        settings_row |= {"restart_noise": settings.restart_noise,
+                         "restart_steps": settings.restart_steps}
     # named after the sampler actually used, now that the checkpoint's defaults are known
     if not out:
         base = Path(ckpt).with_name(f"eval-{Path(data).stem}-{settings.sampler}-{settings.steps}")

@@ -169,11 +169,13 @@ def test_evaluate_command_writes_json_and_markdown(trained, small_corpus, tmp_pa
     out = tmp_path / "report"
     cmd = [sys.executable, "-m", "moe_diffuseq", "evaluate", "--ckpt", str(trained), "--data",
            str(small_corpus / "validation.jsonl"), "--limit", "4", "--steps", "3", "--seeds", "2",
-           "--out", str(out)]
+           "--restarts", "1", "--restart_noise", "0.6", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["settings"]["documents"] == 4 and report["settings"]["steps"] == 3
+    assert report["settings"]["restarts"] == 1 and report["settings"]["restart_noise"] == 0.6
+    assert report["settings"]["restart_steps"] == 10
     for key in ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "sentence_bleu", "dist1",
                 "dist2", "self_bleu", "length_ratio"):
         assert key in report["scores"]

@@ -331,7 +331,7 @@ class SamplingConfig:
     denoiser may move an item to another slot, low enough that the sample's tokens still show
     through the noise."""
     restart_steps: int = 10
-    """Sampling steps of each restart (ddim and dpm_solver++; ancestral takes every step)."""
+    """Sampling steps of each restart (ddim and the DPM-Solvers; ancestral takes every step)."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "sampling.steps", self.steps, "must be >= 1")

@@ -695,7 +695,7 @@ def test_sde_dpm_solver_on_every_step_is_the_ancestral_posterior_chain():
 
 def test_sde_dpm_solver_samples_the_data_distribution():
     # x0 ~ N(mu, sd^2) with its exact denoiser: the reverse SDE's endpoint has the data's mean,
-    # and the fresh noise of every step keeps its spread near the noised data's.
+    # and its path is not the ODE's from the same start.
     schedule = NoiseSchedule("sqrt", 200)
     denoise, problem = _gaussian_problem(schedule)
     problem = SamplingProblem(torch.zeros(4000, 6, 3, dtype=torch.float64),

@@ -11,6 +11,7 @@ sampler starts from that noisy state at step t instead of from pure noise at T-1
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -166,9 +167,9 @@ def dpm_solver_pp(denoise, problem, schedule, steps, spacing, generator, progres
             d = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
         ratio = float(sigma[i + 1] / sigma[i])
         if stochastic:
-            kept = float(torch.expm1(torch.tensor(-2.0 * h)))  # e^{-2h} - 1, in (-1, 0)
+            kept = math.expm1(-2.0 * h)  # e^{-2h} - 1, in (-1, 0)
             noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
-            y = problem.anchored(ratio * float(torch.exp(torch.tensor(-h))) * y
+            y = problem.anchored(ratio * math.exp(-h) * y
                                  - float(alpha[i + 1]) * kept * d
                                  + float(sigma[i + 1]) * (-kept) ** 0.5 * noise)
         else:

@@ -49,7 +49,8 @@ RECIPE: dict = {
         "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 128},
     },
     "diffusion": {"steps": 2000, "soft_absorbing": False, "loss_on": "target", "unroll": 0.5,
-                  "self_conditioning": 0.5},
+                  "self_conditioning": 0.5, "timestep_sampler": "high_noise",
+                  "timestep_power": 2.0},
     "sampling": {"decode": "truncate", "restarts": 2, "restart_noise": 0.7},
     "lr": 2e-3, "warmup_steps": 100, "lr_decay": "linear", "ema_decay": 0.0,
 }
@@ -63,6 +64,7 @@ ABLATIONS: dict[str, dict] = {
     "no_unroll": {"diffusion": {"unroll": 0.0}},
     "absolute_positions": {"network": {"positions": "absolute"}},
     "no_self_conditioning": {"diffusion": {"self_conditioning": 0.0}},
+    "uniform_timesteps": {"diffusion": {"timestep_sampler": "uniform"}},
     "constant_lr": {"lr_decay": "constant"},
     "plus_skip_connection": {"diffusion": {"skip_connection": True}},
     "no_target_global": {"network": {"attention": {"target_global": False}}},

@@ -79,7 +79,8 @@ class MoEDiffuSeq(pl.LightningModule):
         self.save_hyperparameters(dict(self.hparams))
         self.tokenizer: Tokenizer | None = None
         self.schedule = NoiseSchedule(diffusion.schedule, diffusion.steps)
-        self.timestep_sampler = make_timestep_sampler(diffusion.timestep_sampler, diffusion.steps)
+        self.timestep_sampler = make_timestep_sampler(diffusion.timestep_sampler, diffusion.steps,
+                                                      diffusion.timestep_power)
         self.denoiser: Denoiser | None = None
         self.ema: Denoiser | None = None
         self._nonfinite = NonFiniteGuard(max_nonfinite_steps)

@@ -17,6 +17,7 @@ from moe_diffuseq.diffusion import (
     absorb,
     forward_process,
     losses,
+    make_timestep_sampler,
     run_sampler,
     timesteps,
 )
@@ -349,6 +350,17 @@ def test_loss_aware_sampler_prefers_high_loss_steps():
     assert (t == 3).float().mean() > 0.5
     torch.testing.assert_close(w[t == 3][0], torch.tensor(1 / (4 * 5 / 8), dtype=torch.float32))
     assert "loss_history" in sampler.state_dict()
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_high_noise_sampler_draws_t_in_proportion_to_a_power_of_t(power):
+    sampler = make_timestep_sampler("high_noise", 2000, power)
+    t, w = sampler.sample(200_000, torch.device("cpu"), torch.Generator().manual_seed(0))
+    # p_t ~ (t + 1)^k: mean (k + 1) T / (k + 2); the top quarter holds 1 - (3/4)^(k + 1) of draws.
+    assert t.float().mean().item() == pytest.approx((power + 1) / (power + 2) * 2000, rel=0.01)
+    assert (t >= 1500).float().mean().item() == pytest.approx(1 - 0.75 ** (power + 1), abs=0.005)
+    assert int(t.min()) >= 0 and int(t.max()) <= 1999
+    assert torch.equal(w, torch.ones_like(w))  # unweighted: the objective moves with the draws
 
 
 def _tiny_model(**diffusion) -> MoEDiffuSeq:

@@ -65,12 +65,16 @@ class LossSecondMomentSampler(UniformSampler):
 
 
 class HighNoiseSampler(UniformSampler):
-    """p_t proportional to t + 1 (mean t = 2T/3), importance weight 1: training time moves to the
-    high noise where the denoiser must write from the source, and the objective moves with it
-    (unlike loss_aware, whose importance weights keep the uniform objective)."""
+    """p_t proportional to (t + 1)^power (power 1: mean t = 2T/3), importance weight 1: training
+    time moves to the high noise where the denoiser must write from the source, and the objective
+    moves with it (unlike loss_aware, whose importance weights keep the uniform objective)."""
+
+    def __init__(self, steps: int, power: float = 1.0) -> None:
+        super().__init__(steps)
+        self.power = power
 
     def probabilities(self) -> torch.Tensor:
-        ramp = torch.arange(1, self.steps + 1, dtype=torch.float64)
+        ramp = torch.arange(1, self.steps + 1, dtype=torch.float64) ** self.power
         return ramp / ramp.sum()
 
     def sample(self, batch: int, device: torch.device, generator: torch.Generator | None = None):
@@ -79,12 +83,13 @@ class HighNoiseSampler(UniformSampler):
         return t, torch.ones(batch, device=device)
 
 
-def make_timestep_sampler(name: str, steps: int) -> UniformSampler:
+def make_timestep_sampler(name: str, steps: int, power: float = 1.0) -> UniformSampler:
+    """The sampler called ``name``; ``power`` is high_noise's exponent."""
     if name == "uniform":
         return UniformSampler(steps)
     if name == "loss_aware":
         return LossSecondMomentSampler(steps)
     if name == "high_noise":
-        return HighNoiseSampler(steps)
+        return HighNoiseSampler(steps, power)
     raise ValueError(f"diffusion.timestep_sampler={name!r}: "
                      "expected uniform, loss_aware or high_noise")

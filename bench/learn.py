@@ -64,7 +64,7 @@ ABLATIONS: dict[str, dict] = {
     "no_unroll": {"diffusion": {"unroll": 0.0}},
     "absolute_positions": {"network": {"positions": "absolute"}},
     "no_self_conditioning": {"diffusion": {"self_conditioning": 0.0}},
-    "uniform_timesteps": {"diffusion": {"timestep_sampler": "uniform"}},
+    "uniform_timesteps": {"diffusion": {"timestep_sampler": "uniform", "timestep_power": 1.0}},
     "constant_lr": {"lr_decay": "constant"},
     "plus_skip_connection": {"diffusion": {"skip_connection": True}},
     "no_target_global": {"network": {"attention": {"target_global": False}}},

@@ -293,6 +293,10 @@ class DiffusionConfig:
         _check(0.0 <= self.unroll <= 1.0, "diffusion.unroll", self.unroll, "must be in [0, 1]")
         _check(self.timestep_power > 0, "diffusion.timestep_power", self.timestep_power,
                "must be > 0")
+        # Only high_noise reads the exponent; a changed one elsewhere would be silently ignored.
+        _check(self.timestep_power == 1.0 or self.timestep_sampler == "high_noise",
+               "diffusion.timestep_power", self.timestep_power,
+               f"applies to timestep_sampler: high_noise only (it is {self.timestep_sampler})")
         _check(self.x0_nll_coef >= 0, "diffusion.x0_nll_coef", self.x0_nll_coef, "must be >= 0")
         _check(self.loss_on in ("auto", "all", "target"), "diffusion.loss_on", self.loss_on,
                "expected auto, all or target")

@@ -328,3 +328,13 @@ def test_sampling_bench_scores_every_sampler_against_ancestral(tmp_path, small_c
     assert json.loads(out.read_text())["setup"]["restart_steps"] == 10
     assert out.with_suffix(".png").stat().st_size > 0
     assert "dpm_solver++ 20 + 2 restarts" in "\n".join(report._sampling(payload))
+
+
+def test_every_learn_ablation_is_a_valid_configuration():
+    from bench.learn import ABLATIONS, RECIPE, merged
+    from moe_diffuseq.config import DiffusionConfig, NetworkConfig
+
+    for change in ABLATIONS.values():
+        config = merged(RECIPE, change)
+        DiffusionConfig(**config["diffusion"])  # raises ConfigError naming the bad key
+        NetworkConfig(**config["network"])

@@ -363,6 +363,14 @@ def test_high_noise_sampler_draws_t_in_proportion_to_a_power_of_t(power):
     assert torch.equal(w, torch.ones_like(w))  # unweighted: the objective moves with the draws
 
 
+def test_timestep_power_is_refused_where_no_sampler_reads_it():
+    with pytest.raises(ValueError, match=r"diffusion.timestep_power=2.0: applies to .*high_noise"):
+        DiffusionConfig(timestep_sampler="uniform", timestep_power=2.0)
+    with pytest.raises(ValueError, match=r"diffusion.timestep_power=0.0: must be > 0"):
+        DiffusionConfig(timestep_sampler="high_noise", timestep_power=0.0)
+    assert DiffusionConfig(timestep_sampler="high_noise", timestep_power=2.0).timestep_power == 2.0
+
+
 def _tiny_model(**diffusion) -> MoEDiffuSeq:
     """A one-layer model of the _tiny_batch shape (source 6, target 5, vocabulary 40)."""
     return MoEDiffuSeq(network={"vocab_size": 40, "max_src_len": 6, "max_trg_len": 5,

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from moe_diffuseq.metrics import interval_verdict
+
 from . import MALLOC_TUNED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,3 +199,8 @@ MODEL_NAMES = {"moe": "MoE-DiffuSeq", "sdpa": "baseline (sdpa)", "eager": "basel
 QUALITY_SRC_LEN, QUALITY_TRG_LEN, QUALITY_BATCH = 256, 128, 16
 # Samples become text as in DiffuSeq's evaluation: every [SEP] and [PAD] dropped, the rest kept.
 DECODE = "strip"
+
+
+def format_interval(ci) -> str:
+    """A paired bootstrap interval and its verdict: ``[-0.020, +0.080] tie``."""
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}] {interval_verdict(ci)}"

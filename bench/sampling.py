@@ -22,9 +22,16 @@ from pathlib import Path
 
 from moe_diffuseq.checkpoint import load_checkpoint
 from moe_diffuseq.evaluation import score_generations
-from moe_diffuseq.metrics import interval_verdict, item_scores, paired_bootstrap_interval
+from moe_diffuseq.metrics import item_scores, paired_bootstrap_interval
 
-from .common import DOCUMENT_SAMPLE, machine_info, print_table, scored_documents, write_json
+from .common import (
+    DOCUMENT_SAMPLE,
+    format_interval,
+    machine_info,
+    print_table,
+    scored_documents,
+    write_json,
+)
 
 # (name, generate's sampling options). Every one sets restarts, so a checkpoint whose own
 # sampling defaults restart cannot add restarts to a row that names none.
@@ -117,8 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "BLEU", "ROUGE-L"],
                 [[r["name"], r["denoiser_calls"], r["seconds_per_document"],
                   r["speedup_vs_ancestral"], r["item_f1"], r["exact_match"],
-                  "[{:+.3f}, {:+.3f}] {}".format(*r["f1_minus_ancestral"],
-                                                 interval_verdict(r["f1_minus_ancestral"])),
+                  format_interval(r["f1_minus_ancestral"]),
                   r["bleu"], r["rougeL"]] for r in records])
     for name, check in checks.items():
         measured = "n/a" if check["measured"] is None else f"{check['measured']:.3g}"

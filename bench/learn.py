@@ -14,6 +14,10 @@ code-outline unless told) with the same seed, data and budget.
 
     python -m bench.learn --quick --out /tmp/learn.json    # under 10 minutes
     python -m bench.learn                                  # the full run (make bench-learn)
+
+``--steps N`` trains each run N optimizer steps instead (the learning rate decays over the
+steps): the way to compare settings of equal step cost, or longer training, on a machine whose
+speed drifts between runs.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from data_modules.corpora.tasks import DEFAULT_MAX_CHARS
 from moe_diffuseq import MoEDiffuSeq
 from moe_diffuseq.batch import collate_pairs, encode_pairs
 from moe_diffuseq.generation import sampling_settings
-from moe_diffuseq.metrics import item_scores, mean_item_scores, paired_bootstrap_interval
+from moe_diffuseq.metrics import item_scores, paired_bootstrap_interval
 from moe_diffuseq.probes import accuracy_table, noise_level_counts, probe_steps, trajectory_accuracy
 
 from .common import machine_info, print_table, write_json
@@ -77,6 +81,8 @@ ABLATIONS: dict[str, dict] = {
 # Target budget (tokens) per task; the source budget follows --max_chars (about 2.3 characters a
 # token at worst with a 4k BPE of code, so sources are never cut).
 TASKS = {"code-outline": 48, "dialogue-cast": 48, "code-lookup": 32}
+# With --steps the clock must never stop a run first.
+STEPS_MODE_CLOCK_S = 30 * 24 * 3600.0
 
 
 def budgets(task: str, max_chars: int) -> dict:
@@ -112,7 +118,7 @@ def score(model: MoEDiffuSeq, rows: list[dict], **sampling) -> dict:
     start = time.perf_counter()
     samples = model.generate([r["src"] for r in rows], seed=0, **sampling)
     per_doc = [item_scores(s, r["trg"]) for s, r in zip(samples, rows, strict=True)]
-    means = mean_item_scores(samples, [r["trg"] for r in rows])
+    means = {key: sum(d[key] for d in per_doc) / len(per_doc) for key in per_doc[0]}
     return {**means, "seconds": time.perf_counter() - start,
             "per_doc_f1": [d["item_f1"] for d in per_doc],
             "per_doc_exact": [d["exact_match"] for d in per_doc],
@@ -146,17 +152,27 @@ class TrainingBudget(Timer):
 
 class LearningCurve(TrainingBudget):
     """A TrainingBudget that also scores DPM-Solver++ 20 item F1 every ``every_s`` seconds of
-    training."""
+    training, or every ``every_steps`` steps where the run is a number of steps."""
 
-    def __init__(self, rows: list[dict], budget_s: float, every_s: float) -> None:
+    def __init__(self, rows: list[dict], budget_s: float, every_s: float,
+                 every_steps: int | None = None) -> None:
         super().__init__(budget_s)
         self.rows, self.every_s, self.next_eval = rows, every_s, every_s
+        self.every_steps = every_steps
         self.points: list[dict] = []
+
+    def _due(self, trainer) -> bool:
+        if self.every_steps:
+            return (trainer.global_step % self.every_steps == 0
+                    or trainer.global_step >= trainer.max_steps)
+        if self.trained_s >= self.next_eval or self.trained_s >= self.budget_s:
+            self.next_eval += self.every_s
+            return True
+        return False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self.trained_s >= self.next_eval or self.trained_s >= self.budget_s:
-            self.next_eval += self.every_s
+        if self._due(trainer):
             result = score(pl_module, self.rows, sampler="dpm_solver++", steps=20, restarts=0)
             pl_module.train()
             self.points.append({"seconds": round(self.trained_s, 1), "step": trainer.global_step,
@@ -166,10 +182,11 @@ class LearningCurve(TrainingBudget):
 
 
 def fit_for_budget(model: MoEDiffuSeq, data: Seq2SeqDataModule, budget: TrainingBudget,
-                   accelerator: str) -> pl.Trainer:
-    """Train until ``budget`` stops it, with no validation, logging or checkpoints; the model is
-    left on the trainer's device, ready to score."""
-    trainer = pl.Trainer(accelerator=accelerator, max_epochs=10_000, logger=False,
+                   accelerator: str, max_steps: int = -1) -> pl.Trainer:
+    """Train until ``budget`` (or ``max_steps``) stops it, with no validation, logging or
+    checkpoints; the model is left on the trainer's device, ready to score."""
+    trainer = pl.Trainer(accelerator=accelerator, max_epochs=10_000, max_steps=max_steps,
+                         logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0,
                          num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=[budget])
@@ -223,8 +240,13 @@ def run(task: str, config: dict, args, rows: list[dict], final: bool) -> dict:
                              batch_size=args.batch_size, tokenizer_vocab_size=args.vocab,
                              seed=args.seed, **budgets(task, args.max_chars), **data_change)
     model = MoEDiffuSeq(**merged(config, {"network": budgets(task, args.max_chars)}))
-    curve = LearningCurve(rows, args.minutes * 60, args.minutes * 60 / args.curve_points)
-    trainer = fit_for_budget(model, data, curve, args.accelerator)
+    if args.steps:  # no clock: the step limit ends the run and the learning-rate decay
+        curve = LearningCurve(rows, STEPS_MODE_CLOCK_S, STEPS_MODE_CLOCK_S,
+                              every_steps=max(1, args.steps // args.curve_points))
+        trainer = fit_for_budget(model, data, curve, args.accelerator, max_steps=args.steps)
+    else:
+        curve = LearningCurve(rows, args.minutes * 60, args.minutes * 60 / args.curve_points)
+        trainer = fit_for_budget(model, data, curve, args.accelerator)
     out = {"task": task, "steps": trainer.global_step, "trained_s": round(curve.trained_s, 1),
            "curve": curve.points}
     out["noise_levels"] = noise_table(model, rows)
@@ -260,6 +282,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="code-outline only, 3 minutes, no ablations")
     parser.add_argument("--minutes", type=float, default=None,
                         help="training minutes per run (default 15; quick 3)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train each run this many optimizer steps instead of --minutes (the "
+                             "learning rate decays over the steps): compares settings of equal "
+                             "step cost on a machine whose speed drifts")
     parser.add_argument("--tasks", nargs="+", default=None, choices=sorted(TASKS))
     parser.add_argument("--ablations", nargs="*", default=None, choices=sorted(ABLATIONS),
                         help="ablations to run on --ablation_task (default: all; quick: none)")
@@ -291,6 +317,9 @@ def main(argv: list[str] | None = None) -> dict:
     tasks = args.tasks or (["code-outline"] if args.quick else list(TASKS))
     ablations = (args.ablations if args.ablations is not None
                  else ([] if args.quick else list(ABLATIONS)))
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps {args.steps}: must be >= 1")
+    budget_text = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
     recipe = merged(RECIPE, args.model)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -301,13 +330,13 @@ def main(argv: list[str] | None = None) -> dict:
             build(name, Path(args.data_dir) / name)
     runs = []
     for task in tasks:
-        print(f"== {task}: recipe, {args.minutes:g} min", flush=True)
+        print(f"== {task}: recipe, {budget_text}", flush=True)
         rows = validation_rows(corpus(task, args.max_chars), args.data_dir, args.docs)
         runs.append({"name": "recipe", **run(task, recipe, args, rows, final=True)})
     ablation_rows = validation_rows(corpus(args.ablation_task, args.max_chars), args.data_dir,
                                     args.docs)
     for name in ablations:
-        print(f"== {args.ablation_task}: ablation {name}, {args.minutes:g} min", flush=True)
+        print(f"== {args.ablation_task}: ablation {name}, {budget_text}", flush=True)
         runs.append({"name": name, **run(args.ablation_task, merged(recipe, ABLATIONS[name]), args,
                                          ablation_rows, final=False)})
 

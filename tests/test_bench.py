@@ -192,7 +192,8 @@ def test_diffusion_validation_loss_is_the_diffusion_terms_at_the_trained_gamma(
     assert full != pytest.approx(val["val/loss"])  # val/loss at the full gamma is another figure
 
 
-def test_learn_bench_tiny_run_writes_summary_curve_and_plot(tmp_path):
+def tiny_outline_learn_run(tmp_path, *options: str) -> dict:
+    """bench.learn on code-outline (sources from one stdlib package) with a tiny model; its JSON."""
     from bench import learn
     from data_modules.corpora import build
     from data_modules.corpora.code import stdlib_root
@@ -202,11 +203,17 @@ def test_learn_bench_tiny_run_writes_summary_curve_and_plot(tmp_path):
     tiny = {"network": {"embed_dim": 16, "hidden_size": 32, "num_layers": 1,
                         "moe": {"expert_hidden": 32}},
             "diffusion": {"steps": 20}}
-    learn.main(["--tasks", "code-outline", "--max_chars", "600", "--minutes", "0.05",
-                "--curve_points", "2", "--docs", "4", "--ancestral_docs", "2", "--vocab", "300",
-                "--ablations", "absolute_positions", "--data_dir", str(tmp_path / "data"),
-                "--model", json.dumps(tiny), "--out", str(out)])
-    payload = json.loads(out.read_text())
+    learn.main(["--tasks", "code-outline", "--max_chars", "600", "--vocab", "300",
+                "--data_dir", str(tmp_path / "data"), "--model", json.dumps(tiny),
+                "--out", str(out), *options])
+    return json.loads(out.read_text())
+
+
+def test_learn_bench_tiny_run_writes_summary_curve_and_plot(tmp_path):
+    payload = tiny_outline_learn_run(tmp_path, "--minutes", "0.05", "--curve_points", "2",
+                                     "--docs", "4", "--ancestral_docs", "2",
+                                     "--ablations", "absolute_positions")
+    out = tmp_path / "learn.json"
     assert [r["name"] for r in payload["runs"]] == ["recipe", "absolute_positions"]
     recipe = payload["runs"][0]
     assert recipe["steps"] >= 1 and len(recipe["curve"]) >= 1
@@ -225,6 +232,18 @@ def test_learn_bench_tiny_run_writes_summary_curve_and_plot(tmp_path):
     assert payload["settings"]["recipe"]["network"]["hidden_size"] == 32  # the config trained
     assert len(payload["runs"][1]["f1_minus_recipe_interval"]) == 2
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_learn_bench_steps_budget_ends_each_run_at_that_step(tmp_path):
+    from bench import learn
+
+    payload = tiny_outline_learn_run(tmp_path, "--steps", "6", "--curve_points", "3",
+                                     "--docs", "2", "--ancestral_docs", "1", "--ablations")
+    recipe = payload["runs"][0]
+    assert recipe["steps"] == 6
+    assert [p["step"] for p in recipe["curve"]] == [2, 4, 6]
+    with pytest.raises(SystemExit):
+        learn.main(["--steps", "0"])
 
 
 def test_long_cost_bench_tiny_run_measures_every_model(tmp_path):

@@ -174,7 +174,7 @@ def dpm_solver_pp(denoise, problem, schedule, steps, spacing, generator, progres
                                  + float(sigma[i + 1]) * (-kept) ** 0.5 * noise)
         else:
             y = problem.anchored(ratio * y
-                                 - float(alpha[i + 1]) * float(torch.expm1(torch.tensor(-h))) * d)
+                                 - float(alpha[i + 1]) * math.expm1(-h) * d)
         x0_prev, h_prev = x0, h
     return x0 + problem.mask_vector
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 
-from moe_diffuseq.metrics import interval_verdict
+from moe_diffuseq.metrics import interval_verdict, paired_bootstrap_interval
 
 from .common import QUALITY_BATCH, QUALITY_SRC_LEN, QUALITY_TRG_LEN, RESULTS, ROOT, format_interval
 
@@ -60,10 +61,14 @@ def _machine(payload: dict) -> str:
             f"torch {m['torch']}{cuda}{tuned}._")
 
 
-def _learn(payload: dict) -> list[str]:
+def _learn(payload: dict, name: str = "learn") -> list[str]:
     st = payload["settings"]
-    out = ["### Learning on tasks with exact answers (`make bench-learn`)", "",
-           f"Each run trains {st['minutes']:g} minutes (evaluation excluded) at batch "
+    title = ("Learning on tasks with exact answers (`make bench-learn`)" if name == "learn" else
+             f"Longer training: the learning recipe for a fixed step count (`{name}.json`)")
+    budget = (f"{st['steps']} optimizer steps, the learning rate decaying over them"
+              if st.get("steps") else f"{st['minutes']:g} minutes (evaluation excluded)")
+    out = [f"### {title}", "",
+           f"Each run trains {budget} at batch "
            f"{st['batch_size']}, sources of up to {st['max_chars']} characters, seed {st['seed']}; "
            f"{st['docs']} validation documents (ancestral: {st['ancestral_docs']}). "
            f"Item metrics are fractions. {_machine(payload)}", ""]
@@ -99,6 +104,7 @@ def _learn(payload: dict) -> list[str]:
                         format_interval(r["restarts_minus_dpm20_interval"]["f1"]),
                         format_interval(r["restarts_minus_dpm20_interval"]["exact"])]
                        for r in restarted])
+    out += _dpm_against_ancestral(payload["runs"])
     levels = list(payload["runs"][0]["noise_levels"])
     out += ["", "x0 accuracy on the target's words at fixed t (teacher forced): the denoiser / "
                 "rounding z_t / the denoiser with each source swapped for another document's "
@@ -121,8 +127,30 @@ def _learn(payload: dict) -> list[str]:
                       [[r["task"], r["name"], *(f"{p['x0_acc']:.2f}" for p in r["trajectory"]
                                                 if p["t"] in picked)] for r in paths])
     summary = ", ".join(f"{k} {_f(v)}" for k, v in payload["summary"].items())
-    out += ["", "Summary: " + summary, "", "![learn](bench/results/learn.png)", ""]
+    out += ["", "Summary: " + summary, "", f"![{name}](bench/results/{name}.png)", ""]
     return out
+
+
+def _dpm_against_ancestral(runs: list[dict]) -> list[str]:
+    """DPM-Solver++ 20 against ancestral 2000 on each checkpoint that ran both, over ancestral's
+    documents (the first of the run's): the F1 ratio and the paired interval of the difference."""
+    rows = []
+    for r in runs:
+        s = r["sampling"]
+        if "ancestral" not in s:
+            continue
+        ancestral = s["ancestral"]["per_doc_f1"]
+        dpm = s["dpm20"]["per_doc_f1"][: len(ancestral)]
+        ratio = sum(dpm) / sum(ancestral) if sum(ancestral) else None
+        rows.append([r["task"], r["name"], len(ancestral), sum(dpm) / len(dpm),
+                     sum(ancestral) / len(ancestral), ratio,
+                     format_interval(paired_bootstrap_interval(dpm, ancestral))])
+    if not rows:
+        return []
+    return ["", "DPM-Solver++ 20 against ancestral sampling (all T steps) on the same checkpoint "
+                "and ancestral's documents:", "",
+            *_table(["task", "run", "documents", "dpm20 F1", "ancestral F1", "ratio",
+                     "dpm20 minus ancestral (95% interval)"], rows)]
 
 
 def _attention(a: dict) -> list[str]:
@@ -302,7 +330,8 @@ def _long_tasks(c: dict) -> list[str]:
     return out
 
 
-SECTIONS = (("learn", _learn), ("attention", _attention), ("long_document", _long_document),
+SECTIONS = (("learn", _learn), ("learn_steps", partial(_learn, name="learn_steps")),
+            ("attention", _attention), ("long_document", _long_document),
             ("long_cost", _long_cost), ("long_tasks", _long_tasks),
             ("moe", _moe), ("sampling", _sampling), ("absorbing", _absorbing))
 

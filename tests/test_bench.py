@@ -232,6 +232,8 @@ def test_learn_bench_tiny_run_writes_summary_curve_and_plot(tmp_path):
     assert payload["settings"]["recipe"]["network"]["hidden_size"] == 32  # the config trained
     assert len(payload["runs"][1]["f1_minus_recipe_interval"]) == 2
     assert out.with_suffix(".png").stat().st_size > 0
+    section = "\n".join(report._learn(payload))
+    assert "| code-outline | recipe | 2 |" in section  # dpm20 against ancestral on its 2 documents
 
 
 def test_learn_bench_steps_budget_ends_each_run_at_that_step(tmp_path):
@@ -242,6 +244,7 @@ def test_learn_bench_steps_budget_ends_each_run_at_that_step(tmp_path):
     recipe = payload["runs"][0]
     assert recipe["steps"] == 6
     assert [p["step"] for p in recipe["curve"]] == [2, 4, 6]
+    assert "Each run trains 6 optimizer steps" in "\n".join(report._learn(payload, "learn_steps"))
     with pytest.raises(SystemExit):
         learn.main(["--steps", "0"])
 

@@ -280,9 +280,10 @@ def main(argv: list[str] | None = None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="code-outline only, 3 minutes, no ablations")
-    parser.add_argument("--minutes", type=float, default=None,
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=None,
                         help="training minutes per run (default 15; quick 3)")
-    parser.add_argument("--steps", type=int, default=None,
+    budget.add_argument("--steps", type=int, default=None,
                         help="train each run this many optimizer steps instead of --minutes (the "
                              "learning rate decays over the steps): compares settings of equal "
                              "step cost on a machine whose speed drifts")
@@ -310,7 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help='JSON merged into the recipe, e.g. '
                              '\'{"network": {"hidden_size": 512}}\' on a GPU')
     args = parser.parse_args(argv)
-    args.minutes = args.minutes or (3.0 if args.quick else 15.0)
+    if not args.steps:  # a step budget has no minutes
+        args.minutes = args.minutes or (3.0 if args.quick else 15.0)
     args.max_chars = args.max_chars or (600 if args.quick else DEFAULT_MAX_CHARS)
     args.docs = args.docs or (32 if args.quick else 128)
     args.ancestral_docs = args.ancestral_docs or (8 if args.quick else 64)

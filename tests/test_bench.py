@@ -245,8 +245,10 @@ def test_learn_bench_steps_budget_ends_each_run_at_that_step(tmp_path):
     assert recipe["steps"] == 6
     assert [p["step"] for p in recipe["curve"]] == [2, 4, 6]
     assert "Each run trains 6 optimizer steps" in "\n".join(report._learn(payload, "learn_steps"))
-    with pytest.raises(SystemExit):
-        learn.main(["--steps", "0"])
+    assert payload["settings"]["minutes"] is None  # a step budget, not a clock
+    for refused in (["--steps", "0"], ["--steps", "6", "--minutes", "1"]):
+        with pytest.raises(SystemExit):
+            learn.main(refused)
 
 
 def test_long_cost_bench_tiny_run_measures_every_model(tmp_path):

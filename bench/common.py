@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from moe_diffuseq.metrics import interval_verdict
+from moe_diffuseq.metrics import interval_verdict, paired_bootstrap_interval
 
 from . import MALLOC_TUNED
 
@@ -199,6 +199,20 @@ MODEL_NAMES = {"moe": "MoE-DiffuSeq", "sdpa": "baseline (sdpa)", "eager": "basel
 QUALITY_SRC_LEN, QUALITY_TRG_LEN, QUALITY_BATCH = 256, 128, 16
 # Samples become text as in DiffuSeq's evaluation: every [SEP] and [PAD] dropped, the rest kept.
 DECODE = "strip"
+
+
+def dpm_against_ancestral(sampling: dict) -> dict | None:
+    """DPM-Solver++ 20 against ancestral sampling on one checkpoint, over ancestral's documents
+    (the first of the run's, so like is compared with like): both mean item F1s, their ratio and
+    the paired interval of the difference. None when the run sampled no ancestral."""
+    if "ancestral" not in sampling:
+        return None
+    ancestral = sampling["ancestral"]["per_doc_f1"]
+    dpm = sampling["dpm20"]["per_doc_f1"][: len(ancestral)]
+    return {"documents": len(ancestral), "dpm20_f1": sum(dpm) / len(dpm),
+            "ancestral_f1": sum(ancestral) / len(ancestral),
+            "ratio": sum(dpm) / sum(ancestral) if sum(ancestral) else None,
+            "interval": paired_bootstrap_interval(dpm, ancestral)}
 
 
 def format_interval(ci) -> str:

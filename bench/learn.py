@@ -41,7 +41,7 @@ from moe_diffuseq.generation import sampling_settings
 from moe_diffuseq.metrics import item_scores, paired_bootstrap_interval
 from moe_diffuseq.probes import accuracy_table, noise_level_counts, probe_steps, trajectory_accuracy
 
-from .common import machine_info, print_table, write_json
+from .common import dpm_against_ancestral, machine_info, print_table, write_json
 
 # The recipe: the model of lightning_configs/quickstart.yaml.
 RECIPE: dict = {
@@ -267,6 +267,7 @@ def run(task: str, config: dict, args, rows: list[dict], final: bool) -> dict:
     if final:
         out["sampling"]["ancestral"] = score(model, rows[: args.ancestral_docs],
                                              sampler="ancestral", restarts=0)
+        out["dpm20_vs_ancestral"] = dpm_against_ancestral(out["sampling"])
     if "dpm20_restarts" in out["sampling"]:
         out["restarts_minus_dpm20_interval"] = {
             key: paired_bootstrap_interval(out["sampling"]["dpm20_restarts"][f"per_doc_{key}"],
@@ -375,12 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
     if recipe_runs:  # code-outline's where it ran, else the first task's
         task = "code-outline" if "code-outline" in recipe_runs else next(iter(recipe_runs))
         summary["dpm20_vs_ancestral_task"] = task
-        s = recipe_runs[task]["sampling"]
-        # Same checkpoint, the ancestral documents only: the ratio compares like with like.
-        n = len(s["ancestral"]["per_doc_f1"])
-        dpm_f1 = sum(s["dpm20"]["per_doc_f1"][:n]) / n
-        summary["dpm20_vs_ancestral_f1"] = (dpm_f1 / s["ancestral"]["item_f1"]
-                                            if s["ancestral"]["item_f1"] else None)
+        summary["dpm20_vs_ancestral_f1"] = recipe_runs[task]["dpm20_vs_ancestral"]["ratio"]
     payload = {"machine": machine_info(),
                "settings": {**vars(args), "recipe": recipe, "tasks": TASKS},
                "runs": runs, "summary": summary}

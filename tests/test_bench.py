@@ -229,6 +229,9 @@ def test_learn_bench_tiny_run_writes_summary_curve_and_plot(tmp_path):
     assert 0.0 <= summary["outline_item_f1"] <= 1.0 and summary["cast_item_f1"] is None
     assert 0.0 <= summary["outline_item_f1_restarts"] <= 1.0
     assert summary["dpm20_vs_ancestral_task"] == "code-outline"
+    compared = recipe["dpm20_vs_ancestral"]  # recorded with the run; the summary and report read it
+    assert compared["documents"] == 2 and summary["dpm20_vs_ancestral_f1"] == compared["ratio"]
+    assert compared["dpm20_f1"] == sum(recipe["sampling"]["dpm20"]["per_doc_f1"][:2]) / 2
     assert payload["settings"]["recipe"]["network"]["hidden_size"] == 32  # the config trained
     assert len(payload["runs"][1]["f1_minus_recipe_interval"]) == 2
     assert out.with_suffix(".png").stat().st_size > 0

@@ -50,14 +50,22 @@ def test_code_outline_lists_the_run_definitions_in_source_order():
 
 
 def test_code_lookup_answers_with_the_def_line_as_written():
-    rows = [row for _, row in code_lookup_rows(max_chars=1500, root=JSON_PACKAGE)]
-    assert rows
-    for row in rows:
+    pairs = list(code_lookup_rows(max_chars=1500, root=JSON_PACKAGE))
+    assert pairs
+    questions_per_run: dict[tuple[str, str], set[str]] = {}
+    for split, row in pairs:
         *body, question = row["src"].splitlines()
         name = question.removeprefix(QUESTION.format(name=""))
         assert question == QUESTION.format(name=name)
         assert row["trg"] in (line.strip() for line in body)
         assert ast.parse(row["trg"] + " ...").body[0].name == name  # a one-line def of that name
+        # Another function beside the answer: NAME, not the run, decides it.
+        assert sum(line.lstrip().startswith(("def ", "async def ")) for line in body) >= 2
+        questions_per_run.setdefault((split, "\n".join(body)), set()).add(name)
+    counts = {split: [len(q) for (s, _), q in questions_per_run.items() if s == split]
+              for split, _ in pairs}
+    assert min(counts["train"]) >= 2  # every function of a training run is asked about
+    assert all(n == 1 for split, c in counts.items() if split != "train" for n in c)
 
 
 def test_dialogue_cast_keeps_tags_as_written_in_first_speech_order(tmp_path):

@@ -6,6 +6,7 @@ Each answer is a list of items joined by ``ITEM_SEPARATOR``; every item is in th
     ``class NAME``). Runs with fewer than two names are skipped.
   * ``code-lookup``: a run of a module, then a line ``# signature of NAME`` -> that function's
     ``def`` line as written (``def _convert_num(node):``): question answering over a source.
+    Every run defines at least two functions, so NAME decides the answer.
   * ``dialogue-cast``: a scene of a play -> its speaker tags in the order they first speak,
     exactly as the text writes them (``Ber. ; Fran. ; Hor. ; Mar.``).
 ``max_chars`` sets the source length (runs and scenes are cut at a line or turn boundary),
@@ -29,9 +30,12 @@ from .dialogue import split_of as play_split_of
 from .splits import SplitWriter
 
 ITEM_SEPARATOR = " ; "
-VERSION = "tasks-1"  # bump when the pairs change, so that prepare_data rebuilds old copies
+VERSION = "tasks-2"  # bump when the pairs change, so that prepare_data rebuilds old copies
 DEFAULT_MAX_CHARS = 1500
 QUESTION = "# signature of {name}"
+# A run with one function answers its question without reading NAME: a model trained on such
+# runs learns to copy the run's only def line, and finds nothing in a long source of many.
+LOOKUP_MIN_FUNCTIONS = 2
 
 
 def _modules(root: Path | None) -> Iterator[tuple[str, str, list[ast.AST]]]:
@@ -94,10 +98,15 @@ def code_outline_rows(max_chars: int = DEFAULT_MAX_CHARS,
 
 def code_lookup_rows(max_chars: int = DEFAULT_MAX_CHARS,
                      root: Path | None = None) -> Iterator[tuple[str, dict]]:
-    """(split, row) of the code-lookup task: one question per run, about a function whose
-    ``def`` line fits on one line and whose name occurs once among the run's definitions."""
+    """(split, row) of the code-lookup task, from every run that defines at least two
+    functions whose ``def`` line fits on one line and whose name occurs once among the run's
+    definitions: each question has another function beside its answer, so the answer depends
+    on NAME and not on the run alone. A training run gives one example per such function (the
+    same source under different questions); a validation or test run gives one, its NAME drawn
+    by a hash of the run, so that each run counts once in a score."""
     for module, source, nodes in _modules(root):
         lines = source.splitlines()
+        split = code_split_of(module)
         for start, end in line_runs(lines, max_chars - len(QUESTION) - 80):
             defined = _defined(nodes, start, end)
             counts: dict[str, int] = {}
@@ -109,17 +118,19 @@ def code_lookup_rows(max_chars: int = DEFAULT_MAX_CHARS,
                 and lines[n.lineno - 1].strip().startswith(("def ", "async def "))
                 and lines[n.lineno - 1].rstrip().endswith(":")
             ]
-            if not candidates:
+            if len(candidates) < LOOKUP_MIN_FUNCTIONS:
                 continue
-            # The question is fixed by the run, not by the order modules are read in.
-            seed = int(hashlib.sha1(f"{module}:{start}".encode()).hexdigest()[:8], 16)
-            node = random.Random(seed).choice(candidates)
-            yield code_split_of(module), {
-                "id": f"{module}:{start + 1}-{end}:{node.name}", "task": "code-lookup",
-                "module": module,
-                "src": "\n".join([*lines[start:end], QUESTION.format(name=node.name)]),
-                "trg": lines[node.lineno - 1].strip(),
-            }
+            if split != "train":
+                # The question is fixed by the run, not by the order modules are read in.
+                seed = int(hashlib.sha1(f"{module}:{start}".encode()).hexdigest()[:8], 16)
+                candidates = [random.Random(seed).choice(candidates)]
+            for node in candidates:
+                yield split, {
+                    "id": f"{module}:{start + 1}-{end}:{node.name}", "task": "code-lookup",
+                    "module": module,
+                    "src": "\n".join([*lines[start:end], QUESTION.format(name=node.name)]),
+                    "trg": lines[node.lineno - 1].strip(),
+                }
 
 
 def _scene_text(turns: list[tuple[str, str]]) -> str:

@@ -342,8 +342,7 @@ def _long_tasks(c: dict) -> list[str]:
     return out
 
 
-SECTIONS = (("learn", _learn), ("learn_steps", partial(_learn, name="learn_steps")),
-            ("learn_lookup", partial(_learn, name="learn_lookup")),
+SECTIONS = (*((name, partial(_learn, name=name)) for name in LEARN_TITLES),
             ("attention", _attention), ("long_document", _long_document),
             ("long_cost", _long_cost), ("long_tasks", _long_tasks),
             ("moe", _moe), ("sampling", _sampling), ("absorbing", _absorbing))

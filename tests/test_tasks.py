@@ -62,8 +62,9 @@ def test_code_lookup_answers_with_the_def_line_as_written():
         # Another function beside the answer: NAME, not the run, decides it.
         assert sum(line.lstrip().startswith(("def ", "async def ")) for line in body) >= 2
         questions_per_run.setdefault((split, "\n".join(body)), set()).add(name)
-    counts = {split: [len(q) for (s, _), q in questions_per_run.items() if s == split]
-              for split, _ in pairs}
+    counts: dict[str, list[int]] = {}
+    for (split, _), names in questions_per_run.items():
+        counts.setdefault(split, []).append(len(names))
     assert min(counts["train"]) >= 2  # every function of a training run is asked about
     assert all(n == 1 for split, c in counts.items() if split != "train" for n in c)
 

@@ -141,6 +141,12 @@ class NetworkConfig:
     of the up to ``pointer_span`` slots on each side for the tokens as far from it on the same
     side, so the slots of a copied span agree on where it lies; 0 turns it off. Needs
     source_pointer."""
+    short_conv: int = 0
+    """Width (odd) of a depthwise convolution over the sequence, added to the blocks' input: each
+    position also carries its neighbours' tokens into the first layer, so attention can find a
+    token by what stands beside it ("the name after 'signature of'") in one hop instead of
+    learning a previous-token head first (the short convolutions of H3, Mamba and Canon layers);
+    0 turns it off."""
     position_init_std: float = 1.0
     """Standard deviation of the position tables' initial weights: 1.0 is nn.Embedding's; 0.02 is
     BERT's and DiffuSeq's, under which the positions do not outweigh the token signal of the up
@@ -172,6 +178,8 @@ class NetworkConfig:
         _check(self.pointer_span >= 0, "network.pointer_span", self.pointer_span, "must be >= 0")
         _check(self.source_pointer or not self.pointer_span, "network.pointer_span",
                self.pointer_span, "needs network.source_pointer: true")
+        _check(self.short_conv == 0 or (self.short_conv > 0 and self.short_conv % 2 == 1),
+               "network.short_conv", self.short_conv, "must be 0 (off) or an odd width >= 1")
         _check(self.position_init_std > 0, "network.position_init_std", self.position_init_std,
                "must be > 0")
         _check(self.positions in ("target_relative", "absolute"), "network.positions",

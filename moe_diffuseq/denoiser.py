@@ -1,6 +1,7 @@
 """The x0-predicting network, readable top to bottom.
 
     tokens/z_t (B, L, E) -> up-projection (B, L, H) + positions + timestep embedding
+    [-> + a short depthwise convolution over the neighbours (short_conv)]
     -> N x [sparse self-attention -> residual + norm -> MoE FFN -> residual + norm]
     -> down-projection (B, L, E) = x0_hat
     [-> source pointer: on target rows, gate * attention over the source's embeddings
@@ -126,6 +127,9 @@ class Denoiser(nn.Module):
         # refines the last answer instead of starting again from z_t alone.
         self.self_condition = nn.Linear(embed_dim, hidden) if self_conditioning else None
         self.input_norm = nn.LayerNorm(hidden)
+        width = config.short_conv
+        self.short_conv = (nn.Conv1d(hidden, hidden, width, padding=width // 2, groups=hidden)
+                           if width else None)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
             Block(hidden, config.num_heads, config.attention, self._ffn(config, i), config.dropout)
@@ -229,7 +233,12 @@ class Denoiser(nn.Module):
             x0_prev = (torch.zeros_like(z_t) if x0_prev is None
                        else torch.where(target_mask[..., None], x0_prev, 0.0))
             h = h + self.self_condition(x0_prev)
-        h = self.dropout(self.input_norm(h))  # (B, L, H)
+        h = self.input_norm(h)
+        if self.short_conv is not None:
+            # Padding is zeroed first: a row's output must not depend on the batch's padding.
+            kept = h.masked_fill(padding_mask[..., None], 0.0)
+            h = h + self.short_conv(kept.transpose(1, 2)).transpose(1, 2)
+        h = self.dropout(h)  # (B, L, H)
         stats: list[RouterStats] = []
         attention = self.config.attention
         # Global rows only: the target reads every source position; see AttentionConfig.target_keys.

@@ -243,10 +243,13 @@ def test_learn_bench_steps_budget_ends_each_run_at_that_step(tmp_path):
     from bench import learn
 
     payload = tiny_outline_learn_run(tmp_path, "--steps", "6", "--curve_points", "3",
-                                     "--docs", "2", "--ancestral_docs", "1", "--ablations")
+                                     "--docs", "2", "--ancestral_docs", "0", "--ablations")
     recipe = payload["runs"][0]
     assert recipe["steps"] == 6
     assert [p["step"] for p in recipe["curve"]] == [2, 4, 6]
+    # --ancestral_docs 0 skips the 2000-step sampler; the summary and the report say so.
+    assert "ancestral" not in recipe["sampling"] and "dpm20_vs_ancestral" not in recipe
+    assert payload["summary"]["dpm20_vs_ancestral_f1"] is None
     assert "Each run trains 6 optimizer steps" in "\n".join(report._learn(payload, "learn_steps"))
     assert payload["settings"]["minutes"] is None  # a step budget, not a clock
     for refused in (["--steps", "0"], ["--steps", "6", "--minutes", "1"]):

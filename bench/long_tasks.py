@@ -28,7 +28,8 @@ The full run's budget (2 CPU cores): 4 models x (4 minutes short + 3 lengths x (
 scoring)) per task and seed, about 55 minutes a task; the default two tasks (code-lookup,
 dialogue-cast) take about 2 hours, and the plan is printed before it starts. code-outline's
 targets of 256 tokens cost more still; dialogue-cast's scenes rarely reach 8k tokens (its 8k
-length scores the few that hold 4k or more). On a GPU pass larger ``--minutes`` and
+length scores the few that hold 4k or more). ``--models moe_diffuseq diffuseq`` trains only the
+pair every interval is about, half the time. On a GPU pass larger ``--minutes`` and
 ``--short_minutes``.
 """
 
@@ -176,19 +177,22 @@ def seed_mean(runs: list[dict], key: str) -> list[float]:
     return [sum(col) / len(col) for col in zip(*(r[key] for r in runs), strict=True)]
 
 
-def compare(results: list[dict], tasks: list[str], lengths: list[int]) -> dict:
-    """{task: {tokens: {model: means, "intervals": paired intervals}}} over the seeds."""
+def compare(results: list[dict], tasks: list[str], lengths: list[int],
+            models: list[str] | None = None) -> dict:
+    """{task: {tokens: {model: means, "intervals": paired intervals}}} over the seeds, for
+    ``models`` (default all; MoE-DiffuSeq and the baseline always among them)."""
+    models = models or list(MODELS)
     out: dict = {}
     for task in tasks:
         for tokens in lengths:
             cell = {}
             by_model = {m: [r for r in results if (r["task"], r["tokens"], r["model"])
-                            == (task, tokens, m)] for m in MODELS}
+                            == (task, tokens, m)] for m in models}
             if not all(by_model.values()):
                 continue
             f1 = {m: seed_mean(runs, "per_doc_f1") for m, runs in by_model.items()}
             exact = {m: seed_mean(runs, "per_doc_exact") for m, runs in by_model.items()}
-            for m in MODELS:
+            for m in models:
                 cell[m] = {"item_f1": sum(f1[m]) / len(f1[m]),
                            "exact_match": sum(exact[m]) / len(exact[m]),
                            "steps": sum(r["steps"] for r in by_model[m]) / len(by_model[m]),
@@ -196,7 +200,8 @@ def compare(results: list[dict], tasks: list[str], lengths: list[int]) -> dict:
                            / len(by_model[m])}
             pairs = {"f1_moe_minus_baseline": (f1["moe_diffuseq"], f1["diffuseq"]),
                      "exact_moe_minus_baseline": (exact["moe_diffuseq"], exact["diffuseq"]),
-                     **{key: (f1[m], f1["moe_diffuseq"]) for m, key in VARIANTS.items()}}
+                     **{key: (f1[m], f1["moe_diffuseq"]) for m, key in VARIANTS.items()
+                        if m in models}}
             cell["intervals"] = {name: list(paired_bootstrap_interval(a, b))
                                  for name, (a, b) in pairs.items()}
             out.setdefault(task, {})[str(tokens)] = cell
@@ -208,8 +213,8 @@ def summarise(table: dict, lengths: list[int]) -> dict:
     length at which MoE-DiffuSeq wins on item F1 (interval above 0) in at least two tasks."""
 
     def speed(task_cells: dict, model: str) -> float | None:
-        cell = task_cells.get("8192")
-        return cell[model]["tokens_per_s"] if cell else None
+        cell = task_cells.get("8192", {})
+        return cell[model]["tokens_per_s"] if model in cell else None
 
     ratios = {"target_global_cost_8k": [], "speedup_vs_sdpa_8k": []}
     for cells in table.values():
@@ -218,7 +223,8 @@ def summarise(table: dict, lengths: list[int]) -> dict:
             ratios["target_global_cost_8k"].append(off / on)
             ratios["speedup_vs_sdpa_8k"].append(on / base)
     f1 = {task: {m: {length: cell[m]["item_f1"] for length, cell in cells.items()}
-                 for m in MODELS} for task, cells in table.items()}
+                 for m in MODELS if all(m in cell for cell in cells.values())}
+          for task, cells in table.items()}
     wins_from = None
     for tokens in lengths:
         wins = [task for task, cells in table.items() if str(tokens) in cells
@@ -245,7 +251,7 @@ def plot(table: dict, path: Path) -> None:
                              squeeze=False)
     for ax, (task, cells) in zip(axes[0], table.items(), strict=False):
         lengths = sorted(cells, key=int)
-        for m in MODELS:
+        for m in (m for m in MODELS if m in cells[lengths[0]]):
             ax.plot([int(n) for n in lengths], [cells[n][m]["item_f1"] for n in lengths],
                     marker="o", label=NAMES[m])
         ax.set_xscale("log", base=2)
@@ -276,6 +282,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--minutes", type=float, default=None,
                         help="training minutes at each long length (default 2; quick 0.5; "
                              "0 scores the short stage's model as it is)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
+                        help="the models trained (default all); moe_diffuseq and diffuseq, the "
+                             "pair every interval is about, are required")
     parser.add_argument("--seeds", type=int, default=1, help="seeds averaged per document")
     parser.add_argument("--docs", type=int, default=None,
                         help="validation documents scored (default 32; quick 16)")
@@ -299,9 +308,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.model.get("network", {}).get("positions", "target_relative") != "target_relative":
         parser.error("--model: the stages need positions: target_relative (a target slot keeps "
                      "its position when the source grows)")
+    if missing := [m for m in ("moe_diffuseq", "diffuseq") if m not in args.models]:
+        parser.error(f"--models: {' and '.join(missing)} missing: every interval compares "
+                     "MoE-DiffuSeq with the baseline")
+    args.models = [m for m in MODELS if m in args.models]  # table order, no repeats
     args.docs = args.docs or (16 if args.quick else 32)
     per_model = args.short_minutes + len(lengths) * args.minutes
-    models = len(tasks) * len(MODELS) * args.seeds
+    models = len(tasks) * len(args.models) * args.seeds
     print(f"plan: {models} models x ({args.short_minutes:g} min short + {len(lengths)} lengths x "
           f"{args.minutes:g} min) = {models * per_model:.0f} min training, plus data and scoring",
           flush=True)
@@ -315,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
     for task in tasks:
         rows = {n: long_rows(corpus(task, n), args.data_dir, args.docs,
                              round(n * CHARS_PER_TOKEN / 2)) for n in lengths}
-        for model_name in MODELS:
+        for model_name in args.models:
             for seed in range(args.seeds):
                 print(f"== {task}: {model_name}, seed {seed}, short stage "
                       f"({args.short_chars} characters)", flush=True)
@@ -326,19 +339,20 @@ def main(argv: list[str] | None = None) -> dict:
                           f"item F1 {r['item_f1']:.3f}, exact {r['exact_match']:.3f}", flush=True)
                     results.append(r)
 
-    table = compare(results, tasks, lengths)
+    table = compare(results, tasks, lengths, args.models)
     printed = []
     for task, cells in table.items():
         for tokens, cell in cells.items():
             ci = cell["intervals"]["f1_moe_minus_baseline"]
-            printed.append([task, tokens, *(cell[m]["item_f1"] for m in MODELS),
+            printed.append([task, tokens, *(cell[m]["item_f1"] for m in args.models),
                             f"[{ci[0]:+.3f}, {ci[1]:+.3f}]", verdict(ci)])
-    print_table(["task", "tokens", *(NAMES[m] + " F1" for m in MODELS),
+    print_table(["task", "tokens", *(NAMES[m] + " F1" for m in args.models),
                  "MoE - baseline F1", "verdict"], printed)
     summary = summarise(table, lengths)
     payload = {"machine": machine_info(),
                "settings": {**vars(args), "tasks": tasks, "lengths": lengths,
-                            "models": MODELS, "recipe": RECIPE, "sampler": "dpm_solver++ 20",
+                            "models": {m: MODELS[m] for m in args.models}, "recipe": RECIPE,
+                            "sampler": "dpm_solver++ 20",
                             "wall_s": round(time.perf_counter() - start)},
                "runs": results, "table": table, "summary": summary}
     path = write_json("long_tasks", payload, args.out)

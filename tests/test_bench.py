@@ -315,6 +315,30 @@ def test_long_tasks_bench_tiny_run_compares_every_model_with_intervals(tmp_path)
     assert "both ways - MoE" in section and "window only - MoE" in section
 
 
+def test_long_tasks_bench_trains_only_the_models_asked_for(tmp_path):
+    from bench import learn, long_tasks
+    from data_modules.corpora import build
+    from data_modules.corpora.code import stdlib_root
+
+    with pytest.raises(SystemExit):  # every interval needs the baseline
+        long_tasks.main(["--models", "moe_diffuseq", "moe_window_only"])
+    for name in (long_tasks.corpus("code-lookup", 256), learn.corpus("code-lookup", 300)):
+        build(name, tmp_path / "data" / name, root=stdlib_root() / "email")
+    tiny = {"network": {"embed_dim": 16, "hidden_size": 32, "num_layers": 1},
+            "diffusion": {"steps": 20}}
+    payload = long_tasks.main(["--tasks", "code-lookup", "--lengths", "256", "--minutes", "0.02",
+                               "--short_minutes", "0.02", "--short_chars", "300", "--docs", "3",
+                               "--vocab", "300", "--data_dir", str(tmp_path / "data"),
+                               "--models", "diffuseq", "moe_diffuseq", "--model",
+                               json.dumps(tiny), "--out", str(tmp_path / "long_tasks.json")])
+    assert [r["model"] for r in payload["runs"]] == ["moe_diffuseq", "diffuseq"]
+    cell = payload["table"]["code-lookup"]["256"]
+    assert set(cell["intervals"]) == {"f1_moe_minus_baseline", "exact_moe_minus_baseline"}
+    assert set(payload["summary"]["f1"]["code-lookup"]) == {"moe_diffuseq", "diffuseq"}
+    section = "\n".join(report._long_tasks(payload))
+    assert "MoE-DiffuSeq (rows only) F1" in section and "window only - MoE" not in section
+
+
 def test_quality_check_is_met_by_its_interval_not_its_point_estimate():
     from bench.compare import target_checks
 

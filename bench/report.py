@@ -286,10 +286,18 @@ def _long_task_names(models: dict) -> dict[str, str]:
     return names
 
 
-def _long_tasks(c: dict) -> list[str]:
+# Each recorded run of bench/long_tasks.py: its JSON's name and the README heading of its section.
+LONG_TASKS_TITLES = {
+    "long_tasks": "Long documents at equal wall-clock (`make bench-long`)",
+    "long_tasks_lookup": "code-lookup at 4k tokens with a longer long stage "
+                         "(`long_tasks_lookup.json`)",
+}
+
+
+def _long_tasks(c: dict, name: str = "long_tasks") -> list[str]:
     st, summary = c["settings"], c["summary"]
     names = _long_task_names(st["models"])
-    out = ["### Long documents at equal wall-clock (`make bench-long`)", "",
+    out = [f"### {LONG_TASKS_TITLES[name]}", "",
            f"Each model trains {st['short_minutes']:g} min on sources of at most "
            f"{st['short_chars']} characters (batch {st['short_batch_size']}), then "
            f"{st['minutes']:g} min more at each length (batch {st['batch_size']}), with the "
@@ -340,13 +348,14 @@ def _long_tasks(c: dict) -> list[str]:
         out += ["No model answers a single document right in this budget: these ties say the "
                 "budget is too short to learn the tasks, not that the models are equal."]
     out += ["",
-            "![long tasks](bench/results/long_tasks.png)", ""]
+            f"![{name}](bench/results/{name}.png)", ""]
     return out
 
 
 SECTIONS = (*((name, partial(_learn, name=name)) for name in LEARN_TITLES),
             ("attention", _attention), ("long_document", _long_document),
-            ("long_cost", _long_cost), ("long_tasks", _long_tasks),
+            ("long_cost", _long_cost),
+            *((name, partial(_long_tasks, name=name)) for name in LONG_TASKS_TITLES),
             ("moe", _moe), ("sampling", _sampling), ("absorbing", _absorbing))
 
 

@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import Timer
 
 from data_modules import Seq2SeqDataModule
 from data_modules.corpora import build, is_built
-from data_modules.corpora.tasks import DEFAULT_MAX_CHARS
+from data_modules.corpora.tasks import DEFAULT_MAX_CHARS, lookup_guess_exact, lookup_swapped
 from moe_diffuseq import MoEDiffuSeq
 from moe_diffuseq.batch import collate_pairs, encode_pairs
 from moe_diffuseq.generation import sampling_settings
@@ -74,6 +74,10 @@ ABLATIONS: dict[str, dict] = {
     "no_short_conv": {"network": {"short_conv": 0}},
     "short_conv_5": {"network": {"short_conv": 5}},
     "no_target_global": {"network": {"attention": {"target_global": False}}},
+    # Source positions counted back from the target: the question at a source's end keeps its rows.
+    "target_anchored": {"network": {"positions": "target_anchored"}},
+    # A third block: reading the question's NAME and matching it in the body are two hops.
+    "num_layers_3": {"network": {"num_layers": 3}},
     "loss_on_all": {"diffusion": {"loss_on": "all"}},
     "absorbing_full_rate": {"diffusion": {"soft_absorbing": True, "denoise_rate": 0.5}},
     # A data setting, not a model one: the corpus's tokenizer trained as plain byte-level BPE, where
@@ -224,6 +228,27 @@ def noise_table(model: MoEDiffuSeq, rows: list[dict], batch_size: int = 16) -> d
     return {str(t): {**intact[t], "source_cut": cut[t]["denoiser"]} for t in steps}
 
 
+def question_swap(model: MoEDiffuSeq, rows: list[dict]) -> dict:
+    """Does the model read code-lookup's question? Each document is asked again about another
+    function of the same source (DPM-Solver++ 20, the same seed): ``both_right`` is the fraction
+    answered right both times, beside ``both_right_guess``, what copying a random def line each
+    time gets; ``same_answer`` the fraction that wrote one line for two different questions."""
+    pairs = [(r, swapped) for r in rows if (swapped := lookup_swapped(r)) is not None]
+    kw = {"seed": 0, "sampler": "dpm_solver++", "steps": 20, "restarts": 0}
+    asked = model.generate([r["src"] for r, _ in pairs], **kw)
+    again = model.generate([s["src"] for _, s in pairs], **kw)
+    right = [(item_scores(a, r["trg"])["exact_match"], item_scores(b, s["trg"])["exact_match"])
+             for a, b, (r, s) in zip(asked, again, pairs, strict=True)]
+    guess = [lookup_guess_exact(r["src"], r["trg"]) * lookup_guess_exact(s["src"], s["trg"])
+             for r, s in pairs]
+    return {"documents": len(pairs),
+            "both_right": sum(x * y for x, y in right) / len(pairs),
+            "both_right_guess": sum(guess) / len(pairs),
+            "swapped_exact": sum(y for _, y in right) / len(pairs),
+            "same_answer": sum(a.strip() == b.strip() for a, b in zip(asked, again,
+                                                                      strict=True)) / len(pairs)}
+
+
 def trajectory(model: MoEDiffuSeq, rows: list[dict], docs: int = 32) -> list[dict]:
     """x0 accuracy on the reference's words at each step of 20-step DPM-Solver++ over the first
     ``docs`` rows (``probes.trajectory_accuracy``)."""
@@ -266,6 +291,13 @@ def run(task: str, config: dict, args, rows: list[dict], final: bool) -> dict:
                                      "restarts": 0},
                      "ddim200": {"sampler": "ddim", "steps": 200, "restarts": 0}}
     out["sampling"] = {name: score(model, rows, **kw) for name, kw in samplers.items()}
+    if task == "code-lookup":
+        # Above the floor with an interval above 0: the model reads NAME, not only the format.
+        floors = [lookup_guess_exact(r["src"], r["trg"]) for r in rows]
+        out["guess_exact"] = sum(floors) / len(floors)
+        out["dpm20_exact_minus_guess_interval"] = list(paired_bootstrap_interval(
+            out["sampling"]["dpm20"]["per_doc_exact"], floors))
+        out["question_swap"] = question_swap(model, rows)
     if final and args.ancestral_docs:
         out["sampling"]["ancestral"] = score(model, rows[: args.ancestral_docs],
                                              sampler="ancestral", restarts=0)
@@ -339,8 +371,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"== {task}: recipe, {budget_text}", flush=True)
         rows = validation_rows(corpus(task, args.max_chars), args.data_dir, args.docs)
         runs.append({"name": "recipe", **run(task, recipe, args, rows, final=True)})
-    ablation_rows = validation_rows(corpus(args.ablation_task, args.max_chars), args.data_dir,
-                                    args.docs)
+    ablation_rows = (validation_rows(corpus(args.ablation_task, args.max_chars), args.data_dir,
+                                     args.docs) if ablations else [])
     for name in ablations:
         print(f"== {args.ablation_task}: ablation {name}, {budget_text}", flush=True)
         runs.append({"name": name, **run(args.ablation_task, merged(recipe, ABLATIONS[name]), args,

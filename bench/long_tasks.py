@@ -45,6 +45,7 @@ import torch
 
 from data_modules import Seq2SeqDataModule, load_tokenizer
 from data_modules.corpora import build, is_built
+from data_modules.corpora.tasks import lookup_guess_exact
 from moe_diffuseq import MoEDiffuSeq
 from moe_diffuseq.metrics import interval_verdict as verdict
 from moe_diffuseq.metrics import paired_bootstrap_interval
@@ -169,7 +170,18 @@ def train_and_score(task: str, tokens: int, model_name: str, seed: int, args,
             "short_stage": short["info"],
             "steps": trainer.global_step if trainer else 0, "trained_s": round(budget.trained_s, 1),
             "tokens_per_s": round(budget.positions / max(budget.trained_s, 1e-9)),
-            "source_tokens": source_tokens(tokenizer, rows), **result}
+            "source_tokens": source_tokens(tokenizer, rows), **floor(task, rows, result), **result}
+
+
+def floor(task: str, rows: list[dict], result: dict) -> dict:
+    """code-lookup's floor (a random def line of the source) and the paired interval of the
+    model's exact match minus it; nothing for the other tasks."""
+    if task != "code-lookup":
+        return {}
+    floors = [lookup_guess_exact(r["src"], r["trg"]) for r in rows]
+    return {"guess_exact": sum(floors) / len(floors),
+            "exact_minus_guess_interval": list(
+                paired_bootstrap_interval(result["per_doc_exact"], floors))}
 
 
 def seed_mean(runs: list[dict], key: str) -> list[float]:
@@ -305,9 +317,9 @@ def main(argv: list[str] | None = None) -> dict:
         args.short_minutes = 1.0 if args.quick else 4.0
     if args.short_minutes <= 0:
         parser.error("--short_minutes must be > 0: the long stage starts from its model")
-    if args.model.get("network", {}).get("positions", "target_relative") != "target_relative":
-        parser.error("--model: the stages need positions: target_relative (a target slot keeps "
-                     "its position when the source grows)")
+    if args.model.get("network", {}).get("positions", "target_relative") == "absolute":
+        parser.error("--model: the stages need the target's own positions (target_relative or "
+                     "target_anchored): a target slot must keep its position when the source grows")
     if missing := [m for m in ("moe_diffuseq", "diffuseq") if m not in args.models]:
         parser.error(f"--models: {' and '.join(missing)} missing: every interval compares "
                      "MoE-DiffuSeq with the baseline")

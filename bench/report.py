@@ -122,6 +122,7 @@ def _learn(payload: dict, name: str = "learn") -> list[str]:
                         format_interval(r["restarts_minus_dpm20_interval"]["f1"]),
                         format_interval(r["restarts_minus_dpm20_interval"]["exact"])]
                        for r in restarted])
+    out += _guess_floor(payload["runs"])
     out += _dpm_against_ancestral(payload["runs"])
     levels = list(payload["runs"][0]["noise_levels"])
     out += ["", "x0 accuracy on the target's words at fixed t (teacher forced): the denoiser / "
@@ -146,6 +147,32 @@ def _learn(payload: dict, name: str = "learn") -> list[str]:
                                                 if p["t"] in picked)] for r in paths])
     summary = ", ".join(f"{k} {_f(v)}" for k, v in payload["summary"].items())
     out += ["", "Summary: " + summary, "", f"![{name}](bench/results/{name}.png)", ""]
+    return out
+
+
+def _guess_floor(runs: list[dict]) -> list[str]:
+    """code-lookup's floor, where the run recorded it (since 2026-12-06)."""
+    scored = [r for r in runs if "guess_exact" in r]
+    if not scored:
+        return []
+    out = ["", "code-lookup's floor: copying a random one of the source's one-line def lines, "
+               "without reading NAME, gets the exact match below on these documents; a model "
+               "whose exact match does not rise above it (the interval above 0) learned the "
+               "answer's format, not the question.", ""]
+    out += _table(["task", "run", "floor exact", "dpm20 exact",
+                   "dpm20 minus floor (95% interval)"],
+                  [[r["task"], r["name"], r["guess_exact"], r["sampling"]["dpm20"]["exact_match"],
+                    format_interval(r["dpm20_exact_minus_guess_interval"])] for r in scored])
+    swapped = [r for r in scored if "question_swap" in r]
+    if swapped:
+        out += ["", "The same sources asked again about another of their functions: right both "
+                    "times (and a random def line's chance of it), and the same line written for "
+                    "both questions:", ""]
+        out += _table(["task", "run", "documents", "both right", "both right by guess",
+                       "second question exact", "same answer"],
+                      [[r["task"], r["name"], *(r["question_swap"][k] for k in (
+                          "documents", "both_right", "both_right_guess", "swapped_exact",
+                          "same_answer"))] for r in swapped])
     return out
 
 
@@ -344,6 +371,13 @@ def _long_tasks(c: dict, name: str = "long_tasks") -> list[str]:
             "attention against full attention): " + ", ".join(ratios) + ". In training tokens/s "
             f"at 8k: window only over MoE-DiffuSeq {_f(summary['target_global_cost_8k'])}, "
             f"MoE-DiffuSeq over the baseline {_f(summary['speedup_vs_sdpa_8k'])}."]
+    floors = [f"{r['tokens']} tokens {r['guess_exact']:.3f} ({names[r['model']]} minus it "
+              f"{format_interval(r['exact_minus_guess_interval'])})"
+              for r in c["runs"] if "guess_exact" in r and r["seed"] == 0]
+    if floors:
+        out += ["code-lookup's floor, the exact match of copying a random one of the source's "
+                "def lines without reading NAME, and each model's exact match minus it (paired, "
+                "seed 0): " + "; ".join(floors) + "."]
     if not any(v for task in summary["f1"].values() for m in task.values() for v in m.values()):
         out += ["No model answers a single document right in this budget: these ties say the "
                 "budget is too short to learn the tasks, not that the models are equal."]

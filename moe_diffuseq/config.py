@@ -11,7 +11,7 @@ from typing import Any, Literal, TypeVar
 
 AttentionBackend = Literal["auto", "dense", "banded", "flex", "xformers", "full_sdpa", "full_eager"]
 SamplerName = Literal["ancestral", "ddim", "dpm_solver++", "sde_dpm_solver++"]
-PositionMode = Literal["target_relative", "absolute"]
+PositionMode = Literal["target_relative", "target_anchored", "absolute"]
 
 T = TypeVar("T")
 
@@ -126,8 +126,10 @@ class NetworkConfig:
     """Dropout rate inside the denoiser."""
     positions: PositionMode = "target_relative"
     """Position embeddings: target_relative (absolute on the source, the offset from the target
-    region's start on the target, so an output slot does not move with the source's length) or
-    absolute (DiffuSeq's single table)."""
+    region's start on the target, so an output slot does not move with the source's length),
+    target_anchored (the same on the target; on the source the distance back from the target's
+    start, so the source's end, where a question stands, keeps its rows at any source length and a
+    model trained on short sources reads long ones) or absolute (DiffuSeq's single table)."""
     source_pointer: bool = False
     """A pointer-generator head: each target position's x0 is a learned gate's mix of the network's
     output and an attention over the source's own input embeddings, so a source token can be
@@ -182,8 +184,9 @@ class NetworkConfig:
                "network.short_conv", self.short_conv, "must be 0 (off) or an odd width >= 1")
         _check(self.position_init_std > 0, "network.position_init_std", self.position_init_std,
                "must be > 0")
-        _check(self.positions in ("target_relative", "absolute"), "network.positions",
-               self.positions, "expected target_relative or absolute")
+        _check(self.positions in ("target_relative", "target_anchored", "absolute"),
+               "network.positions", self.positions,
+               "expected target_relative, target_anchored or absolute")
         _check(self.moe is not None or self.ffn_hidden is not None, "network.ffn_hidden",
                self.ffn_hidden, "must be set when network.moe is null (every block is dense)")
         if self.moe is not None and self.moe.moe_layers is not None:

@@ -118,7 +118,7 @@ class Denoiser(nn.Module):
         self.position = nn.Embedding(config.max_length, hidden)
         # The target region's own table, indexed by the offset from its first position: a target
         # token knows which output slot it is wherever a source of varying length ends.
-        relative = config.positions == "target_relative"
+        relative = config.positions in ("target_relative", "target_anchored")
         self.target_position = nn.Embedding(config.max_trg_len + 1, hidden) if relative else None
         for table in (self.position, self.target_position):
             if table is not None:
@@ -202,14 +202,21 @@ class Denoiser(nn.Module):
 
     def position_embedding(self, target_mask: torch.Tensor) -> torch.Tensor:
         """(B, L, H): absolute positions, or (target_relative) absolute ones on the source and
-        the offset from the target region's start on the target."""
+        the offset from the target region's start on the target, or (target_anchored) that offset
+        on the target and the distance back from the target's start on the source."""
         pos = torch.arange(target_mask.shape[1], device=target_mask.device)
-        absolute = self.position(pos)[None]  # (1, L, H)
+        if self.config.positions == "target_anchored":
+            # Rows before the first target row are the source; padding follows the target.
+            start = (target_mask.long().cumsum(1) == 0).long().sum(1, keepdim=True)  # (B, 1)
+            back = (start - pos[None]).clamp(0, self.position.num_embeddings - 1)  # (B, L)
+            source = self.position(back)  # (B, L, H)
+        else:
+            source = self.position(pos)[None]  # (1, L, H)
         if self.target_position is None:
-            return absolute
+            return source
         offset = (target_mask.long().cumsum(1) - 1).clamp(
             0, self.target_position.num_embeddings - 1)  # (B, L)
-        return torch.where(target_mask[..., None], self.target_position(offset), absolute)
+        return torch.where(target_mask[..., None], self.target_position(offset), source)
 
     def forward(
         self,

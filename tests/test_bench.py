@@ -209,6 +209,30 @@ def tiny_outline_learn_run(tmp_path, *options: str) -> dict:
     return json.loads(out.read_text())
 
 
+def test_learn_bench_records_code_lookups_floor(tmp_path):
+    from bench import learn
+    from data_modules.corpora import build
+    from data_modules.corpora.code import stdlib_root
+
+    build("code-lookup-600", tmp_path / "data" / "code-lookup-600", root=stdlib_root() / "email")
+    tiny = {"network": {"embed_dim": 16, "hidden_size": 32, "num_layers": 1},
+            "diffusion": {"steps": 20}}
+    payload = learn.main(["--tasks", "code-lookup", "--max_chars", "600", "--vocab", "300",
+                          "--minutes", "0.03", "--curve_points", "1", "--docs", "4",
+                          "--ancestral_docs", "0", "--ablations", "--data_dir",
+                          str(tmp_path / "data"), "--model", json.dumps(tiny),
+                          "--out", str(tmp_path / "learn.json")])
+    recipe = payload["runs"][0]
+    assert 0.0 < recipe["guess_exact"] < 1.0  # every answer is one of two or more def lines
+    low, high = recipe["dpm20_exact_minus_guess_interval"]
+    assert -1.0 <= low <= high <= 1.0
+    swap = recipe["question_swap"]
+    assert swap["documents"] >= 1 and 0.0 < swap["both_right_guess"] < 1.0
+    assert 0.0 <= swap["both_right"] <= swap["swapped_exact"] <= 1.0
+    section = "\n".join(report._learn(payload))
+    assert "code-lookup's floor" in section and "both right by guess" in section
+
+
 def test_learn_bench_tiny_run_writes_summary_curve_and_plot(tmp_path):
     payload = tiny_outline_learn_run(tmp_path, "--minutes", "0.05", "--curve_points", "2",
                                      "--docs", "4", "--ancestral_docs", "2",
@@ -313,6 +337,9 @@ def test_long_tasks_bench_tiny_run_compares_every_model_with_intervals(tmp_path)
     section = "\n".join(report._long_tasks(payload))
     assert "MoE-DiffuSeq (rows only) F1" in section and "| both ways F1 |" in section
     assert "both ways - MoE" in section and "window only - MoE" in section
+    # code-lookup's floor, a random def line of the source, is recorded and reported.
+    assert all(0.0 < r["guess_exact"] < 1.0 for r in runs.values())
+    assert "code-lookup's floor" in section
 
 
 def test_long_tasks_bench_trains_only_the_models_asked_for(tmp_path):
@@ -322,9 +349,12 @@ def test_long_tasks_bench_trains_only_the_models_asked_for(tmp_path):
 
     with pytest.raises(SystemExit):  # every interval needs the baseline
         long_tasks.main(["--models", "moe_diffuseq", "moe_window_only"])
+    with pytest.raises(SystemExit):  # a target slot must keep its position as the source grows
+        long_tasks.main(["--model", '{"network": {"positions": "absolute"}}'])
     for name in (long_tasks.corpus("code-lookup", 256), learn.corpus("code-lookup", 300)):
         build(name, tmp_path / "data" / name, root=stdlib_root() / "email")
-    tiny = {"network": {"embed_dim": 16, "hidden_size": 32, "num_layers": 1},
+    tiny = {"network": {"embed_dim": 16, "hidden_size": 32, "num_layers": 1,
+                        "positions": "target_anchored"},
             "diffusion": {"steps": 20}}
     payload = long_tasks.main(["--tasks", "code-lookup", "--lengths", "256", "--minutes", "0.02",
                                "--short_minutes", "0.02", "--short_chars", "300", "--docs", "3",

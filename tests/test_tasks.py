@@ -17,6 +17,8 @@ from data_modules.corpora.tasks import (
     code_lookup_rows,
     code_outline_rows,
     line_runs,
+    lookup_guess_exact,
+    lookup_swapped,
 )
 from moe_diffuseq.cli import main
 
@@ -67,6 +69,32 @@ def test_code_lookup_answers_with_the_def_line_as_written():
         counts.setdefault(split, []).append(len(names))
     assert min(counts["train"]) >= 2  # every function of a training run is asked about
     assert all(n == 1 for split, c in counts.items() if split != "train" for n in c)
+
+
+def test_lookup_guess_floor_is_one_over_the_source_def_lines():
+    src = ("def a(x):\n    return x\n\n    async def b(y):\n        pass\n"
+           "def c(\n        z):\n# signature of b")  # c's def line is not one line: not a guess
+    assert lookup_guess_exact(src, "async def b(y):") == pytest.approx(0.5)
+    assert lookup_guess_exact(src, "def c(z):") == 0.0
+    assert lookup_guess_exact("x = 1", "def a():") == 0.0  # no def line: nothing to copy
+    rows = [row for _, row in code_lookup_rows(max_chars=1500, root=JSON_PACKAGE)]
+    # Every answer is one of two or more def lines of its source (a docstring's example may
+    # repeat the answer's line, so a guess can beat one half).
+    assert all(0.0 < lookup_guess_exact(r["src"], r["trg"]) < 1.0 for r in rows)
+
+
+def test_lookup_swapped_asks_the_same_source_about_another_function():
+    src = "def a(x):\n    pass\nasync def b(y):\n    pass\ndef a(z):\n# signature of b"
+    swapped = lookup_swapped({"src": src, "trg": "async def b(y):"})
+    assert swapped is None  # `a` names two lines: no single answer
+    src = src.replace("def a(z):", "def c(z):")
+    swapped = lookup_swapped({"src": src, "trg": "async def b(y):"})
+    assert swapped == {"src": src.replace("# signature of b", "# signature of a"),
+                       "trg": "def a(x):"}
+    for _, row in code_lookup_rows(max_chars=1500, root=JSON_PACKAGE):
+        if (other := lookup_swapped(row)) is not None:
+            assert other["trg"] != row["trg"] and other["src"].splitlines()[:-1] == \
+                row["src"].splitlines()[:-1]
 
 
 def test_dialogue_cast_keeps_tags_as_written_in_first_speech_order(tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,6 +132,33 @@ def code_lookup_rows(max_chars: int = DEFAULT_MAX_CHARS,
                     "src": "\n".join([*lines[start:end], QUESTION.format(name=node.name)]),
                     "trg": lines[node.lineno - 1].strip(),
                 }
+
+
+def lookup_guess_exact(src: str, trg: str) -> float:
+    """The expected exact match, on one code-lookup example, of a guess that copies one of the
+    source's one-line ``def`` lines at random without reading NAME: the floor a model must beat to
+    show that it answers the question and not just the format."""
+    candidates = _one_line_defs(src)
+    return candidates.count(trg) / len(candidates) if candidates else 0.0
+
+
+def _one_line_defs(src: str) -> list[str]:
+    return [line for line in (raw.strip() for raw in src.splitlines())
+            if line.startswith(("def ", "async def ")) and line.endswith(":")]
+
+
+def lookup_swapped(row: dict) -> dict | None:
+    """The same code-lookup source asked about another of its functions: the first one-line def
+    whose name differs from the question's and names one line only; None where there is none.
+    A model that reads NAME answers each question with its own line."""
+    *body, question = row["src"].splitlines()
+    asked = question.removeprefix(QUESTION.format(name=""))
+    lines = _one_line_defs("\n".join(body))
+    names = [re.match(r"(?:async\s+)?def\s+(\w+)", line).group(1) for line in lines]
+    for line, name in zip(lines, names, strict=True):
+        if name != asked and names.count(name) == 1:
+            return {"src": "\n".join([*body, QUESTION.format(name=name)]), "trg": line}
+    return None
 
 
 def _scene_text(turns: list[tuple[str, str]]) -> str:

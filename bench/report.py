@@ -77,6 +77,12 @@ LEARN_TITLES = {
     "learn_steps": "Longer training: the recipe for a fixed step count (`learn_steps.json`)",
     "learn_lookup": "code-lookup with another function beside every answer "
                     "(`learn_lookup.json`)",
+    "learn_lookup_anchored": "code-lookup with source positions counted back from the target "
+                             "(`learn_lookup_anchored.json`)",
+    "learn_lookup_span": "code-lookup without pointer spans, and with three layers "
+                         "(`learn_lookup_span.json`)",
+    "learn_no_span": "code-outline and dialogue-cast without pointer spans "
+                     "(`learn_no_span.json`)",
 }
 
 
@@ -318,6 +324,8 @@ LONG_TASKS_TITLES = {
     "long_tasks": "Long documents at equal wall-clock (`make bench-long`)",
     "long_tasks_lookup": "code-lookup at 4k tokens with a longer long stage "
                          "(`long_tasks_lookup.json`)",
+    "long_tasks_anchored": "code-lookup at 4k tokens from the short stage alone, source "
+                           "positions counted back from the target (`long_tasks_anchored.json`)",
 }
 
 

@@ -360,10 +360,11 @@ def _long_tasks(c: dict, name: str = "long_tasks") -> list[str]:
     out += _table(["task", "source tokens (mean, scored)", *(f"{n} F1" for n in names.values()),
                    "MoE exact", "baseline exact", "MoE long steps", "baseline long steps",
                    "MoE - baseline F1"], rows)
-    out += ["", f"Each variant's item F1 minus that of {names['moe_diffuseq']}, paired over the "
-            "same documents:", ""]
-    out += _table(["task", "source tokens", *(f"{names[m]} - MoE" for m in variant_models)],
-                  variants)
+    if variant_models:
+        out += ["", f"Each variant's item F1 minus that of {names['moe_diffuseq']}, paired over "
+                "the same documents:", ""]
+        out += _table(["task", "source tokens", *(f"{names[m]} - MoE" for m in variant_models)],
+                      variants)
     wins = summary["moe_wins_from_tokens"]
     lengths = sorted({n for cells in c["table"].values() for n in cells}, key=int)
     ratios = []  # why it would win: training steps bought in the same seconds
@@ -371,6 +372,10 @@ def _long_tasks(c: dict, name: str = "long_tasks") -> list[str]:
         cells = [cells[n] for cells in c["table"].values() if n in cells]
         ratio = sum(x["moe_diffuseq"]["steps"] / max(x["diffuseq"]["steps"], 1) for x in cells)
         ratios.append(f"{n} tokens {ratio / len(cells):.2f}x")
+    if st.get("model"):  # a change every model of the run shares, from --model
+        out += ["", f"Every model here also has `{json.dumps(st['model'])}`."]
+    if not st["minutes"]:
+        ratios = ["none: no long stage (`--minutes 0`), the short stage's model scored as it is"]
     out += ["", ("MoE-DiffuSeq wins on item F1 on two or more tasks from "
                  f"{wins} source tokens on." if wins else
                  "MoE-DiffuSeq wins on two or more tasks at no source length measured here (a "

@@ -367,6 +367,8 @@ def test_long_tasks_bench_trains_only_the_models_asked_for(tmp_path):
     assert set(payload["summary"]["f1"]["code-lookup"]) == {"moe_diffuseq", "diffuseq"}
     section = "\n".join(report._long_tasks(payload))
     assert "MoE-DiffuSeq (rows only) F1" in section and "window only - MoE" not in section
+    assert "Every model here also has" in section and "target_anchored" in section
+    assert "Each variant's item F1" not in section  # no variant trained: no empty table
 
 
 def test_quality_check_is_met_by_its_interval_not_its_point_estimate():

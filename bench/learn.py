@@ -228,6 +228,13 @@ def noise_table(model: MoEDiffuSeq, rows: list[dict], batch_size: int = 16) -> d
     return {str(t): {**intact[t], "source_cut": cut[t]["denoiser"]} for t in steps}
 
 
+def guess_floor(rows: list[dict], per_doc_exact: list[float]) -> tuple[float, list[float]]:
+    """code-lookup's floor over ``rows`` (a random def line of each source) and the paired
+    interval of the model's per-document exact match minus it."""
+    floors = [lookup_guess_exact(r["src"], r["trg"]) for r in rows]
+    return sum(floors) / len(floors), list(paired_bootstrap_interval(per_doc_exact, floors))
+
+
 def question_swap(model: MoEDiffuSeq, rows: list[dict]) -> dict:
     """Does the model read code-lookup's question? Each document is asked again about another
     function of the same source (DPM-Solver++ 20, the same seed): ``both_right`` is the fraction
@@ -293,10 +300,8 @@ def run(task: str, config: dict, args, rows: list[dict], final: bool) -> dict:
     out["sampling"] = {name: score(model, rows, **kw) for name, kw in samplers.items()}
     if task == "code-lookup":
         # Above the floor with an interval above 0: the model reads NAME, not only the format.
-        floors = [lookup_guess_exact(r["src"], r["trg"]) for r in rows]
-        out["guess_exact"] = sum(floors) / len(floors)
-        out["dpm20_exact_minus_guess_interval"] = list(paired_bootstrap_interval(
-            out["sampling"]["dpm20"]["per_doc_exact"], floors))
+        out["guess_exact"], out["dpm20_exact_minus_guess_interval"] = guess_floor(
+            rows, out["sampling"]["dpm20"]["per_doc_exact"])
         out["question_swap"] = question_swap(model, rows)
     if final and args.ancestral_docs:
         out["sampling"]["ancestral"] = score(model, rows[: args.ancestral_docs],

@@ -45,13 +45,21 @@ import torch
 
 from data_modules import Seq2SeqDataModule, load_tokenizer
 from data_modules.corpora import build, is_built
-from data_modules.corpora.tasks import lookup_guess_exact
 from moe_diffuseq import MoEDiffuSeq
 from moe_diffuseq.metrics import interval_verdict as verdict
 from moe_diffuseq.metrics import paired_bootstrap_interval
 
 from .common import QUICKSTART_EXPERTS, QUICKSTART_WIDTH, machine_info, print_table, write_json
-from .learn import RECIPE, TrainingBudget, budgets, fit_for_budget, merged, score, validation_rows
+from .learn import (
+    RECIPE,
+    TrainingBudget,
+    budgets,
+    fit_for_budget,
+    guess_floor,
+    merged,
+    score,
+    validation_rows,
+)
 from .learn import corpus as short_corpus
 
 # Sources of about `tokens` tokens: a 4k BPE reads 3.5-3.6 characters a token of stdlib code on
@@ -178,10 +186,8 @@ def floor(task: str, rows: list[dict], result: dict) -> dict:
     model's exact match minus it; nothing for the other tasks."""
     if task != "code-lookup":
         return {}
-    floors = [lookup_guess_exact(r["src"], r["trg"]) for r in rows]
-    return {"guess_exact": sum(floors) / len(floors),
-            "exact_minus_guess_interval": list(
-                paired_bootstrap_interval(result["per_doc_exact"], floors))}
+    mean, interval = guess_floor(rows, result["per_doc_exact"])
+    return {"guess_exact": mean, "exact_minus_guess_interval": interval}
 
 
 def seed_mean(runs: list[dict], key: str) -> list[float]:

@@ -368,14 +368,14 @@ def _long_tasks(c: dict, name: str = "long_tasks") -> list[str]:
     wins = summary["moe_wins_from_tokens"]
     lengths = sorted({n for cells in c["table"].values() for n in cells}, key=int)
     ratios = []  # why it would win: training steps bought in the same seconds
-    for n in lengths:
+    for n in lengths if st["minutes"] else []:
         cells = [cells[n] for cells in c["table"].values() if n in cells]
         ratio = sum(x["moe_diffuseq"]["steps"] / max(x["diffuseq"]["steps"], 1) for x in cells)
         ratios.append(f"{n} tokens {ratio / len(cells):.2f}x")
+    ratios = ratios or ["none: no long stage (`--minutes 0`), the short stage's model scored "
+                        "as it is"]
     if st.get("model"):  # a change every model of the run shares, from --model
         out += ["", f"Every model here also has `{json.dumps(st['model'])}`."]
-    if not st["minutes"]:
-        ratios = ["none: no long stage (`--minutes 0`), the short stage's model scored as it is"]
     out += ["", ("MoE-DiffuSeq wins on item F1 on two or more tasks from "
                  f"{wins} source tokens on." if wins else
                  "MoE-DiffuSeq wins on two or more tasks at no source length measured here (a "

@@ -65,6 +65,12 @@ ABLATIONS: dict[str, dict] = {
                                       "pointer_span": 0}},
     "no_pointer_neighbours": {"network": {"pointer_neighbours": False}},
     "no_pointer_span": {"network": {"pointer_span": 0}},
+    # Spans as wide as an outline item, not a whole def line: its shape weighs less than NAME.
+    "pointer_span_2": {"network": {"pointer_span": 2}},
+    # Half the examples point without the spans, so each slot also learns to find its own token.
+    "span_dropout_half": {"network": {"pointer_span_dropout": 0.5}},
+    # A gate of the hidden state (which reads t) on the neighbour match, noise at high t.
+    "neighbour_gate": {"network": {"pointer_neighbour_gate": True}},
     "no_unroll": {"diffusion": {"unroll": 0.0}},
     "absolute_positions": {"network": {"positions": "absolute"}},
     "no_self_conditioning": {"diffusion": {"self_conditioning": 0.0}},
@@ -239,11 +245,15 @@ def question_swap(model: MoEDiffuSeq, rows: list[dict]) -> dict:
     """Does the model read code-lookup's question? Each document is asked again about another
     function of the same source (DPM-Solver++ 20, the same seed): ``both_right`` is the fraction
     answered right both times, beside ``both_right_guess``, what copying a random def line each
-    time gets; ``same_answer`` the fraction that wrote one line for two different questions."""
+    time gets; ``same_answer`` the fraction that wrote one line for two different questions;
+    ``same_answer_reseeded`` the fraction that wrote the same line for the first question from
+    another seed's noise: a model that reads NAME keeps its answer when the noise changes, one
+    whose noise picks the line keeps it when the question changes."""
     pairs = [(r, swapped) for r in rows if (swapped := lookup_swapped(r)) is not None]
-    kw = {"seed": 0, "sampler": "dpm_solver++", "steps": 20, "restarts": 0}
-    asked = model.generate([r["src"] for r, _ in pairs], **kw)
-    again = model.generate([s["src"] for _, s in pairs], **kw)
+    kw = {"sampler": "dpm_solver++", "steps": 20, "restarts": 0}
+    asked = model.generate([r["src"] for r, _ in pairs], seed=0, **kw)
+    again = model.generate([s["src"] for _, s in pairs], seed=0, **kw)
+    reseeded = model.generate([r["src"] for r, _ in pairs], seed=1, **kw)
     right = [(item_scores(a, r["trg"])["exact_match"], item_scores(b, s["trg"])["exact_match"])
              for a, b, (r, s) in zip(asked, again, pairs, strict=True)]
     guess = [lookup_guess_exact(r["src"], r["trg"]) * lookup_guess_exact(s["src"], s["trg"])
@@ -252,8 +262,12 @@ def question_swap(model: MoEDiffuSeq, rows: list[dict]) -> dict:
             "both_right": sum(x * y for x, y in right) / len(pairs),
             "both_right_guess": sum(guess) / len(pairs),
             "swapped_exact": sum(y for _, y in right) / len(pairs),
-            "same_answer": sum(a.strip() == b.strip() for a, b in zip(asked, again,
-                                                                      strict=True)) / len(pairs)}
+            "same_answer": _same(asked, again), "same_answer_reseeded": _same(asked, reseeded)}
+
+
+def _same(first: list[str], second: list[str]) -> float:
+    """The fraction of samples written the same both times."""
+    return sum(a.strip() == b.strip() for a, b in zip(first, second, strict=True)) / len(first)
 
 
 def trajectory(model: MoEDiffuSeq, rows: list[dict], docs: int = 32) -> list[dict]:

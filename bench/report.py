@@ -83,6 +83,9 @@ LEARN_TITLES = {
                          "(`learn_lookup_span.json`)",
     "learn_no_span": "code-outline and dialogue-cast without pointer spans "
                      "(`learn_no_span.json`)",
+    "learn_lookup_span_dropout": "code-lookup with spans of 2, and with half the training "
+                                 "examples pointing without spans "
+                                 "(`learn_lookup_span_dropout.json`)",
 }
 
 
@@ -173,12 +176,14 @@ def _guess_floor(runs: list[dict]) -> list[str]:
     if swapped:
         out += ["", "The same sources asked again about another of their functions: right both "
                     "times (and a random def line's chance of it), and the same line written for "
-                    "both questions:", ""]
+                    "both questions, beside the same line written for the first question from "
+                    "another seed's noise (recorded since 2026-12-06):", ""]
         out += _table(["task", "run", "documents", "both right", "both right by guess",
-                       "second question exact", "same answer"],
+                       "second question exact", "same answer", "same answer, other seed"],
                       [[r["task"], r["name"], *(r["question_swap"][k] for k in (
                           "documents", "both_right", "both_right_guess", "swapped_exact",
-                          "same_answer"))] for r in swapped])
+                          "same_answer")), r["question_swap"].get("same_answer_reseeded", "-")]
+                       for r in swapped])
     return out
 
 

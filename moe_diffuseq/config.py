@@ -138,11 +138,19 @@ class NetworkConfig:
     """The pointer also matches each target slot's neighbours (as the noisy input holds them) with
     each source token's neighbours, so a slot can continue a span its neighbour has copied.
     Needs source_pointer."""
+    pointer_neighbour_gate: bool = False
+    """Scale each side's neighbour match by a learned gate of the slot's hidden state, which reads
+    the noise level: at high noise a slot's neighbours in z_t are noise, and their match only adds
+    noise to where the pointer points. Needs pointer_neighbours."""
     pointer_span: int = 0
     """The pointer's score of a slot for a source token also adds (with learned weights) the scores
     of the up to ``pointer_span`` slots on each side for the tokens as far from it on the same
     side, so the slots of a copied span agree on where it lies; 0 turns it off. Needs
     source_pointer."""
+    pointer_span_dropout: float = 0.0
+    """In training, the fraction of examples whose pointer leaves the spans out, so each slot also
+    learns to find its token on its own (a question's NAME) instead of only agreeing with its
+    neighbours on a line's shape; sampling always uses the spans."""
     short_conv: int = 0
     """Width (odd) of a depthwise convolution over the sequence, added to the blocks' input: each
     position also carries its neighbours' tokens into the first layer, so attention can find a
@@ -177,9 +185,14 @@ class NetworkConfig:
         _check(0.0 <= self.dropout < 1.0, "network.dropout", self.dropout, "must be in [0, 1)")
         _check(self.source_pointer or not self.pointer_neighbours, "network.pointer_neighbours",
                self.pointer_neighbours, "needs network.source_pointer: true")
+        _check(self.pointer_neighbours or not self.pointer_neighbour_gate,
+               "network.pointer_neighbour_gate", self.pointer_neighbour_gate,
+               "needs network.pointer_neighbours: true")
         _check(self.pointer_span >= 0, "network.pointer_span", self.pointer_span, "must be >= 0")
         _check(self.source_pointer or not self.pointer_span, "network.pointer_span",
                self.pointer_span, "needs network.source_pointer: true")
+        _check(0.0 <= self.pointer_span_dropout <= 1.0, "network.pointer_span_dropout",
+               self.pointer_span_dropout, "must be in [0, 1]")
         _check(self.short_conv == 0 or (self.short_conv > 0 and self.short_conv % 2 == 1),
                "network.short_conv", self.short_conv, "must be 0 (off) or an odd width >= 1")
         _check(self.position_init_std > 0, "network.position_init_std", self.position_init_std,

@@ -39,10 +39,15 @@ class SourcePointer(nn.Module):
     linear in the source length.
     """
 
-    def __init__(self, hidden: int, embed_dim: int | None = None, span: int = 0) -> None:
+    def __init__(self, hidden: int, embed_dim: int | None = None, span: int = 0,
+                 span_dropout: float = 0.0, neighbour_gate: bool = False) -> None:
         """``embed_dim``: match neighbours too (their embeddings have this width); None: off.
-        ``span``: how many slots to each side add their scores along the diagonal; 0: off."""
+        ``span``: how many slots to each side add their scores along the diagonal; 0: off.
+        ``span_dropout``: in training, the fraction of examples that point without the spans.
+        ``neighbour_gate``: scale each side's neighbour query by a learned gate of the slot's
+        hidden state."""
         super().__init__()
+        self.span_dropout = span_dropout
         self.query = nn.Linear(hidden, hidden)
         self.key = nn.Linear(hidden, hidden)
         self.gate = nn.Linear(hidden, 1)
@@ -51,6 +56,9 @@ class SourcePointer(nn.Module):
                                 if embed_dim else None)
         self.neighbour_key = (nn.ModuleList(nn.Linear(embed_dim, embed_dim) for _ in range(2))
                               if embed_dim else None)
+        # The neighbour projections see z_t alone, not t: at high noise a neighbour is noise, and
+        # only the hidden state (which reads t) can tell its match to count for less.
+        self.neighbour_gate = (nn.Linear(hidden, 2) if embed_dim and neighbour_gate else None)
         # Weights of the slots before (row 0) and after (row 1) at distance 1..span. At 0.5, not 0,
         # the diagonal counts from the first step instead of waiting for its gradient.
         self.span_weight = nn.Parameter(torch.full((2, span), 0.5)) if span else None
@@ -66,28 +74,33 @@ class SourcePointer(nn.Module):
             zeros = torch.zeros_like(z_t[:, :1])
             left = torch.cat([zeros, z_t[:, :-1]], 1)  # what the position before holds
             right = torch.cat([z_t[:, 1:], zeros], 1)
+            gate = (torch.sigmoid(self.neighbour_gate(h_rows))
+                    if self.neighbour_gate is not None else None)
             for side, neighbour in enumerate((left, right)):
-                q.append(self.neighbour_query[side](_rows(neighbour, order)).to(h.dtype))
+                query = self.neighbour_query[side](_rows(neighbour, order)).to(h.dtype)
+                q.append(query if gate is None else gate[..., side : side + 1] * query)
                 k.append(self.neighbour_key[side](neighbour).to(h.dtype))
         return torch.cat(q, -1), torch.cat(k, -1)
 
-    def along_spans(self, scores: torch.Tensor, valid: torch.Tensor,
-                    sources: torch.Tensor) -> torch.Tensor:
+    def along_spans(self, scores: torch.Tensor, valid: torch.Tensor, sources: torch.Tensor,
+                    keep: torch.Tensor | None = None) -> torch.Tensor:
         """scores (B, R, L) of R slots (``valid`` (B, R): which are real) against every position
         (``sources`` (B, L): which are source tokens), plus each slot's diagonal neighbours'
         scores: [b, r, j] += w[0, i-1] * scores[b, r-i, j-i] + w[1, i-1] * scores[b, r+i, j+i]
         for i = 1..span, counting only real slots against source positions (anything else adds
-        0). Autograd keeps each shifted copy for w's gradient: about 2 * span + 1 times the
-        (B, R, L) scores in memory."""
+        0). ``keep`` (B,): which examples add the spans; None: all. Autograd keeps each shifted
+        copy for w's gradient: about 2 * span + 1 times the (B, R, L) scores in memory."""
         kept = scores.masked_fill(~(valid[:, :, None] & sources[:, None, :]), 0.0)
         rows, length = scores.shape[1:]
         weight = self.span_weight.to(scores.dtype)
-        total = scores
+        added = torch.zeros_like(scores)
         for i in range(1, weight.shape[1] + 1):
             before = F.pad(kept, (i, 0, i, 0))[:, :rows, :length]
             after = F.pad(kept, (0, i, 0, i))[:, i:, i:]
-            total = total + weight[0, i - 1] * before + weight[1, i - 1] * after
-        return total
+            added = added + weight[0, i - 1] * before + weight[1, i - 1] * after
+        if keep is not None:
+            added = added * keep.to(added.dtype)[:, None, None]
+        return scores + added
 
     def forward(self, h: torch.Tensor, z_t: torch.Tensor, x0: torch.Tensor,
                 target_mask: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
@@ -111,7 +124,12 @@ class SourcePointer(nn.Module):
             wide = torch.promote_types(query.dtype, torch.float32)
             with torch.autocast(h.device.type, enabled=False):
                 scores = query.to(wide) @ key.to(wide).transpose(1, 2) / query.shape[-1] ** 0.5
-                scores = self.along_spans(scores, valid, sources)
+                keep = None
+                if self.training and self.span_dropout > 0:
+                    # Examples without the spans: each slot must also find its token on its own
+                    # (a question's NAME), not only agree with its neighbours on a line's shape.
+                    keep = torch.rand(scores.shape[0], device=scores.device) >= self.span_dropout
+                scores = self.along_spans(scores, valid, sources, keep)
                 weights = scores.masked_fill(~sources[:, None, :], float("-inf")).softmax(-1)
                 read = weights @ z_t.to(wide)
         index = order[..., None].expand(-1, -1, x0.shape[-1])

@@ -38,6 +38,8 @@ def _reference(pointer: SourcePointer, h, z_t, x0, target, padding) -> torch.Ten
             held = torch.stack([z_t[:, i + shift] if 0 <= i + shift < length
                                 else torch.zeros_like(z_t[:, 0]) for i in range(length)], 1)
             qn, kn = pointer.neighbour_query[side](held), pointer.neighbour_key[side](held)
+            if pointer.neighbour_gate is not None:
+                qn = torch.sigmoid(pointer.neighbour_gate(h))[..., side : side + 1] * qn
             scores = scores + qn @ kn.transpose(1, 2)
             width += z_t.shape[-1]
     scores = scores / math.sqrt(width)
@@ -67,11 +69,14 @@ def test_marked_first_orders_each_rows_marks_then_filler():
 
 
 # Span 8 reaches past every row's target (2 to 6 slots): the shifts run off the edges.
-@pytest.mark.parametrize(("neighbours", "span"),
-                         [(False, 0), (True, 0), (False, 2), (True, 1), (False, 8)])
-def test_pointer_matches_the_dense_reference_forward_and_backward(neighbours, span):
+@pytest.mark.parametrize(("neighbours", "span", "neighbour_gate"),
+                         [(False, 0, False), (True, 0, False), (False, 2, False),
+                          (True, 1, False), (False, 8, False), (True, 2, True)])
+def test_pointer_matches_the_dense_reference_forward_and_backward(neighbours, span,
+                                                                  neighbour_gate):
     torch.manual_seed(0)
-    pointer = SourcePointer(16, 8 if neighbours else None, span).double()
+    pointer = SourcePointer(16, 8 if neighbours else None, span,
+                            neighbour_gate=neighbour_gate).double()
     if span:  # distinct weights, so a swapped side or distance shows
         with torch.no_grad():
             pointer.span_weight.copy_(torch.randn_like(pointer.span_weight))
@@ -184,6 +189,58 @@ def test_slots_of_a_span_agree_on_where_it_lies():
         spread = pointer.along_spans(scores, valid, sources)
     assert spread[0].argmax(-1).tolist() == [2, 3, 4]
     assert scores[0, 0, 2] == scores[0, 0, 6]  # the plain scores tie
+
+
+def test_span_dropout_leaves_the_spans_out_of_dropped_examples_in_training_only():
+    """With span_dropout 1 a training forward is the span-free pointer's; in eval the spans
+    count whatever the rate; ``keep`` picks the examples that add them."""
+    torch.manual_seed(0)
+    spanned = SourcePointer(16, 8, span=3, span_dropout=1.0).double()
+    plain = SourcePointer(16, 8, span=0).double()
+    plain.load_state_dict({k: v for k, v in spanned.state_dict().items() if k != "span_weight"})
+    for module in (spanned, plain):
+        module.train()
+    target, padding = _masks([(20, 8), (12, 10)], 30)
+    h = torch.randn(2, 30, 16, dtype=torch.double)
+    z_t, x0 = torch.randn(2, 30, 8, dtype=torch.double), torch.randn(2, 30, 8, dtype=torch.double)
+    torch.testing.assert_close(spanned(h, z_t, x0, target, padding),
+                               plain(h, z_t, x0, target, padding))
+    spanned.eval()
+    assert not torch.allclose(spanned(h, z_t, x0, target, padding),
+                              plain(h, z_t, x0, target, padding))
+    scores = torch.randn(2, 4, 12, dtype=torch.double)
+    valid, sources = torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 12, dtype=torch.bool)
+    kept = spanned.along_spans(scores, valid, sources, torch.tensor([True, False]))
+    torch.testing.assert_close(kept[0], spanned.along_spans(scores, valid, sources)[0])
+    torch.testing.assert_close(kept[1], scores[1])
+
+
+def test_neighbour_gate_needs_the_neighbours():
+    with pytest.raises(ValueError, match="network.pointer_neighbour_gate"):
+        NetworkConfig(source_pointer=True, pointer_neighbour_gate=True)
+
+
+def test_a_closed_neighbour_gate_leaves_only_the_hidden_state_match():
+    """Gate bias at -50: the neighbours' noisy inputs no longer move where the pointer points."""
+    torch.manual_seed(0)
+    pointer = SourcePointer(16, 8, neighbour_gate=True).double()
+    target, padding = _masks([(10, 5)], 15)
+    h = torch.randn(1, 15, 16, dtype=torch.double)
+    z_t, x0 = torch.randn(1, 15, 8, dtype=torch.double), torch.randn(1, 15, 8, dtype=torch.double)
+    other = z_t.clone()
+    other[:, 10:] = torch.randn(1, 5, 8, dtype=torch.double)  # the target slots' noisy inputs
+    with torch.no_grad():
+        pointer.neighbour_gate.bias.fill_(-50.0)
+        closed = [pointer(h, z, x0, target, padding) for z in (z_t, other)]
+        pointer.neighbour_gate.bias.fill_(0.0)
+        opened = [pointer(h, z, x0, target, padding) for z in (z_t, other)]
+    torch.testing.assert_close(closed[0], closed[1])
+    assert not torch.allclose(opened[0], opened[1])
+
+
+def test_span_dropout_is_a_rate():
+    with pytest.raises(ValueError, match="network.pointer_span_dropout"):
+        NetworkConfig(source_pointer=True, pointer_span=2, pointer_span_dropout=1.5)
 
 
 def test_span_needs_the_pointer():

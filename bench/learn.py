@@ -48,7 +48,8 @@ RECIPE: dict = {
     "network": {
         "embed_dim": 64, "hidden_size": 128, "num_layers": 2, "num_heads": 4, "dropout": 0.0,
         "positions": "target_relative", "source_pointer": True, "pointer_neighbours": True,
-        "pointer_span": 8, "position_init_std": 0.02, "short_conv": 11,
+        "pointer_span": 8, "pointer_span_dropout": 0.5, "position_init_std": 0.02,
+        "short_conv": 11,
         "attention": {"window": 64, "target_global": True},
         "moe": {"num_experts": 4, "top_k": 2, "expert_hidden": 128},
     },
@@ -67,8 +68,8 @@ ABLATIONS: dict[str, dict] = {
     "no_pointer_span": {"network": {"pointer_span": 0}},
     # Spans as wide as an outline item, not a whole def line: its shape weighs less than NAME.
     "pointer_span_2": {"network": {"pointer_span": 2}},
-    # Half the examples point without the spans, so each slot also learns to find its own token.
-    "span_dropout_half": {"network": {"pointer_span_dropout": 0.5}},
+    # Every example points with the spans: slots agree on a line's shape before NAME picks one.
+    "no_span_dropout": {"network": {"pointer_span_dropout": 0.0}},
     # A gate of the hidden state (which reads t) on the neighbour match, noise at high t.
     "neighbour_gate": {"network": {"pointer_neighbour_gate": True}},
     "no_unroll": {"diffusion": {"unroll": 0.0}},

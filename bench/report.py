@@ -86,6 +86,10 @@ LEARN_TITLES = {
     "learn_lookup_span_dropout": "code-lookup with spans of 2, and with half the training "
                                  "examples pointing without spans "
                                  "(`learn_lookup_span_dropout.json`)",
+    "learn_span_dropout": "code-outline and dialogue-cast with half the training examples "
+                          "pointing without spans (`learn_span_dropout.json`)",
+    "learn_lookup_gate": "code-lookup with span dropout in the recipe, and the neighbour gate "
+                         "(`learn_lookup_gate.json`)",
 }
 
 
@@ -99,6 +103,8 @@ def _learn(payload: dict, name: str = "learn") -> list[str]:
            f"{st['batch_size']}, sources of up to {st['max_chars']} characters, seed {st['seed']}; "
            f"{st['docs']} validation documents (ancestral: {st['ancestral_docs']}). "
            f"Item metrics are fractions. {_machine(payload)}", ""]
+    if st.get("model"):  # the run's recipe is the recipe of its day with this change merged in
+        out[-2] += f" The recipe changed by `--model '{json.dumps(st['model'])}'`."
     rows = []
     for r in payload["runs"]:
         s = r["sampling"]

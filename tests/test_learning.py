@@ -59,12 +59,12 @@ def _x0_accuracy_at_t_max(model: MoEDiffuSeq, batch) -> float:
 
 
 @pytest.mark.timeout(120)
-# plain: DiffuSeq's network; recipe: the shipped configs' pointer (neighbours, spans) and unrolled
-# steps.
+# plain: DiffuSeq's network; recipe: the shipped configs' pointer (neighbours, spans, span
+# dropout) and unrolled steps.
 @pytest.mark.parametrize("network,diffusion", [
     ({}, {}),
     ({"source_pointer": True, "pointer_neighbours": True, "pointer_span": 8,
-      "position_init_std": 0.02},
+      "pointer_span_dropout": 0.5, "position_init_std": 0.02},
      {"unroll": 0.5}),
 ], ids=["plain", "recipe"])
 def test_tiny_model_learns_to_copy_from_a_source_of_varying_length(small_corpus, small_tokenizer,

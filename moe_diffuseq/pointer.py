@@ -93,14 +93,12 @@ class SourcePointer(nn.Module):
         kept = scores.masked_fill(~(valid[:, :, None] & sources[:, None, :]), 0.0)
         rows, length = scores.shape[1:]
         weight = self.span_weight.to(scores.dtype)
-        added = torch.zeros_like(scores)
+        total = scores
         for i in range(1, weight.shape[1] + 1):
             before = F.pad(kept, (i, 0, i, 0))[:, :rows, :length]
             after = F.pad(kept, (0, i, 0, i))[:, i:, i:]
-            added = added + weight[0, i - 1] * before + weight[1, i - 1] * after
-        if keep is not None:
-            added = added * keep.to(added.dtype)[:, None, None]
-        return scores + added
+            total = total + weight[0, i - 1] * before + weight[1, i - 1] * after
+        return total if keep is None else torch.where(keep[:, None, None], total, scores)
 
     def forward(self, h: torch.Tensor, z_t: torch.Tensor, x0: torch.Tensor,
                 target_mask: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:

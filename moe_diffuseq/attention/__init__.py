@@ -109,6 +109,8 @@ def sparse_attention(
                            key_padding=padded)
     if name == "banded":  # the one kernel that blocks its queries
         kwargs["block_size"] = block_size
+    if name == "dense":  # its mask holds the rows: no second call
+        return dense_attention(q, k, v, global_rows=global_rows, **kwargs)
     out = KERNELS[name](q, k, v, **kwargs)
     if global_rows is None or name in ("full_sdpa", "full_eager") or not bool(global_rows.any()):
         return out

@@ -17,8 +17,10 @@ def dense_attention(
     dilation: int = 1,
     global_mask: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    global_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q, k, v: (B, H, L, D). Returns (B, H, L, D)."""
+    """q, k, v: (B, H, L, D). Returns (B, H, L, D). ``global_rows`` go into the one mask, so
+    they cost no second call."""
     batch, _, length, _ = q.shape
     mask = sparse_mask(
         length,
@@ -28,6 +30,7 @@ def dense_attention(
         key_padding_mask=key_padding_mask,
         batch=batch,
         device=q.device,
+        global_rows=global_rows,
     )
     # A row with no visible key would make softmax NaN (and its gradient NaN). Let it see
     # itself, then zero its output: the definition says such a query outputs zeros.

@@ -2,7 +2,8 @@
 
 Query i sees key j when
   * |i - j| <= dilation * (window // 2) and (i - j) % dilation == 0  (the local band), or
-  * i or j is a global token,
+  * i or j is a global token, or
+  * i is a global row (it reads every key without being read by every query),
 and key j is not padding. A query that sees no key at all outputs zeros.
 """
 
@@ -35,16 +36,20 @@ def sparse_mask(
     key_padding_mask: torch.Tensor | None = None,
     batch: int = 1,
     device: torch.device | str | None = None,
+    global_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Full (batch, length, length) boolean mask, True where query i may attend key j.
 
-    ``global_mask`` and ``key_padding_mask`` are (batch, length) bool; padding is True.
+    ``global_mask``, ``global_rows`` and ``key_padding_mask`` are (batch, length) bool; padding
+    is True.
     This materialises length^2 booleans: it is the reference, not a fast path.
     """
     pos = torch.arange(length, device=device)
     mask = local_band(pos[:, None], pos[None, :], window, dilation).expand(batch, length, length)
     if global_mask is not None:
         mask = mask | global_mask[:, :, None] | global_mask[:, None, :]
+    if global_rows is not None:
+        mask = mask | global_rows[:, :, None]
     if key_padding_mask is not None:
         mask = mask & ~key_padding_mask[:, None, :]
     return mask.contiguous()

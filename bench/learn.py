@@ -38,7 +38,7 @@ from data_modules.corpora.tasks import DEFAULT_MAX_CHARS, lookup_guess_exact, lo
 from moe_diffuseq import MoEDiffuSeq
 from moe_diffuseq.batch import collate_pairs, encode_pairs
 from moe_diffuseq.generation import sampling_settings
-from moe_diffuseq.metrics import item_scores, paired_bootstrap_interval
+from moe_diffuseq.metrics import item_scores, mean_item_errors, paired_bootstrap_interval
 from moe_diffuseq.probes import accuracy_table, noise_level_counts, probe_steps, trajectory_accuracy
 
 from .common import dpm_against_ancestral, machine_info, print_table, write_json
@@ -133,6 +133,7 @@ def score(model: MoEDiffuSeq, rows: list[dict], **sampling) -> dict:
     per_doc = [item_scores(s, r["trg"]) for s, r in zip(samples, rows, strict=True)]
     means = {key: sum(d[key] for d in per_doc) / len(per_doc) for key in per_doc[0]}
     return {**means, "seconds": time.perf_counter() - start,
+            "errors": mean_item_errors(samples, [r["trg"] for r in rows]),
             "per_doc_f1": [d["item_f1"] for d in per_doc],
             "per_doc_exact": [d["exact_match"] for d in per_doc],
             "examples": [{"sample": s, "reference": r["trg"]}

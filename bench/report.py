@@ -137,6 +137,7 @@ def _learn(payload: dict, name: str = "learn") -> list[str]:
                         format_interval(r["restarts_minus_dpm20_interval"]["f1"]),
                         format_interval(r["restarts_minus_dpm20_interval"]["exact"])]
                        for r in restarted])
+    out += _item_errors(payload["runs"])
     out += _guess_floor(payload["runs"])
     out += _dpm_against_ancestral(payload["runs"])
     levels = list(payload["runs"][0]["noise_levels"])
@@ -163,6 +164,22 @@ def _learn(payload: dict, name: str = "learn") -> list[str]:
     summary = ", ".join(f"{k} {_f(v)}" for k, v in payload["summary"].items())
     out += ["", "Summary: " + summary, "", f"![{name}](bench/results/{name}.png)", ""]
     return out
+
+
+def _item_errors(runs: list[dict]) -> list[str]:
+    """Where DPM-Solver++ 20's items go wrong, per reference item (runs recorded before the
+    breakdown have none)."""
+    scored = [r for r in runs if "errors" in r["sampling"]["dpm20"]]
+    if not scored:
+        return []
+    out = ["", "Where DPM-Solver++ 20's items go wrong, per reference item: an answer item "
+               "repeated beyond the reference's count, cut short (a strict prefix of a reference "
+               "item), invented, or a reference item missed; answer items per reference item "
+               "beside them:", ""]
+    kinds = ("repeated", "cut", "invented", "missed", "items")
+    return out + _table(["task", "run", *kinds],
+                        [[r["task"], r["name"], *(r["sampling"]["dpm20"]["errors"][k]
+                                                  for k in kinds)] for r in scored])
 
 
 def _guess_floor(runs: list[dict]) -> list[str]:
@@ -337,6 +354,10 @@ LONG_TASKS_TITLES = {
                          "(`long_tasks_lookup.json`)",
     "long_tasks_anchored": "code-lookup at 4k tokens from the short stage alone, source "
                            "positions counted back from the target (`long_tasks_anchored.json`)",
+    "long_tasks_transfer": "code-lookup at 4k tokens from a 10-minute short stage alone, the "
+                           "recipe with span dropout (`long_tasks_transfer.json`)",
+    "long_tasks_lookup_8k": "code-lookup at 4k and 8k tokens: a 10-minute short stage, then 3 "
+                            "minutes at each length (`long_tasks_lookup_8k.json`)",
 }
 
 
@@ -346,9 +367,11 @@ def _long_tasks(c: dict, name: str = "long_tasks") -> list[str]:
     out = [f"### {LONG_TASKS_TITLES[name]}", "",
            f"Each model trains {st['short_minutes']:g} min on sources of at most "
            f"{st['short_chars']} characters (batch {st['short_batch_size']}), then "
-           f"{st['minutes']:g} min more at each length (batch {st['batch_size']}), with the "
-           f"learning recipe and seeds {st['seeds']}; it then answers up to {st['docs']} "
-           f"validation documents whose source holds at least half the length, with "
+           + (f"{st['minutes']:g} min more at each length (batch {st['batch_size']}"
+              + (f", peak learning rate {st['long_lr']:g}" if st.get("long_lr") else "") + ")"
+              if st["minutes"] else "no training at the long lengths")
+           + f", with the learning recipe and seeds {st['seeds']}; it then answers up to "
+           f"{st['docs']} validation documents whose source holds at least half the length, with "
            f"{st['sampler']}. F1 is item F1; intervals are 95% paired bootstrap over documents "
            f"of the item F1 of {names['moe_diffuseq']} minus the baseline's. Rows only: global "
            f"target rows (`target_keys: false`, the default); both ways: `target_keys: true`; "
@@ -383,8 +406,13 @@ def _long_tasks(c: dict, name: str = "long_tasks") -> list[str]:
         cells = [cells[n] for cells in c["table"].values() if n in cells]
         ratio = sum(x["moe_diffuseq"]["steps"] / max(x["diffuseq"]["steps"], 1) for x in cells)
         ratios.append(f"{n} tokens {ratio / len(cells):.2f}x")
-    ratios = ratios or ["none: no long stage (`--minutes 0`), the short stage's model scored "
-                        "as it is"]
+    if not ratios:
+        short = {m: round(sum(r["short_stage"]["steps"] for r in c["runs"] if r["model"] == m)
+                          / max(1, sum(r["model"] == m for r in c["runs"])))
+                 for m in ("moe_diffuseq", "diffuseq")}
+        ratios = ["none: no long stage (`--minutes 0`), the short stage's model scored as it is "
+                  f"(short-stage steps: MoE-DiffuSeq {short['moe_diffuseq']}, the baseline "
+                  f"{short['diffuseq']})"]
     if st.get("model"):  # a change every model of the run shares, from --model
         out += ["", f"Every model here also has `{json.dumps(st['model'])}`."]
     out += ["", ("MoE-DiffuSeq wins on item F1 on two or more tasks from "

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .metrics import corpus_bleu, distinct_n, mean_item_scores, rouge, self_bleu, sentence_bleu
+from .metrics import (
+    ITEM_ERRORS,
+    corpus_bleu,
+    distinct_n,
+    mean_item_errors,
+    mean_item_scores,
+    rouge,
+    self_bleu,
+    sentence_bleu,
+)
 
 
 def score_generations(
@@ -16,7 +25,8 @@ def score_generations(
     """ROUGE-1/2/L/Lsum, sacreBLEU, mean sentence-BLEU, dist-1/2, length ratio and, with
     several candidates per source, self-BLEU across them (all 0-100 except ratios), and the
     item metrics of answers that are lists (exact_match, item_precision/recall/f1,
-    order_accuracy: fractions in [0, 1])."""
+    order_accuracy: fractions in [0, 1]) with where their items go wrong (repeated_items,
+    cut_items, invented_items, missed_items: per reference item; see ``metrics.item_errors``)."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     scores = rouge(hypotheses, references)
@@ -29,6 +39,8 @@ def score_generations(
     ref_words = sum(len(r.split()) for r in references)
     scores["length_ratio"] = sum(len(h.split()) for h in hypotheses) / max(1, ref_words)
     scores.update(mean_item_scores(hypotheses, references))
+    errors = mean_item_errors(hypotheses, references)
+    scores.update({f"{kind}_items": errors[kind] for kind in ITEM_ERRORS})
     if candidates and all(len(c) > 1 for c in candidates):
         scores["self_bleu"] = 100.0 * sum(self_bleu(c) for c in candidates) / len(candidates)
     return scores

@@ -148,6 +148,40 @@ def item_scores(hypothesis: str, reference: str) -> dict[str, float]:
     }
 
 
+ITEM_ERRORS = ("repeated", "cut", "invented", "missed")
+
+
+def item_errors(hypothesis: str, reference: str) -> dict[str, int]:
+    """Where an answer's items go wrong, counted after the multiset match of ``item_scores``: each
+    unmatched answer item is ``repeated`` (it equals another of the answer's items: written more
+    often than the reference has it), else ``cut`` (a strict prefix of a reference item: a name
+    stopped short), else ``invented``; ``missed`` counts the unmatched reference
+    items. ``items`` and ``reference_items`` are the two lists' lengths."""
+    from collections import Counter
+
+    hyp, ref = split_items(hypothesis), split_items(reference)
+    extra = Counter(hyp) - Counter(ref)  # answer items beyond what the reference holds
+    missing = Counter(ref) - Counter(hyp)
+    counts = dict.fromkeys(ITEM_ERRORS, 0)
+    for item, n in extra.items():
+        kind = ("repeated" if hyp.count(item) > 1
+                else "cut" if any(o != item and o.startswith(item) for o in ref) else "invented")
+        counts[kind] += n
+    counts["missed"] = sum(missing.values())
+    return {**counts, "items": len(hyp), "reference_items": len(ref)}
+
+
+def mean_item_errors(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """``item_errors`` summed over documents, each kind per reference item (so a model's rates
+    compare across corpora), beside the answer items per reference item."""
+    totals = dict.fromkeys((*ITEM_ERRORS, "items", "reference_items"), 0)
+    for h, r in zip(hypotheses, references, strict=True):
+        for key, value in item_errors(h, r).items():
+            totals[key] += value
+    per = max(1, totals.pop("reference_items"))
+    return {key: value / per for key, value in totals.items()}
+
+
 def mean_item_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """``item_scores`` averaged over documents."""
     if len(hypotheses) != len(references):

@@ -259,8 +259,12 @@ def test_learn_bench_tiny_run_writes_summary_curve_and_plot(tmp_path):
     assert payload["settings"]["recipe"]["network"]["hidden_size"] == 32  # the config trained
     assert len(payload["runs"][1]["f1_minus_recipe_interval"]) == 2
     assert out.with_suffix(".png").stat().st_size > 0
+    errors = recipe["sampling"]["dpm20"]["errors"]
+    assert set(errors) == {"repeated", "cut", "invented", "missed", "items"}
+    assert all(value >= 0 for value in errors.values())
     section = "\n".join(report._learn(payload))
     assert "| code-outline | recipe | 2 |" in section  # dpm20 against ancestral on its 2 documents
+    assert "Where DPM-Solver++ 20's items go wrong" in section
 
 
 def test_learn_bench_steps_budget_ends_each_run_at_that_step(tmp_path):
@@ -369,6 +373,34 @@ def test_long_tasks_bench_trains_only_the_models_asked_for(tmp_path):
     assert "MoE-DiffuSeq (rows only) F1" in section and "window only - MoE" not in section
     assert "Every model here also has" in section and "target_anchored" in section
     assert "Each variant's item F1" not in section  # no variant trained: no empty table
+
+
+def test_long_tasks_short_cache_reuses_each_short_stage(tmp_path, capsys):
+    from bench import learn, long_tasks
+    from data_modules.corpora import build
+    from data_modules.corpora.code import stdlib_root
+
+    for name in (long_tasks.corpus("code-lookup", 256), learn.corpus("code-lookup", 300)):
+        build(name, tmp_path / "data" / name, root=stdlib_root() / "email")
+    tiny = {"network": {"embed_dim": 16, "hidden_size": 32, "num_layers": 1},
+            "diffusion": {"steps": 20}}
+    argv = ["--tasks", "code-lookup", "--lengths", "256", "--minutes", "0",
+            "--short_minutes", "0.02", "--short_chars", "300", "--docs", "3", "--vocab", "300",
+            "--data_dir", str(tmp_path / "data"), "--models", "moe_diffuseq", "diffuseq",
+            "--model", json.dumps(tiny), "--short_cache", str(tmp_path / "cache")]
+    first = long_tasks.main([*argv, "--out", str(tmp_path / "first.json")])
+    assert len(list((tmp_path / "cache").glob("code-lookup-*.pt"))) == 2
+    capsys.readouterr()
+    again = long_tasks.main([*argv, "--out", str(tmp_path / "again.json")])
+    assert capsys.readouterr().out.count("short stage from") == 2  # nothing trained again
+    # The same weights, scored with the same seed: the same answers.
+    for a, b in zip(first["runs"], again["runs"], strict=True):
+        assert a["short_stage"] == b["short_stage"] and a["per_doc_f1"] == b["per_doc_f1"]
+    # Another short budget is another stage.
+    changed = [*argv[:7], "0.03", *argv[8:]]
+    assert changed[6] == "--short_minutes"
+    long_tasks.main([*changed, "--out", str(tmp_path / "changed.json")])
+    assert len(list((tmp_path / "cache").glob("code-lookup-*.pt"))) == 4
 
 
 def test_quality_check_is_met_by_its_interval_not_its_point_estimate():

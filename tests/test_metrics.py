@@ -88,6 +88,25 @@ def test_item_scores_by_hand():
     assert mean_item_scores(["def a", ""], ["def a", "def b"])["item_f1"] == pytest.approx(0.5)
 
 
+def test_item_errors_by_hand():
+    from moe_diffuseq.metrics import item_errors, mean_item_errors
+
+    ref = "def start ; def start_tls ; class Foo ; def __init__ ; def __init__"
+    assert item_errors(ref, ref) == {"repeated": 0, "cut": 0, "invented": 0, "missed": 0,
+                                     "items": 5, "reference_items": 5}
+    # start_tls written twice (repeated), Fo cut short, bar made up, both __init__ missed.
+    errors = item_errors("def start ; def start_tls ; def start_tls ; class Fo ; def bar", ref)
+    assert errors == {"repeated": 1, "cut": 1, "invented": 1, "missed": 3, "items": 5,
+                      "reference_items": 5}
+    # A prefix of a matched item is cut too; a reference duplicate answered once is only missed.
+    assert item_errors("def start_tls ; def start_t ; def __init__",
+                       "def start_tls ; def __init__ ; def __init__") == {
+        "repeated": 0, "cut": 1, "invented": 0, "missed": 1, "items": 3, "reference_items": 3}
+    rates = mean_item_errors(["def a ; def a", "def b"], ["def a", "def b ; def c"])
+    assert rates == {"repeated": pytest.approx(1 / 3), "cut": 0.0, "invented": 0.0,
+                     "missed": pytest.approx(1 / 3), "items": 1.0}
+
+
 def test_interval_verdict_calls_an_interval_holding_zero_a_tie():
     from moe_diffuseq.metrics import interval_verdict
 

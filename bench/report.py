@@ -90,6 +90,10 @@ LEARN_TITLES = {
                           "pointing without spans (`learn_span_dropout.json`)",
     "learn_lookup_gate": "code-lookup with span dropout in the recipe, and the neighbour gate "
                          "(`learn_lookup_gate.json`)",
+    "learn_item_errors": "code-outline and dialogue-cast with where their items go wrong "
+                         "(`learn_item_errors.json`)",
+    "learn_cast_seed1": "dialogue-cast, the same recipe from training seed 1 "
+                        "(`learn_cast_seed1.json`)",
 }
 
 

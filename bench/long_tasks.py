@@ -138,10 +138,15 @@ def model_config(model_name: str, sizes: dict, args, change: dict | None = None)
     return merged(merged(config, change or {}), args.model)
 
 
+def short_sizes(task: str, args) -> dict:
+    """The short stage's source and target budgets."""
+    return {**budgets(task, args.short_chars), "max_trg_len": TARGET_TOKENS[task]}
+
+
 def short_stage_file(task: str, model_name: str, seed: int, args) -> Path:
     """Where ``--short_cache`` keeps a short stage: named by everything the stage depends on."""
-    sizes = {**budgets(task, args.short_chars), "max_trg_len": TARGET_TOKENS[task]}
-    settings = {"task": task, "seed": seed, "config": model_config(model_name, sizes, args),
+    settings = {"task": task, "seed": seed,
+                "config": model_config(model_name, short_sizes(task, args), args),
                 **{key: getattr(args, key) for key in ("short_minutes", "short_chars",
                                                        "short_batch_size", "vocab", "data_dir")}}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
@@ -158,7 +163,7 @@ def short_stage(task: str, model_name: str, seed: int, args) -> dict:
         return torch.load(cached, map_location="cpu", weights_only=True)
     pl.seed_everything(seed, verbose=False)
     name = short_corpus(task, args.short_chars)
-    sizes = {**budgets(task, args.short_chars), "max_trg_len": TARGET_TOKENS[task]}
+    sizes = short_sizes(task, args)
     data = Seq2SeqDataModule(corpus=name, data_dir=args.data_dir, batch_size=args.short_batch_size,
                              tokenizer_vocab_size=args.vocab, seed=seed, **sizes)
     model = MoEDiffuSeq(**model_config(model_name, sizes, args))

@@ -160,11 +160,12 @@ def item_errors(hypothesis: str, reference: str) -> dict[str, int]:
     from collections import Counter
 
     hyp, ref = split_items(hypothesis), split_items(reference)
-    extra = Counter(hyp) - Counter(ref)  # answer items beyond what the reference holds
-    missing = Counter(ref) - Counter(hyp)
+    written, wanted = Counter(hyp), Counter(ref)
+    extra = written - wanted  # answer items beyond what the reference holds
+    missing = wanted - written
     counts = dict.fromkeys(ITEM_ERRORS, 0)
     for item, n in extra.items():
-        kind = ("repeated" if hyp.count(item) > 1
+        kind = ("repeated" if written[item] > 1
                 else "cut" if any(o != item and o.startswith(item) for o in ref) else "invented")
         counts[kind] += n
     counts["missed"] = sum(missing.values())

@@ -206,7 +206,8 @@ def train_and_score(task: str, tokens: int, model_name: str, seed: int, args,
             "short_stage": short["info"],
             "steps": trainer.global_step if trainer else 0, "trained_s": round(budget.trained_s, 1),
             "tokens_per_s": round(budget.positions / max(budget.trained_s, 1e-9)),
-            "source_tokens": source_tokens(tokenizer, rows), **floor(task, rows, result), **result}
+            "source_tokens": source_tokens(tokenizer, rows), **floor(task, rows, result),
+            **by_answer_distance(task, tokenizer, rows, result), **result}
 
 
 def floor(task: str, rows: list[dict], result: dict) -> dict:
@@ -216,6 +217,30 @@ def floor(task: str, rows: list[dict], result: dict) -> dict:
         return {}
     mean, interval = guess_floor(rows, result["per_doc_exact"])
     return {"guess_exact": mean, "exact_minus_guess_interval": interval}
+
+
+# Bins of how far back, in source tokens, code-lookup's answer lies from its question (the
+# default window reaches 128 positions to each side).
+DISTANCE_EDGES = (0, 128, 1024, 4096, 8192)
+
+
+def by_answer_distance(task: str, tokenizer, rows: list[dict], result: dict) -> dict:
+    """code-lookup's exact match per bin of the answer's distance from the question (the source
+    tokens from its def line to the end of the source): whether a long source's far answers are
+    the ones missed. Nothing for the other tasks."""
+    if task != "code-lookup":
+        return {}
+    bins: dict[int, list[float]] = {}
+    for row, exact in zip(rows, result["per_doc_exact"], strict=True):
+        where = row["src"].rfind(row["trg"].strip())
+        if where < 0:  # the answer is always a line of the source; a row without it is skipped
+            continue
+        back = len(tokenizer.encode(row["src"][where:], add_special_tokens=False).ids)
+        edge = max(e for e in DISTANCE_EDGES if e <= back)
+        bins.setdefault(edge, []).append(exact)
+    return {"exact_by_answer_distance": [
+        {"from_tokens": edge, "docs": len(v), "exact_match": sum(v) / len(v)}
+        for edge, v in sorted(bins.items())]}
 
 
 def seed_mean(runs: list[dict], key: str) -> list[float]:

@@ -434,6 +434,13 @@ def _long_tasks(c: dict, name: str = "long_tasks") -> list[str]:
         out += ["code-lookup's floor, the exact match of copying a random one of the source's "
                 "def lines without reading NAME, and each model's exact match minus it (paired, "
                 "seed 0): " + "; ".join(floors) + "."]
+    distances = [f"{names[r['model']]} at {r['tokens']} tokens "
+                 + ", ".join(f"{b['exact_match']:.2f} from {b['from_tokens']} ({b['docs']} docs)"
+                             for b in r["exact_by_answer_distance"])
+                 for r in c["runs"] if "exact_by_answer_distance" in r and r["seed"] == 0]
+    if distances:
+        out += ["", "code-lookup's exact match by how many source tokens back from the question "
+                "the answer's def line starts (seed 0): " + "; ".join(distances) + "."]
     if not any(v for task in summary["f1"].values() for m in task.values() for v in m.values()):
         out += ["No model answers a single document right in this budget: these ties say the "
                 "budget is too short to learn the tasks, not that the models are equal."]

@@ -35,6 +35,10 @@ class AttentionConfig:
     """Dilation of the local window: only every ``dilation``-th key inside it is seen."""
     num_global: int = 0
     """Number of leading source tokens made global, besides [CLS] and the source [SEP]."""
+    num_global_last: int = 0
+    """Number of trailing source tokens (those just before the source [SEP]) made global, as
+    Longformer makes a question global: a question written after a long document (code-lookup's
+    ``# signature of NAME``) is read by every source position, and reads every one, per layer."""
     target_global: bool = True
     """Make the whole target region global: every target position reads every source position in
     every layer (a long source reaches the output), at a cost linear in the source length."""
@@ -55,6 +59,8 @@ class AttentionConfig:
         _check(self.dilation >= 1, "network.attention.dilation", self.dilation, "must be >= 1")
         _check(self.num_global >= 0, "network.attention.num_global", self.num_global,
                "must be >= 0")
+        _check(self.num_global_last >= 0, "network.attention.num_global_last",
+               self.num_global_last, "must be >= 0")
         _check(self.block_size >= 1, "network.attention.block_size", self.block_size,
                "must be >= 1")
 

@@ -190,16 +190,21 @@ class Denoiser(nn.Module):
 
     def global_tokens(self, global_mask: torch.Tensor, target_mask: torch.Tensor,
                       padding_mask: torch.Tensor) -> torch.Tensor:
-        """Structural globals, the first ``num_global`` source tokens (positions 1..n) and, with
-        ``target_global`` (and ``target_keys``), the whole target region."""
-        if self.config.attention.target_global and self.config.attention.target_keys:
+        """Structural globals, the first ``num_global`` source tokens (positions 1..n), the last
+        ``num_global_last`` ones (before the source [SEP]) and, with ``target_global`` (and
+        ``target_keys``), the whole target region."""
+        attention = self.config.attention
+        if attention.target_global and attention.target_keys:
             global_mask = global_mask | (target_mask & ~padding_mask)
-        num_global = self.config.attention.num_global
-        if num_global == 0:
+        if attention.num_global == 0 and attention.num_global_last == 0:
             return global_mask
-        pos = torch.arange(global_mask.shape[1], device=global_mask.device)
-        leading = (pos >= 1) & (pos <= num_global)
-        return global_mask | (leading[None] & ~target_mask & ~padding_mask)
+        pos = torch.arange(global_mask.shape[1], device=global_mask.device)[None]  # (1, L)
+        # The source [SEP] sits just before the target region's first row.
+        sep = (target_mask.long().cumsum(1) == 0).long().sum(1, keepdim=True) - 1  # (B, 1)
+        source = (pos >= 1) & (pos < sep)  # (B, L) the source's own tokens
+        leading = pos <= attention.num_global
+        trailing = pos >= sep - attention.num_global_last
+        return global_mask | (source & (leading | trailing) & ~padding_mask)
 
     def position_embedding(self, target_mask: torch.Tensor) -> torch.Tensor:
         """(B, L, H): absolute positions, or (target_relative) absolute ones on the source and

@@ -344,6 +344,28 @@ def test_long_tasks_bench_tiny_run_compares_every_model_with_intervals(tmp_path)
     # code-lookup's floor, a random def line of the source, is recorded and reported.
     assert all(0.0 < r["guess_exact"] < 1.0 for r in runs.values())
     assert "code-lookup's floor" in section
+    # Exact match by the answer's distance from the question: every scored document in a bin.
+    for r in runs.values():
+        bins = r["exact_by_answer_distance"]
+        assert sum(b["docs"] for b in bins) == len(r["per_doc_exact"])
+    assert "tokens back from the question" in section
+
+
+def test_answer_distance_bins_count_source_tokens_from_the_def_line_to_the_question(
+        small_tokenizer):
+    from bench import long_tasks
+
+    tokenizer = small_tokenizer
+    near = {"src": "x = 1\ndef f(a):\n    pass\n# signature of f", "trg": "def f(a):"}
+    filler = "y = 2\n" * 400
+    far = {"src": f"def g(b):\n{filler}# signature of g", "trg": "def g(b):"}
+    out = long_tasks.by_answer_distance("code-lookup", tokenizer, [near, far, near],
+                                        {"per_doc_exact": [1.0, 0.0, 0.0]})
+    bins = out["exact_by_answer_distance"]
+    assert [b["from_tokens"] for b in bins] == [0, 1024]
+    assert [b["docs"] for b in bins] == [2, 1]
+    assert [b["exact_match"] for b in bins] == [0.5, 0.0]
+    assert long_tasks.by_answer_distance("dialogue-cast", tokenizer, [near], {}) == {}
 
 
 def test_long_tasks_bench_trains_only_the_models_asked_for(tmp_path):

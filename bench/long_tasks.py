@@ -48,6 +48,7 @@ import torch
 
 from data_modules import Seq2SeqDataModule, load_tokenizer
 from data_modules.corpora import build, is_built
+from data_modules.corpora.tasks import one_line_defs
 from moe_diffuseq import MoEDiffuSeq
 from moe_diffuseq.metrics import interval_verdict as verdict
 from moe_diffuseq.metrics import paired_bootstrap_interval
@@ -207,7 +208,7 @@ def train_and_score(task: str, tokens: int, model_name: str, seed: int, args,
             "steps": trainer.global_step if trainer else 0, "trained_s": round(budget.trained_s, 1),
             "tokens_per_s": round(budget.positions / max(budget.trained_s, 1e-9)),
             "source_tokens": source_tokens(tokenizer, rows), **floor(task, rows, result),
-            **by_answer_distance(task, tokenizer, rows, result), **result}
+            **lookup_breakdown(task, tokenizer, rows, result), **result}
 
 
 def floor(task: str, rows: list[dict], result: dict) -> dict:
@@ -220,27 +221,36 @@ def floor(task: str, rows: list[dict], result: dict) -> dict:
 
 
 # Bins of how far back, in source tokens, code-lookup's answer lies from its question (the
-# default window reaches 128 positions to each side).
+# default window reaches 128 positions to each side), and of how many def lines its source holds.
 DISTANCE_EDGES = (0, 128, 1024, 4096, 8192)
+CANDIDATE_EDGES = (1, 6, 16, 41)
 
 
-def by_answer_distance(task: str, tokenizer, rows: list[dict], result: dict) -> dict:
-    """code-lookup's exact match per bin of the answer's distance from the question (the source
-    tokens from its def line to the end of the source): whether a long source's far answers are
-    the ones missed. Nothing for the other tasks."""
+def binned(values: list[int], exact: list[float], edges: tuple[int, ...]) -> list[dict]:
+    """Mean exact match per bin ``[edge, next edge)`` of ``values``; empty bins left out."""
+    bins: dict[int, list[float]] = {}
+    for value, right in zip(values, exact, strict=True):
+        bins.setdefault(max(e for e in edges if e <= value), []).append(right)
+    return [{"from": edge, "docs": len(v), "exact_match": sum(v) / len(v)}
+            for edge, v in sorted(bins.items())]
+
+
+def lookup_breakdown(task: str, tokenizer, rows: list[dict], result: dict) -> dict:
+    """code-lookup's exact match per bin of the answer's distance from the question (source
+    tokens from its def line to the end of the source) and per bin of the source's def lines
+    (the candidates a lookup chooses among): which long sources are the hard ones. Nothing for
+    the other tasks."""
     if task != "code-lookup":
         return {}
-    bins: dict[int, list[float]] = {}
-    for row, exact in zip(rows, result["per_doc_exact"], strict=True):
-        where = row["src"].rfind(row["trg"].strip())
-        if where < 0:  # the answer is always a line of the source; a row without it is skipped
-            continue
-        back = len(tokenizer.encode(row["src"][where:], add_special_tokens=False).ids)
-        edge = max(e for e in DISTANCE_EDGES if e <= back)
-        bins.setdefault(edge, []).append(exact)
-    return {"exact_by_answer_distance": [
-        {"from_tokens": edge, "docs": len(v), "exact_match": sum(v) / len(v)}
-        for edge, v in sorted(bins.items())]}
+    back, candidates = [], []
+    for row in rows:
+        # The answer is a line of the source; the last copy is the one nearest the question.
+        where = max(row["src"].rfind(row["trg"].strip()), 0)
+        back.append(len(tokenizer.encode(row["src"][where:], add_special_tokens=False).ids))
+        candidates.append(max(1, len(one_line_defs(row["src"]))))
+    exact = result["per_doc_exact"]
+    return {"exact_by_answer_distance": binned(back, exact, DISTANCE_EDGES),
+            "exact_by_def_lines": binned(candidates, exact, CANDIDATE_EDGES)}
 
 
 def seed_mean(runs: list[dict], key: str) -> list[float]:

@@ -362,7 +362,17 @@ LONG_TASKS_TITLES = {
                            "recipe with span dropout (`long_tasks_transfer.json`)",
     "long_tasks_lookup_8k": "code-lookup at 4k and 8k tokens: a 10-minute short stage, then 3 "
                             "minutes at each length (`long_tasks_lookup_8k.json`)",
+    "long_tasks_candidates": "code-lookup at 1k to 8k tokens from the 10-minute short stage "
+                             "alone: which answers are missed (`long_tasks_candidates.json`)",
+    "long_tasks_lookup_8min": "code-lookup at 4k and 8k tokens: the same short stage, then 8 "
+                              "minutes at each length (`long_tasks_lookup_8min.json`)",
 }
+
+
+def _bins(bins: list[dict], unit: str) -> str:
+    """``exact (docs)`` per bin of a code-lookup breakdown, from each bin's lower edge."""
+    return ", ".join(f"{b['exact_match']:.2f} from {b['from']} {unit} ({b['docs']} docs)"
+                     for b in bins)
 
 
 def _long_tasks(c: dict, name: str = "long_tasks") -> list[str]:
@@ -434,13 +444,15 @@ def _long_tasks(c: dict, name: str = "long_tasks") -> list[str]:
         out += ["code-lookup's floor, the exact match of copying a random one of the source's "
                 "def lines without reading NAME, and each model's exact match minus it (paired, "
                 "seed 0): " + "; ".join(floors) + "."]
-    distances = [f"{names[r['model']]} at {r['tokens']} tokens "
-                 + ", ".join(f"{b['exact_match']:.2f} from {b['from_tokens']} ({b['docs']} docs)"
-                             for b in r["exact_by_answer_distance"])
-                 for r in c["runs"] if "exact_by_answer_distance" in r and r["seed"] == 0]
-    if distances:
-        out += ["", "code-lookup's exact match by how many source tokens back from the question "
-                "the answer's def line starts (seed 0): " + "; ".join(distances) + "."]
+    breakdown = [f"{names[r['model']]} at {r['tokens']} tokens: "
+                 + _bins(r["exact_by_answer_distance"], "tokens back")
+                 + "; by def lines in the source " + _bins(r["exact_by_def_lines"], "lines")
+                 for r in c["runs"] if "exact_by_def_lines" in r and r["seed"] == 0]
+    if breakdown:
+        out += ["", "code-lookup's exact match (seed 0) by how many source tokens back from the "
+                "question the answer's def line starts, and by how many def lines the source "
+                "holds (the candidates), each bin from the value named to the next bin's:", "",
+                *(f"- {line}" for line in breakdown)]
     if not any(v for task in summary["f1"].values() for m in task.values() for v in m.values()):
         out += ["No model answers a single document right in this budget: these ties say the "
                 "budget is too short to learn the tasks, not that the models are equal."]

@@ -346,26 +346,26 @@ def test_long_tasks_bench_tiny_run_compares_every_model_with_intervals(tmp_path)
     assert "code-lookup's floor" in section
     # Exact match by the answer's distance from the question: every scored document in a bin.
     for r in runs.values():
-        bins = r["exact_by_answer_distance"]
-        assert sum(b["docs"] for b in bins) == len(r["per_doc_exact"])
-    assert "tokens back from the question" in section
+        for key in ("exact_by_answer_distance", "exact_by_def_lines"):
+            assert sum(b["docs"] for b in r[key]) == len(r["per_doc_exact"])
+    assert "tokens back from the" in section and "def lines the source holds" in section
 
 
-def test_answer_distance_bins_count_source_tokens_from_the_def_line_to_the_question(
-        small_tokenizer):
+def test_lookup_breakdown_bins_answer_distance_and_def_lines(small_tokenizer):
     from bench import long_tasks
 
-    tokenizer = small_tokenizer
     near = {"src": "x = 1\ndef f(a):\n    pass\n# signature of f", "trg": "def f(a):"}
     filler = "y = 2\n" * 400
-    far = {"src": f"def g(b):\n{filler}# signature of g", "trg": "def g(b):"}
-    out = long_tasks.by_answer_distance("code-lookup", tokenizer, [near, far, near],
-                                        {"per_doc_exact": [1.0, 0.0, 0.0]})
-    bins = out["exact_by_answer_distance"]
-    assert [b["from_tokens"] for b in bins] == [0, 1024]
-    assert [b["docs"] for b in bins] == [2, 1]
-    assert [b["exact_match"] for b in bins] == [0.5, 0.0]
-    assert long_tasks.by_answer_distance("dialogue-cast", tokenizer, [near], {}) == {}
+    defs = "".join(f"def h{i}(c):\n" for i in range(6))
+    far = {"src": f"def g(b):\n{defs}{filler}# signature of g", "trg": "def g(b):"}
+    out = long_tasks.lookup_breakdown("code-lookup", small_tokenizer, [near, far, near],
+                                      {"per_doc_exact": [1.0, 0.0, 0.0]})
+    distance, lines = out["exact_by_answer_distance"], out["exact_by_def_lines"]
+    assert [(b["from"], b["docs"], b["exact_match"]) for b in distance] == [(0, 2, 0.5),
+                                                                           (1024, 1, 0.0)]
+    # near: one def line; far: g and h0..h5, seven.
+    assert [(b["from"], b["docs"], b["exact_match"]) for b in lines] == [(1, 2, 0.5), (6, 1, 0.0)]
+    assert long_tasks.lookup_breakdown("dialogue-cast", small_tokenizer, [near], {}) == {}
 
 
 def test_long_tasks_bench_trains_only_the_models_asked_for(tmp_path):

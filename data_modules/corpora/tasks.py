@@ -138,11 +138,12 @@ def lookup_guess_exact(src: str, trg: str) -> float:
     """The expected exact match, on one code-lookup example, of a guess that copies one of the
     source's one-line ``def`` lines at random without reading NAME: the floor a model must beat to
     show that it answers the question and not just the format."""
-    candidates = _one_line_defs(src)
+    candidates = one_line_defs(src)
     return candidates.count(trg) / len(candidates) if candidates else 0.0
 
 
-def _one_line_defs(src: str) -> list[str]:
+def one_line_defs(src: str) -> list[str]:
+    """The source's one-line ``def`` lines, stripped: the answers code-lookup can ask for."""
     return [line for line in (raw.strip() for raw in src.splitlines())
             if line.startswith(("def ", "async def ")) and line.endswith(":")]
 
@@ -153,7 +154,7 @@ def lookup_swapped(row: dict) -> dict | None:
     A model that reads NAME answers each question with its own line."""
     *body, question = row["src"].splitlines()
     asked = question.removeprefix(QUESTION.format(name=""))
-    lines = _one_line_defs("\n".join(body))
+    lines = one_line_defs("\n".join(body))
     names = [re.match(r"(?:async\s+)?def\s+(\w+)", line).group(1) for line in lines]
     for line, name in zip(lines, names, strict=True):
         if name != asked and names.count(name) == 1:

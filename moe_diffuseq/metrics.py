@@ -7,6 +7,7 @@ needs nltk data that cannot be fetched offline). Sentences for ROUGE-Lsum split 
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Sequence
 
 from torchmetrics.functional.text import bleu_score, sacre_bleu_score
@@ -129,8 +130,6 @@ def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
 def item_scores(hypothesis: str, reference: str) -> dict[str, float]:
     """Exact match, item precision/recall/F1 (multiset overlap) and order accuracy (LCS over the
     longer list) of one answer, each in [0, 1]."""
-    from collections import Counter
-
     hyp, ref = split_items(hypothesis), split_items(reference)
     if not hyp and not ref:
         return dict.fromkeys(("exact_match", "item_precision", "item_recall", "item_f1",
@@ -157,8 +156,6 @@ def item_errors(hypothesis: str, reference: str) -> dict[str, int]:
     often than the reference has it), else ``cut`` (a strict prefix of a reference item: a name
     stopped short), else ``invented``; ``missed`` counts the unmatched reference
     items. ``items`` and ``reference_items`` are the two lists' lengths."""
-    from collections import Counter
-
     hyp, ref = split_items(hypothesis), split_items(reference)
     written, wanted = Counter(hyp), Counter(ref)
     extra = written - wanted  # answer items beyond what the reference holds

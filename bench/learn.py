@@ -38,7 +38,12 @@ from data_modules.corpora.tasks import DEFAULT_MAX_CHARS, lookup_guess_exact, lo
 from moe_diffuseq import MoEDiffuSeq
 from moe_diffuseq.batch import collate_pairs, encode_pairs
 from moe_diffuseq.generation import sampling_settings
-from moe_diffuseq.metrics import item_scores, mean_item_errors, paired_bootstrap_interval
+from moe_diffuseq.metrics import (
+    item_scores,
+    mbr_select,
+    mean_item_errors,
+    paired_bootstrap_interval,
+)
 from moe_diffuseq.probes import accuracy_table, noise_level_counts, probe_steps, trajectory_accuracy
 
 from .common import dpm_against_ancestral, machine_info, print_table, write_json
@@ -81,6 +86,10 @@ ABLATIONS: dict[str, dict] = {
     "no_short_conv": {"network": {"short_conv": 0}},
     "short_conv_5": {"network": {"short_conv": 5}},
     "no_target_global": {"network": {"attention": {"target_global": False}}},
+    # A window that covers a 600-character source: a speaker tag can see the same tag earlier on.
+    "window_256": {"network": {"attention": {"window": 256}}},
+    # And a third block: one to find an earlier same tag, one to count the first ones.
+    "window_256_layers_3": {"network": {"num_layers": 3, "attention": {"window": 256}}},
     # Source positions counted back from the target: the question at a source's end keeps its rows.
     "target_anchored": {"network": {"positions": "target_anchored"}},
     # A third block: reading the question's NAME and matching it in the body are two hops.
@@ -282,6 +291,24 @@ def trajectory(model: MoEDiffuSeq, rows: list[dict], docs: int = 32) -> list[dic
     return trajectory_accuracy(model, batch, settings)
 
 
+def seed_spread(model: MoEDiffuSeq, rows: list[dict], seeds: int) -> dict:
+    """DPM-Solver++ 20 item F1 from sampling seeds 0 .. seeds-1 on one checkpoint: each seed's
+    mean, their mean and range, the best seed's F1 per document (``oracle``: what a perfect pick
+    among the seeds would score) and MBR's pick (``mbr``, sentence-BLEU consensus). A figure from
+    seed 0 alone can sit anywhere in this range; a paired interval over documents does not show it.
+    """
+    kw = {"sampler": "dpm_solver++", "steps": 20, "restarts": 0}
+    samples = [model.generate([r["src"] for r in rows], seed=seed, **kw) for seed in range(seeds)]
+    f1 = [[item_scores(s, r["trg"])["item_f1"] for s, r in zip(per_seed, rows, strict=True)]
+          for per_seed in samples]
+    per_seed = [sum(x) / len(x) for x in f1]
+    picks = [mbr_select([samples[seed][i] for seed in range(seeds)]) for i in range(len(rows))]
+    return {"seeds": seeds, "item_f1_per_seed": per_seed,
+            "item_f1_mean": sum(per_seed) / seeds,
+            "oracle_item_f1": sum(max(col) for col in zip(*f1, strict=True)) / len(rows),
+            "mbr_item_f1": sum(f1[p][i] for i, p in enumerate(picks)) / len(rows)}
+
+
 def run(task: str, config: dict, args, rows: list[dict], final: bool) -> dict:
     pl.seed_everything(args.seed, verbose=False)
     config = dict(config)
@@ -314,6 +341,8 @@ def run(task: str, config: dict, args, rows: list[dict], final: bool) -> dict:
                                      "restarts": 0},
                      "ddim200": {"sampler": "ddim", "steps": 200, "restarts": 0}}
     out["sampling"] = {name: score(model, rows, **kw) for name, kw in samplers.items()}
+    if args.sample_seeds > 1:
+        out["dpm20_seeds"] = seed_spread(model, rows, args.sample_seeds)
     if task == "code-lookup":
         # Above the floor with an interval above 0: the model reads NAME, not only the format.
         out["guess_exact"], out["dpm20_exact_minus_guess_interval"] = guess_floor(
@@ -353,6 +382,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ancestral_docs", type=int, default=None,
                         help="documents for the 2000-step sampler (default 64; quick 8; 0: none)")
     parser.add_argument("--curve_points", type=int, default=5)
+    parser.add_argument("--sample_seeds", type=int, default=1,
+                        help="also score DPM-Solver++ 20 from this many sampling seeds on each "
+                             "checkpoint: their mean, range, best-of and MBR pick (1: seed 0 only)")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--accelerator", default="auto",
                         help="Lightning accelerator: auto (a GPU where present), cpu or gpu")
@@ -376,6 +408,8 @@ def main(argv: list[str] | None = None) -> dict:
     tasks = args.tasks or (["code-outline"] if args.quick else list(TASKS))
     ablations = (args.ablations if args.ablations is not None
                  else ([] if args.quick else list(ABLATIONS)))
+    if args.sample_seeds < 1:
+        parser.error(f"--sample_seeds {args.sample_seeds}: must be >= 1")
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps {args.steps}: must be >= 1")
     budget_text = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"

@@ -94,6 +94,8 @@ LEARN_TITLES = {
                          "(`learn_item_errors.json`)",
     "learn_cast_seed1": "dialogue-cast, the same recipe from training seed 1 "
                         "(`learn_cast_seed1.json`)",
+    "learn_cast_window": "dialogue-cast with a window over the whole source, and with three "
+                         "layers (`learn_cast_window.json`)",
 }
 
 
@@ -142,6 +144,7 @@ def _learn(payload: dict, name: str = "learn") -> list[str]:
                         format_interval(r["restarts_minus_dpm20_interval"]["exact"])]
                        for r in restarted])
     out += _item_errors(payload["runs"])
+    out += _seed_spread(payload["runs"])
     out += _guess_floor(payload["runs"])
     out += _dpm_against_ancestral(payload["runs"])
     levels = list(payload["runs"][0]["noise_levels"])
@@ -184,6 +187,24 @@ def _item_errors(runs: list[dict]) -> list[str]:
     return out + _table(["task", "run", *kinds],
                         [[r["task"], r["name"], *(r["sampling"]["dpm20"]["errors"][k]
                                                   for k in kinds)] for r in scored])
+
+
+def _seed_spread(runs: list[dict]) -> list[str]:
+    """DPM-Solver++ 20 from several sampling seeds on one checkpoint (``--sample_seeds``)."""
+    spread = [r for r in runs if "dpm20_seeds" in r]
+    if not spread:
+        return []
+    out = ["", "DPM-Solver++ 20 from several sampling seeds on the same checkpoint: item F1 of "
+               "each seed, their mean, the best seed per document (what a perfect pick among "
+               "them would score) and MBR's pick among them:", ""]
+    rows = []
+    for r in spread:
+        s = r["dpm20_seeds"]
+        rows.append([r["task"], r["name"], s["seeds"],
+                     " / ".join(f"{f:.2f}" for f in s["item_f1_per_seed"]), s["item_f1_mean"],
+                     s["oracle_item_f1"], s["mbr_item_f1"]])
+    return out + _table(["task", "run", "seeds", "F1 per seed", "mean", "best of seeds", "MBR"],
+                        rows)
 
 
 def _guess_floor(runs: list[dict]) -> list[str]:

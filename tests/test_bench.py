@@ -271,16 +271,23 @@ def test_learn_bench_steps_budget_ends_each_run_at_that_step(tmp_path):
     from bench import learn
 
     payload = tiny_outline_learn_run(tmp_path, "--steps", "6", "--curve_points", "3",
-                                     "--docs", "2", "--ancestral_docs", "0", "--ablations")
+                                     "--docs", "2", "--ancestral_docs", "0", "--ablations",
+                                     "--sample_seeds", "2")
     recipe = payload["runs"][0]
     assert recipe["steps"] == 6
+    spread = recipe["dpm20_seeds"]
+    assert spread["seeds"] == 2 and len(spread["item_f1_per_seed"]) == 2
+    assert spread["item_f1_per_seed"][0] == recipe["sampling"]["dpm20"]["item_f1"]  # seed 0
+    assert min(spread["item_f1_per_seed"]) <= spread["item_f1_mean"] <= spread["oracle_item_f1"]
+    assert spread["mbr_item_f1"] <= spread["oracle_item_f1"]
     assert [p["step"] for p in recipe["curve"]] == [2, 4, 6]
     # --ancestral_docs 0 skips the 2000-step sampler; the summary and the report say so.
     assert "ancestral" not in recipe["sampling"] and "dpm20_vs_ancestral" not in recipe
     assert payload["summary"]["dpm20_vs_ancestral_f1"] is None
     assert "Each run trains 6 optimizer steps" in "\n".join(report._learn(payload, "learn_steps"))
     assert payload["settings"]["minutes"] is None  # a step budget, not a clock
-    for refused in (["--steps", "0"], ["--steps", "6", "--minutes", "1"]):
+    assert "F1 per seed" in "\n".join(report._learn(payload, "learn_steps"))
+    for refused in (["--steps", "0"], ["--steps", "6", "--minutes", "1"], ["--sample_seeds", "0"]):
         with pytest.raises(SystemExit):
             learn.main(refused)
 

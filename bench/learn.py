@@ -303,10 +303,16 @@ def seed_spread(model: MoEDiffuSeq, rows: list[dict], seeds: int) -> dict:
           for per_seed in samples]
     per_seed = [sum(x) / len(x) for x in f1]
     picks = [mbr_select([samples[seed][i] for seed in range(seeds)]) for i in range(len(rows))]
+    mbr = [f1[p][i] for i, p in enumerate(picks)]
+    # Each document's expected F1 from one sampling seed: what MBR's pick must beat.
+    seed_mean = [sum(col) / seeds for col in zip(*f1, strict=True)]
     return {"seeds": seeds, "item_f1_per_seed": per_seed,
             "item_f1_mean": sum(per_seed) / seeds,
             "oracle_item_f1": sum(max(col) for col in zip(*f1, strict=True)) / len(rows),
-            "mbr_item_f1": sum(f1[p][i] for i, p in enumerate(picks)) / len(rows)}
+            "mbr_item_f1": sum(mbr) / len(rows), "per_doc_mbr_f1": mbr,
+            "per_doc_seed_mean_f1": seed_mean,
+            "mbr_minus_seed_mean_interval": list(paired_bootstrap_interval(mbr, seed_mean)),
+            "mbr_minus_seed0_interval": list(paired_bootstrap_interval(mbr, f1[0]))}
 
 
 def run(task: str, config: dict, args, rows: list[dict], final: bool) -> dict:

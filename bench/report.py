@@ -96,6 +96,10 @@ LEARN_TITLES = {
                         "(`learn_cast_seed1.json`)",
     "learn_cast_window": "dialogue-cast with a window over the whole source, and with three "
                          "layers (`learn_cast_window.json`)",
+    "learn_seeds": "code-outline and dialogue-cast sampled from eight seeds "
+                   "(`learn_seeds.json`)",
+    "learn_cast_mbr": "dialogue-cast sampled from eight seeds, MBR against one seed "
+                      "(`learn_cast_mbr.json`)",
 }
 
 
@@ -196,15 +200,18 @@ def _seed_spread(runs: list[dict]) -> list[str]:
         return []
     out = ["", "DPM-Solver++ 20 from several sampling seeds on the same checkpoint: item F1 of "
                "each seed, their mean, the best seed per document (what a perfect pick among "
-               "them would score) and MBR's pick among them:", ""]
+               "them would score) and MBR's pick among them, against each document's mean over "
+               "the seeds and against seed 0 (95% paired intervals):", ""]
     rows = []
     for r in spread:
         s = r["dpm20_seeds"]
+        intervals = [s.get(f"mbr_minus_{k}_interval") for k in ("seed_mean", "seed0")]
         rows.append([r["task"], r["name"], s["seeds"],
                      " / ".join(f"{f:.2f}" for f in s["item_f1_per_seed"]), s["item_f1_mean"],
-                     s["oracle_item_f1"], s["mbr_item_f1"]])
-    return out + _table(["task", "run", "seeds", "F1 per seed", "mean", "best of seeds", "MBR"],
-                        rows)
+                     s["oracle_item_f1"], s["mbr_item_f1"],
+                     *(format_interval(i) if i else "-" for i in intervals)])
+    return out + _table(["task", "run", "seeds", "F1 per seed", "mean", "best of seeds", "MBR",
+                         "MBR minus mean", "MBR minus seed 0"], rows)
 
 
 def _guess_floor(runs: list[dict]) -> list[str]:

@@ -280,13 +280,16 @@ def test_learn_bench_steps_budget_ends_each_run_at_that_step(tmp_path):
     assert spread["item_f1_per_seed"][0] == recipe["sampling"]["dpm20"]["item_f1"]  # seed 0
     assert min(spread["item_f1_per_seed"]) <= spread["item_f1_mean"] <= spread["oracle_item_f1"]
     assert spread["mbr_item_f1"] <= spread["oracle_item_f1"]
+    assert len(spread["per_doc_mbr_f1"]) == len(spread["per_doc_seed_mean_f1"]) == 2
+    low, high = spread["mbr_minus_seed_mean_interval"]
+    assert -1.0 <= low <= high <= 1.0
     assert [p["step"] for p in recipe["curve"]] == [2, 4, 6]
     # --ancestral_docs 0 skips the 2000-step sampler; the summary and the report say so.
     assert "ancestral" not in recipe["sampling"] and "dpm20_vs_ancestral" not in recipe
     assert payload["summary"]["dpm20_vs_ancestral_f1"] is None
     assert "Each run trains 6 optimizer steps" in "\n".join(report._learn(payload, "learn_steps"))
     assert payload["settings"]["minutes"] is None  # a step budget, not a clock
-    assert "F1 per seed" in "\n".join(report._learn(payload, "learn_steps"))
+    assert "| MBR minus mean |" in "\n".join(report._learn(payload, "learn_steps"))
     for refused in (["--steps", "0"], ["--steps", "6", "--minutes", "1"], ["--sample_seeds", "0"]):
         with pytest.raises(SystemExit):
             learn.main(refused)

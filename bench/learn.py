@@ -293,9 +293,10 @@ def trajectory(model: MoEDiffuSeq, rows: list[dict], docs: int = 32) -> list[dic
 
 def seed_spread(model: MoEDiffuSeq, rows: list[dict], seeds: int) -> dict:
     """DPM-Solver++ 20 item F1 from sampling seeds 0 .. seeds-1 on one checkpoint: each seed's
-    mean, their mean and range, the best seed's F1 per document (``oracle``: what a perfect pick
-    among the seeds would score) and MBR's pick (``mbr``, sentence-BLEU consensus). A figure from
-    seed 0 alone can sit anywhere in this range; a paired interval over documents does not show it.
+    mean, their mean, the best seed's F1 per document (``oracle_item_f1``: what a perfect pick
+    among the seeds would score) and MBR's pick (``mbr_item_f1``, sentence-BLEU consensus), with
+    paired intervals of MBR against each document's seed mean and against seed 0. A figure from
+    seed 0 alone can sit anywhere in the seeds' range; an interval over documents does not show it.
     """
     kw = {"sampler": "dpm_solver++", "steps": 20, "restarts": 0}
     samples = [model.generate([r["src"] for r in rows], seed=seed, **kw) for seed in range(seeds)]

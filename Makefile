@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test lint data bench bench-attention bench-moe bench-sampling bench-compare bench-compare-quick bench-learn bench-long-cost bench-long report clean
+.PHONY: install quickstart test lint data bench bench-attention bench-moe bench-sampling bench-compare bench-compare-quick bench-learn bench-long-cost bench-long bench-long-abstracts report clean
 
 install: $(STAMP)
 
@@ -67,6 +67,10 @@ bench-long-cost: install
 # Item F1 at sources of 1k-8k tokens, equal wall-clock per model (about 2 hours on 2 cores).
 bench-long: install
 	$(PY) -m bench.long_tasks
+
+# ROUGE-L on vignette body -> abstract at 4k tokens, equal wall-clock (about 25 minutes).
+bench-long-abstracts: install
+	$(PY) -m bench.long_abstracts
 
 bench-compare-quick: install
 	$(PY) -m bench.compare --quick

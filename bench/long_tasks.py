@@ -347,6 +347,19 @@ def plot(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options every staged long benchmark shares: long-stage batch, vocabulary, device,
+    data, output and a config change for every model."""
+    parser.add_argument("--batch_size", type=int, default=4, help="the long stage's batch")
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--accelerator", default="auto",
+                        help="Lightning accelerator: auto (a GPU where present), cpu or gpu")
+    parser.add_argument("--data_dir", default="data")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--model", type=json.loads, default={},
+                        help="JSON merged into every model's config, e.g. a smaller network")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -376,14 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=1, help="seeds averaged per document")
     parser.add_argument("--docs", type=int, default=None,
                         help="validation documents scored (default 32; quick 16)")
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--accelerator", default="auto",
-                        help="Lightning accelerator: auto (a GPU where present), cpu or gpu")
-    parser.add_argument("--data_dir", default="data")
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--model", type=json.loads, default={},
-                        help="JSON merged into every model's config, e.g. a smaller network")
+    add_run_options(parser)
     args = parser.parse_args(argv)
     tasks = args.tasks or (["code-lookup"] if args.quick else list(DEFAULT_TASKS))
     lengths = sorted(args.lengths or ([4096] if args.quick else [1024, 4096, 8192]))

@@ -394,6 +394,9 @@ LONG_TASKS_TITLES = {
                              "alone: which answers are missed (`long_tasks_candidates.json`)",
     "long_tasks_lookup_8min": "code-lookup at 4k and 8k tokens: the same short stage, then 8 "
                               "minutes at each length (`long_tasks_lookup_8min.json`)",
+    "long_tasks_question": "code-lookup at 4k and 8k tokens with the question global: the "
+                           "source's last 16 tokens global in both stages "
+                           "(`long_tasks_question.json`)",
 }
 
 
@@ -489,10 +492,46 @@ def _long_tasks(c: dict, name: str = "long_tasks") -> list[str]:
     return out
 
 
+def _long_abstracts(c: dict) -> list[str]:
+    """bench/long_abstracts.py: the generative long task, ROUGE-L with its paired interval."""
+    st, table = c["settings"], c["table"]
+    names = _long_task_names(st["models"])
+    out = ["### Long documents, generative: vignette body -> abstract "
+           "(`make bench-long-abstracts`)", "",
+           f"Each model trains {st['short_minutes']:g} min on the body's first "
+           f"{st['short_tokens']} tokens (batch {st['short_batch_size']}), then "
+           f"{st['minutes']:g} min with the body cut at {st['tokens']} tokens (batch "
+           f"{st['batch_size']}), with the learning recipe and seeds {st['seeds']}; it then writes "
+           f"the abstract (up to {st['target_tokens']} tokens) of the {st['docs_scored']} held-out "
+           f"`{st['corpus']}` documents whose body holds at least {st['source_chars_min']:,} "
+           f"characters, with {st['sampler']}. ROUGE-L is F1 (0-100) per document; intervals are "
+           f"95% paired bootstrap over documents. {_machine(c)}", ""]
+    rows = []
+    for m in names:
+        runs = [r for r in c["runs"] if r["model"] == m]
+        rows.append([names[m], round(sum(r["short_stage"]["steps"] for r in runs) / len(runs)),
+                     round(sum(r["steps"] for r in runs) / len(runs)),
+                     round(sum(r["tokens_per_s"] for r in runs) / len(runs)),
+                     table["rougeL"][m], sum(r["sample_words"] for r in runs) / len(runs)])
+    out += _table(["model", "short steps", "long steps", "long tokens/s", "ROUGE-L",
+                   "words per sample"], rows)
+    out += [""] + [f"- {key.removeprefix('rougeL_').replace('_', ' ')}: "
+                   f"{format_interval(interval)}"
+                   for key, interval in table["intervals"].items()]
+    if st.get("model"):
+        out += ["", f"Every model here also has `{json.dumps(st['model'])}`."]
+    example = next(r for r in c["runs"] if r["model"] == "moe_diffuseq")["examples"][0]
+    sample, reference = (" ".join(example[k].split())[:300] for k in ("sample", "reference"))
+    out += ["", f"A sample of {names['moe_diffuseq']} (its first 300 characters, on one line): "
+            f"“{sample}”; its reference: “{reference}”.", ""]
+    return out
+
+
 SECTIONS = (*((name, partial(_learn, name=name)) for name in LEARN_TITLES),
             ("attention", _attention), ("long_document", _long_document),
             ("long_cost", _long_cost),
             *((name, partial(_long_tasks, name=name)) for name in LONG_TASKS_TITLES),
+            ("long_abstracts", _long_abstracts),
             ("moe", _moe), ("sampling", _sampling), ("absorbing", _absorbing))
 
 

@@ -407,6 +407,39 @@ def test_long_tasks_bench_trains_only_the_models_asked_for(tmp_path):
     assert "Each variant's item F1" not in section  # no variant trained: no empty table
 
 
+def test_long_abstracts_bench_scores_rouge_l_with_a_paired_interval(tmp_path):
+    from bench import long_abstracts
+    from data_modules.corpora import build
+    from data_modules.corpora.code import stdlib_root
+
+    with pytest.raises(SystemExit):  # the interval needs the baseline
+        long_abstracts.main(["--models", "moe_diffuseq"])
+    with pytest.raises(SystemExit):  # the short stage must be the shorter one
+        long_abstracts.main(["--tokens", "256", "--short_tokens", "256"])
+    data = tmp_path / "data"
+    build("code", data / "code", root=stdlib_root() / "email")
+    with pytest.raises(ValueError, match="no validation or test source"):
+        long_abstracts.scored_rows("code", str(data), None, 10**9)
+    tiny = {"network": {"embed_dim": 16, "hidden_size": 32, "num_layers": 1},
+            "diffusion": {"steps": 20}}
+    out = tmp_path / "long_abstracts.json"
+    payload = long_abstracts.main(["--corpus", "code", "--tokens", "128", "--short_tokens", "32",
+                                   "--short_minutes", "0.02", "--minutes", "0.02", "--docs", "3",
+                                   "--vocab", "300", "--data_dir", str(data), "--model",
+                                   json.dumps(tiny), "--out", str(out)])
+    assert json.loads(out.read_text()) == payload
+    runs = {r["model"]: r for r in payload["runs"]}
+    assert set(runs) == {"moe_diffuseq", "diffuseq"}
+    for r in runs.values():  # both stages trained, every scored document has its ROUGE-L
+        assert r["short_stage"]["steps"] >= 1 and r["steps"] >= 1
+        assert len(r["per_doc_rougeL"]) == payload["settings"]["docs_scored"] == 3
+        assert all(0.0 <= x <= 100.0 for x in r["per_doc_rougeL"])
+    low, high = payload["summary"]["rougeL_moe_minus_baseline"]
+    assert low <= high and payload["summary"]["verdict"] in ("better", "worse", "tie")
+    section = "\n".join(report._long_abstracts(payload))
+    assert "| MoE-DiffuSeq (rows only) |" in section and "moe minus baseline: [" in section
+
+
 def test_long_tasks_short_cache_reuses_each_short_stage(tmp_path, capsys):
     from bench import learn, long_tasks
     from data_modules.corpora import build

@@ -397,6 +397,8 @@ LONG_TASKS_TITLES = {
     "long_tasks_question": "code-lookup at 4k and 8k tokens with the question global: the "
                            "source's last 16 tokens global in both stages "
                            "(`long_tasks_question.json`)",
+    "long_tasks_cast": "dialogue-cast at 4k tokens: a 10-minute short stage, then 8 minutes "
+                       "(`long_tasks_cast.json`)",
 }
 
 

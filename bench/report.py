@@ -517,8 +517,11 @@ def _long_abstracts(c: dict) -> list[str]:
                      table["rougeL"][m], sum(r["sample_words"] for r in runs) / len(runs)])
     out += _table(["model", "short steps", "long steps", "long tokens/s", "ROUGE-L",
                    "words per sample"], rows)
-    out += [""] + [f"- {key.removeprefix('rougeL_').replace('_', ' ')}: "
-                   f"{format_interval(interval)}"
+    # rougeL_moe_minus_baseline, or rougeL_<variant>_minus_moe for each variant trained.
+    label = {"rougeL_moe_minus_baseline": f"{names['moe_diffuseq']} minus the baseline",
+             **{f"rougeL_{m.removeprefix('moe_')}_minus_moe": f"{names[m]} minus MoE-DiffuSeq"
+                for m in names}}
+    out += [""] + [f"- ROUGE-L, {label[key]}: {format_interval(interval)}"
                    for key, interval in table["intervals"].items()]
     if st.get("model"):
         out += ["", f"Every model here also has `{json.dumps(st['model'])}`."]

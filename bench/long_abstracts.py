@@ -45,6 +45,7 @@ from .long_tasks import (
     add_run_options,
     grow_into,
     model_config,
+    seed_mean,
 )
 
 TARGET_TOKENS = 256  # an abstract of up to ~190 words; longer ones are cut
@@ -106,10 +107,8 @@ def score_rouge(model: MoEDiffuSeq, rows: list[dict]) -> dict:
 def compare(runs: list[dict], models: list[str]) -> dict:
     """Per model the seed-mean ROUGE-L; the paired intervals of MoE-DiffuSeq minus the baseline
     and of each variant minus MoE-DiffuSeq, over documents (each document's seed mean)."""
-    per_doc = {}
-    for m in models:
-        mine = [r["per_doc_rougeL"] for r in runs if r["model"] == m]
-        per_doc[m] = [sum(col) / len(col) for col in zip(*mine, strict=True)]
+    per_doc = {m: seed_mean([r for r in runs if r["model"] == m], "per_doc_rougeL")
+               for m in models}
     intervals = {"rougeL_moe_minus_baseline": paired_bootstrap_interval(
         per_doc["moe_diffuseq"], per_doc["diffuseq"])}
     for m in models:
@@ -164,8 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if not is_built(args.corpus, Path(args.data_dir) / args.corpus):
         build(args.corpus, Path(args.data_dir) / args.corpus)
-    rows = scored_rows(args.corpus, args.data_dir, args.docs,
-                       round(args.tokens * CHARS_PER_TOKEN / 2))
+    min_chars = round(args.tokens * CHARS_PER_TOKEN / 2)  # sources that fill half the length
+    rows = scored_rows(args.corpus, args.data_dir, args.docs, min_chars)
 
     runs, start = [], time.perf_counter()
     for model_name in args.models:
@@ -193,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{table['verdicts']['rougeL_moe_minus_baseline']}")
     payload = {"machine": machine_info(),
                "settings": {**vars(args), "docs_scored": len(rows),
-                            "source_chars_min": round(args.tokens * CHARS_PER_TOKEN / 2),
+                            "source_chars_min": min_chars,
                             "target_tokens": TARGET_TOKENS,
                             "models": {m: MODELS[m] for m in args.models},
                             "sampler": "dpm_solver++ 20",

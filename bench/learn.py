@@ -95,6 +95,11 @@ ABLATIONS: dict[str, dict] = {
     # A third block: reading the question's NAME and matching it in the body are two hops.
     "num_layers_3": {"network": {"num_layers": 3}},
     "loss_on_all": {"diffusion": {"loss_on": "all"}},
+    # The FFN: one dense FFN of the experts' active width, or a shared expert that every token
+    # uses beside its top-1 routed one (the same active width).
+    "dense_ffn": {"network": {"moe": None, "ffn_hidden": RECIPE["network"]["moe"]["top_k"]
+                              * RECIPE["network"]["moe"]["expert_hidden"]}},
+    "shared_expert": {"network": {"moe": {"top_k": 1, "shared_expert": True}}},
     "absorbing_full_rate": {"diffusion": {"soft_absorbing": True, "denoise_rate": 0.5}},
     # A data setting, not a model one: the corpus's tokenizer trained as plain byte-level BPE, where
     # a word at a line's start and the same word after a space are different tokens.

@@ -39,6 +39,7 @@ from .common import machine_info, print_table, write_json
 from .learn import TrainingBudget, fit_for_budget
 from .long_tasks import (
     CHARS_PER_TOKEN,
+    DEFAULT_MODELS,
     LONG_STAGE,
     MODELS,
     NAMES,
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--minutes", type=float, default=None,
                         help="training minutes at --tokens (default 6; quick 1)")
     parser.add_argument("--models", nargs="+", default=["moe_diffuseq", "diffuseq"],
-                        choices=list(MODELS),
+                        choices=list(DEFAULT_MODELS),
                         help="the models trained; moe_diffuseq and diffuseq are required")
     parser.add_argument("--seeds", type=int, default=1, help="seeds averaged per document")
     parser.add_argument("--docs", type=int, default=None,

@@ -29,10 +29,17 @@ scoring)) per task and seed, about 55 minutes a task; the default two tasks (cod
 dialogue-cast) take about 2 hours, and the plan is printed before it starts. code-outline's
 targets of 256 tokens cost more still; dialogue-cast's scenes rarely reach 8k tokens (its 8k
 length scores the few that hold 4k or more). ``--models moe_diffuseq diffuseq`` trains only the
-pair every interval is about, half the time. On a GPU pass larger ``--minutes`` and
-``--short_minutes``. ``--minutes 0`` scores each short stage's model at the long lengths as it
-is; ``--short_cache DIR`` keeps each short stage and loads it when a later run asks for the same
-one, so that long-stage settings (``--minutes``, ``--long_lr``) can be compared on one stage.
+pair every interval is about, half the time. Two models swap one part for the long stage only,
+starting from the short stage of the model they share every parameter with:
+``moe_full_attention`` (MoE-DiffuSeq's experts, full attention) and ``dense_windowed`` (the
+baseline's dense FFN, MoE-DiffuSeq's attention); against MoE-DiffuSeq they tell what its
+attention and what its experts cost a long stage (with all four run, the JSON records each
+part's main effect over the 2x2). ``moe_shared_expert`` (every token through one shared expert
+beside its top-1 routed one, the same active width) is asked for by name too. On a GPU pass
+larger ``--minutes`` and ``--short_minutes``. ``--minutes 0`` scores each short stage's model
+at the long lengths as it is; ``--short_cache DIR`` keeps each short stage and loads it when a
+later run asks for the same one, so that long-stage settings (``--minutes``, ``--long_lr``) can
+be compared on one stage.
 """
 
 from __future__ import annotations
@@ -86,15 +93,47 @@ MODELS: dict[str, dict] = {
                                   "moe": EXPERTS}},
     "moe_window_only": {"network": {**WIDTH, "attention": {"window": 256, "target_global": False},
                                     "moe": EXPERTS}},
+    # Every token through one shared expert and its top-1 routed one (DeepSeekMoE's shared
+    # expert): the same active width, a dense path that learns from every token.
+    "moe_shared_expert": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True,
+                                                             "target_keys": False},
+                                      "moe": {**EXPERTS, "top_k": 1, "shared_expert": True}}},
+    # One part of each model swapped for the long stage only (see SHORT_STAGE_OF): MoE-DiffuSeq's
+    # experts with full attention, and the baseline's dense FFN with MoE-DiffuSeq's attention.
+    "moe_full_attention": {"network": {**WIDTH, "attention": {"backend": "full_sdpa"},
+                                       "moe": EXPERTS}},
+    "dense_windowed": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True,
+                                                          "target_keys": False},
+                                   "moe": None,
+                                   "ffn_hidden": EXPERTS["top_k"] * EXPERTS["expert_hidden"]}},
     # The same active width as top_k experts of expert_hidden, every token through one FFN.
     "diffuseq": {"network": {**WIDTH, "attention": {"backend": "full_sdpa"}, "moe": None,
                              "ffn_hidden": EXPERTS["top_k"] * EXPERTS["expert_hidden"]}},
 }
 NAMES = {"moe_diffuseq": "MoE-DiffuSeq", "moe_both_ways": "MoE-DiffuSeq, global both ways",
-         "moe_window_only": "MoE-DiffuSeq, window only", "diffuseq": "DiffuSeq (sdpa)"}
-# Each variant against MoE-DiffuSeq, paired over the same documents.
-VARIANTS = {"moe_both_ways": "f1_both_ways_minus_moe",
-            "moe_window_only": "f1_window_only_minus_moe"}
+         "moe_window_only": "MoE-DiffuSeq, window only",
+         "moe_shared_expert": "MoE-DiffuSeq, a shared expert and top-1",
+         "moe_full_attention": "MoE-DiffuSeq, full attention in the long stage",
+         "dense_windowed": "dense FFN, MoE-DiffuSeq's attention in the long stage",
+         "diffuseq": "DiffuSeq (sdpa)"}
+# What `make bench-long` trains: the swapped models below are asked for by name.
+DEFAULT_MODELS = ("moe_diffuseq", "moe_both_ways", "moe_window_only", "diffuseq")
+# The swapped models start from the short stage of the model whose parameters they share (the
+# attention backend has none of its own), so the long stage alone tells attention from experts:
+# at the short stage's 600 characters the window already covers nearly every pair.
+SHORT_STAGE_OF = {"moe_full_attention": "moe_diffuseq", "dense_windowed": "diffuseq"}
+# Each variant's interval: its item F1 minus the reference's, paired over the same documents.
+VARIANTS: dict[str, tuple[str, str]] = {
+    "moe_both_ways": ("f1_both_ways_minus_moe", "moe_diffuseq"),
+    "moe_window_only": ("f1_window_only_minus_moe", "moe_diffuseq"),
+    "moe_shared_expert": ("f1_shared_expert_minus_moe", "moe_diffuseq"),
+    # Attention with the experts kept, and experts with the attention kept.
+    "moe_full_attention": ("f1_full_attention_minus_moe", "moe_diffuseq"),
+    "dense_windowed": ("f1_dense_windowed_minus_moe", "moe_diffuseq"),
+}
+# The 2x2 of the long stage's attention and the FFN: (experts, window), (experts, full),
+# (dense, window), (dense, full). With all four run, each part's main effect is recorded.
+FACTORIAL = ("moe_diffuseq", "moe_full_attention", "dense_windowed", "diffuseq")
 # The long stage restarts Adam; a short warm-up keeps its first steps from undoing the short stage.
 LONG_STAGE = {"warmup_steps": 10}
 
@@ -281,12 +320,27 @@ def compare(results: list[dict], tasks: list[str], lengths: list[int],
                            / len(by_model[m])}
             pairs = {"f1_moe_minus_baseline": (f1["moe_diffuseq"], f1["diffuseq"]),
                      "exact_moe_minus_baseline": (exact["moe_diffuseq"], exact["diffuseq"]),
-                     **{key: (f1[m], f1["moe_diffuseq"]) for m, key in VARIANTS.items()
+                     **{key: (f1[m], f1[reference]) for m, (key, reference) in VARIANTS.items()
                         if m in models}}
             cell["intervals"] = {name: list(paired_bootstrap_interval(a, b))
                                  for name, (a, b) in pairs.items()}
+            if all(m in models for m in FACTORIAL):
+                cell["factorial"] = main_effects(*(f1[m] for m in FACTORIAL))
             out.setdefault(task, {})[str(tokens)] = cell
     return out
+
+
+def main_effects(moe_window: list[float], moe_full: list[float], dense_window: list[float],
+                 dense_full: list[float]) -> dict:
+    """Per-document item F1 of the 2x2 -> each part's main effect (full attention minus the
+    window, a dense FFN minus the experts, each averaged over the other part): the mean and a
+    bootstrap interval over documents."""
+    cells = list(zip(moe_window, moe_full, dense_window, dense_full, strict=True))
+    effects = {"full_attention_minus_window": [(b - a + d - c) / 2 for a, b, c, d in cells],
+               "dense_ffn_minus_experts": [(c - a + d - b) / 2 for a, b, c, d in cells]}
+    return {name: {"mean": sum(v) / len(v),
+                   "interval": list(paired_bootstrap_interval(v, [0.0] * len(v)))}
+            for name, v in effects.items()}
 
 
 def summarise(table: dict, lengths: list[int]) -> dict:
@@ -383,9 +437,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="a folder that keeps each short stage, and loads it when the same "
                              "model, task, seed and stage settings come again (a clock-budgeted "
                              "stage: reuse it on the machine that trained it)")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
-                        help="the models trained (default all); moe_diffuseq and diffuseq, the "
-                             "pair every interval is about, are required")
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
+                        choices=list(MODELS),
+                        help=f"the models trained (default {' '.join(DEFAULT_MODELS)}); "
+                             "moe_diffuseq and diffuseq, the pair every interval is about, are "
+                             "required")
     parser.add_argument("--seeds", type=int, default=1, help="seeds averaged per document")
     parser.add_argument("--docs", type=int, default=None,
                         help="validation documents scored (default 32; quick 16)")
@@ -407,11 +463,13 @@ def main(argv: list[str] | None = None) -> dict:
                      "MoE-DiffuSeq with the baseline")
     args.models = [m for m in MODELS if m in args.models]  # table order, no repeats
     args.docs = args.docs or (16 if args.quick else 32)
-    per_model = args.short_minutes + len(lengths) * args.minutes
-    models = len(tasks) * len(args.models) * args.seeds
-    print(f"plan: {models} models x ({args.short_minutes:g} min short + {len(lengths)} lengths x "
-          f"{args.minutes:g} min) = {models * per_model:.0f} min training, plus data and scoring",
-          flush=True)
+    runs = len(tasks) * len(args.models) * args.seeds
+    # A swapped model trains no short stage of its own.
+    shorts = len(tasks) * len({SHORT_STAGE_OF.get(m, m) for m in args.models}) * args.seeds
+    print(f"plan: {shorts} short stages x {args.short_minutes:g} min + {runs} models x "
+          f"{len(lengths)} lengths x {args.minutes:g} min = "
+          f"{shorts * args.short_minutes + runs * len(lengths) * args.minutes:.0f} min training "
+          "(less for short stages found in --short_cache), plus data and scoring", flush=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     for task in tasks:  # build what is missing first
@@ -422,11 +480,15 @@ def main(argv: list[str] | None = None) -> dict:
     for task in tasks:
         rows = {n: long_rows(corpus(task, n), args.data_dir, args.docs,
                              round(n * CHARS_PER_TOKEN / 2)) for n in lengths}
+        shorts: dict[tuple[str, int], dict] = {}  # one short stage per model it starts
         for model_name in args.models:
             for seed in range(args.seeds):
-                print(f"== {task}: {model_name}, seed {seed}, short stage "
+                owner = SHORT_STAGE_OF.get(model_name, model_name)
+                print(f"== {task}: {model_name}, seed {seed}, short stage of {owner} "
                       f"({args.short_chars} characters)", flush=True)
-                short = short_stage(task, model_name, seed, args)
+                if (owner, seed) not in shorts:
+                    shorts[owner, seed] = short_stage(task, owner, seed, args)
+                short = shorts[owner, seed]
                 for tokens in lengths:
                     r = train_and_score(task, tokens, model_name, seed, args, rows[tokens], short)
                     print(f"   {tokens} tokens: {r['steps']} steps, {r['tokens_per_s']} tokens/s, "
@@ -446,6 +508,10 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {"machine": machine_info(),
                "settings": {**vars(args), "tasks": tasks, "lengths": lengths,
                             "models": {m: MODELS[m] for m in args.models}, "recipe": RECIPE,
+                            "short_stage_of": {m: SHORT_STAGE_OF[m] for m in args.models
+                                               if m in SHORT_STAGE_OF},
+                            "variants": {m: list(VARIANTS[m]) for m in args.models
+                                         if m in VARIANTS},
                             "sampler": "dpm_solver++ 20",
                             "wall_s": round(time.perf_counter() - start)},
                "runs": results, "table": table, "summary": summary}

@@ -369,13 +369,18 @@ def _long_task_names(models: dict) -> dict[str, str]:
     names = {}
     for key, config in models.items():
         attention = config["network"].get("attention", {})
+        experts = config["network"].get("moe") is not None
         if attention.get("backend", "").startswith("full"):
-            names[key] = "DiffuSeq (sdpa)"
+            names[key] = "full attention, experts" if experts else "DiffuSeq (sdpa)"
             continue
         # A file recorded before rows only became the default spells no target_keys: both ways.
         label = ("window only" if not attention.get("target_global", True) else
                  "both ways" if attention.get("target_keys", True) else "rows only")
-        names[key] = f"MoE-DiffuSeq ({label})" if key == "moe_diffuseq" else label
+        moe = config["network"].get("moe") or {}
+        if moe.get("shared_expert"):
+            label = f"shared expert + top-{moe.get('top_k', 2)}, {label}"
+        names[key] = (f"MoE-DiffuSeq ({label})" if key == "moe_diffuseq" else
+                      label if experts else f"dense FFN, {label}")
     return names
 
 
@@ -399,7 +404,15 @@ LONG_TASKS_TITLES = {
                            "(`long_tasks_question.json`)",
     "long_tasks_cast": "dialogue-cast at 4k tokens: a 10-minute short stage, then 8 minutes "
                        "(`long_tasks_cast.json`)",
+    "long_tasks_swap": "code-lookup at 4k tokens: attention against experts, each swapped for "
+                       "the long stage only (`long_tasks_swap.json`)",
+    "long_tasks_shared": "code-lookup at 4k tokens: a shared expert beside top-1 routing "
+                         "(`long_tasks_shared.json`)",
 }
+
+
+def _effect(effect: dict) -> str:
+    return f"{effect['mean']:+.3f} {format_interval(effect['interval'])}"
 
 
 def _bins(bins: list[dict], unit: str) -> str:
@@ -423,8 +436,12 @@ def _long_tasks(c: dict, name: str = "long_tasks") -> list[str]:
            f"of the item F1 of {names['moe_diffuseq']} minus the baseline's. Rows only: global "
            f"target rows (`target_keys: false`, the default); both ways: `target_keys: true`; "
            f"window only: `target_global: false`. {_machine(c)}", ""]
-    # Each variant's interval against MoE-DiffuSeq is keyed by its model name without "moe_".
-    variant_models = [m for m in names if m not in ("moe_diffuseq", "diffuseq")]
+    # Each variant's interval key and reference model; a file recorded before they were written
+    # down keys its interval against MoE-DiffuSeq by its model name without "moe_".
+    variant_of = st.get("variants") or {
+        m: (f"f1_{m.removeprefix('moe_')}_minus_moe", "moe_diffuseq")
+        for m in names if m not in ("moe_diffuseq", "diffuseq")}
+    variant_models = list(variant_of)
     rows, variants = [], []
     for task, cells in c["table"].items():
         for tokens, cell in cells.items():
@@ -435,17 +452,31 @@ def _long_tasks(c: dict, name: str = "long_tasks") -> list[str]:
                          *(cell[m]["exact_match"] for m in ("moe_diffuseq", "diffuseq")),
                          *(round(cell[m]["steps"]) for m in ("moe_diffuseq", "diffuseq")),
                          format_interval(cell["intervals"]["f1_moe_minus_baseline"])])
-            variants.append([task, tokens,
-                             *(format_interval(cell["intervals"][f"f1_{m.removeprefix('moe_')}_minus_moe"])
-                               for m in variant_models)])
+            variants.append([task, tokens, *(format_interval(cell["intervals"][variant_of[m][0]])
+                                             for m in variant_models)])
     out += _table(["task", "source tokens (mean, scored)", *(f"{n} F1" for n in names.values()),
                    "MoE exact", "baseline exact", "MoE long steps", "baseline long steps",
                    "MoE - baseline F1"], rows)
     if variant_models:
-        out += ["", f"Each variant's item F1 minus that of {names['moe_diffuseq']}, paired over "
+        out += ["", "Each variant's item F1 minus that of the model named after it, paired over "
                 "the same documents:", ""]
-        out += _table(["task", "source tokens", *(f"{names[m]} - MoE" for m in variant_models)],
-                      variants)
+        short = {"moe_diffuseq": "MoE", "diffuseq": "baseline"}
+        out += _table(["task", "source tokens",
+                       *(f"{names[m]} - {short.get(ref, names[ref])}"
+                         for m, (_, ref) in variant_of.items())], variants)
+        effects = [f"{task} at {tokens} tokens: full attention minus MoE-DiffuSeq's "
+                   f"{_effect(cell['factorial']['full_attention_minus_window'])}, a dense FFN "
+                   f"minus the experts {_effect(cell['factorial']['dense_ffn_minus_experts'])}"
+                   for task, cells in c["table"].items() for tokens, cell in cells.items()
+                   if "factorial" in cell]
+        if effects:
+            out += ["", "Main effects of the long stage's attention and of the FFN over the 2x2 "
+                    "(each averaged over the other part; mean and 95% bootstrap interval over "
+                    "documents): " + "; ".join(effects) + "."]
+        if swapped := st.get("short_stage_of"):
+            out += ["", "Started from another model's short stage (they share every parameter; "
+                    "the long stage swaps one part): " + "; ".join(
+                        f"{names[m]} from {names[owner]}'s" for m, owner in swapped.items()) + "."]
     wins = summary["moe_wins_from_tokens"]
     lengths = sorted({n for cells in c["table"].values() for n in cells}, key=int)
     ratios = []  # why it would win: training steps bought in the same seconds

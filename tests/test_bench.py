@@ -313,6 +313,20 @@ def test_long_cost_bench_tiny_run_measures_every_model(tmp_path):
     assert checks == {"target_global_cost_8k": False, "speedup_vs_sdpa_8k": False}
 
 
+def test_long_tasks_main_effects_average_each_part_over_the_other():
+    from bench.long_tasks import main_effects
+
+    # Full attention adds 1 to every document whatever the FFN; the FFN changes nothing.
+    effects = main_effects([0.0, 0.5], [1.0, 1.5], [0.0, 0.5], [1.0, 1.5])
+    assert effects["full_attention_minus_window"]["mean"] == 1.0
+    assert effects["full_attention_minus_window"]["interval"] == [1.0, 1.0]
+    assert effects["dense_ffn_minus_experts"]["mean"] == 0.0
+    # A dense FFN that helps only with the window counts half: averaged over the attention.
+    effects = main_effects([0.0, 0.0], [0.0, 0.0], [1.0, 1.0], [0.0, 0.0])
+    assert effects["dense_ffn_minus_experts"]["mean"] == 0.5
+    assert effects["full_attention_minus_window"]["mean"] == -0.5
+
+
 def test_long_tasks_bench_tiny_run_compares_every_model_with_intervals(tmp_path):
     from bench import learn, long_tasks
     from data_modules.corpora import build
@@ -327,10 +341,13 @@ def test_long_tasks_bench_tiny_run_compares_every_model_with_intervals(tmp_path)
                                "--short_minutes", "0.03", "--short_chars", "300",
                                "--docs", "4", "--vocab", "300", "--data_dir",
                                str(tmp_path / "data"), "--model", json.dumps(tiny),
-                               "--out", str(out)])
+                               "--models", *long_tasks.MODELS, "--out", str(out)])
     assert json.loads(out.read_text()) == payload
     runs = {r["model"]: r for r in payload["runs"]}
     assert set(runs) == set(long_tasks.MODELS)
+    # A swapped model's long stage starts from its owner's short stage, the very same one.
+    for model, owner in long_tasks.SHORT_STAGE_OF.items():
+        assert runs[model]["short_stage"] == runs[owner]["short_stage"]
     # Both stages trained: the short sources first, then the long ones.
     assert all(r["short_stage"]["steps"] >= 1 and r["steps"] >= 1 for r in runs.values())
     # Only sources of at least half the length's characters are scored.
@@ -339,9 +356,11 @@ def test_long_tasks_bench_tiny_run_compares_every_model_with_intervals(tmp_path)
     assert all(0 < r["source_tokens"]["mean"] <= r["source_tokens"]["max"] for r in runs.values())
     cell = payload["table"]["code-lookup"]["256"]
     assert set(cell["intervals"]) == {"f1_moe_minus_baseline", "exact_moe_minus_baseline",
-                                      *long_tasks.VARIANTS.values()}
+                                      *(key for key, _ in long_tasks.VARIANTS.values())}
     low, high = cell["intervals"]["f1_moe_minus_baseline"]
     assert low <= high
+    # All four of the 2x2 ran: each part's main effect is recorded and reported.
+    assert set(cell["factorial"]) == {"full_attention_minus_window", "dense_ffn_minus_experts"}
     summary = payload["summary"]
     assert set(summary["f1"]["code-lookup"]) == set(long_tasks.MODELS)
     assert summary["target_global_cost_8k"] is None  # no 8k run: absent, not a pass
@@ -351,6 +370,7 @@ def test_long_tasks_bench_tiny_run_compares_every_model_with_intervals(tmp_path)
     section = "\n".join(report._long_tasks(payload))
     assert "MoE-DiffuSeq (rows only) F1" in section and "| both ways F1 |" in section
     assert "both ways - MoE" in section and "window only - MoE" in section
+    assert "Main effects of the long stage's attention and of the FFN" in section
     # code-lookup's floor, a random def line of the source, is recorded and reported.
     assert all(0.0 < r["guess_exact"] < 1.0 for r in runs.values())
     assert "code-lookup's floor" in section

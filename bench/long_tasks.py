@@ -120,7 +120,7 @@ NAMES = {"moe_diffuseq": "MoE-DiffuSeq", "moe_both_ways": "MoE-DiffuSeq, global 
 DEFAULT_MODELS = ("moe_diffuseq", "moe_both_ways", "moe_window_only", "diffuseq")
 # The swapped models start from the short stage of the model whose parameters they share (the
 # attention backend has none of its own), so the long stage alone tells attention from experts:
-# at the short stage's 600 characters the window already covers nearly every pair.
+# at the short stage's 600 characters the window covers most pairs, the target reads every one.
 SHORT_STAGE_OF = {"moe_full_attention": "moe_diffuseq", "dense_windowed": "diffuseq"}
 # Each variant's interval: its item F1 minus the reference's, paired over the same documents.
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -465,11 +465,12 @@ def main(argv: list[str] | None = None) -> dict:
     args.docs = args.docs or (16 if args.quick else 32)
     runs = len(tasks) * len(args.models) * args.seeds
     # A swapped model trains no short stage of its own.
-    shorts = len(tasks) * len({SHORT_STAGE_OF.get(m, m) for m in args.models}) * args.seeds
-    print(f"plan: {shorts} short stages x {args.short_minutes:g} min + {runs} models x "
+    short_stages = len(tasks) * len({SHORT_STAGE_OF.get(m, m) for m in args.models}) * args.seeds
+    print(f"plan: {short_stages} short stages x {args.short_minutes:g} min + {runs} models x "
           f"{len(lengths)} lengths x {args.minutes:g} min = "
-          f"{shorts * args.short_minutes + runs * len(lengths) * args.minutes:.0f} min training "
-          "(less for short stages found in --short_cache), plus data and scoring", flush=True)
+          f"{short_stages * args.short_minutes + runs * len(lengths) * args.minutes:.0f} min "
+          "training (less for short stages found in --short_cache), plus data and scoring",
+          flush=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     for task in tasks:  # build what is missing first

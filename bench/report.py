@@ -406,6 +406,8 @@ LONG_TASKS_TITLES = {
                        "(`long_tasks_cast.json`)",
     "long_tasks_swap": "code-lookup at 4k tokens: attention against experts, each swapped for "
                        "the long stage only (`long_tasks_swap.json`)",
+    "long_tasks_swap_cast": "dialogue-cast at 4k tokens: attention against experts, each "
+                            "swapped for the long stage only (`long_tasks_swap_cast.json`)",
     "long_tasks_shared": "code-lookup at 4k tokens: a shared expert beside top-1 routing "
                          "(`long_tasks_shared.json`)",
 }

@@ -43,6 +43,7 @@ from .long_tasks import (
     LONG_STAGE,
     MODELS,
     NAMES,
+    VARIANTS,
     add_run_options,
     grow_into,
     model_config,
@@ -112,10 +113,10 @@ def compare(runs: list[dict], models: list[str]) -> dict:
                for m in models}
     intervals = {"rougeL_moe_minus_baseline": paired_bootstrap_interval(
         per_doc["moe_diffuseq"], per_doc["diffuseq"])}
-    for m in models:
-        if m not in ("moe_diffuseq", "diffuseq"):
-            intervals[f"rougeL_{m.removeprefix('moe_')}_minus_moe"] = paired_bootstrap_interval(
-                per_doc[m], per_doc["moe_diffuseq"])
+    for m, (key, reference) in VARIANTS.items():  # long_tasks' pairs, scored by ROUGE-L
+        if m in models:
+            intervals[key.replace("f1_", "rougeL_", 1)] = paired_bootstrap_interval(
+                per_doc[m], per_doc[reference])
     return {"rougeL": {m: sum(v) / len(v) for m, v in per_doc.items()},
             "intervals": {k: list(v) for k, v in intervals.items()},
             "verdicts": {k: verdict(v) for k, v in intervals.items()}}

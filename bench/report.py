@@ -369,15 +369,15 @@ def _long_task_names(models: dict) -> dict[str, str]:
     names = {}
     for key, config in models.items():
         attention = config["network"].get("attention", {})
-        experts = config["network"].get("moe") is not None
+        moe = config["network"].get("moe")
+        experts = moe is not None
         if attention.get("backend", "").startswith("full"):
             names[key] = "full attention, experts" if experts else "DiffuSeq (sdpa)"
             continue
         # A file recorded before rows only became the default spells no target_keys: both ways.
         label = ("window only" if not attention.get("target_global", True) else
                  "both ways" if attention.get("target_keys", True) else "rows only")
-        moe = config["network"].get("moe") or {}
-        if moe.get("shared_expert"):
+        if experts and moe.get("shared_expert"):
             label = f"shared expert + top-{moe.get('top_k', 2)}, {label}"
         names[key] = (f"MoE-DiffuSeq ({label})" if key == "moe_diffuseq" else
                       label if experts else f"dense FFN, {label}")

@@ -100,6 +100,9 @@ ABLATIONS: dict[str, dict] = {
     "dense_ffn": {"network": {"moe": None, "ffn_hidden": RECIPE["network"]["moe"]["top_k"]
                               * RECIPE["network"]["moe"]["expert_hidden"]}},
     "shared_expert": {"network": {"moe": {"top_k": 1, "shared_expert": True}}},
+    # The top_k routed experts summed as one FFN of their joint width, not averaged.
+    "routed_scale": {"network": {"moe": {
+        "routed_scale": float(RECIPE["network"]["moe"]["top_k"])}}},
     "absorbing_full_rate": {"diffusion": {"soft_absorbing": True, "denoise_rate": 0.5}},
     # A data setting, not a model one: the corpus's tokenizer trained as plain byte-level BPE, where
     # a word at a line's start and the same word after a space are different tokens.

@@ -35,11 +35,12 @@ starting from the short stage of the model they share every parameter with:
 baseline's dense FFN, MoE-DiffuSeq's attention); against MoE-DiffuSeq they tell what its
 attention and what its experts cost a long stage (with all four run, the JSON records each
 part's main effect over the 2x2). ``moe_shared_expert`` (every token through one shared expert
-beside its top-1 routed one, the same active width) is asked for by name too. On a GPU pass
-larger ``--minutes`` and ``--short_minutes``. ``--minutes 0`` scores each short stage's model
-at the long lengths as it is; ``--short_cache DIR`` keeps each short stage and loads it when a
-later run asks for the same one, so that long-stage settings (``--minutes``, ``--long_lr``) can
-be compared on one stage.
+beside its top-1 routed one, the same active width) and ``moe_frozen_experts`` (MoE-DiffuSeq's
+short stage, its router and experts kept fixed in the long stage) are asked for by name too.
+On a GPU pass larger ``--minutes`` and ``--short_minutes``. ``--minutes 0`` scores each short
+stage's model at the long lengths as it is; ``--short_cache DIR`` keeps each short stage and
+loads it when a later run asks for the same one, so that long-stage settings (``--minutes``,
+``--long_lr``) can be compared on one stage.
 """
 
 from __future__ import annotations
@@ -98,6 +99,11 @@ MODELS: dict[str, dict] = {
     "moe_shared_expert": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True,
                                                              "target_keys": False},
                                       "moe": {**EXPERTS, "top_k": 1, "shared_expert": True}}},
+    # MoE-DiffuSeq whose router and experts stay as the short stage left them (ST-MoE fine-tunes
+    # only the dense parameters as well as all): whether updating them is what the long stage loses.
+    "moe_frozen_experts": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True,
+                                                              "target_keys": False},
+                                       "moe": EXPERTS}},
     # One part of each model swapped for the long stage only (see SHORT_STAGE_OF): MoE-DiffuSeq's
     # experts with full attention, and the baseline's dense FFN with MoE-DiffuSeq's attention.
     "moe_full_attention": {"network": {**WIDTH, "attention": {"backend": "full_sdpa"},
@@ -113,6 +119,7 @@ MODELS: dict[str, dict] = {
 NAMES = {"moe_diffuseq": "MoE-DiffuSeq", "moe_both_ways": "MoE-DiffuSeq, global both ways",
          "moe_window_only": "MoE-DiffuSeq, window only",
          "moe_shared_expert": "MoE-DiffuSeq, a shared expert and top-1",
+         "moe_frozen_experts": "MoE-DiffuSeq, router and experts frozen in the long stage",
          "moe_full_attention": "MoE-DiffuSeq, full attention in the long stage",
          "dense_windowed": "dense FFN, MoE-DiffuSeq's attention in the long stage",
          "diffuseq": "DiffuSeq (sdpa)"}
@@ -121,12 +128,16 @@ DEFAULT_MODELS = ("moe_diffuseq", "moe_both_ways", "moe_window_only", "diffuseq"
 # The swapped models start from the short stage of the model whose parameters they share (the
 # attention backend has none of its own), so the long stage alone tells attention from experts:
 # at the short stage's 600 characters the window covers most pairs, the target reads every one.
-SHORT_STAGE_OF = {"moe_full_attention": "moe_diffuseq", "dense_windowed": "diffuseq"}
+SHORT_STAGE_OF = {"moe_full_attention": "moe_diffuseq", "dense_windowed": "diffuseq",
+                  "moe_frozen_experts": "moe_diffuseq"}
+# Parameters (by name part) that a model keeps fixed in the long stage.
+FROZEN_IN_LONG_STAGE = {"moe_frozen_experts": (".router.", ".experts.")}
 # Each variant's interval: its item F1 minus the reference's, paired over the same documents.
 VARIANTS: dict[str, tuple[str, str]] = {
     "moe_both_ways": ("f1_both_ways_minus_moe", "moe_diffuseq"),
     "moe_window_only": ("f1_window_only_minus_moe", "moe_diffuseq"),
     "moe_shared_expert": ("f1_shared_expert_minus_moe", "moe_diffuseq"),
+    "moe_frozen_experts": ("f1_frozen_experts_minus_moe", "moe_diffuseq"),
     # Attention with the experts kept, and experts with the attention kept.
     "moe_full_attention": ("f1_full_attention_minus_moe", "moe_diffuseq"),
     "dense_windowed": ("f1_dense_windowed_minus_moe", "moe_diffuseq"),
@@ -171,6 +182,15 @@ def grow_into(model: MoEDiffuSeq, state: dict[str, torch.Tensor]) -> None:
         else:
             raise ValueError(f"{key}: shape {tuple(value.shape)} cannot grow into "
                              f"{tuple(own[key].shape)}")
+
+
+def freeze_for_long_stage(model: MoEDiffuSeq, model_name: str) -> list[str]:
+    """Fix the parameters ``FROZEN_IN_LONG_STAGE`` names for ``model_name``; returns their names."""
+    parts = FROZEN_IN_LONG_STAGE.get(model_name, ())
+    frozen = [key for key, _ in model.named_parameters() if any(p in key for p in parts)]
+    for key in frozen:
+        model.get_parameter(key).requires_grad_(False)  # AdamW skips a parameter with no gradient
+    return frozen
 
 
 def model_config(model_name: str, sizes: dict, args, change: dict | None = None) -> dict:
@@ -233,6 +253,7 @@ def train_and_score(task: str, tokens: int, model_name: str, seed: int, args,
     model.set_tokenizer(tokenizer)
     model.configure_model()
     grow_into(model, short["state"])
+    frozen = freeze_for_long_stage(model, model_name)
     budget = TrainingBudget(args.minutes * 60)
     if args.minutes > 0:
         trainer = fit_for_budget(model, data, budget, args.accelerator)
@@ -243,7 +264,7 @@ def train_and_score(task: str, tokens: int, model_name: str, seed: int, args,
     # Plain DPM-Solver++ 20, as settings.sampler says: the recipe would add its restarts.
     result = score(model, rows, sampler="dpm_solver++", steps=20, restarts=0)
     return {"task": task, "tokens": tokens, "model": model_name, "seed": seed,
-            "short_stage": short["info"],
+            "short_stage": short["info"], "frozen_parameters": len(frozen),
             "steps": trainer.global_step if trainer else 0, "trained_s": round(budget.trained_s, 1),
             "tokens_per_s": round(budget.positions / max(budget.trained_s, 1e-9)),
             "source_tokens": source_tokens(tokenizer, rows), **floor(task, rows, result),
@@ -513,6 +534,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                if m in SHORT_STAGE_OF},
                             "variants": {m: list(VARIANTS[m]) for m in args.models
                                          if m in VARIANTS},
+                            "frozen_in_long_stage": {m: list(FROZEN_IN_LONG_STAGE[m])
+                                                     for m in args.models
+                                                     if m in FROZEN_IN_LONG_STAGE},
                             "sampler": "dpm_solver++ 20",
                             "wall_s": round(time.perf_counter() - start)},
                "runs": results, "table": table, "summary": summary}

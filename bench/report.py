@@ -100,6 +100,8 @@ LEARN_TITLES = {
                    "(`learn_seeds.json`)",
     "learn_cast_mbr": "dialogue-cast sampled from eight seeds, MBR against one seed "
                       "(`learn_cast_mbr.json`)",
+    "learn_moe_scale": "dialogue-cast in 6 minutes: a dense FFN, and the routed experts summed "
+                       "(`learn_moe_scale.json`)",
 }
 
 
@@ -364,8 +366,9 @@ def _long_cost(c: dict) -> list[str]:
     return out
 
 
-def _long_task_names(models: dict) -> dict[str, str]:
-    """A column name for each recorded model, read from its recorded attention settings."""
+def _long_task_names(models: dict, frozen: dict | None = None) -> dict[str, str]:
+    """A column name for each recorded model, read from its recorded attention settings (and
+    ``frozen``: the parameters each keeps fixed in the long stage)."""
     names = {}
     for key, config in models.items():
         attention = config["network"].get("attention", {})
@@ -379,6 +382,8 @@ def _long_task_names(models: dict) -> dict[str, str]:
                  "both ways" if attention.get("target_keys", True) else "rows only")
         if experts and moe.get("shared_expert"):
             label = f"shared expert + top-{moe.get('top_k', 2)}, {label}"
+        if parts := (frozen or {}).get(key):
+            label = f"{label}, {' and '.join(p.strip('.') for p in parts)} fixed in the long stage"
         names[key] = (f"MoE-DiffuSeq ({label})" if key == "moe_diffuseq" else
                       label if experts else f"dense FFN, {label}")
     return names
@@ -410,6 +415,8 @@ LONG_TASKS_TITLES = {
                             "swapped for the long stage only (`long_tasks_swap_cast.json`)",
     "long_tasks_shared": "code-lookup at 4k tokens: a shared expert beside top-1 routing "
                          "(`long_tasks_shared.json`)",
+    "long_tasks_frozen": "code-lookup at 4k tokens: router and experts frozen in the long stage "
+                         "(`long_tasks_frozen.json`)",
 }
 
 
@@ -425,7 +432,7 @@ def _bins(bins: list[dict], unit: str) -> str:
 
 def _long_tasks(c: dict, name: str = "long_tasks") -> list[str]:
     st, summary = c["settings"], c["summary"]
-    names = _long_task_names(st["models"])
+    names = _long_task_names(st["models"], st.get("frozen_in_long_stage"))
     out = [f"### {LONG_TASKS_TITLES[name]}", "",
            f"Each model trains {st['short_minutes']:g} min on sources of at most "
            f"{st['short_chars']} characters (batch {st['short_batch_size']}), then "
@@ -530,7 +537,7 @@ def _long_tasks(c: dict, name: str = "long_tasks") -> list[str]:
 def _long_abstracts(c: dict) -> list[str]:
     """bench/long_abstracts.py: the generative long task, ROUGE-L with its paired interval."""
     st, table = c["settings"], c["table"]
-    names = _long_task_names(st["models"])
+    names = _long_task_names(st["models"], st.get("frozen_in_long_stage"))
     out = ["### Long documents, generative: vignette body -> abstract "
            "(`make bench-long-abstracts`)", "",
            f"Each model trains {st['short_minutes']:g} min on the body's first "

@@ -90,6 +90,10 @@ class MoEConfig:
     """Expert dispatch: sorted (grouped contiguous matmuls) or looped (the reference)."""
     shared_expert: bool = False
     """Add one shared expert that every token uses (DeepSeek-style)."""
+    routed_scale: float = 1.0
+    """Factor on the routed experts' weighted sum, whose top_k weights sum to 1 (DeepSeek-V2's
+    routed scaling factor). top_k makes k experts of about equal weight add up as one FFN of
+    top_k * expert_hidden would, instead of averaging to half its output and half its step."""
 
     def __post_init__(self) -> None:
         _check(self.num_experts >= 1, "network.moe.num_experts", self.num_experts, "must be >= 1")
@@ -108,6 +112,7 @@ class MoEConfig:
             "must be None or > 0",
         )
         _check(self.jitter >= 0, "network.moe.jitter", self.jitter, "must be >= 0")
+        _check(self.routed_scale > 0, "network.moe.routed_scale", self.routed_scale, "must be > 0")
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import attention, moe, report
 from bench.common import ABLATION, QUALITY_BATCH, QUALITY_SRC_LEN, QUALITY_TRG_LEN
@@ -348,6 +350,8 @@ def test_long_tasks_bench_tiny_run_compares_every_model_with_intervals(tmp_path)
     # A swapped model's long stage starts from its owner's short stage, the very same one.
     for model, owner in long_tasks.SHORT_STAGE_OF.items():
         assert runs[model]["short_stage"] == runs[owner]["short_stage"]
+    assert runs["moe_frozen_experts"]["frozen_parameters"] > 0
+    assert runs["moe_diffuseq"]["frozen_parameters"] == 0
     # Both stages trained: the short sources first, then the long ones.
     assert all(r["short_stage"]["steps"] >= 1 and r["steps"] >= 1 for r in runs.values())
     # Only sources of at least half the length's characters are scored.
@@ -371,6 +375,7 @@ def test_long_tasks_bench_tiny_run_compares_every_model_with_intervals(tmp_path)
     assert "MoE-DiffuSeq (rows only) F1" in section and "| both ways F1 |" in section
     assert "both ways - MoE" in section and "window only - MoE" in section
     assert "Main effects of the long stage's attention and of the FFN" in section
+    assert "router and experts fixed in the long stage" in section
     # code-lookup's floor, a random def line of the source, is recorded and reported.
     assert all(0.0 < r["guess_exact"] < 1.0 for r in runs.values())
     assert "code-lookup's floor" in section
@@ -379,6 +384,28 @@ def test_long_tasks_bench_tiny_run_compares_every_model_with_intervals(tmp_path)
         for key in ("exact_by_answer_distance", "exact_by_def_lines"):
             assert sum(b["docs"] for b in r[key]) == len(r["per_doc_exact"])
     assert "tokens back from the" in section and "def lines the source holds" in section
+
+
+def test_frozen_experts_keep_their_weights_through_a_long_stage_step():
+    from bench import long_tasks
+    from moe_diffuseq import MoEDiffuSeq
+
+    tiny = {"network": {"embed_dim": 16, "hidden_size": 32, "num_layers": 1, "vocab_size": 50,
+                        "max_src_len": 24, "max_trg_len": 8}, "diffusion": {"steps": 20}}
+    model = MoEDiffuSeq(**long_tasks.model_config("moe_frozen_experts", {}, argparse.Namespace(
+        model=tiny)))
+    model.configure_model()
+    frozen = long_tasks.freeze_for_long_stage(model, "moe_frozen_experts")
+    assert frozen and all(".router." in k or ".experts." in k for k in frozen)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    # Every trainable parameter gets a gradient; the frozen ones must not move, decay included.
+    loss = sum(p.square().sum() for p in model.parameters() if p.requires_grad)
+    loss.backward()
+    optimizer.step()
+    changed = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    assert changed and not changed & set(frozen)
+    assert long_tasks.freeze_for_long_stage(model, "moe_diffuseq") == []
 
 
 def test_lookup_breakdown_bins_answer_distance_and_def_lines(small_tokenizer):

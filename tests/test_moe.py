@@ -35,6 +35,26 @@ def test_one_expert_equals_dense_ffn_forward_and_backward():
     torch.testing.assert_close(g_moe[1][0], g_dense[1].t())
 
 
+def test_routed_scale_top_k_makes_equal_experts_one_wide_ffn():
+    # A uniform router over all experts: with routed_scale = top_k the experts add up as one FFN
+    # of their joint width; without it they average to 1 / top_k of it.
+    torch.manual_seed(0)
+    moe = MoEFeedForward(8, 16, num_experts=2, top_k=2, routed_scale=2.0)
+    torch.nn.init.zeros_(moe.router.proj.weight)
+    wide = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    with torch.no_grad():
+        wide[0].weight.copy_(torch.cat([moe.experts.w1[0], moe.experts.w1[1]], 1).t())
+        wide[0].bias.copy_(torch.cat([moe.experts.b1[0], moe.experts.b1[1]]))
+        wide[2].weight.copy_(torch.cat([moe.experts.w2[0], moe.experts.w2[1]], 0).t())
+        wide[2].bias.copy_(moe.experts.b2[0] + moe.experts.b2[1])
+    x = torch.randn(3, 5, 8)
+    for dispatch in ("looped", "sorted"):
+        moe.dispatch = dispatch
+        torch.testing.assert_close(moe(x)[0], wide(x))
+    moe.routed_scale = 1.0
+    torch.testing.assert_close(moe(x)[0], wide(x) / 2)
+
+
 def _dispatch_outputs_and_grads(moe: MoEFeedForward, x: torch.Tensor, padding: torch.Tensor | None):
     outs, grads = [], []
     for dispatch in ("looped", "sorted"):
@@ -200,3 +220,11 @@ def test_autocast_bf16_forward_and_backward_run_in_both_dispatches():
         for name, grad in grads.items():
             torch.testing.assert_close(grad, reference_grads[name], atol=5e-2, rtol=5e-2,
                                        msg=f"{dispatch} {name}")
+
+
+def test_routed_scale_must_be_positive_and_is_named_when_not():
+    from moe_diffuseq.config import MoEConfig
+
+    with pytest.raises(ValueError, match=r"network.moe.routed_scale=0.0: must be > 0"):
+        MoEConfig(routed_scale=0.0)
+    assert MoEFeedForward.from_config(8, MoEConfig(routed_scale=2.0)).routed_scale == 2.0

@@ -52,6 +52,7 @@ class MoEFeedForward(nn.Module):
         jitter: multiplicative router input noise in training.
         dispatch: "sorted" (fast) or "looped" (reference).
         shared_expert: add one expert that every token uses, besides the routed ones.
+        routed_scale: factor on the routed experts' weighted sum (their weights sum to 1).
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class MoEFeedForward(nn.Module):
         jitter: float = 0.0,
         dispatch: str = "sorted",
         shared_expert: bool = False,
+        routed_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -74,6 +76,7 @@ class MoEFeedForward(nn.Module):
         self.top_k = top_k
         self.capacity_factor = capacity_factor
         self.dispatch = dispatch
+        self.routed_scale = routed_scale
         self.router = TopKRouter(d_model, num_experts, top_k, jitter)
         self.experts = Experts(num_experts, d_model, d_hidden)
         self.shared = DenseFeedForward(d_model, d_hidden) if shared_expert else None
@@ -84,7 +87,7 @@ class MoEFeedForward(nn.Module):
         return cls(
             d_model, config.expert_hidden, config.num_experts, config.top_k,
             capacity_factor=config.capacity_factor, jitter=config.jitter, dispatch=config.dispatch,
-            shared_expert=config.shared_expert,
+            shared_expert=config.shared_expert, routed_scale=config.routed_scale,
         )
 
     def forward(self, x: torch.Tensor,
@@ -102,6 +105,8 @@ class MoEFeedForward(nn.Module):
         n_tokens = tokens.shape[0]
         slot_token = torch.arange(n_tokens, device=x.device).repeat_interleave(self.top_k)
         slot_expert, slot_weight = index.reshape(-1), weight.reshape(-1)
+        if self.routed_scale != 1.0:
+            slot_weight = slot_weight * self.routed_scale
         keep = None
         if self.capacity_factor is not None and n_tokens > 0:
             capacity = math.ceil(self.capacity_factor * n_tokens * self.top_k / self.num_experts)

@@ -36,7 +36,9 @@ baseline's dense FFN, MoE-DiffuSeq's attention); against MoE-DiffuSeq they tell 
 attention and what its experts cost a long stage (with all four run, the JSON records each
 part's main effect over the 2x2). ``moe_shared_expert`` (every token through one shared expert
 beside its top-1 routed one, the same active width) and ``moe_frozen_experts`` (MoE-DiffuSeq's
-short stage, its router and experts kept fixed in the long stage) are asked for by name too.
+short stage, its router and experts kept fixed in the long stage) are asked for by name too, as
+are ``moe_sdpa`` (the experts with full attention in both stages) and ``moe_full_short``
+(MoE-DiffuSeq's long stage from ``moe_sdpa``'s short stage: full attention where it is cheap).
 On a GPU pass larger ``--minutes`` and ``--short_minutes``. ``--minutes 0`` scores each short
 stage's model at the long lengths as it is; ``--short_cache DIR`` keeps each short stage and
 loads it when a later run asks for the same one, so that long-stage settings (``--minutes``,
@@ -104,6 +106,13 @@ MODELS: dict[str, dict] = {
     "moe_frozen_experts": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True,
                                                               "target_keys": False},
                                        "moe": EXPERTS}},
+    # MoE-DiffuSeq's experts with full attention in both stages, and MoE-DiffuSeq whose short
+    # stage is that one: at 600 characters full attention is the cheaper (Longformer, too, started
+    # from a full-attention model), and the long stage alone is windowed.
+    "moe_sdpa": {"network": {**WIDTH, "attention": {"backend": "full_sdpa"}, "moe": EXPERTS}},
+    "moe_full_short": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True,
+                                                          "target_keys": False},
+                                   "moe": EXPERTS}},
     # One part of each model swapped for the long stage only (see SHORT_STAGE_OF): MoE-DiffuSeq's
     # experts with full attention, and the baseline's dense FFN with MoE-DiffuSeq's attention.
     "moe_full_attention": {"network": {**WIDTH, "attention": {"backend": "full_sdpa"},
@@ -120,6 +129,8 @@ NAMES = {"moe_diffuseq": "MoE-DiffuSeq", "moe_both_ways": "MoE-DiffuSeq, global 
          "moe_window_only": "MoE-DiffuSeq, window only",
          "moe_shared_expert": "MoE-DiffuSeq, a shared expert and top-1",
          "moe_frozen_experts": "MoE-DiffuSeq, router and experts frozen in the long stage",
+         "moe_sdpa": "MoE-DiffuSeq's experts, full attention in both stages",
+         "moe_full_short": "MoE-DiffuSeq from a full-attention short stage",
          "moe_full_attention": "MoE-DiffuSeq, full attention in the long stage",
          "dense_windowed": "dense FFN, MoE-DiffuSeq's attention in the long stage",
          "diffuseq": "DiffuSeq (sdpa)"}
@@ -129,7 +140,7 @@ DEFAULT_MODELS = ("moe_diffuseq", "moe_both_ways", "moe_window_only", "diffuseq"
 # attention backend has none of its own), so the long stage alone tells attention from experts:
 # at the short stage's 600 characters the window covers most pairs, the target reads every one.
 SHORT_STAGE_OF = {"moe_full_attention": "moe_diffuseq", "dense_windowed": "diffuseq",
-                  "moe_frozen_experts": "moe_diffuseq"}
+                  "moe_frozen_experts": "moe_diffuseq", "moe_full_short": "moe_sdpa"}
 # Parameters (by name part) that a model keeps fixed in the long stage.
 FROZEN_IN_LONG_STAGE = {"moe_frozen_experts": (".router.", ".experts.")}
 # Each variant's interval: its item F1 minus the reference's, paired over the same documents.
@@ -138,6 +149,8 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "moe_window_only": ("f1_window_only_minus_moe", "moe_diffuseq"),
     "moe_shared_expert": ("f1_shared_expert_minus_moe", "moe_diffuseq"),
     "moe_frozen_experts": ("f1_frozen_experts_minus_moe", "moe_diffuseq"),
+    "moe_sdpa": ("f1_sdpa_experts_minus_moe", "moe_diffuseq"),
+    "moe_full_short": ("f1_full_short_minus_moe", "moe_diffuseq"),
     # Attention with the experts kept, and experts with the attention kept.
     "moe_full_attention": ("f1_full_attention_minus_moe", "moe_diffuseq"),
     "dense_windowed": ("f1_dense_windowed_minus_moe", "moe_diffuseq"),
@@ -532,6 +545,10 @@ def main(argv: list[str] | None = None) -> dict:
                             "models": {m: MODELS[m] for m in args.models}, "recipe": RECIPE,
                             "short_stage_of": {m: SHORT_STAGE_OF[m] for m in args.models
                                                if m in SHORT_STAGE_OF},
+                            # The short stages' own models, where they are not among the above.
+                            "short_stage_models": {SHORT_STAGE_OF[m]: MODELS[SHORT_STAGE_OF[m]]
+                                                   for m in args.models if m in SHORT_STAGE_OF
+                                                   and SHORT_STAGE_OF[m] not in args.models},
                             "variants": {m: list(VARIANTS[m]) for m in args.models
                                          if m in VARIANTS},
                             "frozen_in_long_stage": {m: list(FROZEN_IN_LONG_STAGE[m])

@@ -366,9 +366,12 @@ def _long_cost(c: dict) -> list[str]:
     return out
 
 
-def _long_task_names(models: dict, frozen: dict | None = None) -> dict[str, str]:
-    """A column name for each recorded model, read from its recorded attention settings (and
-    ``frozen``: the parameters each keeps fixed in the long stage)."""
+def _long_task_names(settings: dict) -> dict[str, str]:
+    """A column name for each recorded model (and each short stage's own model), read from its
+    recorded attention settings, the parameters it keeps fixed in the long stage, and the
+    attention of the short stage it starts from where that differs from its own."""
+    models = {**settings.get("short_stage_models", {}), **settings["models"]}
+    frozen = settings.get("frozen_in_long_stage", {})
     names = {}
     for key, config in models.items():
         attention = config["network"].get("attention", {})
@@ -382,10 +385,15 @@ def _long_task_names(models: dict, frozen: dict | None = None) -> dict[str, str]
                  "both ways" if attention.get("target_keys", True) else "rows only")
         if experts and moe.get("shared_expert"):
             label = f"shared expert + top-{moe.get('top_k', 2)}, {label}"
-        if parts := (frozen or {}).get(key):
+        if parts := frozen.get(key):
             label = f"{label}, {' and '.join(p.strip('.') for p in parts)} fixed in the long stage"
         names[key] = (f"MoE-DiffuSeq ({label})" if key == "moe_diffuseq" else
                       label if experts else f"dense FFN, {label}")
+    for key, owner in settings.get("short_stage_of", {}).items():
+        full = [models[m]["network"].get("attention", {}).get("backend", "").startswith("full")
+                for m in (key, owner)]
+        if full[0] != full[1]:
+            names[key] += ", full-attention short stage" if full[1] else ", windowed short stage"
     return names
 
 
@@ -417,6 +425,8 @@ LONG_TASKS_TITLES = {
                          "(`long_tasks_shared.json`)",
     "long_tasks_frozen": "code-lookup at 4k tokens: router and experts frozen in the long stage "
                          "(`long_tasks_frozen.json`)",
+    "long_tasks_full_short": "code-lookup at 4k tokens: MoE-DiffuSeq from a full-attention short "
+                             "stage (`long_tasks_full_short.json`)",
 }
 
 
@@ -432,7 +442,7 @@ def _bins(bins: list[dict], unit: str) -> str:
 
 def _long_tasks(c: dict, name: str = "long_tasks") -> list[str]:
     st, summary = c["settings"], c["summary"]
-    names = _long_task_names(st["models"], st.get("frozen_in_long_stage"))
+    names = _long_task_names(st)
     out = [f"### {LONG_TASKS_TITLES[name]}", "",
            f"Each model trains {st['short_minutes']:g} min on sources of at most "
            f"{st['short_chars']} characters (batch {st['short_batch_size']}), then "
@@ -449,7 +459,7 @@ def _long_tasks(c: dict, name: str = "long_tasks") -> list[str]:
     # down keys its interval against MoE-DiffuSeq by its model name without "moe_".
     variant_of = st.get("variants") or {
         m: (f"f1_{m.removeprefix('moe_')}_minus_moe", "moe_diffuseq")
-        for m in names if m not in ("moe_diffuseq", "diffuseq")}
+        for m in st["models"] if m not in ("moe_diffuseq", "diffuseq")}
     variant_models = list(variant_of)
     rows, variants = [], []
     for task, cells in c["table"].items():
@@ -457,15 +467,16 @@ def _long_tasks(c: dict, name: str = "long_tasks") -> list[str]:
             scored = [r for r in c["runs"] if r["task"] == task and str(r["tokens"]) == tokens]
             mean = scored[0]["source_tokens"]["mean"]
             rows.append([task, f"{tokens} ({mean}, {len(scored[0]['per_doc_f1'])} docs)",
-                         *(cell[m]["item_f1"] for m in names),
+                         *(cell[m]["item_f1"] for m in st["models"]),
                          *(cell[m]["exact_match"] for m in ("moe_diffuseq", "diffuseq")),
                          *(round(cell[m]["steps"]) for m in ("moe_diffuseq", "diffuseq")),
                          format_interval(cell["intervals"]["f1_moe_minus_baseline"])])
             variants.append([task, tokens, *(format_interval(cell["intervals"][variant_of[m][0]])
                                              for m in variant_models)])
-    out += _table(["task", "source tokens (mean, scored)", *(f"{n} F1" for n in names.values()),
-                   "MoE exact", "baseline exact", "MoE long steps", "baseline long steps",
-                   "MoE - baseline F1"], rows)
+    columns = [f"{names[m]} F1" for m in st["models"]]
+    out += _table(["task", "source tokens (mean, scored)", *columns, "MoE exact",
+                   "baseline exact", "MoE long steps", "baseline long steps", "MoE - baseline F1"],
+                  rows)
     if variant_models:
         out += ["", "Each variant's item F1 minus that of the model named after it, paired over "
                 "the same documents:", ""]
@@ -537,7 +548,7 @@ def _long_tasks(c: dict, name: str = "long_tasks") -> list[str]:
 def _long_abstracts(c: dict) -> list[str]:
     """bench/long_abstracts.py: the generative long task, ROUGE-L with its paired interval."""
     st, table = c["settings"], c["table"]
-    names = _long_task_names(st["models"], st.get("frozen_in_long_stage"))
+    names = _long_task_names(st)
     out = ["### Long documents, generative: vignette body -> abstract "
            "(`make bench-long-abstracts`)", "",
            f"Each model trains {st['short_minutes']:g} min on the body's first "
@@ -549,7 +560,7 @@ def _long_abstracts(c: dict) -> list[str]:
            f"characters, with {st['sampler']}. ROUGE-L is F1 (0-100) per document; intervals are "
            f"95% paired bootstrap over documents. {_machine(c)}", ""]
     rows = []
-    for m in names:
+    for m in st["models"]:
         runs = [r for r in c["runs"] if r["model"] == m]
         rows.append([names[m], round(sum(r["short_stage"]["steps"] for r in runs) / len(runs)),
                      round(sum(r["steps"] for r in runs) / len(runs)),
@@ -560,7 +571,7 @@ def _long_abstracts(c: dict) -> list[str]:
     # rougeL_moe_minus_baseline, or rougeL_<variant>_minus_moe for each variant trained.
     label = {"rougeL_moe_minus_baseline": f"{names['moe_diffuseq']} minus the baseline",
              **{f"rougeL_{m.removeprefix('moe_')}_minus_moe": f"{names[m]} minus MoE-DiffuSeq"
-                for m in names}}
+                for m in st["models"]}}
     out += [""] + [f"- ROUGE-L, {label[key]}: {format_interval(interval)}"
                    for key, interval in table["intervals"].items()]
     if st.get("model"):

@@ -376,6 +376,7 @@ def test_long_tasks_bench_tiny_run_compares_every_model_with_intervals(tmp_path)
     assert "both ways - MoE" in section and "window only - MoE" in section
     assert "Main effects of the long stage's attention and of the FFN" in section
     assert "router and experts fixed in the long stage" in section
+    assert "rows only, full-attention short stage from full attention, experts's" in section
     # code-lookup's floor, a random def line of the source, is recorded and reported.
     assert all(0.0 < r["guess_exact"] < 1.0 for r in runs.values())
     assert "code-lookup's floor" in section
@@ -384,6 +385,19 @@ def test_long_tasks_bench_tiny_run_compares_every_model_with_intervals(tmp_path)
         for key in ("exact_by_answer_distance", "exact_by_def_lines"):
             assert sum(b["docs"] for b in r[key]) == len(r["per_doc_exact"])
     assert "tokens back from the" in section and "def lines the source holds" in section
+
+
+def test_long_task_names_read_a_short_stage_model_that_did_not_run_its_own_long_stage():
+    from bench import long_tasks
+
+    models = ["moe_diffuseq", "moe_full_short", "diffuseq"]
+    settings = {"models": {m: long_tasks.MODELS[m] for m in models},
+                "short_stage_of": {"moe_full_short": "moe_sdpa"},
+                "short_stage_models": {"moe_sdpa": long_tasks.MODELS["moe_sdpa"]}}
+    names = report._long_task_names(settings)
+    assert names["moe_full_short"] == "rows only, full-attention short stage"
+    assert names["moe_sdpa"] == "full attention, experts"
+    assert names["moe_diffuseq"] == "MoE-DiffuSeq (rows only)"
 
 
 def test_frozen_experts_keep_their_weights_through_a_long_stage_step():

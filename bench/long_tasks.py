@@ -38,7 +38,7 @@ part's main effect over the 2x2). ``moe_shared_expert`` (every token through one
 beside its top-1 routed one, the same active width) and ``moe_frozen_experts`` (MoE-DiffuSeq's
 short stage, its router and experts kept fixed in the long stage) are asked for by name too, as
 are ``moe_sdpa`` (the experts with full attention in both stages) and ``moe_full_short``
-(MoE-DiffuSeq's long stage from ``moe_sdpa``'s short stage: full attention where it is cheap).
+(MoE-DiffuSeq's long stage from ``moe_sdpa``'s short stage: full attention while it is cheap).
 On a GPU pass larger ``--minutes`` and ``--short_minutes``. ``--minutes 0`` scores each short
 stage's model at the long lengths as it is; ``--short_cache DIR`` keeps each short stage and
 loads it when a later run asks for the same one, so that long-stage settings (``--minutes``,
@@ -101,14 +101,14 @@ MODELS: dict[str, dict] = {
     "moe_shared_expert": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True,
                                                              "target_keys": False},
                                       "moe": {**EXPERTS, "top_k": 1, "shared_expert": True}}},
-    # MoE-DiffuSeq whose router and experts stay as the short stage left them (ST-MoE fine-tunes
-    # only the dense parameters as well as all): whether updating them is what the long stage loses.
+    # MoE-DiffuSeq whose router and experts stay as the short stage left them (ST-MoE fine-tuned
+    # the non-expert parameters alone as well as all): whether updating them costs the long stage.
     "moe_frozen_experts": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True,
                                                               "target_keys": False},
                                        "moe": EXPERTS}},
     # MoE-DiffuSeq's experts with full attention in both stages, and MoE-DiffuSeq whose short
-    # stage is that one: at 600 characters full attention is the cheaper (Longformer, too, started
-    # from a full-attention model), and the long stage alone is windowed.
+    # stage is that one (Longformer, too, started from a full-attention model): at 600 characters
+    # both attentions cost about the same, and the long stage alone is windowed.
     "moe_sdpa": {"network": {**WIDTH, "attention": {"backend": "full_sdpa"}, "moe": EXPERTS}},
     "moe_full_short": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True,
                                                           "target_keys": False},

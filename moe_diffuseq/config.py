@@ -93,7 +93,7 @@ class MoEConfig:
     routed_scale: float = 1.0
     """Factor on the routed experts' weighted sum, whose top_k weights sum to 1 (DeepSeek-V2's
     routed scaling factor). top_k makes k experts of about equal weight add up as one FFN of
-    top_k * expert_hidden would, instead of averaging to half its output and half its step."""
+    top_k * expert_hidden would, instead of averaging to 1 / top_k of its output."""
 
     def __post_init__(self) -> None:
         _check(self.num_experts >= 1, "network.moe.num_experts", self.num_experts, "must be >= 1")

@@ -200,9 +200,11 @@ def grow_into(model: MoEDiffuSeq, state: dict[str, torch.Tensor]) -> None:
 def freeze_for_long_stage(model: MoEDiffuSeq, model_name: str) -> list[str]:
     """Fix the parameters ``FROZEN_IN_LONG_STAGE`` names for ``model_name``; returns their names."""
     parts = FROZEN_IN_LONG_STAGE.get(model_name, ())
-    frozen = [key for key, _ in model.named_parameters() if any(p in key for p in parts)]
-    for key in frozen:
-        model.get_parameter(key).requires_grad_(False)  # AdamW skips a parameter with no gradient
+    frozen = []
+    for key, parameter in model.named_parameters():
+        if any(part in key for part in parts):
+            parameter.requires_grad_(False)  # AdamW skips a parameter with no gradient
+            frozen.append(key)
     return frozen
 
 

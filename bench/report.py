@@ -366,6 +366,10 @@ def _long_cost(c: dict) -> list[str]:
     return out
 
 
+def _full_attention(config: dict) -> bool:
+    return config["network"].get("attention", {}).get("backend", "").startswith("full")
+
+
 def _long_task_names(settings: dict) -> dict[str, str]:
     """A column name for each recorded model (and each short stage's own model), read from its
     recorded attention settings, the parameters it keeps fixed in the long stage, and the
@@ -377,7 +381,7 @@ def _long_task_names(settings: dict) -> dict[str, str]:
         attention = config["network"].get("attention", {})
         moe = config["network"].get("moe")
         experts = moe is not None
-        if attention.get("backend", "").startswith("full"):
+        if _full_attention(config):
             names[key] = "full attention, experts" if experts else "DiffuSeq (sdpa)"
             continue
         # A file recorded before rows only became the default spells no target_keys: both ways.
@@ -390,10 +394,9 @@ def _long_task_names(settings: dict) -> dict[str, str]:
         names[key] = (f"MoE-DiffuSeq ({label})" if key == "moe_diffuseq" else
                       label if experts else f"dense FFN, {label}")
     for key, owner in settings.get("short_stage_of", {}).items():
-        full = [models[m]["network"].get("attention", {}).get("backend", "").startswith("full")
-                for m in (key, owner)]
-        if full[0] != full[1]:
-            names[key] += ", full-attention short stage" if full[1] else ", windowed short stage"
+        own, short = _full_attention(models[key]), _full_attention(models[owner])
+        if own != short:
+            names[key] += ", full-attention short stage" if short else ", windowed short stage"
     return names
 
 

@@ -39,6 +39,8 @@ beside its top-1 routed one, the same active width) and ``moe_frozen_experts`` (
 short stage, its router and experts kept fixed in the long stage) are asked for by name too, as
 are ``moe_sdpa`` (the experts with full attention in both stages) and ``moe_full_short``
 (MoE-DiffuSeq's long stage from ``moe_sdpa``'s short stage: full attention while it is cheap).
+``moe_long_batch`` and ``diffuseq_long_batch`` train their long stage on 3x ``--batch_size``, from
+MoE-DiffuSeq's and the baseline's short stages: what a model's long steps buy as larger batches.
 On a GPU pass larger ``--minutes`` and ``--short_minutes``. ``--minutes 0`` scores each short
 stage's model at the long lengths as it is; ``--short_cache DIR`` keeps each short stage and
 loads it when a later run asks for the same one, so that long-stage settings (``--minutes``,
@@ -113,6 +115,12 @@ MODELS: dict[str, dict] = {
     "moe_full_short": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True,
                                                           "target_keys": False},
                                    "moe": EXPERTS}},
+    # MoE-DiffuSeq whose long stage spends its faster steps on larger batches (LONG_BATCH_FACTOR):
+    # about the baseline's step count at 4k, each step averaging out more of the noise of a
+    # batch of four long documents.
+    "moe_long_batch": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True,
+                                                          "target_keys": False},
+                                   "moe": EXPERTS}},
     # One part of each model swapped for the long stage only (see SHORT_STAGE_OF): MoE-DiffuSeq's
     # experts with full attention, and the baseline's dense FFN with MoE-DiffuSeq's attention.
     "moe_full_attention": {"network": {**WIDTH, "attention": {"backend": "full_sdpa"},
@@ -124,6 +132,11 @@ MODELS: dict[str, dict] = {
     # The same active width as top_k experts of expert_hidden, every token through one FFN.
     "diffuseq": {"network": {**WIDTH, "attention": {"backend": "full_sdpa"}, "moe": None,
                              "ffn_hidden": EXPERTS["top_k"] * EXPERTS["expert_hidden"]}},
+    # The baseline given the same larger long-stage batch: whether the batch, not the steps
+    # MoE-DiffuSeq buys with it, is what helps.
+    "diffuseq_long_batch": {"network": {**WIDTH, "attention": {"backend": "full_sdpa"},
+                                        "moe": None,
+                                        "ffn_hidden": EXPERTS["top_k"] * EXPERTS["expert_hidden"]}},
 }
 NAMES = {"moe_diffuseq": "MoE-DiffuSeq", "moe_both_ways": "MoE-DiffuSeq, global both ways",
          "moe_window_only": "MoE-DiffuSeq, window only",
@@ -131,18 +144,23 @@ NAMES = {"moe_diffuseq": "MoE-DiffuSeq", "moe_both_ways": "MoE-DiffuSeq, global 
          "moe_frozen_experts": "MoE-DiffuSeq, router and experts frozen in the long stage",
          "moe_sdpa": "MoE-DiffuSeq's experts, full attention in both stages",
          "moe_full_short": "MoE-DiffuSeq from a full-attention short stage",
+         "moe_long_batch": "MoE-DiffuSeq, 3x the batch in the long stage",
          "moe_full_attention": "MoE-DiffuSeq, full attention in the long stage",
          "dense_windowed": "dense FFN, MoE-DiffuSeq's attention in the long stage",
-         "diffuseq": "DiffuSeq (sdpa)"}
+         "diffuseq": "DiffuSeq (sdpa)",
+         "diffuseq_long_batch": "DiffuSeq (sdpa), 3x the batch in the long stage"}
 # What `make bench-long` trains: the swapped models below are asked for by name.
 DEFAULT_MODELS = ("moe_diffuseq", "moe_both_ways", "moe_window_only", "diffuseq")
 # The swapped models start from the short stage of the model whose parameters they share (the
 # attention backend has none of its own), so the long stage alone tells attention from experts:
 # at the short stage's 600 characters the window covers most pairs, the target reads every one.
 SHORT_STAGE_OF = {"moe_full_attention": "moe_diffuseq", "dense_windowed": "diffuseq",
-                  "moe_frozen_experts": "moe_diffuseq", "moe_full_short": "moe_sdpa"}
+                  "moe_frozen_experts": "moe_diffuseq", "moe_full_short": "moe_sdpa",
+                  "moe_long_batch": "moe_diffuseq", "diffuseq_long_batch": "diffuseq"}
 # Parameters (by name part) that a model keeps fixed in the long stage.
 FROZEN_IN_LONG_STAGE = {"moe_frozen_experts": (".router.", ".experts.")}
+# The long stage's batch of a model, as a multiple of --batch_size.
+LONG_BATCH_FACTOR = {"moe_long_batch": 3, "diffuseq_long_batch": 3}
 # Each variant's interval: its item F1 minus the reference's, paired over the same documents.
 VARIANTS: dict[str, tuple[str, str]] = {
     "moe_both_ways": ("f1_both_ways_minus_moe", "moe_diffuseq"),
@@ -151,6 +169,8 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "moe_frozen_experts": ("f1_frozen_experts_minus_moe", "moe_diffuseq"),
     "moe_sdpa": ("f1_sdpa_experts_minus_moe", "moe_diffuseq"),
     "moe_full_short": ("f1_full_short_minus_moe", "moe_diffuseq"),
+    "moe_long_batch": ("f1_long_batch_minus_moe", "moe_diffuseq"),
+    "diffuseq_long_batch": ("f1_baseline_long_batch_minus_baseline", "diffuseq"),
     # Attention with the experts kept, and experts with the attention kept.
     "moe_full_attention": ("f1_full_attention_minus_moe", "moe_diffuseq"),
     "dense_windowed": ("f1_dense_windowed_minus_moe", "moe_diffuseq"),
@@ -208,6 +228,11 @@ def freeze_for_long_stage(model: MoEDiffuSeq, model_name: str) -> list[str]:
     return frozen
 
 
+def long_batch_size(model_name: str, args) -> int:
+    """The long stage's batch of ``model_name``: ``--batch_size`` times its LONG_BATCH_FACTOR."""
+    return args.batch_size * LONG_BATCH_FACTOR.get(model_name, 1)
+
+
 def model_config(model_name: str, sizes: dict, args, change: dict | None = None) -> dict:
     config = merged(merged(RECIPE, MODELS[model_name]), {"network": sizes})
     return merged(merged(config, change or {}), args.model)
@@ -260,7 +285,8 @@ def train_and_score(task: str, tokens: int, model_name: str, seed: int, args,
     sizes = {"max_src_len": -(-int(tokens * BUDGET_FACTOR) // 32) * 32,
              "max_trg_len": TARGET_TOKENS[task]}
     data = Seq2SeqDataModule(corpus=corpus(task, tokens), data_dir=args.data_dir,
-                             batch_size=args.batch_size, tokenizer_path=short["tokenizer"],
+                             batch_size=long_batch_size(model_name, args),
+                             tokenizer_path=short["tokenizer"],
                              seed=seed, **sizes)
     long_stage = LONG_STAGE if args.long_lr is None else {**LONG_STAGE, "lr": args.long_lr}
     model = MoEDiffuSeq(**model_config(model_name, sizes, args, long_stage))
@@ -280,6 +306,7 @@ def train_and_score(task: str, tokens: int, model_name: str, seed: int, args,
     result = score(model, rows, sampler="dpm_solver++", steps=20, restarts=0)
     return {"task": task, "tokens": tokens, "model": model_name, "seed": seed,
             "short_stage": short["info"], "frozen_parameters": len(frozen),
+            "batch_size": long_batch_size(model_name, args),
             "steps": trainer.global_step if trainer else 0, "trained_s": round(budget.trained_s, 1),
             "tokens_per_s": round(budget.positions / max(budget.trained_s, 1e-9)),
             "source_tokens": source_tokens(tokenizer, rows), **floor(task, rows, result),
@@ -556,6 +583,8 @@ def main(argv: list[str] | None = None) -> dict:
                             "frozen_in_long_stage": {m: list(FROZEN_IN_LONG_STAGE[m])
                                                      for m in args.models
                                                      if m in FROZEN_IN_LONG_STAGE},
+                            "long_batch_factor": {m: LONG_BATCH_FACTOR[m] for m in args.models
+                                                  if m in LONG_BATCH_FACTOR},
                             "sampler": "dpm_solver++ 20",
                             "wall_s": round(time.perf_counter() - start)},
                "runs": results, "table": table, "summary": summary}

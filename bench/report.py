@@ -372,17 +372,21 @@ def _full_attention(config: dict) -> bool:
 
 def _long_task_names(settings: dict) -> dict[str, str]:
     """A column name for each recorded model (and each short stage's own model), read from its
-    recorded attention settings, the parameters it keeps fixed in the long stage, and the
+    recorded attention settings, the parameters it keeps fixed in the long stage, its long-stage
+    batch factor, and the
     attention of the short stage it starts from where that differs from its own."""
     models = {**settings.get("short_stage_models", {}), **settings["models"]}
     frozen = settings.get("frozen_in_long_stage", {})
+    batch_factor = settings.get("long_batch_factor", {})
     names = {}
     for key, config in models.items():
         attention = config["network"].get("attention", {})
         moe = config["network"].get("moe")
         experts = moe is not None
+        batch = (f", {batch_factor[key]}x the batch in the long stage" if key in batch_factor
+                 else "")
         if _full_attention(config):
-            names[key] = "full attention, experts" if experts else "DiffuSeq (sdpa)"
+            names[key] = ("full attention, experts" if experts else "DiffuSeq (sdpa)") + batch
             continue
         # A file recorded before rows only became the default spells no target_keys: both ways.
         label = ("window only" if not attention.get("target_global", True) else
@@ -391,6 +395,7 @@ def _long_task_names(settings: dict) -> dict[str, str]:
             label = f"shared expert + top-{moe.get('top_k', 2)}, {label}"
         if parts := frozen.get(key):
             label = f"{label}, {' and '.join(p.strip('.') for p in parts)} fixed in the long stage"
+        label += batch
         names[key] = (f"MoE-DiffuSeq ({label})" if key == "moe_diffuseq" else
                       label if experts else f"dense FFN, {label}")
     for key, owner in settings.get("short_stage_of", {}).items():
@@ -430,6 +435,14 @@ LONG_TASKS_TITLES = {
                          "(`long_tasks_frozen.json`)",
     "long_tasks_full_short": "code-lookup at 4k tokens: MoE-DiffuSeq from a full-attention short "
                              "stage (`long_tasks_full_short.json`)",
+    "long_tasks_batch_zero": "code-lookup at 4k tokens from new 10-minute short stages alone "
+                             "(`long_tasks_batch_zero.json`)",
+    "long_tasks_batch": "code-lookup at 4k tokens: MoE-DiffuSeq's long stage on 3x the batch "
+                        "(`long_tasks_batch.json`)",
+    "long_tasks_batch_8k": "code-lookup at 8k tokens: MoE-DiffuSeq's long stage on 3x the batch "
+                           "(`long_tasks_batch_8k.json`)",
+    "long_tasks_batch_both": "code-lookup at 4k tokens: both models' long stage on 3x the batch "
+                             "(`long_tasks_batch_both.json`)",
 }
 
 
@@ -450,6 +463,8 @@ def _long_tasks(c: dict, name: str = "long_tasks") -> list[str]:
            f"Each model trains {st['short_minutes']:g} min on sources of at most "
            f"{st['short_chars']} characters (batch {st['short_batch_size']}), then "
            + (f"{st['minutes']:g} min more at each length (batch {st['batch_size']}"
+              + "".join(f"; {st['batch_size'] * factor} for {names[m]}"
+                        for m, factor in st.get("long_batch_factor", {}).items())
               + (f", peak learning rate {st['long_lr']:g}" if st.get("long_lr") else "") + ")"
               if st["minutes"] else "no training at the long lengths")
            + f", with the learning recipe and seeds {st['seeds']}; it then answers up to "
@@ -498,7 +513,7 @@ def _long_tasks(c: dict, name: str = "long_tasks") -> list[str]:
                     "documents): " + "; ".join(effects) + "."]
         if swapped := st.get("short_stage_of"):
             out += ["", "Started from another model's short stage (they share every parameter; "
-                    "the long stage swaps one part): " + "; ".join(
+                    "the long stage changes one part or setting): " + "; ".join(
                         f"{names[m]} from {names[owner]}'s" for m, owner in swapped.items()) + "."]
     wins = summary["moe_wins_from_tokens"]
     lengths = sorted({n for cells in c["table"].values() for n in cells}, key=int)

@@ -400,6 +400,27 @@ def test_long_task_names_read_a_short_stage_model_that_did_not_run_its_own_long_
     assert names["moe_diffuseq"] == "MoE-DiffuSeq (rows only)"
 
 
+def test_long_batch_models_train_their_long_stage_on_a_larger_batch_and_are_named_for_it():
+    from bench import long_tasks
+
+    args = argparse.Namespace(batch_size=4)
+    assert long_tasks.long_batch_size("moe_diffuseq", args) == 4
+    assert long_tasks.long_batch_size("moe_long_batch", args) == 4 * long_tasks.LONG_BATCH_FACTOR[
+        "moe_long_batch"]
+    # Each starts from the short stage of the model whose config it shares.
+    for model, owner in (("moe_long_batch", "moe_diffuseq"), ("diffuseq_long_batch", "diffuseq")):
+        assert long_tasks.SHORT_STAGE_OF[model] == owner
+        assert long_tasks.MODELS[model] == long_tasks.MODELS[owner]
+    models = ("moe_diffuseq", "moe_long_batch", "diffuseq", "diffuseq_long_batch")
+    settings = {"models": {m: long_tasks.MODELS[m] for m in models},
+                "long_batch_factor": {m: long_tasks.LONG_BATCH_FACTOR[m] for m in models
+                                      if m in long_tasks.LONG_BATCH_FACTOR}}
+    names = report._long_task_names(settings)
+    assert names["moe_long_batch"] == "rows only, 3x the batch in the long stage"
+    assert names["diffuseq_long_batch"] == "DiffuSeq (sdpa), 3x the batch in the long stage"
+    assert names["diffuseq"] == "DiffuSeq (sdpa)"
+
+
 def test_frozen_experts_keep_their_weights_through_a_long_stage_step():
     from bench import long_tasks
     from moe_diffuseq import MoEDiffuSeq

@@ -41,6 +41,7 @@ are ``moe_sdpa`` (the experts with full attention in both stages) and ``moe_full
 (MoE-DiffuSeq's long stage from ``moe_sdpa``'s short stage: full attention while it is cheap).
 ``moe_long_batch`` and ``diffuseq_long_batch`` train their long stage on 3x ``--batch_size``, from
 MoE-DiffuSeq's and the baseline's short stages: what a model's long steps buy as larger batches.
+``moe_free_router`` trains both stages without the load-balance loss.
 On a GPU pass larger ``--minutes`` and ``--short_minutes``. ``--minutes 0`` scores each short
 stage's model at the long lengths as it is; ``--short_cache DIR`` keeps each short stage and
 loads it when a later run asks for the same one, so that long-stage settings (``--minutes``,
@@ -115,6 +116,11 @@ MODELS: dict[str, dict] = {
     "moe_full_short": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True,
                                                           "target_keys": False},
                                    "moe": EXPERTS}},
+    # MoE-DiffuSeq without the load-balance loss in either stage: a router free to sharpen, so
+    # that a token keeps its experts while the rest of the network trains.
+    "moe_free_router": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True,
+                                                           "target_keys": False},
+                                    "moe": {**EXPERTS, "load_balance_coef": 0.0}}},
     # MoE-DiffuSeq whose long stage spends its faster steps on larger batches (LONG_BATCH_FACTOR):
     # about the baseline's step count at 4k, each step averaging out more of the noise of a
     # batch of four long documents.
@@ -145,6 +151,7 @@ NAMES = {"moe_diffuseq": "MoE-DiffuSeq", "moe_both_ways": "MoE-DiffuSeq, global 
          "moe_sdpa": "MoE-DiffuSeq's experts, full attention in both stages",
          "moe_full_short": "MoE-DiffuSeq from a full-attention short stage",
          "moe_long_batch": "MoE-DiffuSeq, 3x the batch in the long stage",
+         "moe_free_router": "MoE-DiffuSeq, no load-balance loss",
          "moe_full_attention": "MoE-DiffuSeq, full attention in the long stage",
          "dense_windowed": "dense FFN, MoE-DiffuSeq's attention in the long stage",
          "diffuseq": "DiffuSeq (sdpa)",
@@ -170,6 +177,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "moe_sdpa": ("f1_sdpa_experts_minus_moe", "moe_diffuseq"),
     "moe_full_short": ("f1_full_short_minus_moe", "moe_diffuseq"),
     "moe_long_batch": ("f1_long_batch_minus_moe", "moe_diffuseq"),
+    "moe_free_router": ("f1_free_router_minus_moe", "moe_diffuseq"),
     "diffuseq_long_batch": ("f1_baseline_long_batch_minus_baseline", "diffuseq"),
     # Attention with the experts kept, and experts with the attention kept.
     "moe_full_attention": ("f1_full_attention_minus_moe", "moe_diffuseq"),

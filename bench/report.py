@@ -393,6 +393,8 @@ def _long_task_names(settings: dict) -> dict[str, str]:
                  "both ways" if attention.get("target_keys", True) else "rows only")
         if experts and moe.get("shared_expert"):
             label = f"shared expert + top-{moe.get('top_k', 2)}, {label}"
+        if experts and moe.get("load_balance_coef") == 0:
+            label = f"{label}, no load-balance loss"
         if parts := frozen.get(key):
             label = f"{label}, {' and '.join(p.strip('.') for p in parts)} fixed in the long stage"
         label += batch
@@ -443,6 +445,8 @@ LONG_TASKS_TITLES = {
                            "(`long_tasks_batch_8k.json`)",
     "long_tasks_batch_both": "code-lookup at 4k tokens: both models' long stage on 3x the batch "
                              "(`long_tasks_batch_both.json`)",
+    "long_tasks_free_router": "code-lookup at 4k tokens: MoE-DiffuSeq with no load-balance loss "
+                              "(`long_tasks_free_router.json`)",
 }
 
 

@@ -420,6 +420,9 @@ def test_long_batch_models_train_their_long_stage_on_a_larger_batch_and_are_name
     assert names["diffuseq_long_batch"] == "DiffuSeq (sdpa), 3x the batch in the long stage"
     assert names["diffuseq"] == "DiffuSeq (sdpa)"
 
+    free = {"models": {m: long_tasks.MODELS[m] for m in ("moe_diffuseq", "moe_free_router")}}
+    assert report._long_task_names(free)["moe_free_router"] == "rows only, no load-balance loss"
+
 
 def test_frozen_experts_keep_their_weights_through_a_long_stage_step():
     from bench import long_tasks

@@ -372,9 +372,9 @@ def _full_attention(config: dict) -> bool:
 
 def _long_task_names(settings: dict) -> dict[str, str]:
     """A column name for each recorded model (and each short stage's own model), read from its
-    recorded attention settings, the parameters it keeps fixed in the long stage, its long-stage
-    batch factor, and the
-    attention of the short stage it starts from where that differs from its own."""
+    recorded attention settings, its router's load-balance loss where it is off, the parameters
+    it keeps fixed in the long stage, its long-stage batch factor, and the attention of the short
+    stage it starts from where that differs from its own."""
     models = {**settings.get("short_stage_models", {}), **settings["models"]}
     frozen = settings.get("frozen_in_long_stage", {})
     batch_factor = settings.get("long_batch_factor", {})

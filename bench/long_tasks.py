@@ -41,7 +41,8 @@ are ``moe_sdpa`` (the experts with full attention in both stages) and ``moe_full
 (MoE-DiffuSeq's long stage from ``moe_sdpa``'s short stage: full attention while it is cheap).
 ``moe_long_batch`` and ``diffuseq_long_batch`` train their long stage on 3x ``--batch_size``, from
 MoE-DiffuSeq's and the baseline's short stages: what a model's long steps buy as larger batches.
-``moe_free_router`` trains both stages without the load-balance loss.
+``moe_free_router`` trains both stages without the load-balance loss, ``dense_windowed_both`` the
+baseline's dense FFN with MoE-DiffuSeq's attention in both stages.
 On a GPU pass larger ``--minutes`` and ``--short_minutes``. ``--minutes 0`` scores each short
 stage's model at the long lengths as it is; ``--short_cache DIR`` keeps each short stage and
 loads it when a later run asks for the same one, so that long-stage settings (``--minutes``,
@@ -135,6 +136,13 @@ MODELS: dict[str, dict] = {
                                                           "target_keys": False},
                                    "moe": None,
                                    "ffn_hidden": EXPERTS["top_k"] * EXPERTS["expert_hidden"]}},
+    # The baseline's dense FFN with MoE-DiffuSeq's attention in both stages (dense_windowed's
+    # short stage has full attention): the dense FFN from a windowed short stage.
+    "dense_windowed_both": {"network": {**WIDTH, "attention": {"window": 256,
+                                                               "target_global": True,
+                                                               "target_keys": False},
+                                        "moe": None,
+                                        "ffn_hidden": EXPERTS["top_k"] * EXPERTS["expert_hidden"]}},
     # The same active width as top_k experts of expert_hidden, every token through one FFN.
     "diffuseq": {"network": {**WIDTH, "attention": {"backend": "full_sdpa"}, "moe": None,
                              "ffn_hidden": EXPERTS["top_k"] * EXPERTS["expert_hidden"]}},
@@ -154,6 +162,7 @@ NAMES = {"moe_diffuseq": "MoE-DiffuSeq", "moe_both_ways": "MoE-DiffuSeq, global 
          "moe_free_router": "MoE-DiffuSeq, no load-balance loss",
          "moe_full_attention": "MoE-DiffuSeq, full attention in the long stage",
          "dense_windowed": "dense FFN, MoE-DiffuSeq's attention in the long stage",
+         "dense_windowed_both": "dense FFN, MoE-DiffuSeq's attention in both stages",
          "diffuseq": "DiffuSeq (sdpa)",
          "diffuseq_long_batch": "DiffuSeq (sdpa), 3x the batch in the long stage"}
 # What `make bench-long` trains: the swapped models below are asked for by name.
@@ -182,6 +191,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
     # Attention with the experts kept, and experts with the attention kept.
     "moe_full_attention": ("f1_full_attention_minus_moe", "moe_diffuseq"),
     "dense_windowed": ("f1_dense_windowed_minus_moe", "moe_diffuseq"),
+    "dense_windowed_both": ("f1_dense_windowed_both_minus_moe", "moe_diffuseq"),
 }
 # The 2x2 of the long stage's attention and the FFN: (experts, window), (experts, full),
 # (dense, window), (dense, full). With all four run, each part's main effect is recorded.

@@ -447,6 +447,8 @@ LONG_TASKS_TITLES = {
                              "(`long_tasks_batch_both.json`)",
     "long_tasks_free_router": "code-lookup at 4k tokens: MoE-DiffuSeq with no load-balance loss "
                               "(`long_tasks_free_router.json`)",
+    "long_tasks_dense_windowed": "code-lookup at 4k tokens: a dense FFN with MoE-DiffuSeq's "
+                                 "attention in both stages (`long_tasks_dense_windowed.json`)",
 }
 
 

@@ -420,8 +420,12 @@ def test_long_batch_models_train_their_long_stage_on_a_larger_batch_and_are_name
     assert names["diffuseq_long_batch"] == "DiffuSeq (sdpa), 3x the batch in the long stage"
     assert names["diffuseq"] == "DiffuSeq (sdpa)"
 
-    free = {"models": {m: long_tasks.MODELS[m] for m in ("moe_diffuseq", "moe_free_router")}}
-    assert report._long_task_names(free)["moe_free_router"] == "rows only, no load-balance loss"
+    alone = {"models": {m: long_tasks.MODELS[m] for m in ("moe_diffuseq", "moe_free_router",
+                                                           "dense_windowed_both")}}
+    assert report._long_task_names(alone)["moe_free_router"] == "rows only, no load-balance loss"
+    # Its own windowed short stage: no short-stage note, unlike dense_windowed's.
+    assert report._long_task_names(alone)["dense_windowed_both"] == "dense FFN, rows only"
+    assert "dense_windowed_both" not in long_tasks.SHORT_STAGE_OF
 
 
 def test_frozen_experts_keep_their_weights_through_a_long_stage_step():

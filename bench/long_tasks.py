@@ -90,10 +90,13 @@ TASKS = tuple(TARGET_TOKENS)
 DEFAULT_TASKS = ("code-lookup", "dialogue-cast")  # what 2 CPU cores do in about 2 hours
 WIDTH = {**QUICKSTART_WIDTH, "dropout": 0.0}
 EXPERTS = QUICKSTART_EXPERTS
+# MoE-DiffuSeq's attention: the window with global target rows only.
+ROWS_ONLY = {"window": 256, "target_global": True, "target_keys": False}
+# A dense FFN of the same active width as top_k experts of expert_hidden.
+DENSE_HIDDEN = EXPERTS["top_k"] * EXPERTS["expert_hidden"]
 # Every attention setting spelled out, so that a changed default cannot change what a name measures.
 MODELS: dict[str, dict] = {
-    "moe_diffuseq": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True,
-                                                        "target_keys": False},
+    "moe_diffuseq": {"network": {**WIDTH, "attention": ROWS_ONLY,
                                  "moe": EXPERTS}},
     "moe_both_ways": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True,
                                                          "target_keys": True},
@@ -102,55 +105,47 @@ MODELS: dict[str, dict] = {
                                     "moe": EXPERTS}},
     # Every token through one shared expert and its top-1 routed one (DeepSeekMoE's shared
     # expert): the same active width, a dense path that learns from every token.
-    "moe_shared_expert": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True,
-                                                             "target_keys": False},
+    "moe_shared_expert": {"network": {**WIDTH, "attention": ROWS_ONLY,
                                       "moe": {**EXPERTS, "top_k": 1, "shared_expert": True}}},
     # MoE-DiffuSeq whose router and experts stay as the short stage left them (ST-MoE fine-tuned
     # the non-expert parameters alone as well as all): whether updating them costs the long stage.
-    "moe_frozen_experts": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True,
-                                                              "target_keys": False},
+    "moe_frozen_experts": {"network": {**WIDTH, "attention": ROWS_ONLY,
                                        "moe": EXPERTS}},
     # MoE-DiffuSeq's experts with full attention in both stages, and MoE-DiffuSeq whose short
     # stage is that one (Longformer, too, started from a full-attention model): at 600 characters
     # both attentions cost about the same, and the long stage alone is windowed.
     "moe_sdpa": {"network": {**WIDTH, "attention": {"backend": "full_sdpa"}, "moe": EXPERTS}},
-    "moe_full_short": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True,
-                                                          "target_keys": False},
+    "moe_full_short": {"network": {**WIDTH, "attention": ROWS_ONLY,
                                    "moe": EXPERTS}},
     # MoE-DiffuSeq without the load-balance loss in either stage: a router free to sharpen, so
     # that a token keeps its experts while the rest of the network trains.
-    "moe_free_router": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True,
-                                                           "target_keys": False},
+    "moe_free_router": {"network": {**WIDTH, "attention": ROWS_ONLY,
                                     "moe": {**EXPERTS, "load_balance_coef": 0.0}}},
     # MoE-DiffuSeq whose long stage spends its faster steps on larger batches (LONG_BATCH_FACTOR):
     # about the baseline's step count at 4k, each step averaging out more of the noise of a
     # batch of four long documents.
-    "moe_long_batch": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True,
-                                                          "target_keys": False},
+    "moe_long_batch": {"network": {**WIDTH, "attention": ROWS_ONLY,
                                    "moe": EXPERTS}},
     # One part of each model swapped for the long stage only (see SHORT_STAGE_OF): MoE-DiffuSeq's
     # experts with full attention, and the baseline's dense FFN with MoE-DiffuSeq's attention.
     "moe_full_attention": {"network": {**WIDTH, "attention": {"backend": "full_sdpa"},
                                        "moe": EXPERTS}},
-    "dense_windowed": {"network": {**WIDTH, "attention": {"window": 256, "target_global": True,
-                                                          "target_keys": False},
+    "dense_windowed": {"network": {**WIDTH, "attention": ROWS_ONLY,
                                    "moe": None,
-                                   "ffn_hidden": EXPERTS["top_k"] * EXPERTS["expert_hidden"]}},
+                                   "ffn_hidden": DENSE_HIDDEN}},
     # The baseline's dense FFN with MoE-DiffuSeq's attention in both stages (dense_windowed's
     # short stage has full attention): the dense FFN from a windowed short stage.
-    "dense_windowed_both": {"network": {**WIDTH, "attention": {"window": 256,
-                                                               "target_global": True,
-                                                               "target_keys": False},
+    "dense_windowed_both": {"network": {**WIDTH, "attention": ROWS_ONLY,
                                         "moe": None,
-                                        "ffn_hidden": EXPERTS["top_k"] * EXPERTS["expert_hidden"]}},
+                                        "ffn_hidden": DENSE_HIDDEN}},
     # The same active width as top_k experts of expert_hidden, every token through one FFN.
     "diffuseq": {"network": {**WIDTH, "attention": {"backend": "full_sdpa"}, "moe": None,
-                             "ffn_hidden": EXPERTS["top_k"] * EXPERTS["expert_hidden"]}},
+                             "ffn_hidden": DENSE_HIDDEN}},
     # The baseline given the same larger long-stage batch: whether the batch, not the steps
     # MoE-DiffuSeq buys with it, is what helps.
     "diffuseq_long_batch": {"network": {**WIDTH, "attention": {"backend": "full_sdpa"},
                                         "moe": None,
-                                        "ffn_hidden": EXPERTS["top_k"] * EXPERTS["expert_hidden"]}},
+                                        "ffn_hidden": DENSE_HIDDEN}},
 }
 NAMES = {"moe_diffuseq": "MoE-DiffuSeq", "moe_both_ways": "MoE-DiffuSeq, global both ways",
          "moe_window_only": "MoE-DiffuSeq, window only",

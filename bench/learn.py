@@ -104,6 +104,8 @@ ABLATIONS: dict[str, dict] = {
     "routed_scale": {"network": {"moe": {
         "routed_scale": float(RECIPE["network"]["moe"]["top_k"])}}},
     "absorbing_full_rate": {"diffusion": {"soft_absorbing": True, "denoise_rate": 0.5}},
+    # Denormal floats kept, not flushed to zero: the CPU multiplies them many times slower.
+    "keep_denormals": {"flush_denormal": False},
     # A data setting, not a model one: the corpus's tokenizer trained as plain byte-level BPE, where
     # a word at a line's start and the same word after a space are different tokens.
     "no_word_starts": {"data": {"tokenizer_word_starts": False}},

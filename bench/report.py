@@ -102,6 +102,8 @@ LEARN_TITLES = {
                       "(`learn_cast_mbr.json`)",
     "learn_moe_scale": "dialogue-cast in 6 minutes: a dense FFN, and the routed experts summed "
                        "(`learn_moe_scale.json`)",
+    "learn_denormals": "dialogue-cast with denormal floats flushed to zero, and kept "
+                       "(`learn_denormals.json`)",
 }
 
 

@@ -49,6 +49,11 @@ class MoEDiffuSeq(pl.LightningModule):
             validation and generation (0 disables averaging).
         max_nonfinite_steps: Stop after this many consecutive steps with a NaN/inf loss
             (each such step is skipped with a warning).
+        flush_denormal: Make the CPU flush denormal floats to zero (``torch.set_flush_denormal``)
+            when the Trainer sets the model up and when ``generate`` starts. The flag is the
+            process's: it stays set after the run. On CPU a matmul fed denormals (the rounding
+            head's softmax backward gives them once the model is confident) runs several times
+            slower; TensorFlow sets the same flags in its thread pools.
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class MoEDiffuSeq(pl.LightningModule):
         min_lr_ratio: float = 0.0,
         ema_decay: float = 0.9999,
         max_nonfinite_steps: int = 10,
+        flush_denormal: bool = True,
     ) -> None:
         super().__init__()
         self.network_config = coerce(NetworkConfig, network, "network")
@@ -92,6 +98,13 @@ class MoEDiffuSeq(pl.LightningModule):
             self.configure_model()
 
     # ----------------------------------------------------------------- construction
+    def flush_denormals(self) -> None:
+        """Set the CPU's flush-to-zero flags if ``flush_denormal`` asks for them (a no-op on a
+        CPU without them)."""
+        # hparams of a checkpoint saved before the option existed lack the key.
+        if self.hparams.get("flush_denormal", True):
+            torch.set_flush_denormal(True)
+
     @property
     def loss_on(self) -> str:
         """Positions the losses score: ``diffusion.loss_on``, auto resolved by the source budget."""
@@ -120,6 +133,7 @@ class MoEDiffuSeq(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Take the tokenizer from the data module; check its length budgets against the model's."""
+        self.flush_denormals()
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if getattr(datamodule, "tokenizer", None) is not None:
             self.set_tokenizer(datamodule.tokenizer)
@@ -273,6 +287,7 @@ class MoEDiffuSeq(pl.LightningModule):
         fields of the model's ``sampling`` settings (sampler, steps, spacing, clamp, num_candidates,
         batch_size, decode); see ``generation.generate_candidates`` for templates (infilling)."""
         settings = generation.sampling_settings(self.sampling_config, **sampling)
+        self.flush_denormals()
         picks = generation.generate_candidates(self, sources, settings, seed=seed,
                                                templates=templates, progress=progress)
         return [candidates[i] for candidates, i in picks]

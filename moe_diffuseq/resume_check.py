@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # Model arguments a resumed run may change: how it is optimised and how it samples.
 MAY_CHANGE = ("lr", "weight_decay", "warmup_steps", "lr_decay", "min_lr_ratio",
-              "max_nonfinite_steps", "sampling.")
+              "max_nonfinite_steps", "flush_denormal", "sampling.")
 # Learned from the tokenizer when left unset: None on the command line is no change.
 LEARNED_LATE = ("network.vocab_size",)
 

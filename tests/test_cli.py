@@ -58,6 +58,25 @@ def test_checkpoint_generates_in_a_fresh_process(trained):
     assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
 
 
+@pytest.mark.parametrize("flush", [True, False])
+def test_generation_and_setup_flush_denormals_unless_told_not_to(trained, flush):
+    # A fresh process: the flag is process-wide, and this one's earlier fits have set it.
+    out = _run(
+        "import torch\n"
+        "from moe_diffuseq import MoEDiffuSeq\n"
+        "tiny = lambda: (torch.tensor([1e-30]) * 1e-9).item()  # a denormal product\n"
+        "before = tiny()\n"
+        f"m = MoEDiffuSeq.load_from_checkpoint({str(trained)!r}, map_location='cpu',\n"
+        f"                                     flush_denormal={flush})\n"
+        "m.generate(['def f():\\n    ...'], steps=2)\n"
+        "after_generate = tiny()\n"
+        "m.setup('predict')\n"
+        "print(before, after_generate, tiny())\n"
+    )
+    before, after_generate, after_setup = map(float, out.split()[-3:])
+    assert before > 0
+    assert (after_generate == 0 and after_setup == 0) if flush else after_setup == before
+
 def test_generate_command_jsonl_and_stdin(trained, tmp_path, small_corpus):
     out = tmp_path / "samples.jsonl"
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -104,6 +104,8 @@ LEARN_TITLES = {
                        "(`learn_moe_scale.json`)",
     "learn_denormals": "dialogue-cast with denormal floats flushed to zero, and kept "
                        "(`learn_denormals.json`)",
+    "learn_flushed": "code-outline and code-lookup with denormal floats flushed to zero "
+                     "(`learn_flushed.json`)",
 }
 
 

@@ -72,6 +72,8 @@ def _machine(payload: dict) -> str:
 # Each recorded run of bench/learn.py: its JSON's name and the README heading of its section.
 LEARN_TITLES = {
     "learn": "Learning on tasks with exact answers (`make bench-learn`)",
+    "learn_before_flush": "The recipe before denormal floats were flushed to zero "
+                          "(`learn_before_flush.json`)",
     "learn_before_conv": "The recipe before the short convolution, with the uniform-timestep "
                          "ablation (`learn_before_conv.json`)",
     "learn_steps": "Longer training: the recipe for a fixed step count (`learn_steps.json`)",

@@ -77,6 +77,7 @@ def test_generation_and_setup_flush_denormals_unless_told_not_to(trained, flush)
     assert before > 0
     assert (after_generate == 0 and after_setup == 0) if flush else after_setup == before
 
+
 def test_generate_command_jsonl_and_stdin(trained, tmp_path, small_corpus):
     out = tmp_path / "samples.jsonl"
     env = {**os.environ, "PYTHONPATH": str(REPO)}

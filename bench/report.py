@@ -455,6 +455,8 @@ LONG_TASKS_TITLES = {
                               "(`long_tasks_free_router.json`)",
     "long_tasks_dense_windowed": "code-lookup at 4k tokens: a dense FFN with MoE-DiffuSeq's "
                                  "attention in both stages (`long_tasks_dense_windowed.json`)",
+    "long_tasks_flushed": "code-lookup at 4k tokens with denormal floats flushed to zero "
+                          "(`long_tasks_flushed.json`)",
 }
 
 

@@ -94,6 +94,9 @@ EXPERTS = QUICKSTART_EXPERTS
 ROWS_ONLY = {"window": 256, "target_global": True, "target_keys": False}
 # A dense FFN of the same active width as top_k experts of expert_hidden.
 DENSE_HIDDEN = EXPERTS["top_k"] * EXPERTS["expert_hidden"]
+DENSE_FFN = {"moe": None, "ffn_hidden": DENSE_HIDDEN}
+# The baseline's attention: full attention through sdpa.
+FULL_SDPA = {"backend": "full_sdpa"}
 # Every attention setting spelled out, so that a changed default cannot change what a name measures.
 MODELS: dict[str, dict] = {
     "moe_diffuseq": {"network": {**WIDTH, "attention": ROWS_ONLY,
@@ -114,7 +117,7 @@ MODELS: dict[str, dict] = {
     # MoE-DiffuSeq's experts with full attention in both stages, and MoE-DiffuSeq whose short
     # stage is that one (Longformer, too, started from a full-attention model): at 600 characters
     # both attentions cost about the same, and the long stage alone is windowed.
-    "moe_sdpa": {"network": {**WIDTH, "attention": {"backend": "full_sdpa"}, "moe": EXPERTS}},
+    "moe_sdpa": {"network": {**WIDTH, "attention": FULL_SDPA, "moe": EXPERTS}},
     "moe_full_short": {"network": {**WIDTH, "attention": ROWS_ONLY,
                                    "moe": EXPERTS}},
     # MoE-DiffuSeq without the load-balance loss in either stage: a router free to sharpen, so
@@ -128,24 +131,16 @@ MODELS: dict[str, dict] = {
                                    "moe": EXPERTS}},
     # One part of each model swapped for the long stage only (see SHORT_STAGE_OF): MoE-DiffuSeq's
     # experts with full attention, and the baseline's dense FFN with MoE-DiffuSeq's attention.
-    "moe_full_attention": {"network": {**WIDTH, "attention": {"backend": "full_sdpa"},
-                                       "moe": EXPERTS}},
-    "dense_windowed": {"network": {**WIDTH, "attention": ROWS_ONLY,
-                                   "moe": None,
-                                   "ffn_hidden": DENSE_HIDDEN}},
+    "moe_full_attention": {"network": {**WIDTH, "attention": FULL_SDPA, "moe": EXPERTS}},
+    "dense_windowed": {"network": {**WIDTH, "attention": ROWS_ONLY, **DENSE_FFN}},
     # The baseline's dense FFN with MoE-DiffuSeq's attention in both stages (dense_windowed's
     # short stage has full attention): the dense FFN from a windowed short stage.
-    "dense_windowed_both": {"network": {**WIDTH, "attention": ROWS_ONLY,
-                                        "moe": None,
-                                        "ffn_hidden": DENSE_HIDDEN}},
+    "dense_windowed_both": {"network": {**WIDTH, "attention": ROWS_ONLY, **DENSE_FFN}},
     # The same active width as top_k experts of expert_hidden, every token through one FFN.
-    "diffuseq": {"network": {**WIDTH, "attention": {"backend": "full_sdpa"}, "moe": None,
-                             "ffn_hidden": DENSE_HIDDEN}},
+    "diffuseq": {"network": {**WIDTH, "attention": FULL_SDPA, **DENSE_FFN}},
     # The baseline given the same larger long-stage batch: whether the batch, not the steps
     # MoE-DiffuSeq buys with it, is what helps.
-    "diffuseq_long_batch": {"network": {**WIDTH, "attention": {"backend": "full_sdpa"},
-                                        "moe": None,
-                                        "ffn_hidden": DENSE_HIDDEN}},
+    "diffuseq_long_batch": {"network": {**WIDTH, "attention": FULL_SDPA, **DENSE_FFN}},
 }
 NAMES = {"moe_diffuseq": "MoE-DiffuSeq", "moe_both_ways": "MoE-DiffuSeq, global both ways",
          "moe_window_only": "MoE-DiffuSeq, window only",

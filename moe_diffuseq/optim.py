@@ -29,6 +29,14 @@ def lr_factor(step: int, warmup: int, total: int, decay: str, min_lr_ratio: floa
     return min_lr_ratio + (1.0 - min_lr_ratio) * shape
 
 
+def fused_supported(params: list[torch.Tensor]) -> bool:
+    """Whether AdamW's fused kernel takes these parameters: floating point, all on CPU or all on
+    CUDA. Without it, AdamW on CPU loops over the parameters one small op at a time."""
+    devices = {param.device.type for param in params}
+    return (len(devices) == 1 and devices <= {"cpu", "cuda"}
+            and all(param.dtype.is_floating_point for param in params))
+
+
 def adamw_with_schedule(
     net: nn.Module,
     *,
@@ -51,7 +59,7 @@ def adamw_with_schedule(
             (no_decay if plain else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=lr)
+    optimizer = torch.optim.AdamW(groups, lr=lr, fused=fused_supported(decay + no_decay))
     known = math.isfinite(estimated_steps)
     timed = time_fraction is not None
     # Without a step limit only the clock moves the decay; with neither limit, keep the peak rate.

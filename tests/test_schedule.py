@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import lightning.pytorch as pl
 import pytest
+import torch
 from lightning.pytorch.callbacks import Timer
 
 from data_modules import Seq2SeqDataModule
 from moe_diffuseq import MoEDiffuSeq
-from moe_diffuseq.optim import lr_factor
+from moe_diffuseq.optim import adamw_with_schedule, fused_supported, lr_factor
 
 TINY = {"embed_dim": 16, "hidden_size": 32, "num_layers": 1, "num_heads": 2,
         "max_src_len": 16, "max_trg_len": 8, "moe": {"num_experts": 2, "top_k": 1,
@@ -37,6 +40,41 @@ def test_lr_factor_follows_the_nearer_limit():
     assert lr_factor(60, 10, 110, "cosine", 0.1, time_fraction=1.0) == pytest.approx(0.1)
     assert lr_factor(5, 10, 110, "linear", 0.0, time_fraction=0.9) == pytest.approx(6 / 11)
     assert lr_factor(60, 10, 110, "constant", 0.0, time_fraction=0.9) == 1.0
+
+
+def test_fused_adamw_steps_as_the_per_parameter_loop():
+    torch.manual_seed(0)
+    model = MoEDiffuSeq(network={**TINY, "vocab_size": 50})
+    model.configure_model()
+    fused_net = model.denoiser
+    loop_net = copy.deepcopy(fused_net)
+    start = [p.detach().clone() for p in fused_net.parameters()]
+    fused = adamw_with_schedule(fused_net, lr=1e-2, weight_decay=0.1, warmup_steps=0,
+                                lr_decay="constant", min_lr_ratio=0.0,
+                                estimated_steps=10)["optimizer"]
+    assert fused.defaults["fused"]
+    # The plain per-parameter loop, with the same groups (decay / no decay) as the fused one.
+    name_of = {id(p): n for n, p in fused_net.named_parameters()}
+    loop_params = dict(loop_net.named_parameters())
+    loop = torch.optim.AdamW(
+        [{"params": [loop_params[name_of[id(p)]] for p in group["params"]],
+          "weight_decay": group["weight_decay"]} for group in fused.param_groups],
+        lr=1e-2, foreach=False)
+    for _ in range(5):
+        for p, q in zip(fused_net.parameters(), loop_net.parameters(), strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        loop.step()
+    for p, q, p0 in zip(fused_net.parameters(), loop_net.parameters(), start, strict=True):
+        assert not torch.equal(p, p0)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_adamw_only_where_its_kernel_runs():
+    assert fused_supported([torch.zeros(2), torch.zeros(2, 3)])
+    assert not fused_supported([torch.zeros(2, device="meta")])
+    assert not fused_supported([torch.zeros(2), torch.zeros(2, device="meta")])
 
 
 def _fit(small_corpus, small_tokenizer_file, tmp_path, callbacks_extra=(),

@@ -108,6 +108,9 @@ LEARN_TITLES = {
                        "(`learn_denormals.json`)",
     "learn_flushed": "code-outline and code-lookup with denormal floats flushed to zero "
                      "(`learn_flushed.json`)",
+    "learn_target_keys": "dialogue-cast with the target region global both ways "
+                         "(`learn_target_keys.json`)",
+    "learn_dropout": "dialogue-cast with dropout 0.1 (`learn_dropout.json`)",
 }
 
 
@@ -457,6 +460,8 @@ LONG_TASKS_TITLES = {
                                  "attention in both stages (`long_tasks_dense_windowed.json`)",
     "long_tasks_flushed": "code-lookup at 4k tokens with denormal floats flushed to zero "
                           "(`long_tasks_flushed.json`)",
+    "long_tasks_both_ways": "code-lookup at 4k tokens: the target region global both ways, from "
+                            "new short stages (`long_tasks_both_ways.json`)",
 }
 
 

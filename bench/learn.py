@@ -8,7 +8,9 @@ curve of 20-step DPM-Solver++ item F1 against wall-clock. At the end of each run
     decoded DiffuSeq's way (strip: every [SEP] and [PAD] dropped, the rest kept); then the
     recipe's own sampling, DPM-Solver++ 20 followed by its ``sampling.restarts``, against
     DPM-Solver++ 20 alone on the same checkpoint (paired interval);
-  * x0 accuracy on target words at fixed t beside rounding z_t (teacher forced).
+  * x0 accuracy on target words at fixed t beside rounding z_t (teacher forced);
+  * DPM-Solver++ 20 on as many training documents (``training_documents``): far above the
+    validation figure, the run overfits; close to it, it does not fit what it trained on either.
 Ablations (one recipe candidate removed at a time) run on one task (``--ablation_task``,
 code-outline unless told) with the same seed, data and budget.
 
@@ -112,8 +114,10 @@ ABLATIONS: dict[str, dict] = {
     "absorbing_full_rate": {"diffusion": {"soft_absorbing": True, "denoise_rate": 0.5}},
     # Denormal floats kept, not flushed to zero: the CPU multiplies them many times slower.
     "keep_denormals": {"flush_denormal": False},
-    # A data setting, not a model one: the corpus's tokenizer trained as plain byte-level BPE, where
-    # a word at a line's start and the same word after a space are different tokens.
+    # Data settings, not model ones. Batches of similar source lengths: less padding, faster steps.
+    "length_bucketing": {"data": {"length_bucketing": True}},
+    # The corpus's tokenizer trained as plain byte-level BPE, where a word at a line's start and
+    # the same word after a space are different tokens.
     "no_word_starts": {"data": {"tokenizer_word_starts": False}},
 }
 # Target budget (tokens) per task; the source budget follows --max_chars (about 2.3 characters a
@@ -150,6 +154,15 @@ def validation_rows(name: str, data_dir: str, docs: int | None) -> list[dict]:
             for line in (Path(data_dir) / name / "validation.jsonl").read_text().splitlines()]
     random.Random(0).shuffle(rows)
     return rows[:docs]
+
+
+def training_rows(name: str, data_dir: str, docs: int) -> list[dict]:
+    """``docs`` rows of a fixed random sample (seed 0) of a corpus's training split."""
+    import random
+
+    path = Path(data_dir) / name / "train.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return random.Random(0).sample(rows, min(docs, len(rows)))
 
 
 def score(model: MoEDiffuSeq, rows: list[dict], **sampling) -> dict:
@@ -364,6 +377,12 @@ def run(task: str, config: dict, args, rows: list[dict], final: bool) -> dict:
                                      "restarts": 0},
                      "ddim200": {"sampler": "ddim", "steps": 200, "restarts": 0}}
     out["sampling"] = {name: score(model, rows, **kw) for name, kw in samplers.items()}
+    # The same sampler on as many training documents: a gap to validation is overfitting.
+    fitted = score(model, training_rows(corpus(task, args.max_chars), args.data_dir, len(rows)),
+                   **samplers["dpm20"])
+    out["training_documents"] = {key: fitted[key] for key in ("item_f1", "exact_match", "errors")}
+    out["training_documents"]["minus_validation_f1"] = (fitted["item_f1"]
+                                                        - out["sampling"]["dpm20"]["item_f1"])
     if args.sample_seeds > 1:
         out["dpm20_seeds"] = seed_spread(model, rows, args.sample_seeds)
     if task == "code-lookup":

@@ -111,6 +111,12 @@ LEARN_TITLES = {
     "learn_target_keys": "dialogue-cast with the target region global both ways "
                          "(`learn_target_keys.json`)",
     "learn_dropout": "dialogue-cast with dropout 0.1 (`learn_dropout.json`)",
+    "learn_cast_again": "dialogue-cast, the recipe again, and on its training documents "
+                        "(`learn_cast_again.json`)",
+    "learn_cast_every_turn": "dialogue-cast trained on a part from every turn of a training scene "
+                             "(a corpus built outside the code; `learn_cast_every_turn.json`)",
+    "learn_cast_bucket": "dialogue-cast with batches of similar source length, and the recipe "
+                         "on its training documents (`learn_cast_bucket.json`)",
 }
 
 
@@ -159,6 +165,7 @@ def _learn(payload: dict, name: str = "learn") -> list[str]:
                         format_interval(r["restarts_minus_dpm20_interval"]["exact"])]
                        for r in restarted])
     out += _item_errors(payload["runs"])
+    out += _fit_gap(payload["runs"])
     out += _seed_spread(payload["runs"])
     out += _guess_floor(payload["runs"])
     out += _dpm_against_ancestral(payload["runs"])
@@ -202,6 +209,24 @@ def _item_errors(runs: list[dict]) -> list[str]:
     return out + _table(["task", "run", *kinds],
                         [[r["task"], r["name"], *(r["sampling"]["dpm20"]["errors"][k]
                                                   for k in kinds)] for r in scored])
+
+
+def _fit_gap(runs: list[dict]) -> list[str]:
+    """DPM-Solver++ 20 on training documents beside validation ones (runs recorded before the
+    probe have none)."""
+    fitted = [r for r in runs if "training_documents" in r]
+    if not fitted:
+        return []
+    out = ["", "DPM-Solver++ 20 on as many training documents as validation ones (a fixed random "
+               "sample): a model that overfits scores far higher on the documents it trained on:",
+           ""]
+    return out + _table(["task", "run", "training F1", "validation F1", "training exact",
+                         "validation exact", "training - validation F1"],
+                        [[r["task"], r["name"], r["training_documents"]["item_f1"],
+                          r["sampling"]["dpm20"]["item_f1"],
+                          r["training_documents"]["exact_match"],
+                          r["sampling"]["dpm20"]["exact_match"],
+                          r["training_documents"]["minus_validation_f1"]] for r in fitted])
 
 
 def _seed_spread(runs: list[dict]) -> list[str]:

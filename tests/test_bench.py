@@ -267,6 +267,11 @@ def test_learn_bench_tiny_run_writes_summary_curve_and_plot(tmp_path):
     section = "\n".join(report._learn(payload))
     assert "| code-outline | recipe | 2 |" in section  # dpm20 against ancestral on its 2 documents
     assert "Where DPM-Solver++ 20's items go wrong" in section
+    fitted = recipe["training_documents"]  # the same sampler on 4 training documents
+    assert 0.0 <= fitted["item_f1"] <= 1.0 and set(fitted["errors"]) == set(errors)
+    assert fitted["minus_validation_f1"] == pytest.approx(
+        fitted["item_f1"] - recipe["sampling"]["dpm20"]["item_f1"])
+    assert "| code-outline | recipe | " in section and "training - validation F1" in section
 
 
 def test_learn_bench_steps_budget_ends_each_run_at_that_step(tmp_path):

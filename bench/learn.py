@@ -87,6 +87,8 @@ ABLATIONS: dict[str, dict] = {
     "no_self_conditioning": {"diffusion": {"self_conditioning": 0.0}},
     "uniform_timesteps": {"diffusion": {"timestep_sampler": "uniform", "timestep_power": 1.0}},
     "constant_lr": {"lr_decay": "constant"},
+    # A higher peak: the recipe misses items on its own training documents too (underfits).
+    "lr_3e-3": {"lr": 3e-3},
     "plus_skip_connection": {"diffusion": {"skip_connection": True}},
     "no_short_conv": {"network": {"short_conv": 0}},
     "short_conv_5": {"network": {"short_conv": 5}},
@@ -455,6 +457,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps {args.steps}: must be >= 1")
     budget_text = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
+    # Said first: without --ablations a full run goes on into every ablation, for hours.
+    print(f"plan: {len(tasks) + len(ablations)} runs of {budget_text} each; the recipe on "
+          f"{', '.join(tasks)}; ablations on {args.ablation_task}: "
+          f"{', '.join(ablations) or 'none (--ablations NAME ... to run some)'}", flush=True)
     recipe = merged(RECIPE, args.model)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 

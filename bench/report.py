@@ -115,6 +115,7 @@ LEARN_TITLES = {
                         "(`learn_cast_again.json`)",
     "learn_cast_every_turn": "dialogue-cast trained on a part from every turn of a training scene "
                              "(a corpus built outside the code; `learn_cast_every_turn.json`)",
+    "learn_cast_lr": "dialogue-cast with a peak learning rate of 3e-3 (`learn_cast_lr.json`)",
     "learn_cast_bucket": "dialogue-cast with batches of similar source length, and the recipe "
                          "on its training documents (`learn_cast_bucket.json`)",
 }

@@ -235,10 +235,12 @@ def test_learn_bench_records_code_lookups_floor(tmp_path):
     assert "code-lookup's floor" in section and "both right by guess" in section
 
 
-def test_learn_bench_tiny_run_writes_summary_curve_and_plot(tmp_path):
+def test_learn_bench_tiny_run_writes_summary_curve_and_plot(tmp_path, capsys):
     payload = tiny_outline_learn_run(tmp_path, "--minutes", "0.05", "--curve_points", "2",
                                      "--docs", "4", "--ancestral_docs", "2",
                                      "--ablations", "absolute_positions")
+    assert ("plan: 2 runs of 0.05 min each; the recipe on code-outline; ablations on "
+            "code-outline: absolute_positions") in capsys.readouterr().out
     out = tmp_path / "learn.json"
     assert [r["name"] for r in payload["runs"]] == ["recipe", "absolute_positions"]
     recipe = payload["runs"][0]

@@ -9,8 +9,8 @@ curve of 20-step DPM-Solver++ item F1 against wall-clock. At the end of each run
     recipe's own sampling, DPM-Solver++ 20 followed by its ``sampling.restarts``, against
     DPM-Solver++ 20 alone on the same checkpoint (paired interval);
   * x0 accuracy on target words at fixed t beside rounding z_t (teacher forced);
-  * DPM-Solver++ 20 on as many training documents (``training_documents``): far above the
-    validation figure, the run overfits; close to it, it does not fit what it trained on either.
+  * DPM-Solver++ 20 on as many training documents (``training_documents``): well above the
+    validation figure, the run overfits; low on both, it underfits.
 Ablations (one recipe candidate removed at a time) run on one task (``--ablation_task``,
 code-outline unless told) with the same seed, data and budget.
 

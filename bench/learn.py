@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -147,23 +148,23 @@ def merged(base: dict, change: dict) -> dict:
     return out
 
 
+def _split_rows(name: str, data_dir: str, split: str) -> list[dict]:
+    """Every row of one split of a built corpus."""
+    path = Path(data_dir) / name / f"{split}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def validation_rows(name: str, data_dir: str, docs: int | None) -> list[dict]:
     """The first ``docs`` rows (None: all) of a fixed random sample (seed 0) of a corpus's
     validation split."""
-    import random
-
-    rows = [json.loads(line)
-            for line in (Path(data_dir) / name / "validation.jsonl").read_text().splitlines()]
+    rows = _split_rows(name, data_dir, "validation")
     random.Random(0).shuffle(rows)
     return rows[:docs]
 
 
 def training_rows(name: str, data_dir: str, docs: int) -> list[dict]:
     """``docs`` rows of a fixed random sample (seed 0) of a corpus's training split."""
-    import random
-
-    path = Path(data_dir) / name / "train.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = _split_rows(name, data_dir, "train")
     return random.Random(0).sample(rows, min(docs, len(rows)))
 
 

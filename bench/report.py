@@ -1,7 +1,9 @@
-"""Render bench/results/*.json into README.md's Results section (between the markers).
+"""Render bench/results/*.json into README.md's Results section and docs/experiments.md (each
+between its markers): each benchmark's headline run in the README, every other recorded run (the
+ablations and experiments behind the docs' narrative) in docs/experiments.md.
 
-    python -m bench.report            # rewrite README.md in place
-    python -m bench.report --check    # exit 1 if README.md is out of date
+    python -m bench.report            # rewrite both in place
+    python -m bench.report --check    # exit 1 if either is out of date
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ def _machine(payload: dict) -> str:
             f"torch {m['torch']}{cuda}{tuned}._")
 
 
-# Each recorded run of bench/learn.py: its JSON's name and the README heading of its section.
+# Each recorded run of bench/learn.py: its JSON's name and the heading of its section. The first is
+# the README's; the others are experiments.
 LEARN_TITLES = {
     "learn": "Learning on tasks with exact answers (`make bench-learn`)",
     "learn_before_flush": "The recipe before denormal floats were flushed to zero "
@@ -442,7 +445,8 @@ def _long_task_names(settings: dict) -> dict[str, str]:
     return names
 
 
-# Each recorded run of bench/long_tasks.py: its JSON's name and the README heading of its section.
+# Each recorded run of bench/long_tasks.py: its JSON's name and the heading of its section. The
+# first is the README's; the others are experiments.
 LONG_TASKS_TITLES = {
     "long_tasks": "Long documents at equal wall-clock (`make bench-long`)",
     "long_tasks_lookup": "code-lookup at 4k tokens with a longer long stage "
@@ -646,22 +650,31 @@ def _long_abstracts(c: dict) -> list[str]:
     return out
 
 
-SECTIONS = (*((name, partial(_learn, name=name)) for name in LEARN_TITLES),
+HEADLINE = (("learn", partial(_learn, name="learn")),
             ("attention", _attention), ("long_document", _long_document),
-            ("long_cost", _long_cost),
-            *((name, partial(_long_tasks, name=name)) for name in LONG_TASKS_TITLES),
+            ("long_cost", _long_cost), ("long_tasks", partial(_long_tasks, name="long_tasks")),
             ("long_abstracts", _long_abstracts),
             ("moe", _moe), ("sampling", _sampling), ("absorbing", _absorbing))
+EXPERIMENTS = (*((name, partial(_learn, name=name)) for name in LEARN_TITLES if name != "learn"),
+               *((name, partial(_long_tasks, name=name))
+                 for name in LONG_TASKS_TITLES if name != "long_tasks"))
 
 
-def render() -> str:
+def render(sections=HEADLINE) -> str:
+    """The markdown of every section whose JSON is recorded (the compare run last in the
+    README's)."""
     out: list[str] = []
-    for name, section in SECTIONS:
+    for name, section in sections:
         if (payload := _load(name)) is not None:
             out += section(payload)
-    if (c := _load("compare")) is not None:
+    if sections is HEADLINE and (c := _load("compare")) is not None:
         out += _compare_section("compare", c)
     return "\n".join(out).rstrip() + "\n"
+
+
+def render_experiments() -> str:
+    """docs/experiments.md's generated part: links to the results one folder up."""
+    return render(EXPERIMENTS).replace("](bench/results/", "](../bench/results/")
 
 
 def _compare_section(name: str, c: dict) -> list[str]:
@@ -748,21 +761,32 @@ def _documents(c: dict) -> str:
             "the same documents for every model and seed)")
 
 
+# Each generated file and what fills its markers.
+TARGETS = (("README.md", render), ("docs/experiments.md", render_experiments))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
-    readme = (ROOT / "README.md").read_text()
-    if START not in readme or END not in readme:
-        print("README.md has no results markers", file=sys.stderr)
+    stale = []
+    for relative, fill in TARGETS:
+        text = (ROOT / relative).read_text()
+        if START not in text or END not in text:
+            print(f"{relative} has no results markers", file=sys.stderr)
+            return 1
+        head, rest = text.split(START, 1)
+        _, tail = rest.split(END, 1)
+        updated = f"{head}{START}\n\n{fill()}\n{END}{tail}"
+        if updated == text:
+            continue
+        stale.append(relative)
+        if not args.check:
+            (ROOT / relative).write_text(updated)
+    if args.check and stale:
+        print(f"out of date: {', '.join(stale)} (run `python -m bench.report`)", file=sys.stderr)
         return 1
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    updated = f"{head}{START}\n\n{render()}\n{END}{tail}"
-    if args.check:
-        return 0 if updated == readme else 1
-    (ROOT / "README.md").write_text(updated)
     return 0
 
 

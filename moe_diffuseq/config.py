@@ -46,7 +46,7 @@ class AttentionConfig:
     """With target_global: make the target region global keys too, so every source position also
     reads the whole target (global both ways). False: global rows only (the target reads the whole
     source, the source reads its window), a cost of window + target per source position; it learns
-    as well as both ways and costs less at long sources (README, Results)."""
+    as well as both ways and costs less at long sources (docs/long-documents.md)."""
     backend: AttentionBackend = "auto"
     """Kernel: dense (reference), banded (CPU), flex, xformers (CUDA), auto (best available; on CPU
     dense up to 512 tokens or twice the key span of a banded block, banded beyond), or

@@ -17,6 +17,18 @@ def test_readme_results_section_is_generated_from_the_json():
     assert report.main(["--check"]) == 0, "README.md is stale: run `python -m bench.report`"
 
 
+def test_headline_runs_go_to_the_readme_and_the_others_to_the_experiments_page():
+    """Each recorded run lands in exactly one of the two pages, and the experiments page, one
+    folder down, links its plots one folder up."""
+    readme, experiments = report.render(), report.render_experiments()
+    for name, title in (*report.LEARN_TITLES.items(), *report.LONG_TASKS_TITLES.items()):
+        if (report.RESULTS / f"{name}.json").exists():
+            headline = name in ("learn", "long_tasks")
+            assert (f"### {title}" in readme, f"### {title}" in experiments) == (headline,
+                                                                                not headline)
+    assert "](bench/results/" not in experiments and "](../bench/results/" in experiments
+
+
 def test_attention_bench_tiny_run_writes_json_and_plot(tmp_path):
     out = tmp_path / "attention.json"
     attention.main(["--lengths", "256", "512", "--repeats", "1", "--no-flex", "--out", str(out)])

@@ -119,6 +119,8 @@ ABLATIONS: dict[str, dict] = {
     "keep_denormals": {"flush_denormal": False},
     # Data settings, not model ones. Batches of similar source lengths: less padding, faster steps.
     "length_bucketing": {"data": {"length_bucketing": True}},
+    # Half the batch: a step costs 0.57x, so 1.75x the updates on the same examples.
+    "batch_8": {"data": {"batch_size": 8}},
     # The corpus's tokenizer trained as plain byte-level BPE, where a word at a line's start and
     # the same word after a space are different tokens.
     "no_word_starts": {"data": {"tokenizer_word_starts": False}},
@@ -353,7 +355,8 @@ def run(task: str, config: dict, args, rows: list[dict], final: bool) -> dict:
     config = dict(config)
     data_change = config.pop("data", {})
     data = Seq2SeqDataModule(corpus=corpus(task, args.max_chars), data_dir=args.data_dir,
-                             batch_size=args.batch_size, tokenizer_vocab_size=args.vocab,
+                             batch_size=data_change.pop("batch_size", args.batch_size),
+                             tokenizer_vocab_size=args.vocab,
                              seed=args.seed, **budgets(task, args.max_chars), **data_change)
     model = MoEDiffuSeq(**merged(config, {"network": budgets(task, args.max_chars)}))
     if args.steps:  # no clock: the step limit ends the run and the learning-rate decay

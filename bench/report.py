@@ -121,6 +121,8 @@ LEARN_TITLES = {
     "learn_cast_lr": "dialogue-cast with a peak learning rate of 3e-3 (`learn_cast_lr.json`)",
     "learn_cast_bucket": "dialogue-cast with batches of similar source length, and the recipe "
                          "on its training documents (`learn_cast_bucket.json`)",
+    "learn_cast_batch8": "dialogue-cast with batches of 8: 1.7x the updates on the same examples "
+                         "(`learn_cast_batch8.json`)",
 }
 
 

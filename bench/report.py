@@ -674,9 +674,20 @@ def render(sections=HEADLINE) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def github_anchor(heading: str) -> str:
+    """The fragment GitHub gives a markdown heading: lower case, punctuation other than '-' and
+    '_' dropped, spaces as '-'."""
+    kept = "".join(c for c in heading.lower() if c.isalnum() or c in " -_")
+    return kept.replace(" ", "-")
+
+
 def render_experiments() -> str:
-    """docs/experiments.md's generated part: links to the results one folder up."""
-    return render(EXPERIMENTS).replace("](bench/results/", "](../bench/results/")
+    """docs/experiments.md's generated part: a list of its sections, then the sections, with
+    links to the results one folder up."""
+    body = render(EXPERIMENTS).replace("](bench/results/", "](../bench/results/")
+    headings = [line[4:] for line in body.splitlines() if line.startswith("### ")]
+    contents = [f"- [{h}](#{github_anchor(h)})" for h in headings]
+    return "\n".join(contents) + "\n\n" + body
 
 
 def _compare_section(name: str, c: dict) -> list[str]:

@@ -27,6 +27,8 @@ def test_headline_runs_go_to_the_readme_and_the_others_to_the_experiments_page()
             assert (f"### {title}" in readme, f"### {title}" in experiments) == (headline,
                                                                                 not headline)
     assert "](bench/results/" not in experiments and "](../bench/results/" in experiments
+    assert report.github_anchor("code-lookup at 4k tokens: a 1.7x batch (`x_y.json`)") == (
+        "code-lookup-at-4k-tokens-a-17x-batch-x_yjson")
 
 
 def test_attention_bench_tiny_run_writes_json_and_plot(tmp_path):

@@ -80,6 +80,8 @@ ABLATIONS: dict[str, dict] = {
     "no_span_dropout": {"network": {"pointer_span_dropout": 0.0}},
     # A gate of the hidden state (which reads t) on the neighbour match, noise at high t.
     "neighbour_gate": {"network": {"pointer_neighbour_gate": True}},
+    # Coverage of what the other slots drafted: a speaker or name already written scores lower.
+    "pointer_coverage": {"network": {"pointer_coverage": True}},
     "no_unroll": {"diffusion": {"unroll": 0.0}},
     # Off in the recipe since runs took ~1,000 steps; at ~4,000 a run sees each of dialogue-cast's
     # 4,435 training scenes about 17 times.

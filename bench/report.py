@@ -123,6 +123,11 @@ LEARN_TITLES = {
                          "on its training documents (`learn_cast_bucket.json`)",
     "learn_cast_batch8": "dialogue-cast with batches of 8: 1.7x the updates on the same examples "
                          "(`learn_cast_batch8.json`)",
+    "learn_cast_coverage": "dialogue-cast with pointer coverage (`learn_cast_coverage.json`)",
+    "learn_coverage_outline_lookup": "code-outline and code-lookup with pointer coverage "
+                                     "(`learn_coverage_outline_lookup.json`)",
+    "learn_outline_again": "code-outline, the recipe again, right after its run with pointer "
+                           "coverage (`learn_outline_again.json`)",
 }
 
 

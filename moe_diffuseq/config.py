@@ -162,6 +162,13 @@ class NetworkConfig:
     """In training, the fraction of examples whose pointer leaves the spans out, so each slot also
     learns to find its token on its own (a question's NAME) instead of only agreeing with its
     neighbours on a line's shape; sampling always uses the spans."""
+    pointer_coverage: bool = False
+    """The pointer points twice: the second time a slot's score for a source token also counts how
+    closely the slots before it, and those after it, drafted that token in the first (learned
+    weights of the slot's hidden state), so a list of first occurrences can tell a token it
+    already wrote from one still missing (coverage, over token identities). It counts tokens, not
+    items, so names that share subwords count as written: for answers that list distinct source
+    tokens (a scene's speakers). Needs source_pointer."""
     short_conv: int = 0
     """Width (odd) of a depthwise convolution over the sequence, added to the blocks' input: each
     position also carries its neighbours' tokens into the first layer, so attention can find a
@@ -202,6 +209,8 @@ class NetworkConfig:
         _check(self.pointer_span >= 0, "network.pointer_span", self.pointer_span, "must be >= 0")
         _check(self.source_pointer or not self.pointer_span, "network.pointer_span",
                self.pointer_span, "needs network.source_pointer: true")
+        _check(self.source_pointer or not self.pointer_coverage, "network.pointer_coverage",
+               self.pointer_coverage, "needs network.source_pointer: true")
         _check(0.0 <= self.pointer_span_dropout <= 1.0, "network.pointer_span_dropout",
                self.pointer_span_dropout, "must be in [0, 1]")
         _check(self.short_conv == 0 or (self.short_conv > 0 and self.short_conv % 2 == 1),

@@ -140,7 +140,7 @@ class Denoiser(nn.Module):
         self.embed_dim = embed_dim
         self.pointer = (SourcePointer(hidden, embed_dim if config.pointer_neighbours else None,
                                       config.pointer_span, config.pointer_span_dropout,
-                                      config.pointer_neighbour_gate)
+                                      config.pointer_neighbour_gate, config.pointer_coverage)
                         if config.source_pointer else None)
         # Skip connection (EDM-style preconditioning for a variance-preserving process): low noise
         # is solved by the skip, and the network's capacity goes to high noise.

@@ -15,6 +15,12 @@ With ``span`` d, slot k's score for source token j also adds the learned-weighte
 k - i at j - i and k + i at j + i (i = 1..d): the pointer's scores along a diagonal of the
 (slots, source) matrix. A copied span lies on such a diagonal, so slots that each match their
 token weakly (at high noise, or a common token) agree on the one place where all of them match.
+
+With ``coverage`` (the coverage of See et al., over token identities instead of positions), the
+pointer points twice: the first pass drafts every slot's x0, and the second adds to slot k's score
+for source token j how closely any slot before k, and any slot after it, drafted j's embedding,
+each weighted by a learned function of slot k's hidden state. A list of first occurrences (a
+scene's speakers, a module's names) can then tell a token it already wrote from one still missing.
 """
 
 from __future__ import annotations
@@ -40,12 +46,14 @@ class SourcePointer(nn.Module):
     """
 
     def __init__(self, hidden: int, embed_dim: int | None = None, span: int = 0,
-                 span_dropout: float = 0.0, neighbour_gate: bool = False) -> None:
+                 span_dropout: float = 0.0, neighbour_gate: bool = False,
+                 coverage: bool = False) -> None:
         """``embed_dim``: match neighbours too (their embeddings have this width); None: off.
         ``span``: how many slots to each side add their scores along the diagonal; 0: off.
         ``span_dropout``: in training, the fraction of examples that point without the spans.
         ``neighbour_gate``: scale each side's neighbour query by a learned gate of the slot's
-        hidden state."""
+        hidden state. ``coverage``: point a second time, with what the other slots drafted in the
+        first pass."""
         super().__init__()
         self.span_dropout = span_dropout
         self.query = nn.Linear(hidden, hidden)
@@ -62,6 +70,12 @@ class SourcePointer(nn.Module):
         # Weights of the slots before (row 0) and after (row 1) at distance 1..span. At 0.5, not 0,
         # the diagonal counts from the first step instead of waiting for its gradient.
         self.span_weight = nn.Parameter(torch.full((2, span), 0.5)) if span else None
+        # Weights of the coverage before and after a slot, read from its hidden state (which
+        # knows t and its role: a name's slot, or a separator's that repeats by design). Zero at
+        # first, so the second pass starts as the first.
+        self.coverage = nn.Linear(hidden, 2) if coverage else None
+        if self.coverage is not None:
+            nn.init.zeros_(self.coverage.weight), nn.init.zeros_(self.coverage.bias)
 
     def queries_and_keys(self, h: torch.Tensor, z_t: torch.Tensor, order: torch.Tensor,
                          h_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +114,19 @@ class SourcePointer(nn.Module):
             total = total + weight[0, i - 1] * before + weight[1, i - 1] * after
         return total if keep is None else torch.where(keep[:, None, None], total, scores)
 
+    @staticmethod
+    def covered(draft: torch.Tensor, z_t: torch.Tensor, valid: torch.Tensor,
+                weight: torch.Tensor) -> torch.Tensor:
+        """(B, R, L): for slot k and position j, a * (max over the real slots before k of the
+        cosine of their ``draft`` (B, R, E) with z_t[j]) + b * (the same over the slots after k),
+        with (a, b) = ``weight`` (B, R, 2) of slot k; a max over no slot is -1."""
+        cosine = F.normalize(draft, dim=-1) @ F.normalize(z_t, dim=-1).transpose(1, 2)
+        cosine = cosine.masked_fill(~valid[..., None], -1.0)
+        edge = torch.full_like(cosine[:, :1], -1.0)
+        before = torch.cat([edge, cosine[:, :-1]], 1).cummax(1).values
+        after = torch.cat([cosine[:, 1:], edge], 1).flip(1).cummax(1).values.flip(1)
+        return weight[..., :1] * before + weight[..., 1:] * after
+
     def forward(self, h: torch.Tensor, z_t: torch.Tensor, x0: torch.Tensor,
                 target_mask: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         """h: (B, L, H) final hidden states; z_t: (B, L, E) the denoiser's input (the source
@@ -112,26 +139,36 @@ class SourcePointer(nn.Module):
         order, valid = marked_first(rows)  # (B, R)
         h_rows = _rows(h, order)  # (B, R, H)
         query, key = self.queries_and_keys(h, z_t, order, h_rows)  # (B, R, D), (B, L, D)
-        if self.span_weight is None:
+        index = order[..., None].expand(-1, -1, x0.shape[-1])
+        own = x0.gather(1, index)
+        gate = torch.sigmoid(self.gate(h_rows)).to(x0.dtype)
+        coverage = self.coverage(h_rows) if self.coverage is not None else None  # (B, R, 2)
+        if self.span_weight is None and coverage is None:
             read = F.scaled_dot_product_attention(
                 query[:, None], key[:, None], z_t[:, None],
                 attn_mask=sources[:, None, None, :],
             )[:, 0]  # (B, R, E)
+            mixed = gate * read.to(x0.dtype) + (1.0 - gate) * own
         else:
             # At least float32 whatever the autocast: up to 2 * span + 1 scores add per entry.
             wide = torch.promote_types(query.dtype, torch.float32)
             with torch.autocast(h.device.type, enabled=False):
                 scores = query.to(wide) @ key.to(wide).transpose(1, 2) / query.shape[-1] ** 0.5
-                keep = None
-                if self.training and self.span_dropout > 0:
-                    # Examples without the spans: each slot must also find its token on its own
-                    # (a question's NAME), not only agree with its neighbours on a line's shape.
-                    keep = torch.rand(scores.shape[0], device=scores.device) >= self.span_dropout
-                scores = self.along_spans(scores, valid, sources, keep)
-                weights = scores.masked_fill(~sources[:, None, :], float("-inf")).softmax(-1)
-                read = weights @ z_t.to(wide)
-        index = order[..., None].expand(-1, -1, x0.shape[-1])
-        own = x0.gather(1, index)
-        gate = torch.sigmoid(self.gate(h_rows)).to(x0.dtype)
-        mixed = gate * read.to(x0.dtype) + (1.0 - gate) * own
+                if self.span_weight is not None:
+                    keep = None
+                    if self.training and self.span_dropout > 0:
+                        # Examples without the spans: each slot must also find its token on its
+                        # own (a question's NAME), not only agree with its neighbours on a shape.
+                        draw = torch.rand(scores.shape[0], device=scores.device)
+                        keep = draw >= self.span_dropout
+                    scores = self.along_spans(scores, valid, sources, keep)
+                scores = scores.masked_fill(~sources[:, None, :], float("-inf"))
+                source_embeddings = z_t.to(wide)
+                read = scores.softmax(-1) @ source_embeddings
+                mixed = gate * read.to(x0.dtype) + (1.0 - gate) * own
+                if coverage is not None:
+                    scores = scores + self.covered(mixed.to(wide), source_embeddings, valid,
+                                                   coverage.to(wide))
+                    read = scores.softmax(-1) @ source_embeddings
+                    mixed = gate * read.to(x0.dtype) + (1.0 - gate) * own
         return x0.scatter(1, index, torch.where(valid[..., None], mixed, own))

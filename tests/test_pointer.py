@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moe_diffuseq.attention.mask import marked_first
 from moe_diffuseq.config import NetworkConfig
@@ -45,8 +46,8 @@ def _reference(pointer: SourcePointer, h, z_t, x0, target, padding) -> torch.Ten
     scores = scores / math.sqrt(width)
     sources = ~target & ~padding
     rows = target & ~padding
+    batch, length = target.shape
     if pointer.span_weight is not None:
-        batch, length = target.shape
         inside = range(length)
         total = scores.clone()
         for b, i, j in itertools.product(range(batch), inside, inside):
@@ -58,6 +59,22 @@ def _reference(pointer: SourcePointer, h, z_t, x0, target, padding) -> torch.Ten
         scores = total
     read = scores.masked_fill(~sources[:, None, :], float("-inf")).softmax(-1) @ z_t
     gate = torch.sigmoid(pointer.gate(h))
+    if pointer.coverage is not None:
+        # Second pass: each target row adds, per source key, the best cosine of an earlier (and,
+        # weighted apart, of a later) target row's first-pass draft with that key's embedding.
+        draft = gate * read + (1 - gate) * x0
+        cosine = F.cosine_similarity(draft[:, :, None], z_t[:, None], dim=-1)  # (B, L, L)
+        weight = pointer.coverage(h)
+        extra = torch.zeros_like(scores)
+        for b, i in itertools.product(range(batch), range(length)):
+            if not rows[b, i]:
+                continue
+            for side, others in enumerate((range(i), range(i + 1, length))):
+                held = [a for a in others if rows[b, a]]
+                best = (cosine[b, held].max(0).values if held
+                        else torch.full_like(cosine[b, i], -1.0))
+                extra[b, i] = extra[b, i] + weight[b, i, side] * best
+        read = (scores + extra).masked_fill(~sources[:, None, :], float("-inf")).softmax(-1) @ z_t
     return torch.where(rows[..., None], gate * read + (1 - gate) * x0, x0)
 
 
@@ -69,17 +86,22 @@ def test_marked_first_orders_each_rows_marks_then_filler():
 
 
 # Span 8 reaches past every row's target (2 to 6 slots): the shifts run off the edges.
-@pytest.mark.parametrize(("neighbours", "span", "neighbour_gate"),
-                         [(False, 0, False), (True, 0, False), (False, 2, False),
-                          (True, 1, False), (False, 8, False), (True, 2, True)])
+@pytest.mark.parametrize(("neighbours", "span", "neighbour_gate", "coverage"),
+                         [(False, 0, False, False), (True, 0, False, False),
+                          (False, 2, False, False), (True, 1, False, False),
+                          (False, 8, False, False), (True, 2, True, False),
+                          (False, 0, False, True), (True, 2, False, True)])
 def test_pointer_matches_the_dense_reference_forward_and_backward(neighbours, span,
-                                                                  neighbour_gate):
+                                                                  neighbour_gate, coverage):
     torch.manual_seed(0)
     pointer = SourcePointer(16, 8 if neighbours else None, span,
-                            neighbour_gate=neighbour_gate).double()
-    if span:  # distinct weights, so a swapped side or distance shows
-        with torch.no_grad():
+                            neighbour_gate=neighbour_gate, coverage=coverage).double()
+    with torch.no_grad():  # distinct weights, so a swapped side or distance shows
+        if span:
             pointer.span_weight.copy_(torch.randn_like(pointer.span_weight))
+        if coverage:  # zero at init; large enough here that the second pass moves the read
+            pointer.coverage.weight.copy_(torch.randn_like(pointer.coverage.weight))
+            pointer.coverage.bias.copy_(3.0 * torch.randn_like(pointer.coverage.bias))
     target, padding = _masks([(7, 4), (3, 6), (10, 2)], 13)
     h = torch.randn(3, 13, 16, dtype=torch.float64, requires_grad=True)
     z_t = torch.randn(3, 13, 8, dtype=torch.float64, requires_grad=True)
@@ -167,6 +189,42 @@ def test_a_slot_continues_the_span_its_left_neighbour_holds():
     expected = torch.stack([z_t[0, j + 1] for j in starts])
     torch.testing.assert_close(written[True], expected, atol=1e-3, rtol=1e-3)
     assert (written[False] - expected).abs().max() > 1.0
+
+
+def test_coverage_skips_the_token_an_earlier_slot_wrote():
+    """Slot 0 matches source token A; slot 1 matches A and B equally, so alone it reads their
+    blur. With a negative weight on what the slots before drafted, slot 1 writes B; a zero weight
+    (coverage's initial one) leaves the pointer as it was without coverage."""
+    torch.manual_seed(0)
+    src, trg = 6, 2
+    target, padding = _masks([(src, trg)], src + trg)
+    z_t = torch.randn(1, src + trg, 8) * 3.0
+    a, b = 1, 4  # where A and B lie in the source
+    h = torch.zeros(1, src + trg, 8)
+    h[0, a, :2] = 1.0  # A's key: features 0 and 1
+    h[0, b, 0] = h[0, b, 2] = 1.0  # B's key: features 0 and 2
+    h[0, src, 1] = 1.0  # slot 0 asks for feature 1: A only
+    h[0, src + 1, 0] = 1.0  # slot 1 asks for feature 0: A and B alike
+    written = {}
+    for before_weight in (None, 0.0, -20.0):
+        pointer = SourcePointer(8, coverage=before_weight is not None)
+        with torch.no_grad():
+            pointer.gate.bias.fill_(50.0)
+            pointer.query.weight.copy_(torch.eye(8) * 100.0), pointer.query.bias.zero_()
+            pointer.key.weight.copy_(torch.eye(8)), pointer.key.bias.zero_()
+            if before_weight is not None:
+                pointer.coverage.bias[0] = before_weight
+            written[before_weight] = pointer(h, z_t, torch.zeros_like(z_t), target, padding)[0]
+    torch.testing.assert_close(written[-20.0][src], z_t[0, a], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(written[-20.0][src + 1], z_t[0, b], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(written[None][src + 1], (z_t[0, a] + z_t[0, b]) / 2,
+                               atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(written[0.0], written[None])
+
+
+def test_coverage_needs_the_pointer():
+    with pytest.raises(ValueError, match="network.pointer_coverage"):
+        NetworkConfig(pointer_coverage=True)
 
 
 def test_neighbours_need_the_pointer():
@@ -264,5 +322,6 @@ def test_span_path_runs_under_bf16_autocast_and_agrees_with_float32():
 def test_denoiser_builds_the_span_its_config_asks_for():
     config = NetworkConfig(vocab_size=32, max_src_len=16, max_trg_len=8, embed_dim=8,
                            hidden_size=16, num_layers=1, num_heads=2, source_pointer=True,
-                           pointer_span=3, moe=None, ffn_hidden=16)
-    assert Denoiser(config, soft_absorbing=False).pointer.span_weight.shape == (2, 3)
+                           pointer_span=3, pointer_coverage=True, moe=None, ffn_hidden=16)
+    pointer = Denoiser(config, soft_absorbing=False).pointer
+    assert pointer.span_weight.shape == (2, 3) and pointer.coverage.out_features == 2

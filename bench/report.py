@@ -124,6 +124,8 @@ LEARN_TITLES = {
     "learn_cast_batch8": "dialogue-cast with batches of 8: 1.7x the updates on the same examples "
                          "(`learn_cast_batch8.json`)",
     "learn_cast_coverage": "dialogue-cast with pointer coverage (`learn_cast_coverage.json`)",
+    "learn_cast_coverage_seed1": "dialogue-cast with pointer coverage from training seed 1 "
+                                 "(`learn_cast_coverage_seed1.json`)",
     "learn_coverage_outline_lookup": "code-outline and code-lookup with pointer coverage "
                                      "(`learn_coverage_outline_lookup.json`)",
     "learn_outline_again": "code-outline, the recipe again, right after its run with pointer "

@@ -19,8 +19,9 @@ token weakly (at high noise, or a common token) agree on the one place where all
 With ``coverage`` (the coverage of See et al., over token identities instead of positions), the
 pointer points twice: the first pass drafts every slot's x0, and the second adds to slot k's score
 for source token j how closely any slot before k, and any slot after it, drafted j's embedding,
-each weighted by a learned function of slot k's hidden state. A list of first occurrences (a
-scene's speakers, a module's names) can then tell a token it already wrote from one still missing.
+each weighted by a learned function of slot k's hidden state. A list of distinct source tokens (a
+scene's speakers in the order they first speak) can then tell a token it already wrote from one
+still missing.
 """
 
 from __future__ import annotations
@@ -163,12 +164,12 @@ class SourcePointer(nn.Module):
                         keep = draw >= self.span_dropout
                     scores = self.along_spans(scores, valid, sources, keep)
                 scores = scores.masked_fill(~sources[:, None, :], float("-inf"))
-                source_embeddings = z_t.to(wide)
-                read = scores.softmax(-1) @ source_embeddings
+                inputs = z_t.to(wide)  # the source's embeddings where the scores are finite
+                read = scores.softmax(-1) @ inputs
                 mixed = gate * read.to(x0.dtype) + (1.0 - gate) * own
                 if coverage is not None:
-                    scores = scores + self.covered(mixed.to(wide), source_embeddings, valid,
+                    scores = scores + self.covered(mixed.to(wide), inputs, valid,
                                                    coverage.to(wide))
-                    read = scores.softmax(-1) @ source_embeddings
+                    read = scores.softmax(-1) @ inputs
                     mixed = gate * read.to(x0.dtype) + (1.0 - gate) * own
         return x0.scatter(1, index, torch.where(valid[..., None], mixed, own))

@@ -306,11 +306,16 @@ def test_span_needs_the_pointer():
         NetworkConfig(pointer_span=1)
 
 
-def test_span_path_runs_under_bf16_autocast_and_agrees_with_float32():
-    """Under bf16 autocast (the bf16-mixed trainer configs) the span path sums its scores in
-    float32 beside bf16 projections: its output is within bf16's rounding of the float32 one."""
+@pytest.mark.parametrize("coverage", [False, True])
+def test_span_path_runs_under_bf16_autocast_and_agrees_with_float32(coverage):
+    """Under bf16 autocast (the bf16-mixed trainer configs) the span path, and coverage's second
+    pass, sum their scores in float32 beside bf16 projections: the output is within bf16's
+    rounding of the float32 one."""
     torch.manual_seed(0)
-    pointer = SourcePointer(16, 8, span=4)
+    pointer = SourcePointer(16, 8, span=4, coverage=coverage)
+    if coverage:
+        with torch.no_grad():
+            pointer.coverage.weight.copy_(torch.randn_like(pointer.coverage.weight))
     target, padding = _masks([(20, 8), (12, 10)], 30)
     h, z_t, x0 = torch.randn(2, 30, 16), torch.randn(2, 30, 8), torch.randn(2, 30, 8)
     exact = pointer(h, z_t, x0, target, padding)

@@ -663,21 +663,21 @@ HEADLINE = (("learn", partial(_learn, name="learn")),
             ("attention", _attention), ("long_document", _long_document),
             ("long_cost", _long_cost), ("long_tasks", partial(_long_tasks, name="long_tasks")),
             ("long_abstracts", _long_abstracts),
-            ("moe", _moe), ("sampling", _sampling), ("absorbing", _absorbing))
-EXPERIMENTS = (*((name, partial(_learn, name=name)) for name in LEARN_TITLES if name != "learn"),
-               *((name, partial(_long_tasks, name=name))
-                 for name in LONG_TASKS_TITLES if name != "long_tasks"))
+            ("moe", _moe), ("sampling", _sampling), ("absorbing", _absorbing),
+            ("compare", lambda c: _compare_section("compare", c)))
+_HEADLINE_NAMES = {name for name, _ in HEADLINE}
+EXPERIMENTS = tuple((name, partial(render_section, name=name))
+                    for titles, render_section in ((LEARN_TITLES, _learn),
+                                                   (LONG_TASKS_TITLES, _long_tasks))
+                    for name in titles if name not in _HEADLINE_NAMES)
 
 
 def render(sections=HEADLINE) -> str:
-    """The markdown of every section whose JSON is recorded (the compare run last in the
-    README's)."""
+    """The markdown of every section whose JSON is recorded."""
     out: list[str] = []
     for name, section in sections:
         if (payload := _load(name)) is not None:
             out += section(payload)
-    if sections is HEADLINE and (c := _load("compare")) is not None:
-        out += _compare_section("compare", c)
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -12,7 +12,8 @@ curve of 20-step DPM-Solver++ item F1 against wall-clock. At the end of each run
   * DPM-Solver++ 20 on as many training documents (``training_documents``): well above the
     validation figure, the run overfits; low on both, it underfits.
 Ablations (one recipe candidate removed at a time) run on one task (``--ablation_task``,
-code-outline unless told) with the same seed, data and budget.
+code-outline unless told) with the same seed, data and budget. A task may add settings to the
+recipe (``TASK_SETTINGS``: dialogue-cast points with coverage); its ablations start from that.
 
     python -m bench.learn --quick --out /tmp/learn.json    # under 10 minutes
     python -m bench.learn                                  # the full run (make bench-learn)
@@ -67,6 +68,10 @@ RECIPE: dict = {
     "sampling": {"decode": "truncate", "restarts": 2, "restart_noise": 0.7},
     "lr": 2e-3, "warmup_steps": 100, "lr_decay": "linear", "ema_decay": 0.0,
 }
+# What a task's runs (its recipe run and its ablations) add to the recipe: options that help answers
+# of one shape and not another. Pointer coverage helps a list of distinct source tokens (a cast),
+# not one of names made of shared subwords (an outline). --no_task_settings runs RECIPE everywhere.
+TASK_SETTINGS: dict[str, dict] = {"dialogue-cast": {"network": {"pointer_coverage": True}}}
 # One candidate changed at a time: a part of the recipe removed (back to DiffuSeq's setting), or a
 # candidate from the literature added.
 ABLATIONS: dict[str, dict] = {
@@ -82,6 +87,7 @@ ABLATIONS: dict[str, dict] = {
     "neighbour_gate": {"network": {"pointer_neighbour_gate": True}},
     # Coverage of what the other slots drafted: a speaker or name already written scores lower.
     "pointer_coverage": {"network": {"pointer_coverage": True}},
+    "no_pointer_coverage": {"network": {"pointer_coverage": False}},
     "no_unroll": {"diffusion": {"unroll": 0.0}},
     # Off in the recipe since runs took ~1,000 steps; at ~4,000 a run sees each of dialogue-cast's
     # 4,435 training scenes about 17 times.
@@ -150,6 +156,13 @@ def merged(base: dict, change: dict) -> dict:
         out[key] = (merged(out[key], value)
                     if isinstance(value, dict) and isinstance(out.get(key), dict) else value)
     return out
+
+
+def task_recipe(task: str, args) -> dict:
+    """The recipe a task trains: RECIPE, then the task's settings (unless --no_task_settings),
+    then --model, which has the last word."""
+    settings = {} if args.no_task_settings else TASK_SETTINGS.get(task, {})
+    return merged(merged(RECIPE, settings), args.model)
 
 
 def _split_rows(name: str, data_dir: str, split: str) -> list[dict]:
@@ -448,6 +461,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", type=json.loads, default={},
                         help='JSON merged into the recipe, e.g. '
                              '\'{"network": {"hidden_size": 512}}\' on a GPU')
+    parser.add_argument("--no_task_settings", action="store_true",
+                        help="train every task with the shared recipe alone, without the "
+                             "settings a task adds to it (" + "; ".join(
+                                 f"{task}: {json.dumps(change)}"
+                                 for task, change in TASK_SETTINGS.items()) + ")")
     args = parser.parse_args(argv)
     if not args.steps:  # a step budget has no minutes
         args.minutes = args.minutes or (3.0 if args.quick else 15.0)
@@ -467,7 +485,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"plan: {len(tasks) + len(ablations)} runs of {budget_text} each; the recipe on "
           f"{', '.join(tasks)}; ablations on {args.ablation_task}: "
           f"{', '.join(ablations) or 'none (--ablations NAME ... to run some)'}", flush=True)
-    recipe = merged(RECIPE, args.model)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     # Build what is missing first.
@@ -479,13 +496,15 @@ def main(argv: list[str] | None = None) -> dict:
     for task in tasks:
         print(f"== {task}: recipe, {budget_text}", flush=True)
         rows = validation_rows(corpus(task, args.max_chars), args.data_dir, args.docs)
-        runs.append({"name": "recipe", **run(task, recipe, args, rows, final=True)})
+        runs.append({"name": "recipe", **run(task, task_recipe(task, args), args, rows,
+                                             final=True)})
     ablation_rows = (validation_rows(corpus(args.ablation_task, args.max_chars), args.data_dir,
                                      args.docs) if ablations else [])
     for name in ablations:
         print(f"== {args.ablation_task}: ablation {name}, {budget_text}", flush=True)
-        runs.append({"name": name, **run(args.ablation_task, merged(recipe, ABLATIONS[name]), args,
-                                         ablation_rows, final=False)})
+        config = merged(task_recipe(args.ablation_task, args), ABLATIONS[name])
+        runs.append({"name": name, **run(args.ablation_task, config, args, ablation_rows,
+                                         final=False)})
 
     recipe_runs = {r["task"]: r for r in runs if r["name"] == "recipe"}
     table = []
@@ -523,7 +542,10 @@ def main(argv: list[str] | None = None) -> dict:
         against = recipe_runs[task].get("dpm20_vs_ancestral")  # absent with --ancestral_docs 0
         summary["dpm20_vs_ancestral_f1"] = against["ratio"] if against else None
     payload = {"machine": machine_info(),
-               "settings": {**vars(args), "recipe": recipe, "tasks": TASKS},
+               "settings": {**vars(args), "recipe": merged(RECIPE, args.model), "tasks": TASKS,
+                            "task_settings": {} if args.no_task_settings else {
+                                task: TASK_SETTINGS[task] for task in TASK_SETTINGS
+                                if task in tasks or (ablations and task == args.ablation_task)}},
                "runs": runs, "summary": summary}
     path = write_json("learn", payload, args.out)
     plot(runs, path.with_suffix(".png"))

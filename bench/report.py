@@ -75,6 +75,8 @@ def _machine(payload: dict) -> str:
 # the README's; the others are experiments.
 LEARN_TITLES = {
     "learn": "Learning on tasks with exact answers (`make bench-learn`)",
+    "learn_shared_recipe": "Every task with the shared recipe, dialogue-cast without pointer "
+                           "coverage (`learn_shared_recipe.json`)",
     "learn_before_flush": "The recipe before denormal floats were flushed to zero "
                           "(`learn_before_flush.json`)",
     "learn_before_conv": "The recipe before the short convolution, with the uniform-timestep "
@@ -145,6 +147,8 @@ def _learn(payload: dict, name: str = "learn") -> list[str]:
            f"Item metrics are fractions. {_machine(payload)}", ""]
     if st.get("model"):  # the run's recipe is the recipe of its day with this change merged in
         out[-2] += f" The recipe changed by `--model '{json.dumps(st['model'])}'`."
+    for task, change in st.get("task_settings", {}).items():  # recorded since the cast's coverage
+        out[-2] += f" {task}'s runs add `{json.dumps(change)}` to the recipe."
     rows = []
     for r in payload["runs"]:
         s = r["sampling"]

@@ -275,6 +275,10 @@ def test_learn_bench_tiny_run_writes_summary_curve_and_plot(tmp_path, capsys):
     assert compared["documents"] == 2 and summary["dpm20_vs_ancestral_f1"] == compared["ratio"]
     assert compared["dpm20_f1"] == sum(recipe["sampling"]["dpm20"]["per_doc_f1"][:2]) / 2
     assert payload["settings"]["recipe"]["network"]["hidden_size"] == 32  # the config trained
+    assert payload["settings"]["task_settings"] == {}  # none for code-outline
+    payload["settings"]["task_settings"] = {"code-outline": {"network": {"short_conv": 5}}}
+    assert ('code-outline\'s runs add `{"network": {"short_conv": 5}}` to the recipe.'
+            in "\n".join(report._learn(payload)))
     assert len(payload["runs"][1]["f1_minus_recipe_interval"]) == 2
     assert out.with_suffix(".png").stat().st_size > 0
     errors = recipe["sampling"]["dpm20"]["errors"]
@@ -288,6 +292,22 @@ def test_learn_bench_tiny_run_writes_summary_curve_and_plot(tmp_path, capsys):
     assert fitted["minus_validation_f1"] == pytest.approx(
         fitted["item_f1"] - recipe["sampling"]["dpm20"]["item_f1"])
     assert "| code-outline | recipe | " in section and "training - validation F1" in section
+
+
+def test_learn_task_settings_add_to_the_recipe_and_model_has_the_last_word():
+    from argparse import Namespace
+
+    from bench import learn
+
+    plain = Namespace(no_task_settings=False, model={})
+    assert learn.task_recipe("code-outline", plain) == learn.RECIPE
+    cast = learn.task_recipe("dialogue-cast", plain)
+    assert cast["network"]["pointer_coverage"] is True
+    assert cast["network"]["pointer_span"] == learn.RECIPE["network"]["pointer_span"]
+    told = Namespace(no_task_settings=False, model={"network": {"pointer_coverage": False}})
+    assert learn.task_recipe("dialogue-cast", told)["network"]["pointer_coverage"] is False
+    shared = Namespace(no_task_settings=True, model={})
+    assert learn.task_recipe("dialogue-cast", shared) == learn.RECIPE
 
 
 def test_learn_bench_steps_budget_ends_each_run_at_that_step(tmp_path):

@@ -178,6 +178,17 @@ def test_every_config_parses(config, capsys):
     assert "model:" in capsys.readouterr().out
 
 
+def test_readme_cast_command_parses(capsys):
+    """The README's way to train dialogue-cast: the quickstart with coverage on."""
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(REPO / "lightning_configs" / "quickstart.yaml"),
+              "--data.init_args.corpus", "dialogue-cast-600",
+              "--model.network.pointer_coverage", "true", "--print_config"])
+    assert done.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "pointer_coverage: true" in printed and "corpus: dialogue-cast-600" in printed
+
+
 def test_bad_config_value_names_the_key(capsys):
     with pytest.raises(SystemExit, match=r"moe.top_k=9: must be in \[1, num_experts=4\]"):
         main(["fit", "--config", str(TINY), "--model.network.moe.top_k=9",

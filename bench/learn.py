@@ -76,7 +76,7 @@ TASK_SETTINGS: dict[str, dict] = {"dialogue-cast": {"network": {"pointer_coverag
 # candidate from the literature added.
 ABLATIONS: dict[str, dict] = {
     "no_source_pointer": {"network": {"source_pointer": False, "pointer_neighbours": False,
-                                      "pointer_span": 0}},
+                                      "pointer_span": 0, "pointer_coverage": False}},
     "no_pointer_neighbours": {"network": {"pointer_neighbours": False}},
     "no_pointer_span": {"network": {"pointer_span": 0}},
     # Spans as wide as an outline item, not a whole def line: its shape weighs less than NAME.
@@ -87,6 +87,7 @@ ABLATIONS: dict[str, dict] = {
     "neighbour_gate": {"network": {"pointer_neighbour_gate": True}},
     # Coverage of what the other slots drafted: a speaker or name already written scores lower.
     "pointer_coverage": {"network": {"pointer_coverage": True}},
+    # Its removal where a task adds it (dialogue-cast): back to the shared recipe.
     "no_pointer_coverage": {"network": {"pointer_coverage": False}},
     "no_unroll": {"diffusion": {"unroll": 0.0}},
     # Off in the recipe since runs took ~1,000 steps; at ~4,000 a run sees each of dialogue-cast's

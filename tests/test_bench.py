@@ -645,10 +645,12 @@ def test_sampling_bench_scores_every_sampler_against_ancestral(tmp_path, small_c
 
 
 def test_every_learn_ablation_is_a_valid_configuration():
-    from bench.learn import ABLATIONS, RECIPE, merged
+    from bench.learn import ABLATIONS, RECIPE, TASK_SETTINGS, merged
     from moe_diffuseq.config import DiffusionConfig, NetworkConfig
 
-    for change in ABLATIONS.values():
-        config = merged(RECIPE, change)
-        DiffusionConfig(**config["diffusion"])  # raises ConfigError naming the bad key
-        NetworkConfig(**config["network"])
+    starts = [RECIPE, *(merged(RECIPE, change) for change in TASK_SETTINGS.values())]
+    for change in [{}, *ABLATIONS.values()]:
+        for start in starts:
+            config = merged(start, change)
+            DiffusionConfig(**config["diffusion"])  # raises ConfigError naming the bad key
+            NetworkConfig(**config["network"])

@@ -69,8 +69,8 @@ RECIPE: dict = {
     "lr": 2e-3, "warmup_steps": 100, "lr_decay": "linear", "ema_decay": 0.0,
 }
 # What a task's runs (its recipe run and its ablations) add to the recipe: options that help answers
-# of one shape and not clearly another. Pointer coverage helps a list of distinct source tokens (a
-# cast) and ties on an outline's names. --no_task_settings runs RECIPE everywhere.
+# of one shape and not another. Pointer coverage helps a list of distinct source tokens (a cast),
+# ties on an outline's names and leans worse on one def line. --no_task_settings: RECIPE everywhere.
 TASK_SETTINGS: dict[str, dict] = {"dialogue-cast": {"network": {"pointer_coverage": True}}}
 # One candidate changed at a time: a part of the recipe removed (back to DiffuSeq's setting), or a
 # candidate from the literature added.

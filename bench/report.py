@@ -77,6 +77,8 @@ LEARN_TITLES = {
     "learn": "Learning on tasks with exact answers (`make bench-learn`)",
     "learn_outline_coverage_paired": "code-outline with pointer coverage, paired with the recipe "
                                      "in one invocation (`learn_outline_coverage_paired.json`)",
+    "learn_lookup_coverage_paired": "code-lookup with pointer coverage, paired with the recipe "
+                                    "in one invocation (`learn_lookup_coverage_paired.json`)",
     "learn_shared_recipe": "Every task with the shared recipe, dialogue-cast without pointer "
                            "coverage (`learn_shared_recipe.json`)",
     "learn_before_flush": "The recipe before denormal floats were flushed to zero "

@@ -488,8 +488,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"{', '.join(ablations) or 'none (--ablations NAME ... to run some)'}", flush=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
+    trained = {*tasks, *([args.ablation_task] if ablations else [])}
     # Build what is missing first.
-    for task in {*tasks, *([args.ablation_task] if ablations else [])}:
+    for task in trained:
         name = corpus(task, args.max_chars)
         if not is_built(name, Path(args.data_dir) / name):
             build(name, Path(args.data_dir) / name)
@@ -545,8 +546,8 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {"machine": machine_info(),
                "settings": {**vars(args), "recipe": merged(RECIPE, args.model), "tasks": TASKS,
                             "task_settings": {} if args.no_task_settings else {
-                                task: TASK_SETTINGS[task] for task in TASK_SETTINGS
-                                if task in tasks or (ablations and task == args.ablation_task)}},
+                                task: change for task, change in TASK_SETTINGS.items()
+                                if task in trained}},
                "runs": runs, "summary": summary}
     path = write_json("learn", payload, args.out)
     plot(runs, path.with_suffix(".png"))

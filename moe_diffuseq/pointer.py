@@ -143,13 +143,18 @@ class SourcePointer(nn.Module):
         index = order[..., None].expand(-1, -1, x0.shape[-1])
         own = x0.gather(1, index)
         gate = torch.sigmoid(self.gate(h_rows)).to(x0.dtype)
+
+        def blend(read: torch.Tensor) -> torch.Tensor:
+            """What a slot writes: its gate's mix of what it read and the network's x0."""
+            return gate * read.to(x0.dtype) + (1.0 - gate) * own
+
         coverage = self.coverage(h_rows) if self.coverage is not None else None  # (B, R, 2)
         if self.span_weight is None and coverage is None:
             read = F.scaled_dot_product_attention(
                 query[:, None], key[:, None], z_t[:, None],
                 attn_mask=sources[:, None, None, :],
             )[:, 0]  # (B, R, E)
-            mixed = gate * read.to(x0.dtype) + (1.0 - gate) * own
+            mixed = blend(read)
         else:
             # At least float32 whatever the autocast: up to 2 * span + 1 scores add per entry.
             wide = torch.promote_types(query.dtype, torch.float32)
@@ -166,10 +171,10 @@ class SourcePointer(nn.Module):
                 scores = scores.masked_fill(~sources[:, None, :], float("-inf"))
                 inputs = z_t.to(wide)  # the source's embeddings where the scores are finite
                 read = scores.softmax(-1) @ inputs
-                mixed = gate * read.to(x0.dtype) + (1.0 - gate) * own
+                mixed = blend(read)
                 if coverage is not None:
                     scores = scores + self.covered(mixed.to(wide), inputs, valid,
                                                    coverage.to(wide))
                     read = scores.softmax(-1) @ inputs
-                    mixed = gate * read.to(x0.dtype) + (1.0 - gate) * own
+                    mixed = blend(read)
         return x0.scatter(1, index, torch.where(valid[..., None], mixed, own))

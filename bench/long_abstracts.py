@@ -84,7 +84,7 @@ def train_stage(model_name: str, seed: int, args, max_src_len: int, minutes: flo
     if short:
         model.set_tokenizer(load_tokenizer(short["tokenizer"]))
         model.configure_model()
-        grow_into(model, short["state"])
+        grow_into(model, model_name, short["state"])
     budget = TrainingBudget(minutes * 60)
     trainer = fit_for_budget(model, data, budget, args.accelerator)
     tokenizer_file = short["tokenizer"] if short else str(data.tokenizer_file)

@@ -66,6 +66,7 @@ from data_modules.corpora.tasks import one_line_defs
 from moe_diffuseq import MoEDiffuSeq
 from moe_diffuseq.metrics import interval_verdict as verdict
 from moe_diffuseq.metrics import paired_bootstrap_interval
+from moe_diffuseq.warm_start import WarmStart, sampling_weights
 
 from .common import QUICKSTART_EXPERTS, QUICKSTART_WIDTH, machine_info, print_table, write_json
 from .learn import (
@@ -211,18 +212,11 @@ def long_rows(name: str, data_dir: str, docs: int, min_chars: int) -> list[dict]
     return kept
 
 
-def grow_into(model: MoEDiffuSeq, state: dict[str, torch.Tensor]) -> None:
-    """Load a shorter model's weights: equal shapes are copied; a position table longer here
-    keeps the short one's rows first (its extra rows stay as initialised)."""
-    own = model.state_dict()
-    for key, value in state.items():
-        if own[key].shape == value.shape:
-            own[key].copy_(value)
-        elif own[key].shape[1:] == value.shape[1:] and own[key].shape[0] > value.shape[0]:
-            own[key][: value.shape[0]].copy_(value)
-        else:
-            raise ValueError(f"{key}: shape {tuple(value.shape)} cannot grow into "
-                             f"{tuple(own[key].shape)}")
+def grow_into(model: MoEDiffuSeq, model_name: str, state: dict[str, torch.Tensor]) -> None:
+    """Start ``model`` from a short stage's weights as ``model.init_from`` starts a run: its
+    position table keeps the short one's rows first (the extra rows stay as initialised)."""
+    model.warm_start(WarmStart(f"the short stage of {model_name}", sampling_weights(state),
+                               None, {}))
 
 
 def freeze_for_long_stage(model: MoEDiffuSeq, model_name: str) -> list[str]:
@@ -301,7 +295,7 @@ def train_and_score(task: str, tokens: int, model_name: str, seed: int, args,
     tokenizer = load_tokenizer(short["tokenizer"])
     model.set_tokenizer(tokenizer)
     model.configure_model()
-    grow_into(model, short["state"])
+    grow_into(model, model_name, short["state"])
     frozen = freeze_for_long_stage(model, model_name)
     budget = TrainingBudget(args.minutes * 60)
     if args.minutes > 0:

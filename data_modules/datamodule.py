@@ -41,8 +41,9 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers.
         streaming: Stream the files instead of loading them into memory.
         shuffle_buffer: Buffer size of the streaming shuffle (0: read in file order).
-        tokenizer_path: A tokenizer.json to use; None trains one on the training split and
-            caches it as ``data_dir/<corpus or 'custom'>/tokenizer-<tokenizer_vocab_size>.json``.
+        tokenizer_path: A tokenizer.json, or a checkpoint whose tokenizer to use; None trains one
+            on the training split and caches it as
+            ``data_dir/<corpus or 'custom'>/tokenizer-<tokenizer_vocab_size>.json``.
         tokenizer_vocab_size: Vocabulary size when training a tokenizer (a given tokenizer_path
             keeps its own).
         tokenizer_train_rows: Training rows the tokenizer is trained on (None: all).

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from moe_diffuseq.batch import SPECIAL_TOKENS, UNK, SpecialIds
+from moe_diffuseq.checkpoint import checkpoint_tokenizer
 
 
 def word_start_normalizer() -> normalizers.Normalizer:
@@ -58,12 +60,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer.json and check that it has our special tokens."""
+    """Load a tokenizer.json, or the tokenizer inside a MoE-DiffuSeq checkpoint, and check that
+    it has our special tokens."""
     path = Path(path)
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as err:  # tokenizers raises plain Exception subclasses
-        raise ValueError(f"{path}: not a readable tokenizer.json ({err})") from err
+    if zipfile.is_zipfile(path):  # torch.save writes zip archives; a tokenizer.json is text
+        tokenizer = checkpoint_tokenizer(path)
+    else:
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises plain Exception subclasses
+            raise ValueError(f"{path}: not a readable tokenizer.json ({err})") from err
     try:
         SpecialIds.from_tokenizer(tokenizer)
     except ValueError as err:

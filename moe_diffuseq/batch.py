@@ -1,7 +1,8 @@
 """The batch schema shared by the data modules and the model.
 
-This is the only module of ``moe_diffuseq`` that ``data_modules`` imports: it says how a
-(source, target) pair becomes token ids and how examples are collated into a batch.
+Beside ``checkpoint`` (for the tokenizer a checkpoint carries), this is the only module of
+``moe_diffuseq`` that ``data_modules`` imports: it says how a (source, target) pair becomes token
+ids and how examples are collated into a batch.
 
 Layout of one example::
 

@@ -79,6 +79,23 @@ def read_extras(checkpoint: dict, restore_rng: bool, rank: int = 0,
     return None if text is None else Tokenizer.from_str(text)
 
 
+def checkpoint_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer a checkpoint carries; a missing, foreign or tokenizer-less file raises an
+    error that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        # mmap: the weights are not read, only the tokenizer's string.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except LOAD_ERRORS as err:
+        raise ValueError(describe_load_error(path, err)) from None
+    text = checkpoint.get(TOKENIZER_KEY) if isinstance(checkpoint, dict) else None
+    if text is None:
+        raise ValueError(f"{path}: checkpoint has no tokenizer (written by another program?)")
+    return Tokenizer.from_str(text)
+
+
 def named_load_errors(load, path, *args, **kwargs):
     """``load(path, ...)`` (Lightning's ``load_from_checkpoint``); a missing, foreign, truncated or
     corrupt file raises one error that names it."""

@@ -83,6 +83,25 @@ def check_checkpoint_dirs(config) -> None:
             raise ValueError(f"{key}={folder}: the checkpoint folder is not writable")
 
 
+def settle_warm_start(config) -> None:
+    """``model.init_from`` at fit: without ``data.init_args.tokenizer_path`` the data module reads
+    the checkpoint's tokenizer (the model's must be the data's; one trained on the long corpus
+    would give other token ids). A resume from a checkpoint file restores its own weights, so
+    ``init_from`` is not read then (the file may be gone); the tokenizer is the resumed one's."""
+    model = config.get("model")
+    start = model.get("init_from") if model is not None else None
+    if not start:
+        return
+    resume = config.get("ckpt_path")
+    if resume and Path(resume).is_file():
+        model["init_from"] = None
+        start = resume
+    init_args = (config.get("data") or {}).get("init_args")
+    if init_args is not None and "tokenizer_path" in init_args \
+            and not init_args["tokenizer_path"]:
+        init_args["tokenizer_path"] = start
+
+
 def _lightning_cli(args: list[str]):
     import jsonargparse
 
@@ -107,6 +126,7 @@ def _lightning_cli(args: list[str]):
             super().before_instantiate_classes()
             if self.config.get("subcommand") == "fit":
                 check_checkpoint_dirs(self.config["fit"])
+                settle_warm_start(self.config["fit"])
 
     return CLI(
         MoEDiffuSeq,

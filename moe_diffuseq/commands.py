@@ -184,8 +184,9 @@ def evaluate(
 ) -> dict:
     """Generate for every source of a jsonl file and score against its targets.
 
-    Writes a JSON and a Markdown report (default: beside the checkpoint, named after the
-    sampler and steps) and prints the Markdown.
+    Writes a JSON report (the scores, and each document's reference, sample, exact match and item
+    F1) and a Markdown one (default: beside the checkpoint, named after the sampler and steps) and
+    prints the Markdown.
 
     Args:
         ckpt: Checkpoint file.
@@ -204,6 +205,7 @@ def evaluate(
     from moe_diffuseq.checkpoint import load_checkpoint
     from moe_diffuseq.evaluation import markdown_report, score_generations
     from moe_diffuseq.generation import generate_candidates, sampling_settings
+    from moe_diffuseq.metrics import item_scores
 
     _check_limit(limit)
     given = sampling or {}
@@ -235,7 +237,14 @@ def evaluate(
     # named after the sampler actually used, now that the checkpoint's defaults are known
     if not out:
         base = Path(ckpt).with_name(f"eval-{Path(data).stem}-{settings.sampler}-{settings.steps}")
-    report = {"settings": settings_row, "scores": scores}
+    # Per document: two evaluations of one file pair up (metrics.paired_bootstrap_interval).
+    per_document = [item_scores(sample, reference)
+                    for sample, reference in zip(per_seed[0], references, strict=True)]
+    documents = [{"reference": reference, "sample": sample, "exact_match": doc["exact_match"],
+                  "item_f1": doc["item_f1"]}
+                 for sample, reference, doc in zip(per_seed[0], references, per_document,
+                                                   strict=True)]
+    report = {"settings": settings_row, "scores": scores, "documents": documents}
     base.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = markdown_report(f"Evaluation of {Path(ckpt).name}", settings_row, scores)
     base.with_suffix(".md").write_text(markdown)

@@ -29,6 +29,7 @@ from .evaluation import gather_objects
 from .moe import router_metrics
 from .optim import NonFiniteGuard, adamw_with_schedule, time_limit_fraction, update_ema
 from .probes import AccuracyTally, noise_level_counts, probe_steps
+from .warm_start import WarmStart, copy_weights, describe, read_warm_start
 
 
 class MoEDiffuSeq(pl.LightningModule):
@@ -54,6 +55,13 @@ class MoEDiffuSeq(pl.LightningModule):
             process's: it stays set after the run. On CPU a matmul fed denormals (the rounding
             head's softmax backward gives them once the model is confident) runs several times
             slower; TensorFlow sets the same flags in its thread pools.
+        init_from: A checkpoint whose weights start this ``fit`` (a warm start: the optimizer,
+            step and schedule start afresh). Its source budget may be shorter than this run's:
+            its position rows come first, the new ones are learned from here; every other tensor
+            must match in shape. The weights are the ones it generates with (its EMA copy where
+            it kept one), and its tokenizer is this run's: the CLI points
+            ``data.tokenizer_path`` at the checkpoint when it is unset. A resume (``ckpt_path``)
+            restores its own weights instead: the CLI does not read ``init_from`` then.
     """
 
     def __init__(
@@ -69,6 +77,7 @@ class MoEDiffuSeq(pl.LightningModule):
         ema_decay: float = 0.9999,
         max_nonfinite_steps: int = 10,
         flush_denormal: bool = True,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.network_config = coerce(NetworkConfig, network, "network")
@@ -94,6 +103,10 @@ class MoEDiffuSeq(pl.LightningModule):
         self._test_rows: list[dict[str, str]] = []
         self.last_expert_load: torch.Tensor | None = None
         self._sharded = False  # fully_shard applied (configure_model may run more than once)
+        self._warm_start: WarmStart | None = None  # read by setup("fit"), copied by configure_model
+        # Weights already given (warm-started, or loaded from a checkpoint): a later fit must not
+        # replace them with init_from's.
+        self._weights_given = False
         if self.network_config.sizes_known:
             self.configure_model()
 
@@ -137,6 +150,8 @@ class MoEDiffuSeq(pl.LightningModule):
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if getattr(datamodule, "tokenizer", None) is not None:
             self.set_tokenizer(datamodule.tokenizer)
+        if stage == "fit" and self.hparams.get("init_from") and not self._weights_given:
+            self._read_warm_start(self.hparams.init_from)
         if self.tokenizer is None and self.network_config.vocab_size is None:
             raise RuntimeError("MoEDiffuSeq needs a data module with a tokenizer, or a checkpoint")
         for key in ("max_src_len", "max_trg_len"):
@@ -151,8 +166,31 @@ class MoEDiffuSeq(pl.LightningModule):
             # a resumed run then restores each rank's saved state over this.
             torch.manual_seed(torch.initial_seed() + self.global_rank)
 
+    def _read_warm_start(self, path: str) -> None:
+        """Read ``init_from`` and take its tokenizer, which must be the data module's."""
+        start = read_warm_start(path)
+        if start.tokenizer is not None:
+            if self.tokenizer is not None and self.tokenizer.to_str() != start.tokenizer.to_str():
+                raise ValueError(f"model.init_from={path}: its tokenizer differs from the data "
+                                 f"module's; give data.tokenizer_path={path}")
+            self.set_tokenizer(start.tokenizer)
+        self._warm_start = start
+
+    def warm_start(self, start: WarmStart) -> None:
+        """Copy ``start``'s weights into the built denoiser and its EMA copy (see ``init_from``:
+        position tables may differ in length, every other tensor must match)."""
+        from lightning.pytorch.utilities import rank_zero_info
+
+        network = to_plain(self.network_config)
+        for net in (self.denoiser, self.ema):
+            if net is not None:
+                resized = copy_weights(net, start, network)
+        rank_zero_info(describe(start, resized))
+        self._weights_given = True
+
     def configure_model(self) -> None:
-        """Build the denoiser (and its EMA copy) once; shard it under FSDP2."""
+        """Build the denoiser (and its EMA copy) once; copy a pending warm start into both; shard
+        them under FSDP2."""
         if self.denoiser is None:
             if not self.network_config.sizes_known:
                 raise RuntimeError("network.vocab_size, max_src_len and max_trg_len are unknown: "
@@ -164,6 +202,9 @@ class MoEDiffuSeq(pl.LightningModule):
                                      skip_alpha_bar=skip)
             averaged = self.hparams.ema_decay > 0
             self.ema = copy.deepcopy(self.denoiser).requires_grad_(False) if averaged else None
+        if self._warm_start is not None and not self._sharded:
+            self.warm_start(self._warm_start)
+            self._warm_start = None
         mesh = self.device_mesh  # set by ModelParallelStrategy (FSDP2); None otherwise
         if mesh is not None and not self._sharded:
             # The EMA copy is sharded alike, so that its update is shard-by-shard.
@@ -318,5 +359,6 @@ class MoEDiffuSeq(pl.LightningModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         tokenizer = read_extras(checkpoint, restore_rng=fitting, rank=self.global_rank,
                                 world_size=world)
+        self._weights_given = True
         if tokenizer is not None:
             self.set_tokenizer(tokenizer)

@@ -21,9 +21,10 @@ from .config import DiffusionConfig, NetworkConfig, SamplingConfig
 
 log = logging.getLogger(__name__)
 
-# Model arguments a resumed run may change: how it is optimised and how it samples.
+# Model arguments a resumed run may change: how it is optimised and how it samples, and where its
+# first weights came from (a resume restores its own over them).
 MAY_CHANGE = ("lr", "weight_decay", "warmup_steps", "lr_decay", "min_lr_ratio",
-              "max_nonfinite_steps", "flush_denormal", "sampling.")
+              "max_nonfinite_steps", "flush_denormal", "sampling.", "init_from")
 # Learned from the tokenizer when left unset: None on the command line is no change.
 LEARNED_LATE = ("network.vocab_size",)
 

@@ -189,6 +189,20 @@ def test_readme_cast_command_parses(capsys):
     assert "pointer_coverage: true" in printed and "corpus: dialogue-cast-600" in printed
 
 
+def test_readme_long_stage_command_parses(capsys):
+    """The README's second stage: lookup.yaml, then lookup_4k.yaml's changes over it."""
+    experiments = REPO / "lightning_configs" / "experiments"
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(experiments / "lookup.yaml"),
+              "--config", str(experiments / "lookup_4k.yaml"), "--print_config"])
+    assert done.value.code in (0, None)
+    printed = capsys.readouterr().out
+    for line in ("init_from: runs/lookup/checkpoints/last.ckpt", "corpus: code-lookup-14336",
+                 "max_src_len: 6144", "pointer_span_dropout: 0.5", "window: 256",
+                 "dirpath: runs/lookup_4k/checkpoints"):
+        assert line in printed, line
+
+
 def test_bad_config_value_names_the_key(capsys):
     with pytest.raises(SystemExit, match=r"moe.top_k=9: must be in \[1, num_experts=4\]"):
         main(["fit", "--config", str(TINY), "--model.network.moe.top_k=9",
@@ -210,6 +224,12 @@ def test_evaluate_command_writes_json_and_markdown(trained, small_corpus, tmp_pa
     for key in ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "sentence_bleu", "dist1",
                 "dist2", "self_bleu", "length_ratio"):
         assert key in report["scores"]
+    documents = report["documents"]
+    references = [json.loads(line)["trg"]
+                  for line in (small_corpus / "validation.jsonl").read_text().splitlines()[:4]]
+    assert [d["reference"] for d in documents] == references
+    mean_f1 = sum(d["item_f1"] for d in documents) / len(documents)
+    assert mean_f1 == pytest.approx(report["scores"]["item_f1"])
     assert "| rougeL |" in out.with_suffix(".md").read_text()
 
 

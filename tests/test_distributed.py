@@ -103,3 +103,30 @@ def test_sharded_checkpoint_consolidates_to_one_loadable_file(tmp_path, small_co
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(_load_and_generate(out)) == 1
+
+
+@pytest.mark.slow
+def test_fsdp2_warm_start_copies_the_checkpoint_before_sharding(tmp_path, small_corpus,
+                                                               small_tokenizer_file):
+    short = tmp_path / "short"
+    short.mkdir()
+    done = _fit(short, small_corpus, small_tokenizer_file, "--trainer.max_steps=3")
+    assert done.returncode == 0, done.stderr[-4000:]
+    (start,) = short.rglob("*.ckpt")
+    warm = tmp_path / "warm"
+    warm.mkdir()
+    # lr 0: the step changes nothing, so the saved weights are the ones each shard started from.
+    done = _fit_fsdp_cpu(warm, small_corpus, small_tokenizer_file, "--trainer.max_steps=1",
+                         "--trainer.limit_val_batches=0", f"--model.init_from={start}",
+                         "--model.lr=0", "--data.init_args.max_src_len=40",
+                         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                         f"--trainer.callbacks.dirpath={warm / 'ck'}",
+                         "--trainer.callbacks.every_n_train_steps=1")
+    assert done.returncode == 0, done.stderr[-4000:]
+    (ckpt,) = (warm / "ck").glob("*.ckpt")
+    before = torch.load(start, map_location="cpu", weights_only=True)["state_dict"]
+    after = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    for key, value in before.items():
+        if key.startswith("ema."):
+            new = after["denoiser." + key[len("ema."):]]
+            torch.testing.assert_close(new[: len(value)], value, rtol=0, atol=0, msg=key)

@@ -1,0 +1,176 @@
+"""Warm start (``model.init_from``): a run starts from another checkpoint's weights, with a longer
+source budget, through the real CLI; and the errors that name what does not fit."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import data_args
+
+from data_modules.tokenization import load_tokenizer, train_tokenizer
+from moe_diffuseq.checkpoint import TOKENIZER_KEY
+from moe_diffuseq.cli import main
+from moe_diffuseq.warm_start import WarmStart, copy_weights, sampling_weights
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
+
+
+def without_tokenizer(corpus: Path, tokenizer: Path) -> list[str]:
+    return [a for a in data_args(corpus, tokenizer) if "tokenizer_path" not in a]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, small_corpus, small_tokenizer_file) -> Path:
+    """A tiny model trained 3 steps on sources of 24 tokens: the checkpoint the tests start from."""
+    root = tmp_path_factory.mktemp("short")
+    main(["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
+          f"--trainer.default_root_dir={root}", "--trainer.max_steps=3"])
+    (ckpt,) = root.rglob("*.ckpt")
+    return ckpt
+
+
+def test_fit_starts_from_a_shorter_checkpoint_and_its_tokenizer(short_run, small_corpus,
+                                                                small_tokenizer_file, tmp_path,
+                                                                caplog):
+    # lr 0: the one step changes nothing, so the saved weights are the ones the run started from.
+    data_dir = tmp_path / "work"
+    main(["fit", "--config", str(TINY), *without_tokenizer(small_corpus, small_tokenizer_file),
+          f"--data.init_args.data_dir={data_dir}", "--data.init_args.max_src_len=40",
+          f"--model.init_from={short_run}", "--model.lr=0",
+          f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1",
+          "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+          f"--trainer.callbacks.dirpath={tmp_path / 'ck'}",
+          "--trainer.callbacks.every_n_train_steps=1"])
+    (ckpt,) = (tmp_path / "ck").glob("*.ckpt")
+    assert f"warm start from model.init_from={short_run}: " in caplog.text
+    there, here = map(int, re.search(r"position.weight (\d+) -> (\d+) rows", caplog.text).groups())
+    assert here - there == 40 - 24  # the source budget's growth
+    before = torch.load(short_run, map_location="cpu", weights_only=True)
+    after = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert after["global_step"] == 1  # a fresh run, not a resume of the 3-step one
+    assert after[TOKENIZER_KEY] == before[TOKENIZER_KEY]
+    assert not list(data_dir.rglob("tokenizer-*.json"))  # no tokenizer trained for this run
+    started = sampling_weights(before["state_dict"])  # the source's EMA weights
+    for prefix in ("denoiser.", "ema."):
+        for key, value in started.items():
+            new = after["state_dict"][prefix + key]
+            if key == "position.weight":  # 24 + 17 rows there, 40 + 17 here
+                assert new.shape[0] > value.shape[0]
+                torch.testing.assert_close(new[: len(value)], value, rtol=0, atol=0)
+                assert not torch.equal(new[len(value):], torch.zeros_like(new[len(value):]))
+            else:
+                torch.testing.assert_close(new, value, rtol=0, atol=0, msg=key)
+
+
+def test_position_tables_grow_or_shrink_and_nothing_else_resizes():
+    from moe_diffuseq.config import NetworkConfig, to_plain
+    from moe_diffuseq.denoiser import Denoiser
+
+    def net(src: int, hidden: int = 16) -> Denoiser:
+        torch.manual_seed(src + hidden)
+        return Denoiser(NetworkConfig(vocab_size=40, max_src_len=src, max_trg_len=6, embed_dim=8,
+                                      hidden_size=hidden, num_heads=2, num_layers=1))
+
+    short, long = net(10), net(30)
+    start = WarmStart("the short one", short.state_dict(), None, to_plain(short.config))
+    init = long.position.weight.detach().clone()
+    resized = copy_weights(long, start, to_plain(long.config))
+    assert resized == {"position.weight": (short.max_length, long.max_length)}
+    rows = short.max_length
+    assert torch.equal(long.position.weight[:rows], short.position.weight)
+    assert torch.equal(long.position.weight[rows:], init[rows:])  # new rows keep their init
+    assert torch.equal(long.blocks[0].attn.qkv.weight, short.blocks[0].attn.qkv.weight)
+    back = net(10)
+    copy_weights(back, WarmStart("the long one", long.state_dict(), None, {}), {})
+    assert torch.equal(back.position.weight, long.position.weight[:rows])
+    wide = net(10, hidden=24)
+    with pytest.raises(ValueError, match=r"the short one: .* has shape .*16.* there and .*24.* "
+                                         r"here \(network settings that differ: hidden_size: "
+                                         r"16 -> 24\)"):
+        copy_weights(wide, start, to_plain(wide.config))
+
+
+def test_init_from_faults_are_one_line_naming_the_file(short_run, small_corpus,
+                                                       small_tokenizer_file, tmp_path):
+    base = ["fit", "--config", str(TINY), f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_steps=1"]
+    missing = tmp_path / "nowhere.ckpt"
+    with pytest.raises(SystemExit, match=rf"model.init_from={missing}: no such checkpoint"):
+        main([*base, *data_args(small_corpus, small_tokenizer_file),
+              f"--model.init_from={missing}"])
+    with pytest.raises(SystemExit, match=rf"model.init_from={tmp_path}: a sharded checkpoint "
+                                         r"folder; merge it .*consolidate"):
+        main([*base, *data_args(small_corpus, small_tokenizer_file),
+              f"--model.init_from={tmp_path}"])
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x00not a checkpoint" * 64)
+    with pytest.raises(SystemExit, match=rf"model.init_from={garbage}: not a MoE-DiffuSeq"):
+        main([*base, *data_args(small_corpus, small_tokenizer_file),
+              f"--model.init_from={garbage}"])
+    with pytest.raises(SystemExit, match=r"network settings that differ: .*hidden_size: 32 -> 48"):
+        main([*base, *without_tokenizer(small_corpus, small_tokenizer_file),
+              f"--model.init_from={short_run}", "--model.network.hidden_size=48"])
+    # A tokenizer given explicitly that is not the checkpoint's: token ids would mean other words.
+    texts = [line for line in (small_corpus / "train.jsonl").read_text().splitlines()[:50]]
+    other = tmp_path / "other.json"
+    train_tokenizer(texts, vocab_size=300).save(str(other))
+    with pytest.raises(SystemExit, match=rf"its tokenizer differs from the data module's; give "
+                                         rf"data.tokenizer_path={short_run}"):
+        main([*base, *data_args(small_corpus, other), f"--model.init_from={short_run}"])
+
+
+def test_a_checkpoint_is_a_tokenizer_path(short_run, small_tokenizer_file):
+    assert load_tokenizer(short_run).to_str() == load_tokenizer(small_tokenizer_file).to_str()
+
+
+def test_a_warm_started_run_resumes_without_its_starting_checkpoint(short_run, small_corpus,
+                                                                    small_tokenizer_file,
+                                                                    tmp_path):
+    start = tmp_path / "start.ckpt"
+    start.write_bytes(short_run.read_bytes())
+    args = ["fit", "--config", str(TINY), *without_tokenizer(small_corpus, small_tokenizer_file),
+            f"--data.init_args.data_dir={tmp_path / 'work'}", "--data.init_args.max_src_len=40",
+            f"--model.init_from={start}", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            f"--trainer.callbacks.dirpath={tmp_path / 'ck'}",
+            "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=-1"]
+    main([*args, "--trainer.max_steps=1"])
+    (first,) = (tmp_path / "ck").glob("*.ckpt")
+    start.unlink()  # the resume reads its own checkpoint, weights and tokenizer
+    main([*args, "--trainer.max_steps=2", f"--ckpt_path={first}"])
+    steps = {torch.load(c, map_location="cpu", weights_only=True)["global_step"]
+             for c in (tmp_path / "ck").glob("*.ckpt")}
+    assert steps == {1, 2}
+    assert not list((tmp_path / "work").rglob("tokenizer-*.json"))
+
+
+def test_a_loaded_warm_started_model_keeps_its_weights_in_a_new_fit(short_run, small_corpus,
+                                                                    small_tokenizer_file,
+                                                                    tmp_path):
+    """A script that loads a checkpoint written by a warm-started run and fits it further trains
+    the loaded weights, not init_from's again."""
+    import lightning.pytorch as pl
+
+    from data_modules import Seq2SeqDataModule
+    from moe_diffuseq.checkpoint import load_checkpoint
+
+    main(["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
+          f"--model.init_from={short_run}", f"--trainer.default_root_dir={tmp_path}",
+          "--trainer.max_steps=3"])
+    (warm,) = tmp_path.rglob("*.ckpt")
+    model = load_checkpoint(warm).train()
+    assert model.hparams.init_from == str(short_run)
+    loaded = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
+    model.hparams.lr = 0.0
+    data = Seq2SeqDataModule(train_path=str(small_corpus / "train.jsonl"),
+                             val_path=str(small_corpus / "validation.jsonl"),
+                             tokenizer_path=str(small_tokenizer_file), max_src_len=24,
+                             max_trg_len=16, batch_size=4, data_dir=str(tmp_path / "work"))
+    pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, limit_val_batches=0).fit(model, data)
+    for key, value in model.denoiser.state_dict().items():
+        torch.testing.assert_close(value, loaded[key], rtol=0, atol=0, msg=key)

@@ -83,23 +83,54 @@ def check_checkpoint_dirs(config) -> None:
             raise ValueError(f"{key}={folder}: the checkpoint folder is not writable")
 
 
-def settle_warm_start(config) -> None:
-    """``model.init_from`` at fit: without ``data.init_args.tokenizer_path`` the data module reads
-    the checkpoint's tokenizer (the model's must be the data's; one trained on the long corpus
-    would give other token ids). A resume from a checkpoint file restores its own weights, so
-    ``init_from`` is not read then (the file may be gone); the tokenizer is the resumed one's."""
+def resumed_checkpoint(config) -> Path | None:
+    """The checkpoint file ``ckpt_path`` names, resolved as Lightning resolves it: a file;
+    ``last``: the newest ``last*.ckpt`` in the ModelCheckpoint folders the config names;
+    ``hpc`` (or none given, under SLURM): the newest ``hpc_ckpt_*.ckpt`` in the run's root
+    folder. None when nothing is resumed (or loaded, for the verbs other than fit)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    given = config.get("ckpt_path")
+    if given not in (None, "last", "hpc"):
+        return Path(given) if Path(given).is_file() else None
+    if given == "last":
+        found = [file for key, folder in _checkpoint_dirs(config) if key.startswith("trainer.call")
+                 for file in folder.glob("last*.ckpt")]
+    elif given == "hpc" or SLURMEnvironment.detect():
+        root = (config.get("trainer") or {}).get("default_root_dir") or os.getcwd()
+        found = list(Path(root).glob("hpc_ckpt_*.ckpt"))
+    else:
+        found = []
+    return max(found, key=lambda file: file.stat().st_mtime) if found else None
+
+
+def settle_checkpoint_sources(config, verb: str) -> None:
+    """Where the weights and the tokenizer come from, before anything is built. A checkpoint that
+    is resumed (fit) or loaded (the other verbs) gives both: the data module reads its tokenizer
+    unless ``data.init_args.tokenizer_path`` is set, and ``model.init_from`` is not read (the
+    file may be gone). Else ``model.init_from`` gives them to a fit (a tokenizer trained on the
+    long corpus would give other token ids), and the other verbs refuse to run on untrained
+    weights."""
+    from .warm_start import check_init_from
+
     model = config.get("model")
     start = model.get("init_from") if model is not None else None
-    if not start:
+    loaded = resumed_checkpoint(config)
+    if loaded is not None:
+        if start:
+            model["init_from"] = None
+        tokenizer = str(loaded)
+    elif start and verb != "fit":
+        raise ValueError(f"model.init_from={start} starts a fit only: give --ckpt_path, the "
+                         f"checkpoint to {verb}")
+    elif start:
+        tokenizer = str(check_init_from(start))  # named as model.init_from, before data reads it
+    else:
         return
-    resume = config.get("ckpt_path")
-    if resume and Path(resume).is_file():
-        model["init_from"] = None
-        start = resume
     init_args = (config.get("data") or {}).get("init_args")
     if init_args is not None and "tokenizer_path" in init_args \
             and not init_args["tokenizer_path"]:
-        init_args["tokenizer_path"] = start
+        init_args["tokenizer_path"] = tokenizer
 
 
 def _lightning_cli(args: list[str]):
@@ -124,9 +155,11 @@ def _lightning_cli(args: list[str]):
 
         def before_instantiate_classes(self) -> None:
             super().before_instantiate_classes()
-            if self.config.get("subcommand") == "fit":
+            verb = self.config.get("subcommand")
+            if verb == "fit":
                 check_checkpoint_dirs(self.config["fit"])
-                settle_warm_start(self.config["fit"])
+            if verb:
+                settle_checkpoint_sources(self.config[verb], verb)
 
     return CLI(
         MoEDiffuSeq,

@@ -107,6 +107,7 @@ class MoEDiffuSeq(pl.LightningModule):
         # Weights already given (warm-started, or loaded from a checkpoint): a later fit must not
         # replace them with init_from's.
         self._weights_given = False
+        self.register_load_state_dict_post_hook(self._mark_weights_given)
         if self.network_config.sizes_known:
             self.configure_model()
 
@@ -166,13 +167,22 @@ class MoEDiffuSeq(pl.LightningModule):
             # a resumed run then restores each rank's saved state over this.
             torch.manual_seed(torch.initial_seed() + self.global_rank)
 
+    @staticmethod
+    def _mark_weights_given(module: MoEDiffuSeq, incompatible_keys) -> None:
+        module._weights_given = True  # a script's load_state_dict: a fit keeps these weights
+
     def _read_warm_start(self, path: str) -> None:
         """Read ``init_from`` and take its tokenizer, which must be the data module's."""
         start = read_warm_start(path)
+        theirs = start.diffusion.get("soft_absorbing")
+        if theirs is not None and theirs != self.diffusion_config.soft_absorbing:
+            # The same tensor either way: a learned m there, a fixed zero here (or the reverse).
+            raise ValueError(f"model.init_from={path}: diffusion.soft_absorbing is {theirs} there "
+                             f"and {self.diffusion_config.soft_absorbing} here")
         if start.tokenizer is not None:
             if self.tokenizer is not None and self.tokenizer.to_str() != start.tokenizer.to_str():
                 raise ValueError(f"model.init_from={path}: its tokenizer differs from the data "
-                                 f"module's; give data.tokenizer_path={path}")
+                                 f"module's; give data.init_args.tokenizer_path={path}")
             self.set_tokenizer(start.tokenizer)
         self._warm_start = start
 
@@ -202,7 +212,10 @@ class MoEDiffuSeq(pl.LightningModule):
                                      skip_alpha_bar=skip)
             averaged = self.hparams.ema_decay > 0
             self.ema = copy.deepcopy(self.denoiser).requires_grad_(False) if averaged else None
-        if self._warm_start is not None and not self._sharded:
+        if self._warm_start is not None:
+            if self._sharded:
+                raise RuntimeError("model.init_from: this model was sharded by an earlier run of "
+                                   "the Trainer; warm-start a new MoEDiffuSeq")
             self.warm_start(self._warm_start)
             self._warm_start = None
         mesh = self.device_mesh  # set by ModelParallelStrategy (FSDP2); None otherwise

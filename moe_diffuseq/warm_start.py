@@ -12,7 +12,7 @@ learning-rate schedule start afresh.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +39,8 @@ class WarmStart:
     tokenizer: Tokenizer | None
     network: dict
     """The checkpoint's ``network`` hyperparameters (to say which setting a mismatch comes from)."""
+    diffusion: dict = field(default_factory=dict)
+    """The checkpoint's ``diffusion`` hyperparameters."""
 
 
 def sampling_weights(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -51,15 +53,22 @@ def sampling_weights(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
     return {}
 
 
-def read_warm_start(path: str | Path) -> WarmStart:
-    """Read ``path`` for a warm start; a missing, foreign or truncated file raises an error that
-    names it."""
+def check_init_from(path: str | Path) -> Path:
+    """``path`` as a file a warm start can read: a folder or a missing path raises an error that
+    names ``model.init_from``."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"model.init_from={path}: a sharded checkpoint folder; merge it into one "
                          "file first (moe-diffuseq consolidate)")
     if not path.is_file():
         raise FileNotFoundError(f"model.init_from={path}: no such checkpoint")
+    return path
+
+
+def read_warm_start(path: str | Path) -> WarmStart:
+    """Read ``path`` for a warm start; a missing, foreign or truncated file raises an error that
+    names it."""
+    path = check_init_from(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except LOAD_ERRORS as err:
@@ -69,9 +78,10 @@ def read_warm_start(path: str | Path) -> WarmStart:
     if not weights:
         raise ValueError(f"model.init_from={path}: holds no MoE-DiffuSeq weights")
     text = checkpoint.get(TOKENIZER_KEY)
+    hparams = checkpoint.get("hyper_parameters", {})
     return WarmStart(f"model.init_from={path}", weights,
                      None if text is None else Tokenizer.from_str(text),
-                     dict(checkpoint.get("hyper_parameters", {}).get("network", {})))
+                     dict(hparams.get("network", {})), dict(hparams.get("diffusion", {})))
 
 
 def differing_settings(theirs: Mapping, ours: Mapping) -> list[str]:

@@ -99,13 +99,18 @@ def test_init_from_faults_are_one_line_naming_the_file(short_run, small_corpus,
     base = ["fit", "--config", str(TINY), f"--trainer.default_root_dir={tmp_path}",
             "--trainer.max_steps=1"]
     missing = tmp_path / "nowhere.ckpt"
-    with pytest.raises(SystemExit, match=rf"model.init_from={missing}: no such checkpoint"):
-        main([*base, *data_args(small_corpus, small_tokenizer_file),
-              f"--model.init_from={missing}"])
-    with pytest.raises(SystemExit, match=rf"model.init_from={tmp_path}: a sharded checkpoint "
-                                         r"folder; merge it .*consolidate"):
-        main([*base, *data_args(small_corpus, small_tokenizer_file),
-              f"--model.init_from={tmp_path}"])
+    # Without tokenizer_path too (the README's way), before the data module reads the file.
+    for data in (data_args(small_corpus, small_tokenizer_file),
+                 without_tokenizer(small_corpus, small_tokenizer_file)):
+        with pytest.raises(SystemExit, match=rf"model.init_from={missing}: no such checkpoint"):
+            main([*base, *data, f"--model.init_from={missing}"])
+        with pytest.raises(SystemExit, match=rf"model.init_from={tmp_path}: a sharded checkpoint "
+                                             r"folder; merge it .*consolidate"):
+            main([*base, *data, f"--model.init_from={tmp_path}"])
+    with pytest.raises(SystemExit, match=rf"model.init_from={short_run}: "
+                                         r"diffusion.soft_absorbing is True there and False here"):
+        main([*base, *without_tokenizer(small_corpus, small_tokenizer_file),
+              f"--model.init_from={short_run}", "--model.diffusion.soft_absorbing=false"])
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"\x00not a checkpoint" * 64)
     with pytest.raises(SystemExit, match=rf"model.init_from={garbage}: not a MoE-DiffuSeq"):
@@ -119,7 +124,7 @@ def test_init_from_faults_are_one_line_naming_the_file(short_run, small_corpus,
     other = tmp_path / "other.json"
     train_tokenizer(texts, vocab_size=300).save(str(other))
     with pytest.raises(SystemExit, match=rf"its tokenizer differs from the data module's; give "
-                                         rf"data.tokenizer_path={short_run}"):
+                                         rf"data.init_args.tokenizer_path={short_run}"):
         main([*base, *data_args(small_corpus, other), f"--model.init_from={short_run}"])
 
 
@@ -127,7 +132,9 @@ def test_a_checkpoint_is_a_tokenizer_path(short_run, small_tokenizer_file):
     assert load_tokenizer(short_run).to_str() == load_tokenizer(small_tokenizer_file).to_str()
 
 
-def test_a_warm_started_run_resumes_without_its_starting_checkpoint(short_run, small_corpus,
+@pytest.mark.parametrize("resume", ["file", "last"])
+def test_a_warm_started_run_resumes_without_its_starting_checkpoint(resume, short_run,
+                                                                    small_corpus,
                                                                     small_tokenizer_file,
                                                                     tmp_path):
     start = tmp_path / "start.ckpt"
@@ -137,13 +144,15 @@ def test_a_warm_started_run_resumes_without_its_starting_checkpoint(short_run, s
             f"--model.init_from={start}", f"--trainer.default_root_dir={tmp_path}",
             "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
             f"--trainer.callbacks.dirpath={tmp_path / 'ck'}",
-            "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=-1"]
+            "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=-1",
+            "--trainer.callbacks.save_last=true"]
     main([*args, "--trainer.max_steps=1"])
-    (first,) = (tmp_path / "ck").glob("*.ckpt")
+    first = tmp_path / "ck" / "epoch=0-step=1.ckpt"
     start.unlink()  # the resume reads its own checkpoint, weights and tokenizer
-    main([*args, "--trainer.max_steps=2", f"--ckpt_path={first}"])
+    main([*args, "--trainer.max_steps=2",
+          f"--ckpt_path={first if resume == 'file' else 'last'}"])
     steps = {torch.load(c, map_location="cpu", weights_only=True)["global_step"]
-             for c in (tmp_path / "ck").glob("*.ckpt")}
+             for c in (tmp_path / "ck").glob("epoch=*.ckpt")}
     assert steps == {1, 2}
     assert not list((tmp_path / "work").rglob("tokenizer-*.json"))
 
@@ -156,6 +165,7 @@ def test_a_loaded_warm_started_model_keeps_its_weights_in_a_new_fit(short_run, s
     import lightning.pytorch as pl
 
     from data_modules import Seq2SeqDataModule
+    from moe_diffuseq import MoEDiffuSeq
     from moe_diffuseq.checkpoint import load_checkpoint
 
     main(["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
@@ -174,3 +184,23 @@ def test_a_loaded_warm_started_model_keeps_its_weights_in_a_new_fit(short_run, s
                enable_progress_bar=False, limit_val_batches=0).fit(model, data)
     for key, value in model.denoiser.state_dict().items():
         torch.testing.assert_close(value, loaded[key], rtol=0, atol=0, msg=key)
+    # The same with the weights given by load_state_dict to a model built from the hparams.
+    fresh = MoEDiffuSeq(**{**model.hparams, "lr": 0.0})
+    fresh.set_tokenizer(model.tokenizer)
+    fresh.load_state_dict(model.state_dict())
+    pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, limit_val_batches=0).fit(fresh, data)
+    for key, value in fresh.denoiser.state_dict().items():
+        torch.testing.assert_close(value, loaded[key], rtol=0, atol=0, msg=key)
+
+
+def test_the_other_verbs_read_their_checkpoint_not_init_from(short_run, small_corpus,
+                                                             small_tokenizer_file, tmp_path):
+    args = ["--config", str(TINY), *without_tokenizer(small_corpus, small_tokenizer_file),
+            f"--data.init_args.data_dir={tmp_path / 'work'}", f"--model.init_from={short_run}",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.limit_test_batches=1"]
+    with pytest.raises(SystemExit, match=rf"model.init_from={short_run} starts a fit only: give "
+                                         r"--ckpt_path, the checkpoint to test"):
+        main(["test", *args])
+    main(["test", *args, f"--ckpt_path={short_run}"])  # its tokenizer, not one trained here
+    assert not list((tmp_path / "work").rglob("tokenizer-*.json"))

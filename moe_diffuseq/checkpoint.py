@@ -32,6 +32,7 @@ LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueErr
 
 
 TOKENIZER_KEY = "moe_diffuseq_tokenizer"
+NO_TOKENIZER = "checkpoint has no tokenizer (written by another program?)"
 RNG_KEY = "moe_diffuseq_torch_rng"
 
 
@@ -75,7 +76,12 @@ def read_extras(checkpoint: dict, restore_rng: bool, rank: int = 0,
                         "the resumed run's noise differs from an uninterrupted one",
                         len(states), world_size)
             torch.manual_seed(int(torch.randint(2**62, ()).item()) + rank)
-    text = checkpoint.get(TOKENIZER_KEY)
+    return stored_tokenizer(checkpoint)
+
+
+def stored_tokenizer(checkpoint) -> Tokenizer | None:
+    """The tokenizer a loaded checkpoint carries; None when it carries none."""
+    text = checkpoint.get(TOKENIZER_KEY) if isinstance(checkpoint, dict) else None
     return None if text is None else Tokenizer.from_str(text)
 
 
@@ -90,10 +96,10 @@ def checkpoint_tokenizer(path: str | Path) -> Tokenizer:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except LOAD_ERRORS as err:
         raise ValueError(describe_load_error(path, err)) from None
-    text = checkpoint.get(TOKENIZER_KEY) if isinstance(checkpoint, dict) else None
-    if text is None:
-        raise ValueError(f"{path}: checkpoint has no tokenizer (written by another program?)")
-    return Tokenizer.from_str(text)
+    tokenizer = stored_tokenizer(checkpoint)
+    if tokenizer is None:
+        raise ValueError(f"{path}: {NO_TOKENIZER}")
+    return tokenizer
 
 
 def named_load_errors(load, path, *args, **kwargs):
@@ -118,5 +124,5 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
         raise FileNotFoundError(f"{path}: no such checkpoint")
     model = MoEDiffuSeq.load_from_checkpoint(path, map_location=map_location, weights_only=True)
     if model.tokenizer is None:
-        raise ValueError(f"{path}: checkpoint has no tokenizer (written by another program?)")
+        raise ValueError(f"{path}: {NO_TOKENIZER}")
     return model.eval()

@@ -54,8 +54,8 @@ def usage() -> str:
             f"verbs:\n{lines}\nEach verb has --help.\n")
 
 
-def _checkpoint_dirs(config) -> list[tuple[str, Path]]:
-    """(config key, folder) of every place fit will write checkpoints."""
+def _model_checkpoint_dirs(config) -> list[tuple[str, Path]]:
+    """(config key, folder) of every ModelCheckpoint callback that names its folder."""
     trainer = config.get("trainer") or {}
     found = []
     callbacks = trainer.get("callbacks") or []
@@ -65,6 +65,13 @@ def _checkpoint_dirs(config) -> list[tuple[str, Path]]:
                    if path.endswith("ModelCheckpoint") else None)
         if dirpath:
             found.append((f"trainer.callbacks[{i}].init_args.dirpath", Path(dirpath)))
+    return found
+
+
+def _checkpoint_dirs(config) -> list[tuple[str, Path]]:
+    """(config key, folder) of every place fit will write checkpoints."""
+    trainer = config.get("trainer") or {}
+    found = _model_checkpoint_dirs(config)
     if trainer.get("default_root_dir"):
         found.append(("trainer.default_root_dir", Path(trainer["default_root_dir"])))
     return found
@@ -83,54 +90,58 @@ def check_checkpoint_dirs(config) -> None:
             raise ValueError(f"{key}={folder}: the checkpoint folder is not writable")
 
 
-def resumed_checkpoint(config) -> Path | None:
-    """The checkpoint file ``ckpt_path`` names, resolved as Lightning resolves it: a file;
-    ``last``: the newest ``last*.ckpt`` in the ModelCheckpoint folders the config names;
-    ``hpc`` (or none given, under SLURM): the newest ``hpc_ckpt_*.ckpt`` in the run's root
-    folder. None when nothing is resumed (or loaded, for the verbs other than fit)."""
+def restored_checkpoint(config) -> Path | None:
+    """The single-file checkpoint ``ckpt_path`` names: a file; ``last``: the newest
+    ``last*.ckpt`` file in the ModelCheckpoint folders the config names; ``hpc`` (or none given,
+    under SLURM): the newest ``hpc_ckpt_*.ckpt`` file in the run's root folder. None when
+    nothing is restored, or when it is not one local file (a sharded folder, a URL): Lightning
+    resolves those itself."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
     given = config.get("ckpt_path")
     if given not in (None, "last", "hpc"):
         return Path(given) if Path(given).is_file() else None
     if given == "last":
-        found = [file for key, folder in _checkpoint_dirs(config) if key.startswith("trainer.call")
+        found = [file for _, folder in _model_checkpoint_dirs(config)
                  for file in folder.glob("last*.ckpt")]
     elif given == "hpc" or SLURMEnvironment.detect():
         root = (config.get("trainer") or {}).get("default_root_dir") or os.getcwd()
         found = list(Path(root).glob("hpc_ckpt_*.ckpt"))
     else:
         found = []
-    return max(found, key=lambda file: file.stat().st_mtime) if found else None
+    files = [file for file in found if file.is_file()]  # a sharded checkpoint is a folder
+    return max(files, key=lambda file: file.stat().st_mtime) if files else None
 
 
 def settle_checkpoint_sources(config, verb: str) -> None:
-    """Where the weights and the tokenizer come from, before anything is built. A checkpoint that
-    is resumed (fit) or loaded (the other verbs) gives both: the data module reads its tokenizer
-    unless ``data.init_args.tokenizer_path`` is set, and ``model.init_from`` is not read (the
-    file may be gone). Else ``model.init_from`` gives them to a fit (a tokenizer trained on the
+    """Where the weights and the tokenizer come from, before anything is built. A checkpoint
+    that is resumed (fit) or loaded (the other verbs) gives both: the data module reads a
+    single-file checkpoint's tokenizer unless ``data.init_args.tokenizer_path`` is set, and
+    ``model.init_from`` is not read (its file may be gone; a fit resumed from a sharded folder
+    still reads it). Else ``model.init_from`` gives them to a fit (a tokenizer trained on the
     long corpus would give other token ids), and the other verbs refuse to run on untrained
     weights."""
     from .warm_start import check_init_from
 
     model = config.get("model")
-    start = model.get("init_from") if model is not None else None
-    loaded = resumed_checkpoint(config)
-    if loaded is not None:
-        if start:
-            model["init_from"] = None
-        tokenizer = str(loaded)
-    elif start and verb != "fit":
-        raise ValueError(f"model.init_from={start} starts a fit only: give --ckpt_path, the "
+    init_from = model.get("init_from") if model is not None else None
+    restored = restored_checkpoint(config)
+    if init_from and (restored is not None or (verb != "fit" and config.get("ckpt_path"))):
+        model["init_from"] = None
+    if restored is not None:
+        tokenizer_source = str(restored)
+    elif init_from and verb != "fit" and not config.get("ckpt_path"):
+        raise ValueError(f"model.init_from={init_from} starts a fit only: give --ckpt_path, the "
                          f"checkpoint to {verb}")
-    elif start:
-        tokenizer = str(check_init_from(start))  # named as model.init_from, before data reads it
+    elif init_from and verb == "fit":
+        # Named as model.init_from here, before the data module reads it as a tokenizer.
+        tokenizer_source = str(check_init_from(init_from))
     else:
         return
     init_args = (config.get("data") or {}).get("init_args")
     if init_args is not None and "tokenizer_path" in init_args \
             and not init_args["tokenizer_path"]:
-        init_args["tokenizer_path"] = tokenizer
+        init_args["tokenizer_path"] = tokenizer_source
 
 
 def _lightning_cli(args: list[str]):

@@ -184,9 +184,9 @@ def evaluate(
 ) -> dict:
     """Generate for every source of a jsonl file and score against its targets.
 
-    Writes a JSON report (the scores, and each document's reference, sample, exact match and item
-    F1) and a Markdown one (default: beside the checkpoint, named after the sampler and steps) and
-    prints the Markdown.
+    Writes a JSON report (the scores, and each document's reference, first seed's sample, exact
+    match and item F1) and a Markdown one (default: beside the checkpoint, named after the
+    sampler and steps) and prints the Markdown.
 
     Args:
         ckpt: Checkpoint file.
@@ -238,12 +238,10 @@ def evaluate(
     if not out:
         base = Path(ckpt).with_name(f"eval-{Path(data).stem}-{settings.sampler}-{settings.steps}")
     # Per document: two evaluations of one file pair up (metrics.paired_bootstrap_interval).
-    per_document = [item_scores(sample, reference)
-                    for sample, reference in zip(per_seed[0], references, strict=True)]
-    documents = [{"reference": reference, "sample": sample, "exact_match": doc["exact_match"],
-                  "item_f1": doc["item_f1"]}
-                 for sample, reference, doc in zip(per_seed[0], references, per_document,
-                                                   strict=True)]
+    documents = [{"reference": reference, "sample": sample,
+                  **{key: value for key, value in item_scores(sample, reference).items()
+                     if key in ("exact_match", "item_f1")}}
+                 for sample, reference in zip(per_seed[0], references, strict=True)]
     report = {"settings": settings_row, "scores": scores, "documents": documents}
     base.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = markdown_report(f"Evaluation of {Path(ckpt).name}", settings_row, scores)

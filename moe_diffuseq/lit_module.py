@@ -60,8 +60,9 @@ class MoEDiffuSeq(pl.LightningModule):
             its position rows come first, the new ones are learned from here; every other tensor
             must match in shape. The weights are the ones it generates with (its EMA copy where
             it kept one), and its tokenizer is this run's: the CLI points
-            ``data.tokenizer_path`` at the checkpoint when it is unset. A resume (``ckpt_path``)
-            restores its own weights instead: the CLI does not read ``init_from`` then.
+            ``data.init_args.tokenizer_path`` at the checkpoint when it is unset. A resume from
+            a single-file checkpoint (``ckpt_path``: a file, ``last`` or ``hpc``) restores its
+            own weights instead: the CLI does not read ``init_from`` then.
     """
 
     def __init__(
@@ -191,6 +192,8 @@ class MoEDiffuSeq(pl.LightningModule):
         position tables may differ in length, every other tensor must match)."""
         from lightning.pytorch.utilities import rank_zero_info
 
+        if self.denoiser is None:
+            raise RuntimeError(f"{start.source}: the network is not built yet (configure_model)")
         network = to_plain(self.network_config)
         for net in (self.denoiser, self.ema):
             if net is not None:

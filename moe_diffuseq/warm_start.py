@@ -19,7 +19,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from .checkpoint import LOAD_ERRORS, TOKENIZER_KEY, describe_load_error
+from .checkpoint import LOAD_ERRORS, describe_load_error, stored_tokenizer
 
 # The position tables, whose rows are positions: the only tensors whose length may differ.
 RESIZABLE = ("position.weight", "target_position.weight")
@@ -77,10 +77,8 @@ def read_warm_start(path: str | Path) -> WarmStart:
                                else {})
     if not weights:
         raise ValueError(f"model.init_from={path}: holds no MoE-DiffuSeq weights")
-    text = checkpoint.get(TOKENIZER_KEY)
     hparams = checkpoint.get("hyper_parameters", {})
-    return WarmStart(f"model.init_from={path}", weights,
-                     None if text is None else Tokenizer.from_str(text),
+    return WarmStart(f"model.init_from={path}", weights, stored_tokenizer(checkpoint),
                      dict(hparams.get("network", {})), dict(hparams.get("diffusion", {})))
 
 

@@ -3,6 +3,7 @@ source budget, through the real CLI; and the errors that name what does not fit.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -204,3 +205,47 @@ def test_the_other_verbs_read_their_checkpoint_not_init_from(short_run, small_co
         main(["test", *args])
     main(["test", *args, f"--ckpt_path={short_run}"])  # its tokenizer, not one trained here
     assert not list((tmp_path / "work").rglob("tokenizer-*.json"))
+
+
+def test_restored_checkpoint_resolves_a_file_last_and_hpc_never_a_folder(tmp_path):
+    from moe_diffuseq.cli import restored_checkpoint
+
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    trainer = {"default_root_dir": str(tmp_path), "callbacks": [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(folder)}}]}
+    last = folder / "last.ckpt"
+    last.write_bytes(b"one file")
+    sharded = folder / "last-v1.ckpt"
+    sharded.mkdir()  # a sharded checkpoint is a folder: Lightning reads it, not the CLI
+    os.utime(last, (1, 1))
+    assert restored_checkpoint({"trainer": trainer, "ckpt_path": "last"}) == last
+    assert restored_checkpoint({"trainer": trainer, "ckpt_path": str(last)}) == last
+    assert restored_checkpoint({"trainer": trainer, "ckpt_path": str(sharded)}) is None
+    old, new = tmp_path / "hpc_ckpt_1.ckpt", tmp_path / "hpc_ckpt_2.ckpt"
+    for mtime, file in enumerate((old, new), 1):
+        file.write_bytes(b"hpc")
+        os.utime(file, (mtime, mtime))
+    assert restored_checkpoint({"trainer": trainer, "ckpt_path": "hpc"}) == new
+    assert restored_checkpoint({"trainer": trainer, "ckpt_path": None}) is None  # not under SLURM
+
+
+def test_checkpoint_sources_without_init_from_and_with_a_sharded_checkpoint(tmp_path):
+    from moe_diffuseq.cli import settle_checkpoint_sources
+
+    resumed = tmp_path / "resumed.ckpt"
+    resumed.write_bytes(b"one file")
+    plain = {"model": {"init_from": None}, "ckpt_path": str(resumed),
+             "data": {"init_args": {"tokenizer_path": None}}}
+    settle_checkpoint_sources(plain, "fit")  # a plain resume reads its own tokenizer
+    assert plain["data"]["init_args"]["tokenizer_path"] == str(resumed)
+    given = {"model": {"init_from": None}, "ckpt_path": str(resumed),
+             "data": {"init_args": {"tokenizer_path": "mine.json"}}}
+    settle_checkpoint_sources(given, "validate")
+    assert given["data"]["init_args"]["tokenizer_path"] == "mine.json"
+    sharded = {"model": {"init_from": "short.ckpt"}, "ckpt_path": str(tmp_path),
+               "data": {"init_args": {"tokenizer_path": None}}}
+    settle_checkpoint_sources(sharded, "test")  # loads the folder: init_from is not asked for
+    assert sharded["model"]["init_from"] is None
+    assert sharded["data"]["init_args"]["tokenizer_path"] is None

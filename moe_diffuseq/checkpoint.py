@@ -88,14 +88,9 @@ def stored_tokenizer(checkpoint) -> Tokenizer | None:
 def checkpoint_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer a checkpoint carries; a missing, foreign or tokenizer-less file raises an
     error that names it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    try:
-        # mmap: the weights are not read, only the tokenizer's string.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except LOAD_ERRORS as err:
-        raise ValueError(describe_load_error(path, err)) from None
+    # mmap: the weights are not read, only the tokenizer's string.
+    checkpoint = named_load_errors(torch.load, path, map_location="cpu", weights_only=True,
+                                   mmap=True)
     tokenizer = stored_tokenizer(checkpoint)
     if tokenizer is None:
         raise ValueError(f"{path}: {NO_TOKENIZER}")

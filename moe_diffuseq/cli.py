@@ -125,19 +125,20 @@ def settle_checkpoint_sources(config, verb: str) -> None:
 
     model = config.get("model")
     init_from = model.get("init_from") if model is not None else None
+    given = config.get("ckpt_path")
     restored = restored_checkpoint(config)
-    if init_from and (restored is not None or (verb != "fit" and config.get("ckpt_path"))):
+    if init_from and (restored is not None or (verb != "fit" and given)):
         model["init_from"] = None
     if restored is not None:
         tokenizer_source = str(restored)
-    elif init_from and verb != "fit" and not config.get("ckpt_path"):
+    elif not init_from or (verb != "fit" and given):
+        return
+    elif verb != "fit":
         raise ValueError(f"model.init_from={init_from} starts a fit only: give --ckpt_path, the "
                          f"checkpoint to {verb}")
-    elif init_from and verb == "fit":
+    else:
         # Named as model.init_from here, before the data module reads it as a tokenizer.
         tokenizer_source = str(check_init_from(init_from))
-    else:
-        return
     init_args = (config.get("data") or {}).get("init_args")
     if init_args is not None and "tokenizer_path" in init_args \
             and not init_args["tokenizer_path"]:

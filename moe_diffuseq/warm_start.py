@@ -19,7 +19,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from .checkpoint import LOAD_ERRORS, describe_load_error, stored_tokenizer
+from .checkpoint import named_load_errors, stored_tokenizer
 
 # The position tables, whose rows are positions: the only tensors whose length may differ.
 RESIZABLE = ("position.weight", "target_position.weight")
@@ -70,9 +70,9 @@ def read_warm_start(path: str | Path) -> WarmStart:
     names it."""
     path = check_init_from(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except LOAD_ERRORS as err:
-        raise ValueError(f"model.init_from={describe_load_error(path, err)}") from None
+        checkpoint = named_load_errors(torch.load, path, map_location="cpu", weights_only=True)
+    except ValueError as err:  # it names the file; say which option gave it
+        raise ValueError(f"model.init_from={err}") from None
     weights = sampling_weights(checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict)
                                else {})
     if not weights:

@@ -9,6 +9,7 @@ whose signatures and docstrings make their ``--help``. The sampling options of `
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -92,8 +93,8 @@ def check_checkpoint_dirs(config) -> None:
 
 def restored_checkpoint(config) -> Path | None:
     """The single-file checkpoint ``ckpt_path`` names: a file; ``last``: the newest
-    ``last*.ckpt`` file in the ModelCheckpoint folders the config names; ``hpc`` (or none given,
-    under SLURM): the newest ``hpc_ckpt_*.ckpt`` file in the run's root folder. None when
+    ``last*.ckpt`` in the ModelCheckpoint folders the config names; ``hpc`` (or none given,
+    under SLURM): the highest-numbered ``hpc_ckpt_N.ckpt`` in the run's root folder. None when
     nothing is restored, or when it is not one local file (a sharded folder, a URL): Lightning
     resolves those itself."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -102,37 +103,40 @@ def restored_checkpoint(config) -> Path | None:
     if given not in (None, "last", "hpc"):
         return Path(given) if Path(given).is_file() else None
     if given == "last":
-        found = [file for _, folder in _model_checkpoint_dirs(config)
-                 for file in folder.glob("last*.ckpt")]
-    elif given == "hpc" or SLURMEnvironment.detect():
-        root = (config.get("trainer") or {}).get("default_root_dir") or os.getcwd()
-        found = list(Path(root).glob("hpc_ckpt_*.ckpt"))
-    else:
-        found = []
-    files = [file for file in found if file.is_file()]  # a sharded checkpoint is a folder
-    return max(files, key=lambda file: file.stat().st_mtime) if files else None
+        # As Lightning picks it: the newest, file or folder (a sharded checkpoint).
+        found = [path for _, folder in _model_checkpoint_dirs(config)
+                 for path in folder.glob("last*.ckpt")]
+        newest = max(found, key=lambda path: path.stat().st_mtime) if found else None
+        return newest if newest is not None and newest.is_file() else None
+    if given == "hpc" or SLURMEnvironment.detect():
+        # As Lightning picks it: the highest number among the names holding hpc_ckpt_.
+        root = Path((config.get("trainer") or {}).get("default_root_dir") or os.getcwd())
+        numbers = [int(digits) for file in root.glob("*hpc_ckpt_*")
+                   if (digits := re.sub("[^0-9]", "", file.name.split("hpc_ckpt_")[-1]))]
+        newest = root / f"hpc_ckpt_{max(numbers)}.ckpt" if numbers else None
+        return newest if newest is not None and newest.is_file() else None
+    return None
 
 
-def settle_checkpoint_sources(config, verb: str) -> None:
+def settle_checkpoint_sources(config, verb: str) -> bool:
     """Where the weights and the tokenizer come from, before anything is built. A checkpoint
     that is resumed (fit) or loaded (the other verbs) gives both: the data module reads a
     single-file checkpoint's tokenizer unless ``data.init_args.tokenizer_path`` is set, and
     ``model.init_from`` is not read (its file may be gone; a fit resumed from a sharded folder
-    still reads it). Else ``model.init_from`` gives them to a fit (a tokenizer trained on the
-    long corpus would give other token ids), and the other verbs refuse to run on untrained
-    weights."""
+    still reads it), though the saved config keeps it. Else ``model.init_from`` gives them to a
+    fit (a tokenizer trained on the long corpus would give other token ids), and the other
+    verbs refuse to run on untrained weights. Returns whether a checkpoint gives the weights."""
     from .warm_start import check_init_from
 
     model = config.get("model")
     init_from = model.get("init_from") if model is not None else None
     given = config.get("ckpt_path")
     restored = restored_checkpoint(config)
-    if init_from and (restored is not None or (verb != "fit" and given)):
-        model["init_from"] = None
+    loaded = restored is not None or bool(verb != "fit" and given)
     if restored is not None:
         tokenizer_source = str(restored)
     elif not init_from or (verb != "fit" and given):
-        return
+        return loaded
     elif verb != "fit":
         raise ValueError(f"model.init_from={init_from} starts a fit only: give --ckpt_path, the "
                          f"checkpoint to {verb}")
@@ -143,6 +147,7 @@ def settle_checkpoint_sources(config, verb: str) -> None:
     if init_args is not None and "tokenizer_path" in init_args \
             and not init_args["tokenizer_path"]:
         init_args["tokenizer_path"] = tokenizer_source
+    return loaded
 
 
 def _lightning_cli(args: list[str]):
@@ -170,8 +175,13 @@ def _lightning_cli(args: list[str]):
             verb = self.config.get("subcommand")
             if verb == "fit":
                 check_checkpoint_dirs(self.config["fit"])
-            if verb:
-                settle_checkpoint_sources(self.config[verb], verb)
+            self.checkpoint_gives_weights = bool(verb) and settle_checkpoint_sources(
+                self.config[verb], verb)
+
+        def after_instantiate_classes(self) -> None:
+            super().after_instantiate_classes()
+            if self.checkpoint_gives_weights:
+                self.model.take_weights_from_checkpoint()
 
     return CLI(
         MoEDiffuSeq,

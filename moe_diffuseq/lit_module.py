@@ -168,6 +168,11 @@ class MoEDiffuSeq(pl.LightningModule):
             # a resumed run then restores each rank's saved state over this.
             torch.manual_seed(torch.initial_seed() + self.global_rank)
 
+    def take_weights_from_checkpoint(self) -> None:
+        """A checkpoint that the Trainer restores (a resume, ``ckpt_path``) gives this model its
+        weights: ``init_from`` is not read (the CLI calls this; the saved config still names it)."""
+        self._weights_given = True
+
     @staticmethod
     def _mark_weights_given(module: MoEDiffuSeq, incompatible_keys) -> None:
         module._weights_given = True  # a script's load_state_dict: a fit keeps these weights

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import data_args
 
 from data_modules.tokenization import load_tokenizer, train_tokenizer
@@ -156,6 +157,9 @@ def test_a_warm_started_run_resumes_without_its_starting_checkpoint(resume, shor
              for c in (tmp_path / "ck").glob("epoch=*.ckpt")}
     assert steps == {1, 2}
     assert not list((tmp_path / "work").rglob("tokenizer-*.json"))
+    # The resumed run's saved config still says where its first weights came from.
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["ckpt_path"] is not None and saved["model"]["init_from"] == str(start)
 
 
 def test_a_loaded_warm_started_model_keeps_its_weights_in_a_new_fit(short_run, small_corpus,
@@ -219,15 +223,21 @@ def test_restored_checkpoint_resolves_a_file_last_and_hpc_never_a_folder(tmp_pat
     last.write_bytes(b"one file")
     sharded = folder / "last-v1.ckpt"
     sharded.mkdir()  # a sharded checkpoint is a folder: Lightning reads it, not the CLI
-    os.utime(last, (1, 1))
+    os.utime(last, (2, 2))
+    assert restored_checkpoint({"trainer": trainer, "ckpt_path": "last"}) is None  # the folder
+    os.utime(sharded, (1, 1))
     assert restored_checkpoint({"trainer": trainer, "ckpt_path": "last"}) == last
     assert restored_checkpoint({"trainer": trainer, "ckpt_path": str(last)}) == last
     assert restored_checkpoint({"trainer": trainer, "ckpt_path": str(sharded)}) is None
-    old, new = tmp_path / "hpc_ckpt_1.ckpt", tmp_path / "hpc_ckpt_2.ckpt"
-    for mtime, file in enumerate((old, new), 1):
+    # Lightning resumes the highest number, whatever the files' times say.
+    low, high = tmp_path / "hpc_ckpt_9.ckpt", tmp_path / "hpc_ckpt_10.ckpt"
+    for mtime, file in enumerate((high, low), 1):
         file.write_bytes(b"hpc")
         os.utime(file, (mtime, mtime))
-    assert restored_checkpoint({"trainer": trainer, "ckpt_path": "hpc"}) == new
+    assert restored_checkpoint({"trainer": trainer, "ckpt_path": "hpc"}) == high
+    high.unlink()
+    high.mkdir()  # the highest is sharded: Lightning reads it
+    assert restored_checkpoint({"trainer": trainer, "ckpt_path": "hpc"}) is None
     assert restored_checkpoint({"trainer": trainer, "ckpt_path": None}) is None  # not under SLURM
 
 
@@ -238,7 +248,7 @@ def test_checkpoint_sources_without_init_from_and_with_a_sharded_checkpoint(tmp_
     resumed.write_bytes(b"one file")
     plain = {"model": {"init_from": None}, "ckpt_path": str(resumed),
              "data": {"init_args": {"tokenizer_path": None}}}
-    settle_checkpoint_sources(plain, "fit")  # a plain resume reads its own tokenizer
+    assert settle_checkpoint_sources(plain, "fit")  # a plain resume reads its own tokenizer
     assert plain["data"]["init_args"]["tokenizer_path"] == str(resumed)
     given = {"model": {"init_from": None}, "ckpt_path": str(resumed),
              "data": {"init_args": {"tokenizer_path": "mine.json"}}}
@@ -246,6 +256,7 @@ def test_checkpoint_sources_without_init_from_and_with_a_sharded_checkpoint(tmp_
     assert given["data"]["init_args"]["tokenizer_path"] == "mine.json"
     sharded = {"model": {"init_from": "short.ckpt"}, "ckpt_path": str(tmp_path),
                "data": {"init_args": {"tokenizer_path": None}}}
-    settle_checkpoint_sources(sharded, "test")  # loads the folder: init_from is not asked for
-    assert sharded["model"]["init_from"] is None
+    # Loads the folder: init_from is neither asked for nor read, and the config keeps it.
+    assert settle_checkpoint_sources(sharded, "test")
+    assert sharded["model"]["init_from"] == "short.ckpt"
     assert sharded["data"]["init_args"]["tokenizer_path"] is None

@@ -91,6 +91,28 @@ def check_checkpoint_dirs(config) -> None:
             raise ValueError(f"{key}={folder}: the checkpoint folder is not writable")
 
 
+def _single_file(path: Path | None) -> Path | None:
+    """``path`` if it is one local file; None for a folder (a sharded checkpoint) or nothing."""
+    return path if path is not None and path.is_file() else None
+
+
+def _newest_last(config) -> Path | None:
+    """What Lightning restores for ``last``: the newest ``last*.ckpt``, file or folder, in the
+    ModelCheckpoint folders the config names (one without ``dirpath`` is not searched)."""
+    found = [path for _, folder in _model_checkpoint_dirs(config)
+             for path in folder.glob("last*.ckpt") if path.exists()]  # not a dangling link
+    return max(found, key=lambda path: path.stat().st_mtime) if found else None
+
+
+def _highest_hpc(config) -> Path | None:
+    """What Lightning restores for ``hpc`` (its checkpoint connector's ``_hpc_resume_path``):
+    ``hpc_ckpt_N.ckpt`` with the highest N among the root folder's names holding hpc_ckpt_."""
+    root = Path((config.get("trainer") or {}).get("default_root_dir") or os.getcwd())
+    numbers = [int(digits) for path in root.glob("*hpc_ckpt_*")
+               if (digits := re.sub("[^0-9]", "", path.name.split("hpc_ckpt_")[-1]))]
+    return root / f"hpc_ckpt_{max(numbers)}.ckpt" if numbers else None
+
+
 def restored_checkpoint(config) -> Path | None:
     """The single-file checkpoint ``ckpt_path`` names: a file; ``last``: the newest
     ``last*.ckpt`` in the ModelCheckpoint folders the config names; ``hpc`` (or none given,
@@ -101,20 +123,11 @@ def restored_checkpoint(config) -> Path | None:
 
     given = config.get("ckpt_path")
     if given not in (None, "last", "hpc"):
-        return Path(given) if Path(given).is_file() else None
+        return _single_file(Path(given))
     if given == "last":
-        # As Lightning picks it: the newest, file or folder (a sharded checkpoint).
-        found = [path for _, folder in _model_checkpoint_dirs(config)
-                 for path in folder.glob("last*.ckpt")]
-        newest = max(found, key=lambda path: path.stat().st_mtime) if found else None
-        return newest if newest is not None and newest.is_file() else None
+        return _single_file(_newest_last(config))
     if given == "hpc" or SLURMEnvironment.detect():
-        # As Lightning picks it: the highest number among the names holding hpc_ckpt_.
-        root = Path((config.get("trainer") or {}).get("default_root_dir") or os.getcwd())
-        numbers = [int(digits) for file in root.glob("*hpc_ckpt_*")
-                   if (digits := re.sub("[^0-9]", "", file.name.split("hpc_ckpt_")[-1]))]
-        newest = root / f"hpc_ckpt_{max(numbers)}.ckpt" if numbers else None
-        return newest if newest is not None and newest.is_file() else None
+        return _single_file(_highest_hpc(config))
     return None
 
 
@@ -123,20 +136,20 @@ def settle_checkpoint_sources(config, verb: str) -> bool:
     that is resumed (fit) or loaded (the other verbs) gives both: the data module reads a
     single-file checkpoint's tokenizer unless ``data.init_args.tokenizer_path`` is set, and
     ``model.init_from`` is not read (its file may be gone; a fit resumed from a sharded folder
-    still reads it), though the saved config keeps it. Else ``model.init_from`` gives them to a
-    fit (a tokenizer trained on the long corpus would give other token ids), and the other
-    verbs refuse to run on untrained weights. Returns whether a checkpoint gives the weights."""
+    or a URL still reads it), though the saved config keeps it. Else ``model.init_from`` gives
+    them to a fit (a tokenizer trained on the long corpus would give other token ids), and the
+    other verbs refuse to run from ``init_from`` alone. Returns whether ``init_from`` is to be
+    skipped (``MoEDiffuSeq.skip_init_from``)."""
     from .warm_start import check_init_from
 
     model = config.get("model")
     init_from = model.get("init_from") if model is not None else None
-    given = config.get("ckpt_path")
     restored = restored_checkpoint(config)
-    loaded = restored is not None or bool(verb != "fit" and given)
+    skips_init_from = restored is not None or bool(verb != "fit" and config.get("ckpt_path"))
     if restored is not None:
         tokenizer_source = str(restored)
-    elif not init_from or (verb != "fit" and given):
-        return loaded
+    elif not init_from or skips_init_from:
+        return skips_init_from
     elif verb != "fit":
         raise ValueError(f"model.init_from={init_from} starts a fit only: give --ckpt_path, the "
                          f"checkpoint to {verb}")
@@ -147,7 +160,7 @@ def settle_checkpoint_sources(config, verb: str) -> bool:
     if init_args is not None and "tokenizer_path" in init_args \
             and not init_args["tokenizer_path"]:
         init_args["tokenizer_path"] = tokenizer_source
-    return loaded
+    return skips_init_from
 
 
 def _lightning_cli(args: list[str]):
@@ -175,13 +188,13 @@ def _lightning_cli(args: list[str]):
             verb = self.config.get("subcommand")
             if verb == "fit":
                 check_checkpoint_dirs(self.config["fit"])
-            self.checkpoint_gives_weights = bool(verb) and settle_checkpoint_sources(
+            self.skips_init_from = bool(verb) and settle_checkpoint_sources(
                 self.config[verb], verb)
 
         def after_instantiate_classes(self) -> None:
             super().after_instantiate_classes()
-            if self.checkpoint_gives_weights:
-                self.model.take_weights_from_checkpoint()
+            if self.skips_init_from:
+                self.model.skip_init_from()
 
     return CLI(
         MoEDiffuSeq,

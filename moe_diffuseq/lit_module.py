@@ -168,9 +168,9 @@ class MoEDiffuSeq(pl.LightningModule):
             # a resumed run then restores each rank's saved state over this.
             torch.manual_seed(torch.initial_seed() + self.global_rank)
 
-    def take_weights_from_checkpoint(self) -> None:
-        """A checkpoint that the Trainer restores (a resume, ``ckpt_path``) gives this model its
-        weights: ``init_from`` is not read (the CLI calls this; the saved config still names it)."""
+    def skip_init_from(self) -> None:
+        """Do not read ``init_from``: a checkpoint the Trainer restores after ``setup`` (a resume,
+        ``ckpt_path``) gives this model its weights. The CLI calls this; the config keeps it."""
         self._weights_given = True
 
     @staticmethod

@@ -159,7 +159,8 @@ def test_a_warm_started_run_resumes_without_its_starting_checkpoint(resume, shor
     assert not list((tmp_path / "work").rglob("tokenizer-*.json"))
     # The resumed run's saved config still says where its first weights came from.
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    assert saved["ckpt_path"] is not None and saved["model"]["init_from"] == str(start)
+    assert saved["ckpt_path"] == (str(first) if resume == "file" else "last")
+    assert saved["model"]["init_from"] == str(start)
 
 
 def test_a_loaded_warm_started_model_keeps_its_weights_in_a_new_fit(short_run, small_corpus,
@@ -211,7 +212,9 @@ def test_the_other_verbs_read_their_checkpoint_not_init_from(short_run, small_co
     assert not list((tmp_path / "work").rglob("tokenizer-*.json"))
 
 
-def test_restored_checkpoint_resolves_a_file_last_and_hpc_never_a_folder(tmp_path):
+def test_restored_checkpoint_resolves_a_file_last_and_hpc_never_a_folder(tmp_path, monkeypatch):
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
     from moe_diffuseq.cli import restored_checkpoint
 
     folder = tmp_path / "ck"
@@ -235,10 +238,14 @@ def test_restored_checkpoint_resolves_a_file_last_and_hpc_never_a_folder(tmp_pat
         file.write_bytes(b"hpc")
         os.utime(file, (mtime, mtime))
     assert restored_checkpoint({"trainer": trainer, "ckpt_path": "hpc"}) == high
+    assert restored_checkpoint({"trainer": trainer, "ckpt_path": None}) is None  # not under SLURM
+    monkeypatch.setattr(SLURMEnvironment, "detect", staticmethod(lambda: True))
+    assert restored_checkpoint({"trainer": trainer, "ckpt_path": None}) == high  # a requeued job
     high.unlink()
     high.mkdir()  # the highest is sharded: Lightning reads it
     assert restored_checkpoint({"trainer": trainer, "ckpt_path": "hpc"}) is None
-    assert restored_checkpoint({"trainer": trainer, "ckpt_path": None}) is None  # not under SLURM
+    (folder / "last-v2.ckpt").symlink_to(tmp_path / "gone.ckpt")  # a dangling link is skipped
+    assert restored_checkpoint({"trainer": trainer, "ckpt_path": "last"}) == last
 
 
 def test_checkpoint_sources_without_init_from_and_with_a_sharded_checkpoint(tmp_path):
@@ -252,7 +259,7 @@ def test_checkpoint_sources_without_init_from_and_with_a_sharded_checkpoint(tmp_
     assert plain["data"]["init_args"]["tokenizer_path"] == str(resumed)
     given = {"model": {"init_from": None}, "ckpt_path": str(resumed),
              "data": {"init_args": {"tokenizer_path": "mine.json"}}}
-    settle_checkpoint_sources(given, "validate")
+    assert settle_checkpoint_sources(given, "validate")
     assert given["data"]["init_args"]["tokenizer_path"] == "mine.json"
     sharded = {"model": {"init_from": "short.ckpt"}, "ckpt_path": str(tmp_path),
                "data": {"init_args": {"tokenizer_path": None}}}

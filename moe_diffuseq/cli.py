@@ -96,10 +96,30 @@ def _single_file(path: Path | None) -> Path | None:
     return path if path is not None and path.is_file() else None
 
 
+def _unnamed_checkpoint_dir(config) -> Path | None:
+    """Where a ModelCheckpoint without ``dirpath`` (Lightning's default one included) keeps its
+    files in a run without a logger: ``default_root_dir/checkpoints``. With a logger it is the
+    logger's version folder, a new one each run unless the config fixes it: None."""
+    trainer = config.get("trainer") or {}
+    if trainer.get("logger") is not False:
+        return None
+    callbacks = trainer.get("callbacks") or []
+    checkpointers = [c for c in (callbacks if isinstance(callbacks, list) else [callbacks])
+                     if hasattr(c, "get") and str(c.get("class_path", "")).endswith(
+                         "ModelCheckpoint")]
+    unnamed = any(not (c.get("init_args") or {}).get("dirpath") for c in checkpointers) or (
+        not checkpointers and trainer.get("enable_checkpointing") is not False)
+    root = Path(trainer.get("default_root_dir") or os.getcwd())
+    return root / "checkpoints" if unnamed else None
+
+
 def _newest_last(config) -> Path | None:
     """What Lightning restores for ``last``: the newest ``last*.ckpt``, file or folder, in the
-    ModelCheckpoint folders the config names (one without ``dirpath`` is not searched)."""
-    found = [path for _, folder in _model_checkpoint_dirs(config)
+    checkpoint folders (those the config names, and ``_unnamed_checkpoint_dir``)."""
+    folders = [folder for _, folder in _model_checkpoint_dirs(config)]
+    if (unnamed := _unnamed_checkpoint_dir(config)) is not None:
+        folders.append(unnamed)
+    found = [path for folder in folders
              for path in folder.glob("last*.ckpt") if path.exists()]  # not a dangling link
     return max(found, key=lambda path: path.stat().st_mtime) if found else None
 

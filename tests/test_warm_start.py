@@ -163,6 +163,26 @@ def test_a_warm_started_run_resumes_without_its_starting_checkpoint(resume, shor
     assert saved["model"]["init_from"] == str(start)
 
 
+def test_a_warm_started_run_resumes_last_from_lightnings_own_folder(short_run, small_corpus,
+                                                                  small_tokenizer_file, tmp_path):
+    """A ModelCheckpoint without dirpath in a run without a logger writes to
+    default_root_dir/checkpoints; ``last`` is found there, so init_from is not read."""
+    start = tmp_path / "start.ckpt"
+    start.write_bytes(short_run.read_bytes())
+    args = ["fit", "--config", str(TINY), *without_tokenizer(small_corpus, small_tokenizer_file),
+            f"--data.init_args.data_dir={tmp_path / 'work'}", f"--model.init_from={start}",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            "--trainer.callbacks.save_last=true"]
+    main([*args, "--trainer.max_steps=1"])
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    start.unlink()  # read, it would fail: the resume takes last.ckpt's weights and tokenizer
+    main([*args, "--trainer.max_steps=2", "--ckpt_path=last"])
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=True)
+    assert last["global_step"] == 2
+
+
 def test_a_loaded_warm_started_model_keeps_its_weights_in_a_new_fit(short_run, small_corpus,
                                                                     small_tokenizer_file,
                                                                     tmp_path):
@@ -246,6 +266,15 @@ def test_restored_checkpoint_resolves_a_file_last_and_hpc_never_a_folder(tmp_pat
     assert restored_checkpoint({"trainer": trainer, "ckpt_path": "hpc"}) is None
     (folder / "last-v2.ckpt").symlink_to(tmp_path / "gone.ckpt")  # a dangling link is skipped
     assert restored_checkpoint({"trainer": trainer, "ckpt_path": "last"}) == last
+    # Without dirpath and without a logger, Lightning's folder; with a logger, a new version's.
+    own = tmp_path / "checkpoints" / "last.ckpt"
+    own.parent.mkdir()
+    own.write_bytes(b"one file")
+    for callbacks in ([], [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"}]):
+        unnamed = {"default_root_dir": str(tmp_path), "logger": False, "callbacks": callbacks}
+        assert restored_checkpoint({"trainer": unnamed, "ckpt_path": "last"}) == own
+        logged = {**unnamed, "logger": None}
+        assert restored_checkpoint({"trainer": logged, "ckpt_path": "last"}) is None
 
 
 def test_checkpoint_sources_without_init_from_and_with_a_sharded_checkpoint(tmp_path):

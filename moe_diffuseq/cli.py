@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -55,18 +55,26 @@ def usage() -> str:
             f"verbs:\n{lines}\nEach verb has --help.\n")
 
 
-def _model_checkpoint_dirs(config) -> list[tuple[str, Path]]:
-    """(config key, folder) of every ModelCheckpoint callback that names its folder."""
-    trainer = config.get("trainer") or {}
+def _model_checkpoints(config) -> list[tuple[int, Mapping]]:
+    """(index in trainer.callbacks, init_args) of each ModelCheckpoint callback the config gives."""
+    callbacks = (config.get("trainer") or {}).get("callbacks") or []
     found = []
-    callbacks = trainer.get("callbacks") or []
     for i, callback in enumerate(callbacks if isinstance(callbacks, list) else [callbacks]):
         path = str(callback.get("class_path", "")) if hasattr(callback, "get") else ""
-        dirpath = ((callback.get("init_args") or {}).get("dirpath")
-                   if path.endswith("ModelCheckpoint") else None)
-        if dirpath:
-            found.append((f"trainer.callbacks[{i}].init_args.dirpath", Path(dirpath)))
+        if path.endswith("ModelCheckpoint"):
+            found.append((i, callback.get("init_args") or {}))
     return found
+
+
+def _model_checkpoint_dirs(config) -> list[tuple[str, Path]]:
+    """(config key, folder) of every ModelCheckpoint callback that names its folder."""
+    return [(f"trainer.callbacks[{i}].init_args.dirpath", Path(init_args["dirpath"]))
+            for i, init_args in _model_checkpoints(config) if init_args.get("dirpath")]
+
+
+def _root_dir(config) -> Path:
+    """The run's root: ``trainer.default_root_dir``, else the working folder (as Lightning)."""
+    return Path((config.get("trainer") or {}).get("default_root_dir") or os.getcwd())
 
 
 def _checkpoint_dirs(config) -> list[tuple[str, Path]]:
@@ -103,14 +111,10 @@ def _unnamed_checkpoint_dir(config) -> Path | None:
     trainer = config.get("trainer") or {}
     if trainer.get("logger") is not False:
         return None
-    callbacks = trainer.get("callbacks") or []
-    checkpointers = [c for c in (callbacks if isinstance(callbacks, list) else [callbacks])
-                     if hasattr(c, "get") and str(c.get("class_path", "")).endswith(
-                         "ModelCheckpoint")]
-    unnamed = any(not (c.get("init_args") or {}).get("dirpath") for c in checkpointers) or (
+    checkpointers = [init_args for _, init_args in _model_checkpoints(config)]
+    unnamed = any(not init_args.get("dirpath") for init_args in checkpointers) or (
         not checkpointers and trainer.get("enable_checkpointing") is not False)
-    root = Path(trainer.get("default_root_dir") or os.getcwd())
-    return root / "checkpoints" if unnamed else None
+    return _root_dir(config) / "checkpoints" if unnamed else None
 
 
 def _newest_last(config) -> Path | None:
@@ -127,7 +131,7 @@ def _newest_last(config) -> Path | None:
 def _highest_hpc(config) -> Path | None:
     """What Lightning restores for ``hpc`` (its checkpoint connector's ``_hpc_resume_path``):
     ``hpc_ckpt_N.ckpt`` with the highest N among the root folder's names holding hpc_ckpt_."""
-    root = Path((config.get("trainer") or {}).get("default_root_dir") or os.getcwd())
+    root = _root_dir(config)
     numbers = [int(digits) for path in root.glob("*hpc_ckpt_*")
                if (digits := re.sub("[^0-9]", "", path.name.split("hpc_ckpt_")[-1]))]
     return root / f"hpc_ckpt_{max(numbers)}.ckpt" if numbers else None

@@ -55,26 +55,36 @@ def usage() -> str:
             f"verbs:\n{lines}\nEach verb has --help.\n")
 
 
-def _model_checkpoints(config) -> list[tuple[int, Mapping]]:
-    """(index in trainer.callbacks, init_args) of each ModelCheckpoint callback the config gives."""
+def _callbacks(config, class_name: str) -> list[tuple[int, Mapping]]:
+    """(index in trainer.callbacks, init_args) of each ``class_name`` callback the config gives."""
     callbacks = (config.get("trainer") or {}).get("callbacks") or []
     found = []
     for i, callback in enumerate(callbacks if isinstance(callbacks, list) else [callbacks]):
         path = str(callback.get("class_path", "")) if hasattr(callback, "get") else ""
-        if path.endswith("ModelCheckpoint"):
+        if path.endswith(class_name):  # a subclass named after it, too
             found.append((i, callback.get("init_args") or {}))
     return found
 
 
+def _model_checkpoints(config) -> list[tuple[int, Mapping]]:
+    """(index in trainer.callbacks, init_args) of each ModelCheckpoint callback the config gives."""
+    return _callbacks(config, "ModelCheckpoint")
+
+
+def _local(path) -> Path:
+    """A configured folder as Lightning reads it: ``~`` expanded."""
+    return Path(os.path.expanduser(str(path)))
+
+
 def _model_checkpoint_dirs(config) -> list[tuple[str, Path]]:
     """(config key, folder) of every ModelCheckpoint callback that names its folder."""
-    return [(f"trainer.callbacks[{i}].init_args.dirpath", Path(init_args["dirpath"]))
+    return [(f"trainer.callbacks[{i}].init_args.dirpath", _local(init_args["dirpath"]))
             for i, init_args in _model_checkpoints(config) if init_args.get("dirpath")]
 
 
 def _root_dir(config) -> Path:
     """The run's root: ``trainer.default_root_dir``, else the working folder (as Lightning)."""
-    return Path((config.get("trainer") or {}).get("default_root_dir") or os.getcwd())
+    return _local((config.get("trainer") or {}).get("default_root_dir") or os.getcwd())
 
 
 def _checkpoint_dirs(config) -> list[tuple[str, Path]]:
@@ -82,7 +92,7 @@ def _checkpoint_dirs(config) -> list[tuple[str, Path]]:
     trainer = config.get("trainer") or {}
     found = _model_checkpoint_dirs(config)
     if trainer.get("default_root_dir"):
-        found.append(("trainer.default_root_dir", Path(trainer["default_root_dir"])))
+        found.append(("trainer.default_root_dir", _local(trainer["default_root_dir"])))
     return found
 
 
@@ -104,27 +114,56 @@ def _single_file(path: Path | None) -> Path | None:
     return path if path is not None and path.is_file() else None
 
 
+def _fixed_version_dir(logger) -> Path | None:
+    """The checkpoint folder of a run whose first logger, TensorBoard's or CSV's, fixes its
+    version: ``save_dir/name/version/checkpoints``, as Lightning joins it (no ``~`` expanded)."""
+    first = logger[0] if isinstance(logger, list) and logger else logger
+    if not hasattr(first, "get") or not str(first.get("class_path", "")).endswith(
+            ("TensorBoardLogger", "CSVLogger")):
+        return None
+    init_args = first.get("init_args") or {}
+    version, save_dir = init_args.get("version"), init_args.get("save_dir")
+    if version is None or not save_dir:
+        return None
+    name = init_args.get("name", "lightning_logs") or ""
+    version = version if isinstance(version, str) else f"version_{version}"
+    return Path(str(save_dir)) / str(name) / version / "checkpoints"
+
+
 def _unnamed_checkpoint_dir(config) -> Path | None:
     """Where a ModelCheckpoint without ``dirpath`` (Lightning's default one included) keeps its
-    files in a run without a logger: ``default_root_dir/checkpoints``. With a logger it is the
-    logger's version folder, a new one each run unless the config fixes it: None."""
+    files: ``default_root_dir/checkpoints`` in a run without a logger, the version's folder in
+    a run whose logger fixes its version (``_fixed_version_dir``). None in a run whose logger
+    starts a new version, whose folder holds no checkpoint yet."""
     trainer = config.get("trainer") or {}
-    if trainer.get("logger") is not False:
-        return None
     checkpointers = [init_args for _, init_args in _model_checkpoints(config)]
     unnamed = any(not init_args.get("dirpath") for init_args in checkpointers) or (
         not checkpointers and trainer.get("enable_checkpointing") is not False)
-    return _root_dir(config) / "checkpoints" if unnamed else None
+    if not unnamed:
+        return None
+    logger = trainer.get("logger")
+    if logger is False or logger == []:
+        return _root_dir(config) / "checkpoints"
+    return _fixed_version_dir(logger)
+
+
+def _on_exception_files(config) -> list[Path]:
+    """The files the config's OnExceptionCheckpoint callbacks write when a fit fails."""
+    return [Path(init_args["dirpath"]) / f"{init_args.get('filename') or 'on_exception'}.ckpt"
+            for _, init_args in _callbacks(config, "OnExceptionCheckpoint")
+            if init_args.get("dirpath")]
 
 
 def _newest_last(config) -> Path | None:
-    """What Lightning restores for ``last``: the newest ``last*.ckpt``, file or folder, in the
-    checkpoint folders (those the config names, and ``_unnamed_checkpoint_dir``)."""
+    """What Lightning restores for ``last``: the newest of the ``last*.ckpt``, file or folder,
+    in the checkpoint folders (those the config names, and ``_unnamed_checkpoint_dir``) and of
+    the OnExceptionCheckpoint files."""
     folders = [folder for _, folder in _model_checkpoint_dirs(config)]
     if (unnamed := _unnamed_checkpoint_dir(config)) is not None:
         folders.append(unnamed)
-    found = [path for folder in folders
-             for path in folder.glob("last*.ckpt") if path.exists()]  # not a dangling link
+    candidates = [*(path for folder in folders for path in folder.glob("last*.ckpt")),
+                  *_on_exception_files(config)]
+    found = [path for path in candidates if path.exists()]  # not a dangling link
     return max(found, key=lambda path: path.stat().st_mtime) if found else None
 
 
@@ -137,21 +176,24 @@ def _highest_hpc(config) -> Path | None:
     return root / f"hpc_ckpt_{max(numbers)}.ckpt" if numbers else None
 
 
-def restored_checkpoint(config) -> Path | None:
+def restored_checkpoint(config, verb: str = "fit") -> Path | None:
     """The single-file checkpoint ``ckpt_path`` names: a file; ``last``: the newest
-    ``last*.ckpt`` in the ModelCheckpoint folders the config names; ``hpc`` (or none given,
-    under SLURM): the highest-numbered ``hpc_ckpt_N.ckpt`` in the run's root folder. None when
+    ``last*.ckpt`` in the ModelCheckpoint folders the config names, or OnExceptionCheckpoint
+    file; ``hpc`` (or none given, under SLURM): the highest-numbered ``hpc_ckpt_N.ckpt`` in the
+    run's root folder; none given to a fit with an OnExceptionCheckpoint: ``last``. None when
     nothing is restored, or when it is not one local file (a sharded folder, a URL): Lightning
-    resolves those itself."""
+    resolves those itself, in the same order."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
     given = config.get("ckpt_path")
     if given not in (None, "last", "hpc"):
         return _single_file(Path(given))
-    if given == "last":
-        return _single_file(_newest_last(config))
-    if given == "hpc" or SLURMEnvironment.detect():
+    if given == "hpc" or (given is None and SLURMEnvironment.detect()
+                          and _highest_hpc(config) is not None):
         return _single_file(_highest_hpc(config))
+    if given == "last" or (given is None and verb == "fit"
+                           and _callbacks(config, "OnExceptionCheckpoint")):
+        return _single_file(_newest_last(config))
     return None
 
 
@@ -168,7 +210,7 @@ def settle_checkpoint_sources(config, verb: str) -> bool:
 
     model = config.get("model")
     init_from = model.get("init_from") if model is not None else None
-    restored = restored_checkpoint(config)
+    restored = restored_checkpoint(config, verb)
     skips_init_from = restored is not None or bool(verb != "fit" and config.get("ckpt_path"))
     if restored is not None:
         tokenizer_source = str(restored)

@@ -277,6 +277,92 @@ def test_restored_checkpoint_resolves_a_file_last_and_hpc_never_a_folder(tmp_pat
         assert restored_checkpoint({"trainer": logged, "ckpt_path": "last"}) is None
 
 
+def _lightnings_restore(trainer_args: dict, given: str | None) -> Path | None:
+    """What a real Trainer built from ``trainer_args`` restores in a fit given ``given``."""
+    import importlib
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    def build(spec: dict):
+        module, name = spec["class_path"].rsplit(".", 1)
+        return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
+
+    logger = trainer_args.get("logger", False)
+    trainer = pl.Trainer(default_root_dir=trainer_args["default_root_dir"],
+                         logger=build(logger) if isinstance(logger, dict) else logger,
+                         callbacks=[build(c) for c in trainer_args.get("callbacks", [])],
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.state.fn = TrainerFn.FITTING
+    path = trainer._checkpoint_connector._parse_ckpt_path(
+        TrainerFn.FITTING, given, model_provided=True, model_connected=False)
+    return Path(path) if path is not None else None
+
+
+@pytest.mark.filterwarnings("ignore:.*(no last checkpoint|ckpt_path=None).*")
+def test_restored_checkpoint_agrees_with_lightning_on_home_and_on_exception_files(
+        tmp_path, monkeypatch):
+    """``~`` in dirpath and default_root_dir is the home folder; an OnExceptionCheckpoint's file
+    is a ``last`` candidate, and a fit given no ckpt_path with one configured restores ``last``:
+    each held against what Lightning's own Trainer resolves."""
+    from moe_diffuseq.cli import check_checkpoint_dirs, restored_checkpoint
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    saved, crashed = tmp_path / "ck" / "last.ckpt", tmp_path / "crash" / "failed.ckpt"
+    for file, mtime in ((saved, 1), (crashed, 2)):
+        file.parent.mkdir()
+        file.write_bytes(b"one file")
+        os.utime(file, (mtime, mtime))
+    model_checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                        "init_args": {"dirpath": "~/ck"}}
+    on_exception = {"class_path": "lightning.pytorch.callbacks.OnExceptionCheckpoint",
+                    "init_args": {"dirpath": str(crashed.parent), "filename": "failed"}}
+    cases = [([model_checkpoint], "last", saved), ([model_checkpoint], None, None),
+             ([model_checkpoint, on_exception], "last", crashed),
+             ([model_checkpoint, on_exception], None, crashed)]
+    for callbacks, given, expected in cases:
+        trainer = {"default_root_dir": "~/root", "logger": False, "callbacks": callbacks}
+        assert _lightnings_restore(trainer, given) == expected, (callbacks, given)
+        assert restored_checkpoint({"trainer": trainer, "ckpt_path": given}) == expected
+    # A fit only: the other verbs given no ckpt_path test the model they were given.
+    trainer = {"default_root_dir": "~/root", "callbacks": [model_checkpoint, on_exception]}
+    assert restored_checkpoint({"trainer": trainer, "ckpt_path": None}, "validate") is None
+    os.utime(saved, (3, 3))
+    assert restored_checkpoint({"trainer": trainer, "ckpt_path": None}) == saved
+    check_checkpoint_dirs({"trainer": trainer})
+    assert (tmp_path / "root").is_dir() and not (tmp_path / "cwd" / "~").exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*no last checkpoint.*")
+def test_restored_checkpoint_agrees_with_lightning_on_a_logger_version_folder(tmp_path,
+                                                                              monkeypatch):
+    """A ModelCheckpoint without dirpath writes into its logger's version folder: ``last`` is
+    found there when the config fixes the version, and not in a logger's new version."""
+    from moe_diffuseq.cli import restored_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    unnamed = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"save_last": True}}]
+    loggers = [("lightning.pytorch.loggers.TensorBoardLogger", {"name": "logs", "version": "run1"},
+                "logs/run1"),
+               ("lightning.pytorch.loggers.CSVLogger", {"name": "", "version": 3}, "version_3"),
+               ("lightning.pytorch.loggers.TensorBoardLogger", {}, None)]  # a new version
+    for class_path, init_args, folder in loggers:
+        if folder is not None:
+            last = tmp_path / "logs_root" / folder / "checkpoints" / "last.ckpt"
+            last.parent.mkdir(parents=True)
+            last.write_bytes(b"one file")
+        logger = {"class_path": class_path,
+                  "init_args": {"save_dir": "logs_root", **init_args}}
+        trainer = {"default_root_dir": str(tmp_path), "logger": logger, "callbacks": unnamed}
+        expected = tmp_path / "logs_root" / folder / "checkpoints" / "last.ckpt" if folder else None
+        assert _lightnings_restore(trainer, "last") == expected, logger
+        ours = restored_checkpoint({"trainer": trainer, "ckpt_path": "last"})
+        assert (ours.resolve() if ours else None) == expected, logger
+
+
 def test_checkpoint_sources_without_init_from_and_with_a_sharded_checkpoint(tmp_path):
     from moe_diffuseq.cli import settle_checkpoint_sources
 

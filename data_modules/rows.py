@@ -20,6 +20,10 @@ class BadRowError(ValueError):
     """A row that cannot become a training pair; the message names its file and row."""
 
 
+class MissingColumnError(ValueError):
+    """A file without the source or target column; the message names the file and the key."""
+
+
 def _builder_for(path: str) -> str:
     suffix = Path(path.replace("*", "x")).suffix.lower()
     if suffix not in _FORMATS:
@@ -128,7 +132,7 @@ class RowFilter:
             return
         missing = [k for k in (self.src_key, self.trg_key) if k and k not in columns]
         if missing:
-            raise KeyError(f"{self.source}: missing column(s) {missing}; "
+            raise MissingColumnError(f"{self.source}: missing column(s) {missing}; "
                            f"the file has {sorted(columns)}")
 
     def __call__(self, row: dict[str, Any], index: int) -> tuple[str, str] | None:

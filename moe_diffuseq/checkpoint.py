@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from .config import NetworkConfig, to_plain
+from .config import NetworkConfig, config_error_behind, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,21 @@ def named_load_errors(load, path, *args, **kwargs):
     try:
         return load(path, *args, **kwargs)
     except LOAD_ERRORS as err:
+        if local and load is not torch.load and _whole_file(path):
+            # The file reads: the fault lies in what was asked of it (a device, a config check).
+            cause = config_error_behind(err)
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+            raise ValueError(f"{path}: cannot be loaded ({type(cause).__name__}: {first})") from err
         raise ValueError(describe_load_error(path, err)) from None
+
+
+def _whole_file(path: str | Path) -> bool:
+    """Whether ``path`` reads as a torch file of tensors (mmap: its weights are not read)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except LOAD_ERRORS:
+        return False
+    return True
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):

@@ -314,6 +314,7 @@ def main(args: list[str] | None = None) -> None:
     from jsonargparse import ArgumentError
 
     from .allocator import tune_cpu_allocator
+    from .config import config_error_behind
 
     tune_cpu_allocator()  # recycled pages instead of page faults every step (see allocator.py)
     args = list(sys.argv[1:] if args is None else args)
@@ -334,15 +335,5 @@ def main(args: list[str] | None = None) -> None:
         # shows the traceback.
         if os.environ.get("MOE_DIFFUSEQ_DEBUG") == "1":
             raise
-        raise SystemExit(f"error: {' '.join(str(_config_error(err)).split())}") from None
+        raise SystemExit(f"error: {' '.join(str(config_error_behind(err)).split())}") from None
 
-
-def _config_error(err: BaseException) -> BaseException:
-    """The ConfigError behind a parser's error, when there is one: it names the key and the rule
-    (jsonargparse wraps it in a list of every type it tried)."""
-    from .config import ConfigError
-
-    seen = err
-    while seen is not None and not isinstance(seen, ConfigError):
-        seen = seen.__cause__ or seen.__context__
-    return seen or err

@@ -15,45 +15,59 @@ from pathlib import Path
 from typing import Any
 
 
+def _text(value: Any, key: str, where: str) -> str:
+    """``value`` of column ``key`` when it is text; else an error naming ``where`` (file, line)."""
+    if isinstance(value, str) and value.strip():
+        return value
+    kind = ("null" if value is None else "empty" if isinstance(value, str)
+            else f"a JSON {type(value).__name__}, not a string")
+    raise SystemExit(f"error: {where}: {key!r} is {kind}")
+
+
 def _read_sources(path: str | None, key: str,
-                  flag: str = "--input") -> tuple[list[str], list[dict]]:
-    """Sources from a jsonl file (column ``key``), a text file, or stdin (one per line).
+                  flag: str = "--input") -> tuple[list[str], list[dict], list[str]]:
+    """Sources from a jsonl file (column ``key``), a text file, or stdin (one per line), each
+    row's values, and where each came from (``file, line N``, for errors about its other columns).
 
     Errors name the option (``flag``), the file and the line at fault; no source is an error."""
     if path in (None, "-"):
         lines = [line.rstrip("\n") for line in sys.stdin if line.strip()]
         if not lines:
             raise SystemExit("error: no sources on stdin")
-        return lines, [{} for _ in lines]
+        return lines, [{} for _ in lines], [f"stdin, line {i}" for i in range(1, len(lines) + 1)]
     file = Path(path)
     if not file.exists():
         raise SystemExit(f"error: {flag} {path}: no such file")
     if file.is_dir():
         raise SystemExit(f"error: {flag} {path}: is a directory; expected a jsonl or text file")
-    rows = []
+    json_lines = file.suffix.lower() in (".jsonl", ".json")
+    sources, rows, places = [], [], []
     with file.open("rb") as handle:
         for number, raw in enumerate(handle, 1):
+            where = f"{path}, line {number}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise SystemExit(f"error: {path}, line {number}: not UTF-8 "
-                                 f"(byte {err.start})") from None
+                raise SystemExit(f"error: {where}: not UTF-8 (byte {err.start})") from None
             if not line.strip():
                 continue
-            if file.suffix == ".jsonl":
+            if json_lines:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise SystemExit(f"error: {path}, line {number}: not JSON ({err})") from None
+                    raise SystemExit(f"error: {where}: not JSON ({err})") from None
                 if not isinstance(row, dict) or key not in row:
                     found = sorted(row) if isinstance(row, dict) else type(row).__name__
-                    raise SystemExit(f"error: {path}, line {number}: no {key!r} key (has {found})")
-                rows.append(row)
+                    raise SystemExit(f"error: {where}: no {key!r} key (has {found})")
+                sources.append(_text(row[key], key, where))
             else:
-                rows.append({key: line.rstrip("\n")})
+                row = {key: line.rstrip("\n")}
+                sources.append(row[key])
+            rows.append(row)
+            places.append(where)
     if not rows:
         raise SystemExit(f"error: no sources in {path}")
-    return [str(r[key]) for r in rows], rows
+    return sources, rows, places
 
 
 def _check_limit(limit: int | None) -> None:
@@ -73,12 +87,13 @@ def _writable(path: Path, flag: str) -> None:
         raise SystemExit(f"error: {flag} {path}: not writable")
 
 
-def _column(rows: list[dict], key: str, path: str | None) -> list[str]:
-    """Column ``key`` of every row; a row without it is an error that names the file and rows."""
-    missing = [i + 1 for i, r in enumerate(rows) if key not in r]
+def _column(rows: list[dict], key: str, places: list[str]) -> list[str]:
+    """Column ``key`` of every row, each text; a row without it is an error naming its line."""
+    missing = [place for row, place in zip(rows, places, strict=True) if key not in row]
     if missing:
-        raise SystemExit(f"error: {path}: rows {missing[:5]} have no {key!r} key")
-    return [str(r[key]) for r in rows]
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise SystemExit(f"error: {missing[0]}{more}: no {key!r} key")
+    return [_text(row[key], key, place) for row, place in zip(rows, places, strict=True)]
 
 
 def _warn_truncated(model, sources: list[str]) -> list[int]:
@@ -127,12 +142,12 @@ def generate(
     _check_limit(limit)
     if output:
         _writable(Path(output), "--output")
-    sources, rows = _read_sources(input, src_key)
+    sources, rows, places = _read_sources(input, src_key)
+    if limit is not None:
+        sources, rows, places = sources[:limit], rows[:limit], places[:limit]
+    templates = None if template_key is None else _column(rows, template_key, places)
     model = load_checkpoint(ckpt, map_location=device)
     settings = sampling_settings(model.sampling_config, **(sampling or {}))
-    if limit is not None:
-        sources, rows = sources[:limit], rows[:limit]
-    templates = None if template_key is None else _column(rows, template_key, input)
     # The model reads at most max_src_len tokens of a source: say so before sampling, and record it.
     cut = _warn_truncated(model, sources)
     start = time.perf_counter()
@@ -213,12 +228,13 @@ def evaluate(
     base = Path(out) if out else Path(ckpt).with_name(f"eval-{Path(data).stem}-{named}")
     for suffix in (".json", ".md"):
         _writable(base.with_suffix(suffix), "--out")
-    sources, rows = _read_sources(data, src_key, "--data")
+    sources, rows, places = _read_sources(data, src_key, "--data")
+    if limit is not None:
+        sources, rows, places = sources[:limit], rows[:limit], places[:limit]
+    references = _column(rows, trg_key, places)
     model = load_checkpoint(ckpt, map_location=device)
     settings = sampling_settings(model.sampling_config, **given)
-    if limit is not None:
-        sources, rows = sources[:limit], rows[:limit]
-    references = _column(rows, trg_key, data)
+    cut = _warn_truncated(model, sources)
     start = time.perf_counter()
     per_seed = [
         [c[i] for c, i in generate_candidates(model, sources, settings, seed=seed, progress=True)]
@@ -230,7 +246,8 @@ def evaluate(
     scores["seconds_per_document"] = seconds / max(1, len(sources) * seeds)
     settings_row = {"checkpoint": ckpt, "data": data, "documents": len(sources),
                     "sampler": settings.sampler, "steps": settings.steps,
-                    "restarts": settings.restarts, "seeds": seeds}
+                    "restarts": settings.restarts, "seeds": seeds,
+                    "sources_truncated": sum(c > 0 for c in cut)}
     if settings.restarts:  # where each restart begins and its steps change the scores too
         settings_row |= {"restart_noise": settings.restart_noise,
                          "restart_steps": settings.restart_steps}
@@ -238,10 +255,10 @@ def evaluate(
     if not out:
         base = Path(ckpt).with_name(f"eval-{Path(data).stem}-{settings.sampler}-{settings.steps}")
     # Per document: two evaluations of one file pair up (metrics.paired_bootstrap_interval).
-    documents = [{"reference": reference, "sample": sample,
+    documents = [{"reference": reference, "sample": sample, "src_truncated": dropped,
                   **{key: value for key, value in item_scores(sample, reference).items()
                      if key in ("exact_match", "item_f1")}}
-                 for sample, reference in zip(per_seed[0], references, strict=True)]
+                 for sample, reference, dropped in zip(per_seed[0], references, cut, strict=True)]
     report = {"settings": settings_row, "scores": scores, "documents": documents}
     base.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = markdown_report(f"Evaluation of {Path(ckpt).name}", settings_row, scores)
@@ -307,16 +324,22 @@ def prepare_data(task: str = "code", data_dir: str = "data", max_chars: int | No
             token, so 4000-64000 makes sources of 1k-16k tokens).
     """
     from data_modules.corpora import build, resolve
-    from data_modules.corpora.tasks import TASKS
+    from data_modules.corpora.tasks import MIN_TASK_CHARS, TASKS
 
     if max_chars is not None and task not in TASKS:
         raise SystemExit(f"error: --max-chars applies to the tasks {sorted(TASKS)}, "
                          f"not to {task!r}")
+    if max_chars is not None and max_chars < MIN_TASK_CHARS:
+        raise SystemExit(f"error: --max-chars {max_chars}: must be >= {MIN_TASK_CHARS}")
     name = task if max_chars is None else f"{task}-{max_chars}"
     out = Path(data_dir) / name
     try:
         resolve(name)
+        out.mkdir(parents=True, exist_ok=True)
         counts = build(name, out)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
+    except OSError as err:  # e.g. a folder that cannot be made or written: name the path
+        raise SystemExit(f"error: prepare-data {name}: {err.filename or out}: "
+                         f"{err.strerror or err}") from None
     print(json.dumps({"task": task, "dir": str(out), "rows": counts}))

@@ -20,6 +20,15 @@ class ConfigError(ValueError):
     """A setting with a bad value; the message starts with its key."""
 
 
+def config_error_behind(err: BaseException) -> BaseException:
+    """The ConfigError behind a parser's error, when there is one: it names the key and the rule
+    (jsonargparse wraps it in a list of every type it tried)."""
+    seen: BaseException | None = err
+    while seen is not None and not isinstance(seen, ConfigError):
+        seen = seen.__cause__ or seen.__context__
+    return seen or err
+
+
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r}: {why}")

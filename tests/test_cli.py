@@ -321,6 +321,18 @@ def test_generate_command_infills_templates_from_a_column(trained, tmp_path):
         ("evaluate", lambda d: d / "missing.jsonl", [], "--data"),
         ("generate", lambda d: _write(d / "ok.txt", b"x\n"),
          ["--output", "/proc/forbidden/out.jsonl"], "--output /proc/forbidden/out.jsonl"),
+        # A JSON value is text, or the line that holds it is named (a suffix in any case).
+        ("generate", lambda d: _write(d / "rows.JSONL", b'{"src": "x"}\n\n{"src": null}\n'), [],
+         "rows.JSONL, line 3: 'src' is null"),
+        ("generate", lambda d: _write(d / "rows.jsonl", b'{"src": 3}\n'), [],
+         "rows.jsonl, line 1: 'src' is a JSON int, not a string"),
+        ("generate", lambda d: _write(d / "rows.jsonl", b'{"src": "x",}\n'), [],
+         "rows.jsonl, line 1: not JSON"),
+        ("evaluate", lambda d: _write(d / "pairs.jsonl",
+                                      b'{"src": "x", "trg": "y"}\n{"src": "z"}\n'), [],
+         "pairs.jsonl, line 2: no 'trg' key"),
+        ("evaluate", lambda d: _write(d / "pairs.jsonl", b'{"src": "x", "trg": " "}\n'), [],
+         "pairs.jsonl, line 1: 'trg' is empty"),
     ],
 )
 def test_bad_input_fails_before_sampling_and_names_the_fault(trained, tmp_path, verb, make, extra,
@@ -367,6 +379,23 @@ def test_a_bad_checkpoint_is_named_without_the_unsafe_advice(trained, tmp_path, 
                 and "weights_only" not in message)
 
 
+def test_a_whole_checkpoint_that_cannot_load_is_not_called_corrupt(trained, tmp_path):
+    """A file that reads but fails later (a config check, a device) says why, not "truncated"."""
+    from moe_diffuseq.checkpoint import load_checkpoint
+
+    state = torch.load(trained, map_location="cpu", weights_only=True)
+    state["hyper_parameters"]["network"]["moe"]["top_k"] = 99  # more than its experts
+    edited = tmp_path / "edited.ckpt"
+    torch.save(state, edited)
+    with pytest.raises(ValueError) as caught:
+        load_checkpoint(edited)
+    assert str(caught.value).startswith(f"{edited}: cannot be loaded") and "top_k" in str(
+        caught.value)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"cannot be loaded \(RuntimeError: .*CUDA"):
+            load_checkpoint(trained, map_location="cuda")
+
+
 def test_a_too_long_source_is_truncated_with_a_warning_and_recorded(trained, tmp_path, capsys):
     source = _write(tmp_path / "long.txt", ("x = 1 + 2 " * 400 + "\n").encode() + b"def f():\n")
     out = tmp_path / "samples.jsonl"
@@ -377,6 +406,17 @@ def test_a_too_long_source_is_truncated_with_a_warning_and_recorded(trained, tmp
     captured = capsys.readouterr()
     assert "1 of 2 sources exceed the model's 24-token source budget" in captured.err
     assert len(captured.out) < 3000  # the preview is clipped, not the whole 4,000-character source
+
+
+def test_evaluate_warns_of_and_records_truncated_sources(trained, tmp_path, capsys):
+    rows = [{"src": "x = 1 + 2 " * 400, "trg": "def f"}, {"src": "def f():", "trg": "def f"}]
+    data = _write(tmp_path / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    main(["evaluate", "--ckpt", str(trained), "--data", str(data), "--steps", "2",
+          "--out", str(tmp_path / "report")])
+    assert "1 of 2 sources exceed the model's 24-token source budget" in capsys.readouterr().err
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["settings"]["sources_truncated"] == 1
+    assert [d["src_truncated"] > 0 for d in saved["documents"]] == [True, False]
 
 
 def test_fit_checks_its_checkpoint_folder_before_training(small_corpus, small_tokenizer_file,
@@ -413,7 +453,7 @@ def test_a_bad_option_is_one_line_without_the_usage_dump(capsys):
             and len((printed.out + printed.err).splitlines()) <= 3)
 
 
-@pytest.mark.parametrize("fault", ["random_ckpt", "data_dir", "nan_loss"])
+@pytest.mark.parametrize("fault", ["random_ckpt", "data_dir", "missing_column", "nan_loss"])
 def test_fit_faults_are_one_line_naming_the_place(fault, small_corpus, small_tokenizer_file,
                                                   tmp_path):
     args = ["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
@@ -426,6 +466,11 @@ def test_fit_faults_are_one_line_naming_the_place(fault, small_corpus, small_tok
     elif fault == "data_dir":
         args.append(f"--data.init_args.train_path={small_corpus}")
         expected = f"{small_corpus}: is a directory"
+    elif fault == "missing_column":
+        renamed = tmp_path / "renamed.jsonl"
+        renamed.write_text(json.dumps({"source": "a b", "trg": "c"}) + "\n")
+        args.append(f"--data.init_args.val_path={renamed}")
+        expected = f"{renamed}: missing column(s) ['src']"
     else:  # every loss non-finite: the run stops naming the batch's examples
         args += ["--model.lr=1e30", "--model.max_nonfinite_steps=2"]
         expected = "2 consecutive non-finite losses; last batch's examples"

@@ -9,7 +9,7 @@ import torch
 
 from data_modules import Seq2SeqDataModule, load_tokenizer
 from data_modules.corpora.code import build_code_corpus, split_of, stdlib_root
-from data_modules.rows import BadRowError
+from data_modules.rows import BadRowError, MissingColumnError
 from moe_diffuseq.batch import (
     SPECIAL_TOKENS,
     SpecialIds,
@@ -178,7 +178,7 @@ def test_missing_column_names_the_file_and_key(small_corpus, small_tokenizer_fil
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"source": "a", "trg": "b"}) + "\n")
     dm = _dm(small_corpus, small_tokenizer_file, val_path=str(path))
-    with pytest.raises(KeyError, match=r"bad.jsonl.*missing column.*'src'"):
+    with pytest.raises(MissingColumnError, match=r"bad.jsonl.*missing column.*'src'"):
         dm.setup("validate")
 
 

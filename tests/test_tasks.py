@@ -124,3 +124,16 @@ def test_prepare_data_builds_a_task_with_max_chars(tmp_path, monkeypatch, capsys
     assert max(len(r["src"]) for r in rows) <= 4000 < 1500 * 2 + max(len(r["src"]) for r in rows)
     with pytest.raises(SystemExit, match="max-chars applies to the tasks"):
         main(["prepare-data", "code", "--data_dir", str(tmp_path), "--max-chars", "4000"])
+
+
+def test_prepare_data_faults_are_one_line_naming_the_argument(tmp_path):
+    with pytest.raises(SystemExit, match="unknown corpus 'code-outlines'"):
+        main(["prepare-data", "code-outlines", "--data_dir", str(tmp_path)])
+    for chars in ("-5", "99"):
+        with pytest.raises(SystemExit, match=f"--max-chars {chars}: must be >= 100"):
+            main(["prepare-data", "code-outline", "--data_dir", str(tmp_path),
+                  "--max-chars", chars])
+    blocked = tmp_path / "a file"
+    blocked.write_text("where the data folder should be")
+    with pytest.raises(SystemExit, match=f"prepare-data code-outline: {blocked}.*Not a directory"):
+        main(["prepare-data", "code-outline", "--data_dir", str(blocked)])

@@ -33,6 +33,7 @@ from .splits import SplitWriter
 ITEM_SEPARATOR = " ; "
 VERSION = "tasks-2"  # bump when the pairs change, so that prepare_data rebuilds old copies
 DEFAULT_MAX_CHARS = 1500
+MIN_TASK_CHARS = 100  # a shorter run holds hardly a line of code
 QUESTION = "# signature of {name}"
 # A run with one function answers its question without reading NAME: a model trained on such
 # runs learns to copy the run's only def line, and finds nothing in a long source of many.
@@ -203,8 +204,8 @@ def build_task(name: str, out_dir: str | Path, max_chars: int = DEFAULT_MAX_CHAR
     """Write {train,validation,test}.jsonl of the named task under out_dir; returns row counts."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
-    if max_chars < 100:
-        raise ValueError(f"max_chars={max_chars}: must be >= 100")
+    if max_chars < MIN_TASK_CHARS:
+        raise ValueError(f"max_chars={max_chars}: must be >= {MIN_TASK_CHARS}")
     if name == "dialogue-cast" and "archive" not in kwargs:
         kwargs.setdefault("cache_dir", Path(out_dir).parent / "dialogue" / "_download")
     with SplitWriter(out_dir) as writer:

@@ -150,7 +150,9 @@ class Seq2SeqDataModule(pl.LightningDataModule):
 
     def _train_tokenizer(self) -> None:
         hp = self.hparams
-        table = load_rows(self.paths["train"], streaming=True, cache_dir=None)
+        # A local jsonl is checked line by line first, as setup() reads it (errors name lines).
+        readable, _ = self._checked(self.paths["train"])
+        table = load_rows(readable, streaming=True, cache_dir=None)
         limit = hp.tokenizer_train_rows
 
         def texts():
@@ -194,20 +196,36 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             seed = hp.seed if split == "train" else None
             return StreamingPairs(load_rows(path, True, cache), row_filter, path, rank, world, seed,
                                   hp.shuffle_buffer)
-        readable = path
-        if path.endswith(".jsonl") and Path(path).is_file():
-            readable, bad_lines = scan_jsonl(path, hp.on_bad_row, Path(cache) / "clean")
-            self.skipped.update(bad_lines)
-        dataset = PairDataset(load_rows(readable, False, cache), row_filter, path)
+        readable, lines = self._checked(path, count=True)
+        dataset = PairDataset(load_rows(readable, False, cache), row_filter, path, lines)
         self.skipped.update(row_filter.skipped)
         return dataset
+
+    def _checked(self, path: str, count: bool = False) -> tuple[str, list[int] | None]:
+        """A local jsonl file checked line by line (``rows.scan_jsonl``): the path to read (a
+        cleaned copy when lines were skipped) and each row's line number; other paths as they
+        are. ``count``: add the skipped lines to ``self.skipped``."""
+        if not (path.endswith(".jsonl") and Path(path).is_file()) or self.hparams.streaming:
+            return path, None
+        cache = Path(self.hparams.data_dir) / ".hf_cache" / "clean"
+        readable, bad_lines, lines = scan_jsonl(path, self.hparams.on_bad_row, cache)
+        if count:
+            self.skipped.update(bad_lines)
+        return readable, lines
 
     # --------------------------------------------------------------- loading
     def collate(self, items: list[tuple[str, str, str]],
                 stream: StreamingPairs | None = None) -> LoadedBatch:
-        """Tokenize and collate (example id, source, target) items under this module's budgets."""
-        return collate_rows(items, self.tokenizer, self.max_src_len, self.max_trg_len,
-                            self.hparams.on_too_long, stream)
+        """Tokenize and collate (example id, source, target) items under this module's budgets.
+        A stream's rows skipped since the last batch ride along, to be counted in this process."""
+        batch = collate_rows(items, self.tokenizer, self.max_src_len, self.max_trg_len,
+                             self.hparams.on_too_long, stream)
+        worker = torch.utils.data.get_worker_info()
+        reader = stream if worker is None else worker.dataset  # a worker filters its own copy
+        if isinstance(reader, StreamingPairs) and reader.row_filter.skipped:
+            batch.skipped_rows = dict(reader.row_filter.skipped)
+            reader.row_filter.skipped.clear()
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         """Where training is in the current epoch, for mid-epoch resume: the sampler's
@@ -240,6 +258,7 @@ class Seq2SeqDataModule(pl.LightningDataModule):
             self.truncated["source truncated"] += int(batch.src_truncated.sum())
             self.truncated["target truncated"] += int(batch.trg_truncated.sum())
             self.truncated["too long, skipped"] += int(batch.dropped.sum())
+            self.skipped.update(batch.skipped_rows)
         return batch
 
     def report(self) -> dict[str, int]:

@@ -19,15 +19,19 @@ log = logging.getLogger(__name__)
 
 
 class PairDataset(Dataset):
-    """Map-style view of a table: the valid (index, src, trg) rows."""
+    """Map-style view of a table: the valid (example id, src, trg) rows. ``lines``: the line
+    number of each row in ``source`` (a jsonl file), so that errors and ids name lines."""
 
-    def __init__(self, table, row_filter: RowFilter, source: str) -> None:
+    def __init__(self, table, row_filter: RowFilter, source: str,
+                 lines: list[int] | None = None) -> None:
         row_filter.check_columns(table.column_names)
         self.items = []
+        unit = "row" if lines is None else "line"
         for index, row in enumerate(table):
-            pair = row_filter(row, index)
+            number = index + 1 if lines is None else lines[index]
+            pair = row_filter(row, number, unit)
             if pair is not None:
-                self.items.append((example_id(source, row, index), *pair))
+                self.items.append((example_id(source, row, number), *pair))
         if row_filter.skipped:
             log.warning("%s: skipped rows %s", source, dict(row_filter.skipped))
         if not self.items:
@@ -79,13 +83,13 @@ class StreamingPairs(IterableDataset):
         # Positions count within this rank's and worker's part of the stream; a row's own
         # "id" column, when there is one, names it exactly.
         for index, row in enumerate(self.stream):
-            pair = self.row_filter(row, index)
+            pair = self.row_filter(row, index + 1)
             if pair is None:
                 continue
             if skip:
                 skip -= 1
                 continue
-            yield (example_id(self.source, row, index), *pair)
+            yield (example_id(self.source, row, index + 1), *pair)
 
 
 class ResumableRandomSampler(DistributedSampler):
@@ -184,6 +188,8 @@ class LoadedBatch(Seq2SeqBatch):
     trg_truncated: torch.Tensor = field(default_factory=_count)
     dropped: torch.Tensor = field(default_factory=_count)
     stream_epoch: int | None = None  # the streaming pass this batch came from (num_workers=0)
+    # Rows a stream left out (on_bad_row: skip) since its previous batch, per reason.
+    skipped_rows: dict[str, int] = field(default_factory=dict)
 
 
 def collate_rows(

@@ -32,15 +32,18 @@ def _builder_for(path: str) -> str:
     return _FORMATS[suffix]
 
 
-def scan_jsonl(path: str, policy: str, cache_dir: Path) -> tuple[str, Counter[str]]:
+def scan_jsonl(path: str, policy: str,
+               cache_dir: Path) -> tuple[str, Counter[str], list[int]]:
     """Check every line of a jsonl file: UTF-8, JSON, an object. Errors name the line.
 
     With policy "skip", bad lines are dropped into a cleaned copy under cache_dir (the
     returned path) and counted per reason; with "raise", the first bad line is an error.
+    Also returns the line number of each row read from the returned path, in order (blank
+    lines hold no row, here as in ``datasets``' reader), so later errors name lines too.
     """
     bad: Counter[str] = Counter()
     good_lines: list[bytes] = []
-    rows = 0
+    numbers: list[int] = []
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, 1):
             if not raw.strip():
@@ -55,17 +58,17 @@ def scan_jsonl(path: str, policy: str, cache_dir: Path) -> tuple[str, Counter[st
             except json.JSONDecodeError as err:
                 reason = f"not JSON ({err.msg})"
             if reason is None:
-                rows += 1
+                numbers.append(number)
                 good_lines.append(raw if raw.endswith(b"\n") else raw + b"\n")
                 continue
             if policy == "raise":
                 raise BadRowError(f"{path}, line {number}: {reason} "
                                   "(set on_bad_row: skip to skip such lines)")
             bad[reason.split(" (")[0]] += 1
-    if rows == 0:
+    if not numbers:
         raise ValueError(f"{path}: no rows (the file is empty or every line is bad)")
     if not bad:
-        return path, bad
+        return path, bad, numbers
     log.warning("%s: skipped lines %s", path, dict(bad))
     cache_dir.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha1(
@@ -75,7 +78,7 @@ def scan_jsonl(path: str, policy: str, cache_dir: Path) -> tuple[str, Counter[st
         tmp = cleaned.with_suffix(".tmp")
         tmp.write_bytes(b"".join(good_lines))
         os.replace(tmp, cleaned)
-    return str(cleaned), bad
+    return str(cleaned), bad, numbers
 
 
 HUB_PREFIX = "hub:"
@@ -113,11 +116,12 @@ def load_rows(path: str, streaming: bool, cache_dir: str | None):
                          f"({type(err).__name__}: {err})") from err
 
 
-def example_id(source: str, row: dict[str, Any], index: int) -> str:
-    """``file:id`` from the row's own "id" column, else ``file:row number``."""
+def example_id(source: str, row: dict[str, Any], number: int) -> str:
+    """``file:id`` from the row's own "id" column, else ``file:number`` (its line in a jsonl
+    file, else its row number)."""
     own = row.get("id")
     return (f"{source}:{own}" if isinstance(own, (str, int)) and own != ""
-            else f"{source}:{index + 1}")
+            else f"{source}:{number}")
 
 
 class RowFilter:
@@ -135,7 +139,10 @@ class RowFilter:
             raise MissingColumnError(f"{self.source}: missing column(s) {missing}; "
                            f"the file has {sorted(columns)}")
 
-    def __call__(self, row: dict[str, Any], index: int) -> tuple[str, str] | None:
+    def __call__(self, row: dict[str, Any], number: int,
+                 unit: str = "row") -> tuple[str, str] | None:
+        """(source, target) of a good row; None for a bad one under ``skip``. ``number`` and
+        ``unit`` say where the row is in its file (``line 7``, ``row 7``)."""
         src = row.get(self.src_key, "") if self.src_key else ""
         trg = row.get(self.trg_key)
         reason = None
@@ -150,7 +157,7 @@ class RowFilter:
         if reason is None:
             return src, trg
         if self.policy == "raise":
-            raise BadRowError(f"{self.source}, row {index + 1}: {reason} "
+            raise BadRowError(f"{self.source}, {unit} {number}: {reason} "
                               "(set on_bad_row: skip to skip such rows)")
         self.skipped[reason] += 1
         return None

@@ -161,7 +161,7 @@ def test_compare_bench_checks_every_task_before_measuring(tmp_path, small_corpus
     data = _built_code_corpus(tmp_path, small_corpus, extra_train_row=bad_row)
     out = tmp_path / "compare.json"
     rows = len((data / "train.jsonl").read_text().splitlines())
-    with pytest.raises(BadRowError, match=f"train.jsonl, row {rows}: empty target"):
+    with pytest.raises(BadRowError, match=f"train.jsonl, line {rows}: empty target"):
         compare.main(["--lengths", "64", "--trg-len", "16", "--hidden", "32", "--layers", "1",
                       "--tasks", "code", "--data-dir", str(tmp_path / "data"), "--out", str(out)])
     # Nothing measured yet.

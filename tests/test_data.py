@@ -187,11 +187,23 @@ def test_bad_rows_raise_with_line_or_are_skipped(small_corpus, small_tokenizer_f
     path.write_text("".join(json.dumps(r) + "\n" for r in [{"src": "a", "trg": "b"},
                                                            {"src": "a", "trg": "  "},
                                                            {"src": "c", "trg": "d"}]))
-    with pytest.raises(BadRowError, match=r"rows.jsonl, row 2: empty target"):
+    with pytest.raises(BadRowError, match=r"rows.jsonl, line 2: empty target"):
         _dm(small_corpus, small_tokenizer_file, val_path=str(path)).setup("validate")
     dm = _dm(small_corpus, small_tokenizer_file, val_path=str(path), on_bad_row="skip")
     dm.setup("validate")
     assert len(dm.datasets["validation"]) == 2
+
+
+def test_errors_and_example_ids_name_lines_past_blank_and_skipped_lines(
+        small_corpus, small_tokenizer_file, tmp_path):
+    path = tmp_path / "gaps.jsonl"
+    path.write_text('{"src": "a", "trg": "b"}\n\n   \n{"src": "a", "trg": " "}\n')
+    with pytest.raises(BadRowError, match=r"gaps.jsonl, line 4: empty target"):
+        _dm(small_corpus, small_tokenizer_file, val_path=str(path)).setup("validate")
+    path.write_text('{"src": "a", "trg": "b"}\nnot json\n\n{"src": "c", "trg": "d"}\n')
+    dm = _dm(small_corpus, small_tokenizer_file, val_path=str(path), on_bad_row="skip")
+    dm.setup("validate")
+    assert [item[0] for item in dm.datasets["validation"].items] == [f"{path}:1", f"{path}:4"]
 
 
 def test_unreadable_file_is_named(small_corpus, small_tokenizer_file, tmp_path):
@@ -228,7 +240,7 @@ def test_empty_file_and_missing_values(small_corpus, small_tokenizer_file, tmp_p
     rows.write_text("".join(json.dumps(r) + "\n" for r in [{"src": "a", "trg": "b"},
                                                            {"src": None, "trg": "b"},
                                                            {"src": "", "trg": "c"}]))
-    with pytest.raises(BadRowError, match=r"holes.jsonl, row 2: missing src/trg value"):
+    with pytest.raises(BadRowError, match=r"holes.jsonl, line 2: missing src/trg value"):
         _dm(small_corpus, small_tokenizer_file, val_path=str(rows)).setup("validate")
     dm = _dm(small_corpus, small_tokenizer_file, val_path=str(rows), on_bad_row="skip")
     dm.setup("validate")
@@ -423,3 +435,40 @@ def test_streaming_reshuffles_every_epoch_and_each_epoch_reads_every_row_once(
     for rank in ranks:
         assert rank[0] != rank[1] and sorted(rank[0]) == sorted(rank[1])  # a new order each epoch
     assert epochs(0) == ranks[0]  # seeded: a rerun reads the same orders
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_counts_the_rows_it_skips(small_corpus, small_tokenizer_file, tmp_path, workers):
+    """Streamed rows are filtered as they are read, in a worker or in this process: the counts
+    ride on the batches to this process's report."""
+    from types import SimpleNamespace
+
+    rows = [json.loads(line) for line in (small_corpus / "train.jsonl").read_text().splitlines()]
+    bad = [{"src": "a", "trg": " "}] * 3 + [{"src": None, "trg": "b"}] * 2
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:20] + bad + rows[20:40]))
+    dm = _dm(small_corpus, small_tokenizer_file, train_path=str(path), streaming=True,
+             num_workers=workers, on_bad_row="skip", shuffle_buffer=0)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1, training=True, current_epoch=0)
+    dm.setup("fit")
+    read = 0
+    for batch in dm.train_dataloader():
+        read += len(batch)
+        dm.on_after_batch_transfer(batch, 0)
+    skipped = {k: v for k, v in dm.report().items() if k.startswith("skipped")}
+    assert read == 40
+    assert skipped == {"skipped: empty target": 3, "skipped: missing src/trg value": 2}
+
+
+def test_the_tokenizer_is_trained_on_checked_lines(small_corpus, tmp_path):
+    rows = (small_corpus / "train.jsonl").read_text().splitlines()[:50]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(rows[:10] + ['{"src": "a", "trg":'] + rows[10:]) + "\n")
+    args = dict(train_path=str(path), val_path=str(small_corpus / "validation.jsonl"),
+                max_src_len=32, max_trg_len=24, data_dir=str(tmp_path / "work"),
+                tokenizer_vocab_size=300)
+    with pytest.raises(BadRowError, match=r"train.jsonl, line 11: not JSON"):
+        Seq2SeqDataModule(**args).prepare_data()
+    dm = Seq2SeqDataModule(**args, on_bad_row="skip")
+    dm.prepare_data()
+    assert dm.tokenizer_file.exists()

@@ -14,10 +14,15 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from moe_diffuseq.batch import SPECIAL_TOKENS
+
 from .corpora import build, is_built, resolve
 from .pairs import LoadedBatch, PairDataset, ResumableRandomSampler, StreamingPairs, collate_rows
 from .rows import RowFilter, load_rows, scan_jsonl
 from .tokenization import has_word_starts, load_tokenizer, train_tokenizer
+
+# A byte-level BPE holds every byte and the special tokens before any merge.
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +98,17 @@ class Seq2SeqDataModule(pl.LightningDataModule):
                              "or tokenizer_path")
         for key, value in (("max_src_len", max_src_len), ("max_trg_len", max_trg_len),
                            ("batch_size", batch_size)):
-            if value < 1 and not (key == "max_src_len" and value == 0):
+            if value < 1:
                 raise ValueError(f"data.{key}={value}: must be >= 1")
+        for key, value in (("num_workers", num_workers), ("shuffle_buffer", shuffle_buffer)):
+            if value < 0:
+                raise ValueError(f"data.{key}={value}: must be >= 0")
+        if tokenizer_vocab_size < MIN_VOCAB:
+            raise ValueError(f"data.tokenizer_vocab_size={tokenizer_vocab_size}: must be >= "
+                             f"{MIN_VOCAB} (256 bytes, {len(SPECIAL_TOKENS)} special tokens)")
+        if tokenizer_train_rows is not None and tokenizer_train_rows < 1:
+            raise ValueError(f"data.tokenizer_train_rows={tokenizer_train_rows}: must be >= 1, "
+                             "or null for every row")
         if on_bad_row not in ("raise", "skip"):
             raise ValueError(f"data.on_bad_row={on_bad_row!r}: expected raise or skip")
         if on_too_long not in ("truncate", "skip", "raise"):

@@ -229,6 +229,20 @@ def settle_checkpoint_sources(config, verb: str) -> bool:
     return skips_init_from
 
 
+LINKED_BUDGETS = ("max_src_len", "max_trg_len")
+"""The data module's length budgets, which the CLI gives the model's network too."""
+
+
+def check_linked_budgets(config) -> None:
+    """A budget given under data is checked there: the model, built first, would name its own
+    copy (``network.max_src_len``), a key the config does not set."""
+    init_args = (config.get("data") or {}).get("init_args") or {}
+    for key in LINKED_BUDGETS:
+        value = init_args.get(key)
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"data.init_args.{key}={value}: must be >= 1")
+
+
 def _lightning_cli(args: list[str]):
     import jsonargparse
 
@@ -246,12 +260,14 @@ def _lightning_cli(args: list[str]):
     class CLI(ResumeCheckingCLI):
         def add_arguments_to_parser(self, parser) -> None:
             # The data module's budgets are the model's: given once, under data.
-            for key in ("max_src_len", "max_trg_len"):
+            for key in LINKED_BUDGETS:
                 parser.link_arguments(f"data.init_args.{key}", f"model.network.{key}")
 
         def before_instantiate_classes(self) -> None:
             super().before_instantiate_classes()
             verb = self.config.get("subcommand")
+            if verb:
+                check_linked_budgets(self.config[verb])
             if verb == "fit":
                 check_checkpoint_dirs(self.config["fit"])
             self.skips_init_from = bool(verb) and settle_checkpoint_sources(

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from . import generation
 from .batch import Seq2SeqBatch, SpecialIds
 from .config import (
+    ConfigError,
     DiffusionConfig,
     NetworkConfig,
     SamplingConfig,
@@ -27,7 +28,13 @@ from .denoiser import Denoiser
 from .diffusion import NoiseSchedule, make_timestep_sampler, training_loss
 from .evaluation import gather_objects
 from .moe import router_metrics
-from .optim import NonFiniteGuard, adamw_with_schedule, time_limit_fraction, update_ema
+from .optim import (
+    LR_DECAYS,
+    NonFiniteGuard,
+    adamw_with_schedule,
+    time_limit_fraction,
+    update_ema,
+)
 from .probes import AccuracyTally, noise_level_counts, probe_steps
 from .warm_start import WarmStart, copy_weights, describe, read_warm_start
 
@@ -84,8 +91,17 @@ class MoEDiffuSeq(pl.LightningModule):
         self.network_config = coerce(NetworkConfig, network, "network")
         self.diffusion_config = diffusion = coerce(DiffusionConfig, diffusion, "diffusion")
         self.sampling_config = coerce(SamplingConfig, sampling, "sampling")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay={ema_decay}: must be in [0, 1)")
+        checks = [(lr >= 0, "lr", lr, "must be >= 0"),  # 0: steps that change nothing
+                  (weight_decay >= 0, "weight_decay", weight_decay, "must be >= 0"),
+                  (warmup_steps >= 0, "warmup_steps", warmup_steps, "must be >= 0"),
+                  (lr_decay in LR_DECAYS, "lr_decay", lr_decay, f"expected one of {LR_DECAYS}"),
+                  (0.0 <= min_lr_ratio <= 1.0, "min_lr_ratio", min_lr_ratio, "must be in [0, 1]"),
+                  (0.0 <= ema_decay < 1.0, "ema_decay", ema_decay, "must be in [0, 1)"),
+                  (max_nonfinite_steps >= 1, "max_nonfinite_steps", max_nonfinite_steps,
+                   "must be >= 1")]
+        for ok, key, value, why in checks:
+            if not ok:
+                raise ConfigError(f"model.{key}={value!r}: {why}")
         # Plain types only, so checkpoints load with weights_only=True and scripts rebuild
         # the model from the file alone.
         self.save_hyperparameters(ignore=["network", "diffusion", "sampling"])

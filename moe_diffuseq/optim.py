@@ -37,6 +37,10 @@ def fused_supported(params: list[torch.Tensor]) -> bool:
             and all(param.dtype.is_floating_point for param in params))
 
 
+LR_DECAYS = ("linear", "cosine", "constant")
+"""The shapes of the learning rate's decay after warm-up (``lr_factor``)."""
+
+
 def adamw_with_schedule(
     net: nn.Module,
     *,

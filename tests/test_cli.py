@@ -209,6 +209,30 @@ def test_bad_config_value_names_the_key(capsys):
               "--data.init_args.train_path=x.jsonl"])
 
 
+@pytest.mark.parametrize(("option", "message"), [
+    ("--model.lr=-1", "model.lr=-1.0: must be >= 0"),
+    ("--model.min_lr_ratio=1.5", "model.min_lr_ratio=1.5: must be in [0, 1]"),
+    ("--model.warmup_steps=-1", "model.warmup_steps=-1: must be >= 0"),
+    ("--model.max_nonfinite_steps=0", "model.max_nonfinite_steps=0: must be >= 1"),
+    ("--data.init_args.max_src_len=0", "data.init_args.max_src_len=0: must be >= 1"),
+    ("--data.init_args.num_workers=-1", "data.num_workers=-1: must be >= 0"),
+    ("--data.init_args.tokenizer_vocab_size=100", "data.tokenizer_vocab_size=100: must be >= 261"),
+])
+def test_bad_training_values_name_their_key(option, message, small_corpus, small_tokenizer_file,
+                                            tmp_path):
+    with pytest.raises(SystemExit) as caught:
+        main(["fit", "--config", str(TINY), *data_args(small_corpus, small_tokenizer_file),
+              f"--trainer.default_root_dir={tmp_path}", option])
+    assert message in str(caught.value)
+
+
+def test_a_bad_value_given_in_python_names_its_key():
+    from moe_diffuseq.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.lr_decay='cosin': expected one of"):
+        MoEDiffuSeq(lr_decay="cosin")
+
+
 def test_evaluate_command_writes_json_and_markdown(trained, small_corpus, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = tmp_path / "report"
@@ -478,3 +502,19 @@ def test_fit_faults_are_one_line_naming_the_place(fault, small_corpus, small_tok
         main(args)
     message = str(caught.value)
     assert expected in message and "\n" not in message and "weights_only" not in message
+
+
+@pytest.mark.parametrize(("config", "field", "key"), [
+    ("AttentionConfig", "backend", "network.attention.backend"),
+    ("MoEConfig", "dispatch", "network.moe.dispatch"),
+    ("NetworkConfig", "positions", "network.positions"),
+    ("DiffusionConfig", "timestep_sampler", "diffusion.timestep_sampler"),
+    ("SamplingConfig", "sampler", "sampling.sampler"),
+])
+def test_a_choice_given_in_python_or_a_checkpoint_is_checked(config, field, key):
+    """The parser checks a Literal's choices on the command line; the dataclass checks them for
+    a Python call and a checkpoint's hyperparameters, naming the key."""
+    from moe_diffuseq import config as settings
+
+    with pytest.raises(settings.ConfigError, match=rf"{key}='nope': expected one of \['"):
+        getattr(settings, config)(**{field: "nope"})

@@ -129,6 +129,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
     from .lit_module import MoEDiffuSeq
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: a sharded checkpoint folder; merge it into one file first "
+                         f"(moe-diffuseq consolidate {path})")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     model = MoEDiffuSeq.load_from_checkpoint(path, map_location=map_location, weights_only=True)

@@ -206,7 +206,7 @@ def settle_checkpoint_sources(config, verb: str) -> bool:
     them to a fit (a tokenizer trained on the long corpus would give other token ids), and the
     other verbs refuse to run from ``init_from`` alone. Returns whether ``init_from`` is to be
     skipped (``MoEDiffuSeq.skip_init_from``)."""
-    from .warm_start import check_init_from
+    from .warm_start import check_init_from, init_from_tokenizer
 
     model = config.get("model")
     init_from = model.get("init_from") if model is not None else None
@@ -225,6 +225,8 @@ def settle_checkpoint_sources(config, verb: str) -> bool:
     init_args = (config.get("data") or {}).get("init_args")
     if init_args is not None and "tokenizer_path" in init_args \
             and not init_args["tokenizer_path"]:
+        if restored is None:  # a bad init_from is named as the option, not as a tokenizer file
+            init_from_tokenizer(tokenizer_source)
         init_args["tokenizer_path"] = tokenizer_source
     return skips_init_from
 

@@ -19,7 +19,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from .checkpoint import named_load_errors, stored_tokenizer
+from .checkpoint import checkpoint_tokenizer, named_load_errors, stored_tokenizer
 
 # The position tables, whose rows are positions: the only tensors whose length may differ.
 RESIZABLE = ("position.weight", "target_position.weight")
@@ -63,6 +63,16 @@ def check_init_from(path: str | Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"model.init_from={path}: no such checkpoint")
     return path
+
+
+def init_from_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer ``model.init_from``'s checkpoint carries; a foreign, truncated or
+    tokenizer-less file raises an error that names the option (the data module would name a
+    tokenizer file)."""
+    try:
+        return checkpoint_tokenizer(path)
+    except ValueError as err:  # it names the file; say which option gave it
+        raise ValueError(f"model.init_from={err}") from None
 
 
 def read_warm_start(path: str | Path) -> WarmStart:

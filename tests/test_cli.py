@@ -403,6 +403,19 @@ def test_a_bad_checkpoint_is_named_without_the_unsafe_advice(trained, tmp_path, 
                 and "weights_only" not in message)
 
 
+def test_a_checkpoint_folder_points_to_consolidate_and_consolidate_wants_one(trained, tmp_path):
+    folder = tmp_path / "sharded.ckpt"
+    (folder / ".metadata").parent.mkdir()
+    (folder / ".metadata").write_bytes(b"")
+    with pytest.raises(SystemExit, match=rf"{folder}: a sharded checkpoint folder; merge it .*"
+                                         rf"moe-diffuseq consolidate {folder}"):
+        main(["generate", "--ckpt", str(folder), "--input",
+              str(_write(tmp_path / "sources.txt", b"def f():\n"))])
+    for given in (trained, tmp_path / "nowhere"):
+        with pytest.raises(SystemExit, match=rf"{given}: not a sharded checkpoint folder"):
+            main(["consolidate", str(given)])
+
+
 def test_a_whole_checkpoint_that_cannot_load_is_not_called_corrupt(trained, tmp_path):
     """A file that reads but fails later (a config check, a device) says why, not "truncated"."""
     from moe_diffuseq.checkpoint import load_checkpoint

@@ -115,9 +115,10 @@ def test_init_from_faults_are_one_line_naming_the_file(short_run, small_corpus,
               f"--model.init_from={short_run}", "--model.diffusion.soft_absorbing=false"])
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"\x00not a checkpoint" * 64)
-    with pytest.raises(SystemExit, match=rf"model.init_from={garbage}: not a MoE-DiffuSeq"):
-        main([*base, *data_args(small_corpus, small_tokenizer_file),
-              f"--model.init_from={garbage}"])
+    for data in (data_args(small_corpus, small_tokenizer_file),
+                 without_tokenizer(small_corpus, small_tokenizer_file)):  # read as the tokenizer
+        with pytest.raises(SystemExit, match=rf"model.init_from={garbage}: not a MoE-DiffuSeq"):
+            main([*base, *data, f"--model.init_from={garbage}"])
     with pytest.raises(SystemExit, match=r"network settings that differ: .*hidden_size: 32 -> 48"):
         main([*base, *without_tokenizer(small_corpus, small_tokenizer_file),
               f"--model.init_from={short_run}", "--model.network.hidden_size=48"])

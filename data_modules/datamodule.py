@@ -219,7 +219,7 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         """A local jsonl file checked line by line (``rows.scan_jsonl``): the path to read (a
         cleaned copy when lines were skipped) and each row's line number; other paths as they
         are. ``count``: add the skipped lines to ``self.skipped``."""
-        if not (path.endswith(".jsonl") and Path(path).is_file()) or self.hparams.streaming:
+        if not (path.lower().endswith(".jsonl") and Path(path).is_file()) or self.hparams.streaming:
             return path, None
         cache = Path(self.hparams.data_dir) / ".hf_cache" / "clean"
         readable, bad_lines, lines = scan_jsonl(path, self.hparams.on_bad_row, cache)
@@ -276,7 +276,10 @@ class Seq2SeqDataModule(pl.LightningDataModule):
         return batch
 
     def report(self) -> dict[str, int]:
-        """Counts of rows skipped (per reason) and of examples cut by the budgets."""
+        """Counts of rows skipped (per reason) and of examples cut by the budgets: of every
+        split as loaded (map-style data), of this process's training batches (a stream, read as
+        it trains: this rank's part, its rows skipped after the last batch counted with the next
+        epoch's first)."""
         return {**{f"skipped: {k}": v for k, v in self.skipped.items()},
                 **{k: v for k, v in self.truncated.items() if v}}
 

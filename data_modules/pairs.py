@@ -26,6 +26,10 @@ class PairDataset(Dataset):
                  lines: list[int] | None = None) -> None:
         row_filter.check_columns(table.column_names)
         self.items = []
+        if lines is not None and len(lines) != len(table):  # never seen; ids would be wrong
+            log.warning("%s: %d rows read but %d lines checked; naming rows, not lines", source,
+                        len(table), len(lines))
+            lines = None
         unit = "row" if lines is None else "line"
         for index, row in enumerate(table):
             number = index + 1 if lines is None else lines[index]
@@ -83,7 +87,7 @@ class StreamingPairs(IterableDataset):
         # Positions count within this rank's and worker's part of the stream; a row's own
         # "id" column, when there is one, names it exactly.
         for index, row in enumerate(self.stream):
-            pair = self.row_filter(row, index + 1)
+            pair = self.row_filter(row, index + 1, "streamed row")
             if pair is None:
                 continue
             if skip:

@@ -137,7 +137,7 @@ class RowFilter:
         missing = [k for k in (self.src_key, self.trg_key) if k and k not in columns]
         if missing:
             raise MissingColumnError(f"{self.source}: missing column(s) {missing}; "
-                           f"the file has {sorted(columns)}")
+                                     f"the file has {sorted(columns)}")
 
     def __call__(self, row: dict[str, Any], number: int,
                  unit: str = "row") -> tuple[str, str] | None:

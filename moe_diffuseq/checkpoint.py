@@ -106,21 +106,23 @@ def named_load_errors(load, path, *args, **kwargs):
     try:
         return load(path, *args, **kwargs)
     except LOAD_ERRORS as err:
-        if local and load is not torch.load and _whole_file(path):
-            # The file reads: the fault lies in what was asked of it (a device, a config check).
+        if local and load is not torch.load and _whole_checkpoint(path):
+            # The file is ours and whole: the fault is in what was asked (a device, a config).
             cause = config_error_behind(err)
             first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
             raise ValueError(f"{path}: cannot be loaded ({type(cause).__name__}: {first})") from err
         raise ValueError(describe_load_error(path, err)) from None
 
 
-def _whole_file(path: str | Path) -> bool:
-    """Whether ``path`` reads as a torch file of tensors (mmap: its weights are not read)."""
+def _whole_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` reads as a Lightning checkpoint of ours: weights, hyperparameters and a
+    tokenizer (mmap: the weights are not read)."""
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except LOAD_ERRORS:
         return False
-    return True
+    return isinstance(checkpoint, dict) and {"state_dict", "hyper_parameters",
+                                              TOKENIZER_KEY} <= checkpoint.keys()
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
@@ -129,9 +131,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
     from .lit_module import MoEDiffuSeq
 
     path = Path(path)
-    if path.is_dir():
+    if (path / ".metadata").is_file():
         raise ValueError(f"{path}: a sharded checkpoint folder; merge it into one file first "
                          f"(moe-diffuseq consolidate {path})")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; expected a checkpoint file (.ckpt)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     model = MoEDiffuSeq.load_from_checkpoint(path, map_location=map_location, weights_only=True)

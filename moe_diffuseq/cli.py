@@ -116,7 +116,8 @@ def _single_file(path: Path | None) -> Path | None:
 
 def _fixed_version_dir(logger) -> Path | None:
     """The checkpoint folder of a run whose first logger, TensorBoard's or CSV's, fixes its
-    version: ``save_dir/name/version/checkpoints``, as Lightning joins it (no ``~`` expanded)."""
+    version: ``save_dir/name/version/checkpoints``, as Lightning joins it (``~`` is expanded by
+    the file system layer it reads through)."""
     first = logger[0] if isinstance(logger, list) and logger else logger
     if not hasattr(first, "get") or not str(first.get("class_path", "")).endswith(
             ("TensorBoardLogger", "CSVLogger")):
@@ -127,7 +128,7 @@ def _fixed_version_dir(logger) -> Path | None:
         return None
     name = init_args.get("name", "lightning_logs") or ""
     version = version if isinstance(version, str) else f"version_{version}"
-    return Path(str(save_dir)) / str(name) / version / "checkpoints"
+    return _local(save_dir) / str(name) / version / "checkpoints"
 
 
 def _unnamed_checkpoint_dir(config) -> Path | None:
@@ -149,7 +150,7 @@ def _unnamed_checkpoint_dir(config) -> Path | None:
 
 def _on_exception_files(config) -> list[Path]:
     """The files the config's OnExceptionCheckpoint callbacks write when a fit fails."""
-    return [Path(init_args["dirpath"]) / f"{init_args.get('filename') or 'on_exception'}.ckpt"
+    return [_local(init_args["dirpath"]) / f"{init_args.get('filename') or 'on_exception'}.ckpt"
             for _, init_args in _callbacks(config, "OnExceptionCheckpoint")
             if init_args.get("dirpath")]
 
@@ -242,7 +243,7 @@ def check_linked_budgets(config) -> None:
     for key in LINKED_BUDGETS:
         value = init_args.get(key)
         if isinstance(value, int) and value < 1:
-            raise ValueError(f"data.init_args.{key}={value}: must be >= 1")
+            raise ValueError(f"data.{key}={value}: must be >= 1")
 
 
 def _lightning_cli(args: list[str]):

@@ -371,7 +371,8 @@ class DiffusionConfig:
 
 
 # How a sample becomes text (moe_diffuseq.batch.decode_targets).
-DECODE_MODES = ("strip", "truncate")
+DecodeMode = Literal["strip", "truncate"]
+DECODE_MODES = get_args(DecodeMode)
 
 
 @dataclass(frozen=True)
@@ -395,7 +396,7 @@ class SamplingConfig:
     """Seeds per source; more than 1 picks one by MBR with sentence-BLEU."""
     batch_size: int = 16
     """Sources sampled together."""
-    decode: Literal["strip", "truncate"] = "strip"
+    decode: DecodeMode = "strip"
     """Sample to text: strip drops every [SEP] and [PAD] and keeps the other tokens (DiffuSeq's
     evaluation); truncate stops at the first [SEP] or [PAD]."""
     restarts: int = 0
@@ -421,8 +422,6 @@ class SamplingConfig:
         _check(self.num_candidates >= 1, "sampling.num_candidates", self.num_candidates,
                "must be >= 1")
         _check(self.batch_size >= 1, "sampling.batch_size", self.batch_size, "must be >= 1")
-        _check(self.decode in DECODE_MODES, "sampling.decode", self.decode,
-               f"expected one of {DECODE_MODES}")
 
 
 def coerce(cls: type[T], value: T | dict[str, Any] | None, key: str) -> T:

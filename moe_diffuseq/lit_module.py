@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -30,6 +30,7 @@ from .evaluation import gather_objects
 from .moe import router_metrics
 from .optim import (
     LR_DECAYS,
+    LrDecay,
     NonFiniteGuard,
     adamw_with_schedule,
     time_limit_fraction,
@@ -80,7 +81,7 @@ class MoEDiffuSeq(pl.LightningModule):
         lr: float = 3e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 500,
-        lr_decay: Literal["linear", "cosine", "constant"] = "linear",
+        lr_decay: LrDecay = "linear",
         min_lr_ratio: float = 0.0,
         ema_decay: float = 0.9999,
         max_nonfinite_steps: int = 10,

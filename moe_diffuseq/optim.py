@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -37,8 +38,9 @@ def fused_supported(params: list[torch.Tensor]) -> bool:
             and all(param.dtype.is_floating_point for param in params))
 
 
-LR_DECAYS = ("linear", "cosine", "constant")
+LrDecay = Literal["linear", "cosine", "constant"]
 """The shapes of the learning rate's decay after warm-up (``lr_factor``)."""
+LR_DECAYS = get_args(LrDecay)
 
 
 def adamw_with_schedule(

@@ -214,7 +214,7 @@ def test_bad_config_value_names_the_key(capsys):
     ("--model.min_lr_ratio=1.5", "model.min_lr_ratio=1.5: must be in [0, 1]"),
     ("--model.warmup_steps=-1", "model.warmup_steps=-1: must be >= 0"),
     ("--model.max_nonfinite_steps=0", "model.max_nonfinite_steps=0: must be >= 1"),
-    ("--data.init_args.max_src_len=0", "data.init_args.max_src_len=0: must be >= 1"),
+    ("--data.init_args.max_src_len=0", "data.max_src_len=0: must be >= 1"),
     ("--data.init_args.num_workers=-1", "data.num_workers=-1: must be >= 0"),
     ("--data.init_args.tokenizer_vocab_size=100", "data.tokenizer_vocab_size=100: must be >= 261"),
 ])
@@ -414,6 +414,9 @@ def test_a_checkpoint_folder_points_to_consolidate_and_consolidate_wants_one(tra
     for given in (trained, tmp_path / "nowhere"):
         with pytest.raises(SystemExit, match=rf"{given}: not a sharded checkpoint folder"):
             main(["consolidate", str(given)])
+    with pytest.raises(SystemExit, match=rf"{tmp_path}: is a folder; expected a checkpoint file"):
+        main(["evaluate", "--ckpt", str(tmp_path), "--data", str(_write(
+            tmp_path / "pairs.jsonl", b'{"src": "x", "trg": "y"}\n'))])
 
 
 def test_a_whole_checkpoint_that_cannot_load_is_not_called_corrupt(trained, tmp_path):
@@ -431,6 +434,11 @@ def test_a_whole_checkpoint_that_cannot_load_is_not_called_corrupt(trained, tmp_
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"cannot be loaded \(RuntimeError: .*CUDA"):
             load_checkpoint(trained, map_location="cuda")
+    # A whole torch file of another program's is still not ours.
+    foreign = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(2)}, foreign)
+    with pytest.raises(ValueError, match=rf"{foreign}: not a MoE-DiffuSeq checkpoint"):
+        load_checkpoint(foreign)
 
 
 def test_a_too_long_source_is_truncated_with_a_warning_and_recorded(trained, tmp_path, capsys):

@@ -297,7 +297,7 @@ def _lightnings_restore(trainer_args: dict, given: str | None) -> Path | None:
     trainer.state.fn = TrainerFn.FITTING
     path = trainer._checkpoint_connector._parse_ckpt_path(
         TrainerFn.FITTING, given, model_provided=True, model_connected=False)
-    return Path(path) if path is not None else None
+    return Path(os.path.expanduser(path)) if path is not None else None  # as fsspec reads it
 
 
 @pytest.mark.filterwarnings("ignore:.*(no last checkpoint|ckpt_path=None).*")
@@ -319,7 +319,7 @@ def test_restored_checkpoint_agrees_with_lightning_on_home_and_on_exception_file
     model_checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                         "init_args": {"dirpath": "~/ck"}}
     on_exception = {"class_path": "lightning.pytorch.callbacks.OnExceptionCheckpoint",
-                    "init_args": {"dirpath": str(crashed.parent), "filename": "failed"}}
+                    "init_args": {"dirpath": "~/crash", "filename": "failed"}}
     cases = [([model_checkpoint], "last", saved), ([model_checkpoint], None, None),
              ([model_checkpoint, on_exception], "last", crashed),
              ([model_checkpoint, on_exception], None, crashed)]
@@ -344,11 +344,15 @@ def test_restored_checkpoint_agrees_with_lightning_on_a_logger_version_folder(tm
     from moe_diffuseq.cli import restored_checkpoint
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
     unnamed = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                 "init_args": {"save_last": True}}]
     loggers = [("lightning.pytorch.loggers.TensorBoardLogger", {"name": "logs", "version": "run1"},
                 "logs/run1"),
                ("lightning.pytorch.loggers.CSVLogger", {"name": "", "version": 3}, "version_3"),
+               ("lightning.pytorch.loggers.CSVLogger", {"name": "home", "version": 1,
+                                                        "save_dir": "~/logs_root"},
+                "home/version_1"),
                ("lightning.pytorch.loggers.TensorBoardLogger", {}, None)]  # a new version
     for class_path, init_args, folder in loggers:
         if folder is not None:

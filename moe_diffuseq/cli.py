@@ -332,6 +332,8 @@ def _own_verb(name: str, args: list[str]) -> None:
 def main(args: list[str] | None = None) -> None:
     from jsonargparse import ArgumentError
 
+    from data_modules.corpora.errors import CorpusUnavailable
+
     from .allocator import tune_cpu_allocator
     from .config import config_error_behind
 
@@ -348,10 +350,11 @@ def main(args: list[str] | None = None) -> None:
             _lightning_cli(args)
         else:
             _own_verb(name, args[1:])
-    except (ValueError, FileNotFoundError, FloatingPointError, ArgumentError) as err:
-        # Expected faults (a bad value, row, file or checkpoint; a run of non-finite losses) name
-        # what is at fault in their message: one line, not a traceback. MOE_DIFFUSEQ_DEBUG=1
-        # shows the traceback.
+    except (ValueError, FileNotFoundError, FloatingPointError, ArgumentError,
+            CorpusUnavailable) as err:
+        # Expected faults (a bad value, row, file or checkpoint; a run of non-finite losses; a
+        # corpus that cannot be fetched) name what is at fault in their message: one line, not
+        # a traceback. MOE_DIFFUSEQ_DEBUG=1 shows the traceback.
         if os.environ.get("MOE_DIFFUSEQ_DEBUG") == "1":
             raise
         raise SystemExit(f"error: {' '.join(str(config_error_behind(err)).split())}") from None

@@ -324,6 +324,7 @@ def prepare_data(task: str = "code", data_dir: str = "data", max_chars: int | No
             token, so 4000-64000 makes sources of 1k-16k tokens).
     """
     from data_modules.corpora import build, resolve
+    from data_modules.corpora.errors import CorpusUnavailable
     from data_modules.corpora.tasks import MIN_TASK_CHARS, TASKS
 
     if max_chars is not None and task not in TASKS:
@@ -337,8 +338,8 @@ def prepare_data(task: str = "code", data_dir: str = "data", max_chars: int | No
         resolve(name)
         out.mkdir(parents=True, exist_ok=True)
         counts = build(name, out)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+    except (ValueError, CorpusUnavailable) as err:
+        raise SystemExit(f"error: {' '.join(str(err).split())}") from None
     except OSError as err:  # e.g. a folder that cannot be made or written: name the path
         raise SystemExit(f"error: prepare-data {name}: {err.filename or out}: "
                          f"{err.strerror or err}") from None

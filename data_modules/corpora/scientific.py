@@ -16,6 +16,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from .errors import CorpusUnavailable
 from .splits import SplitWriter, hash_bucket
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ def download_packages(folder: Path,
                       packages: tuple[str, ...] = PACKAGES) -> tuple[list[Path], list[str]]:
     """``apt-get download`` each package into folder; returns the .deb files and failures."""
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        raise RuntimeError(
+        raise CorpusUnavailable(
             "the scientific corpus needs apt-get and dpkg-deb (a Debian/Ubuntu machine) to fetch "
             f"{len(PACKAGES)} R packages (data_modules.corpora.scientific.PACKAGES); "
             "build it there and copy data/scientific/ here"
@@ -174,7 +175,7 @@ def build_scientific_corpus(out_dir: str | Path, debs: list[Path] | None = None,
     if debs is None:
         debs, failed = download_packages(out / "_download")
         if not debs:
-            raise RuntimeError(f"apt-get could not download any of {failed} "
+            raise CorpusUnavailable(f"apt-get could not download any of {failed} "
                                "(run `apt-get update` first?)")
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         unpacked = Path(tmp) / "root"

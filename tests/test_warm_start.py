@@ -68,6 +68,22 @@ def test_fit_starts_from_a_shorter_checkpoint_and_its_tokenizer(short_run, small
                 torch.testing.assert_close(new, value, rtol=0, atol=0, msg=key)
 
 
+def test_a_warm_start_is_refused_on_a_model_already_sharded():
+    """Weights copied into shards would land in the wrong places: a model that an earlier fit
+    sharded (FSDP2) asks for a new MoEDiffuSeq instead. The CLI never gets here (each fit builds
+    its model); a script that fits one model twice does."""
+    from moe_diffuseq import MoEDiffuSeq
+
+    model = MoEDiffuSeq(network={"vocab_size": 40, "max_src_len": 8, "max_trg_len": 6,
+                                 "embed_dim": 8, "hidden_size": 16, "num_layers": 1,
+                                 "num_heads": 2})
+    model.configure_model()
+    model._sharded = True  # what configure_model records after fully_shard
+    model._warm_start = WarmStart("model.init_from=short.ckpt", {}, None, {})
+    with pytest.raises(RuntimeError, match="sharded by an earlier run of the Trainer"):
+        model.configure_model()
+
+
 def test_position_tables_grow_or_shrink_and_nothing_else_resizes():
     from moe_diffuseq.config import NetworkConfig, to_plain
     from moe_diffuseq.denoiser import Denoiser

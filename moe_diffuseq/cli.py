@@ -332,8 +332,6 @@ def _own_verb(name: str, args: list[str]) -> None:
 def main(args: list[str] | None = None) -> None:
     from jsonargparse import ArgumentError
 
-    from data_modules.corpora.errors import CorpusUnavailable
-
     from .allocator import tune_cpu_allocator
     from .config import config_error_behind
 
@@ -345,6 +343,8 @@ def main(args: list[str] | None = None) -> None:
     name = args[0]
     if name not in VERBS:
         raise SystemExit(f"error: unknown verb {name!r}; run moe-diffuseq --help")
+    from data_modules.corpora.errors import CorpusUnavailable  # after --help, which needs none
+
     try:
         if VERBS[name].function is None:
             _lightning_cli(args)

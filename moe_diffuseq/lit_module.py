@@ -95,7 +95,8 @@ class MoEDiffuSeq(pl.LightningModule):
         checks = [(lr >= 0, "lr", lr, "must be >= 0"),  # 0: steps that change nothing
                   (weight_decay >= 0, "weight_decay", weight_decay, "must be >= 0"),
                   (warmup_steps >= 0, "warmup_steps", warmup_steps, "must be >= 0"),
-                  (lr_decay in LR_DECAYS, "lr_decay", lr_decay, f"expected one of {LR_DECAYS}"),
+                  (lr_decay in LR_DECAYS, "lr_decay", lr_decay,
+                   f"expected one of {list(LR_DECAYS)}"),
                   (0.0 <= min_lr_ratio <= 1.0, "min_lr_ratio", min_lr_ratio, "must be in [0, 1]"),
                   (0.0 <= ema_decay < 1.0, "ema_decay", ema_decay, "must be in [0, 1)"),
                   (max_nonfinite_steps >= 1, "max_nonfinite_steps", max_nonfinite_steps,

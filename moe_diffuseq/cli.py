@@ -189,9 +189,10 @@ def restored_checkpoint(config, verb: str = "fit") -> Path | None:
     given = config.get("ckpt_path")
     if given not in (None, "last", "hpc"):
         return _single_file(Path(given))
-    if given == "hpc" or (given is None and SLURMEnvironment.detect()
-                          and _highest_hpc(config) is not None):
-        return _single_file(_highest_hpc(config))
+    if given == "hpc" or (given is None and SLURMEnvironment.detect()):
+        # Under SLURM with none given, Lightning turns to hpc only when such a file exists.
+        if (hpc := _highest_hpc(config)) is not None or given == "hpc":
+            return _single_file(hpc)
     if given == "last" or (given is None and verb == "fit"
                            and _callbacks(config, "OnExceptionCheckpoint")):
         return _single_file(_newest_last(config))
